@@ -1,0 +1,134 @@
+"""The estimator maths on inputs whose answer is known in closed form."""
+
+import math
+
+import numpy as np
+import pytest
+
+from autobatch import GradientNoiseScale, two_batch_estimates
+
+
+def test_two_batch_estimates_recover_exact_expectations() -> None:
+    # E|G_b|^2 = |G|^2 + tr(Sigma)/b: feeding the expectations must return the true values.
+    g2, tr = 3.0, 120.0
+    for b, big in [(1, 2), (4, 64), (16, 17), (32, 1024)]:
+        est_g, est_s = two_batch_estimates(g2 + tr / b, b, g2 + tr / big, big)
+        assert est_g == pytest.approx(g2, rel=1e-12)
+        assert est_s == pytest.approx(tr, rel=1e-12)
+
+
+@pytest.mark.parametrize("b,big", [(0, 4), (4, 4), (8, 4)])
+def test_two_batch_estimates_rejects_bad_sizes(b: int, big: int) -> None:
+    with pytest.raises(ValueError, match=rf"small_batch_size={b}, big_batch_size={big}"):
+        two_batch_estimates(1.0, b, 1.0, big)
+
+
+def _simulate(rng, mean, std, b, k):
+    """k micro-batches of b Gaussian per-example gradients; returns their squared norms and
+    the squared norm of the whole step's mean gradient."""
+    g = mean + std * rng.standard_normal((k, b, mean.size))
+    micro = g.mean(axis=1)
+    return (micro**2).sum(axis=1), float((micro.mean(axis=0) ** 2).sum())
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2.0, 4.0])
+def test_noise_scale_matches_closed_form(ratio: float) -> None:
+    # Per-example gradients ~ N(G, s^2 I): tr(Sigma) = d s^2, so B_simple = d s^2/|G|^2.
+    rng = np.random.default_rng(0)
+    d, b, k = 50, 8, 8
+    big = b * k
+    mean = np.full(d, 1.0)
+    std = math.sqrt(ratio * big * float(mean @ mean) / d)
+    exact = d * std**2 / float(mean @ mean)
+    est = GradientNoiseScale(smoothing=None)
+    for _ in range(2000):
+        smalls, big_sq = _simulate(rng, mean, std, b, k)
+        assert est.update(smalls, b, big_sq, big)
+    assert est.noise_scale == pytest.approx(exact, rel=0.05)
+    assert est.trace_cov == pytest.approx(d * std**2, rel=0.03)
+    assert est.ready
+
+
+def test_stderr_matches_spread_over_repeats() -> None:
+    rng = np.random.default_rng(1)
+    d, b, k = 20, 4, 4
+    mean = np.ones(d)
+    std = math.sqrt(2.0 * b * k / d)
+    values, errors = [], []
+    for _ in range(60):
+        est = GradientNoiseScale(smoothing=None)
+        for _ in range(100):
+            smalls, big_sq = _simulate(rng, mean, std, b, k)
+            est.update(smalls, b, big_sq, b * k)
+        values.append(est.noise_scale)
+        errors.append(est.noise_scale_stderr)
+    spread = float(np.std(values))
+    assert np.median(errors) == pytest.approx(spread, rel=0.35)
+
+
+def test_negative_draws_are_averaged_and_only_the_result_is_floored() -> None:
+    est = GradientNoiseScale(smoothing=None, floor=1e-6)
+    # One draw with |G|^2 estimate -1, one with +3: the mean (1) must count the negative one.
+    for g in (-1.0, 3.0):
+        tr = 10.0
+        assert est.update(g + tr / 1, 1, g + tr / 2, 2)
+    assert est.grad_sq == pytest.approx(1.0)
+    assert est.noise_scale == pytest.approx(10.0)
+    # All-negative average: floored, noise scale stays finite and positive, not ready.
+    neg = GradientNoiseScale(smoothing=None, floor=1e-6, min_updates=1)
+    neg.update(-5.0 + 10.0, 1, -5.0 + 5.0, 2)
+    assert neg.grad_sq == 1e-6
+    assert neg.noise_scale > 0 and math.isfinite(neg.noise_scale)
+    assert not neg.ready
+
+
+def test_ema_is_bias_corrected_and_tracks_recent_values() -> None:
+    est = GradientNoiseScale(smoothing=0.9, min_updates=1)
+    est.update(2.0 + 4.0, 1, 2.0 + 2.0, 2)  # |G|^2 = 2, tr = 4
+    assert est.grad_sq == pytest.approx(2.0)  # no pull toward the zero start
+    assert est.trace_cov == pytest.approx(4.0)
+    for _ in range(200):
+        est.update(1.0 + 40.0, 1, 1.0 + 20.0, 2)  # |G|^2 = 1, tr = 40
+    assert est.noise_scale == pytest.approx(40.0, rel=1e-6)
+    assert est.effective_samples == pytest.approx((1 + 0.9) / (1 - 0.9), rel=1e-3)
+
+
+def test_non_finite_inputs_are_rejected_and_counted() -> None:
+    est = GradientNoiseScale(smoothing=None)
+    est.update([5.0, 7.0], 1, 4.0, 2)
+    before = est.state_dict()
+    assert not est.update([float("nan"), 1.0], 1, 1.0, 2)
+    assert not est.update(1.0, 1, float("inf"), 2)
+    assert est.num_rejected == 2
+    after = est.state_dict()
+    assert {k: v for k, v in after.items() if k != "num_rejected"} == {
+        k: v for k, v in before.items() if k != "num_rejected"
+    }
+
+
+def test_state_dict_round_trip_is_exact_and_reset_forgets() -> None:
+    rng = np.random.default_rng(2)
+    est = GradientNoiseScale(smoothing=0.97)
+    for _ in range(30):
+        est.update(list(rng.uniform(2, 3, size=4)), 4, float(rng.uniform(1, 2)), 16)
+    copy = GradientNoiseScale()
+    copy.load_state_dict(est.state_dict())
+    assert copy.state_dict() == est.state_dict()
+    for _ in range(5):
+        args = (list(rng.uniform(2, 3, size=4)), 4, float(rng.uniform(1, 2)), 16)
+        est.update(*args)
+        copy.update(*args)
+    assert copy.noise_scale == est.noise_scale and copy.noise_scale_stderr == est.noise_scale_stderr
+    est.reset()
+    assert est.num_updates == 0 and math.isnan(est.noise_scale) and not est.ready
+    with pytest.raises(KeyError, match="missing keys"):
+        copy.load_state_dict({"smoothing": 0.9})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"smoothing": 1.0}, "smoothing=1.0"), ({"min_updates": 0}, "min_updates=0"), ({"floor": 0.0}, "floor=0.0")],
+)
+def test_bad_configuration_is_named(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientNoiseScale(**kwargs)
