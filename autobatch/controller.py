@@ -1,0 +1,215 @@
+"""The batch-size controller: estimator + policy + LR rule + memory cap, no model and no data.
+
+:class:`BatchSizeController` is the state a custom training loop needs to follow autobatch's
+decisions. Per optimizer step the loop asks it how to split the step into micro-batches
+(:meth:`micro_sizes`), feeds it the step's gradient norms and time (:meth:`observe`), reads the
+LR multiplier (:meth:`lr_factor`) and lets it re-decide the global batch size
+(:meth:`maybe_decide`). An out-of-memory micro-batch lowers the micro-batch cap
+(:meth:`on_oom`); the global batch size is kept through more accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Any
+
+from autobatch.gns import GradientNoiseScale
+from autobatch.lr_scaling import LRScaling
+from autobatch.policies import BatchSizePolicy, PolicyContext
+
+__all__ = ["BatchSizeController"]
+
+_TIME_WINDOW = 20  # step times kept per global batch size for the median
+
+
+class BatchSizeController:
+    """Decides the global batch size B, its micro-batch split and the LR multiplier.
+
+    Args:
+        policy: proposes the next global batch size.
+        scaling: maps the base LR (tuned at ``base_batch_size``) to the LR at B.
+        estimator: the gradient noise scale estimate the policy and the scaling read.
+        base_batch_size: B0, the first global batch size and the one the base LR is tuned at.
+        min_batch_size, max_batch_size: bounds on B (examples, global across ranks).
+        decide_every: optimizer steps between two decisions.
+        max_micro_batch_size: the most examples one forward/backward may hold (the memory
+            probe's answer); None means no cap.
+        min_micro_batches: micro-batches per step when B allows (2 gives the estimator its two
+            batch sizes at no extra cost).
+
+    Attributes:
+        batch_size: the current global batch size B.
+        max_micro_batch_size: the current micro-batch cap (lowered by :meth:`on_oom`).
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: BatchSizePolicy,
+        scaling: LRScaling,
+        estimator: GradientNoiseScale,
+        base_batch_size: int,
+        min_batch_size: int,
+        max_batch_size: int,
+        decide_every: int = 10,
+        max_micro_batch_size: int | None = None,
+        min_micro_batches: int = 2,
+    ) -> None:
+        if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
+            raise ValueError(
+                "batch sizes must satisfy 1 <= min_batch_size <= base_batch_size <= "
+                f"max_batch_size (got min_batch_size={min_batch_size}, base_batch_size="
+                f"{base_batch_size}, max_batch_size={max_batch_size})"
+            )
+        if decide_every < 1:
+            raise ValueError(f"decide_every must be >= 1 (got decide_every={decide_every})")
+        self.policy = policy
+        self.scaling = scaling
+        self.estimator = estimator
+        self.base_batch_size = base_batch_size
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
+        self.decide_every = decide_every
+        self.max_micro_batch_size = max_micro_batch_size
+        self.min_micro_batches = min_micro_batches
+        self.batch_size = base_batch_size
+        self.num_decisions = 0
+        self._step_times: dict[int, deque[float]] = {}
+        self._step = 0
+        self._epoch = 0.0
+        self._samples = 0
+
+    # -- per step ----------------------------------------------------------------------------
+    def micro_sizes(self, num_examples: int) -> list[int]:
+        """Split a step of ``num_examples`` into micro-batch sizes: at least
+        ``min_micro_batches`` pieces (when there are that many examples) and none above the
+        micro-batch cap. Sizes differ by at most one."""
+        cap = self.max_micro_batch_size or num_examples
+        parts = max(min(self.min_micro_batches, num_examples), math.ceil(num_examples / cap))
+        base, extra = divmod(num_examples, parts)
+        return [base + 1 if i < extra else base for i in range(parts)]
+
+    def observe(
+        self,
+        *,
+        step: int,
+        epoch: float,
+        samples: int,
+        batch_size: int,
+        step_time_s: float | None = None,
+        norms: Any = None,
+    ) -> None:
+        """Record one finished optimizer step.
+
+        Args:
+            step: optimizer steps done, this one included.
+            epoch: fractional epochs done.
+            samples: examples processed so far (global).
+            batch_size: examples in this step (global; the last step of an epoch may be short).
+            step_time_s: wall seconds of the step (for the goodput policy), or None.
+            norms: the step's gradient norms (an object with ``small_sq_norms``,
+                ``small_batch_size``, ``big_sq_norm``, ``big_batch_size``), or None when the
+                step gave no estimate (a single micro-batch).
+        """
+        self._step, self._epoch, self._samples = step, epoch, samples
+        if norms is not None:
+            self.estimator.update(
+                norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm, norms.big_batch_size
+            )
+        if step_time_s is not None and batch_size == self.batch_size:
+            self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
+
+    def context(self) -> PolicyContext:
+        """What the policy sees: counters, bounds, the noise estimate and measured step times."""
+        est = self.estimator
+        return PolicyContext(
+            step=self._step,
+            epoch=self._epoch,
+            samples=self._samples,
+            batch_size=self.batch_size,
+            base_batch_size=self.base_batch_size,
+            min_batch_size=self.min_batch_size,
+            max_batch_size=self.max_batch_size,
+            noise_scale=est.noise_scale,
+            noise_ready=est.ready,
+            noise_stderr=est.noise_scale_stderr,
+            max_micro_batch_size=self.max_micro_batch_size,
+            step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
+        )
+
+    def lr_factor(self) -> float:
+        """LR(B) / base LR for the current B: the scaling rule times the policy's own factor
+        (the ramp policy decays the LR once B is capped)."""
+        est = self.estimator
+        ready = est.ready
+        factor = self.scaling.factor(
+            self.batch_size,
+            self.base_batch_size,
+            grad_sq=est.grad_sq if ready else math.nan,
+            trace_cov=est.trace_cov if ready else math.nan,
+        )
+        return factor * self.policy.lr_factor(self.context())
+
+    def maybe_decide(self) -> int | None:
+        """Every ``decide_every`` observed steps, ask the policy for the next B.
+
+        Returns:
+            The new global batch size if it changed, else None.
+        """
+        if self._step == 0 or self._step % self.decide_every:
+            return None
+        proposal = int(self.policy.propose(self.context()))
+        proposal = min(max(proposal, self.min_batch_size), self.max_batch_size)
+        self.num_decisions += 1
+        if proposal == self.batch_size:
+            return None
+        self.batch_size = proposal
+        return proposal
+
+    def on_oom(self, micro_batch_size: int) -> int:
+        """A micro-batch of ``micro_batch_size`` examples ran out of memory: halve the cap.
+
+        Returns:
+            The new micro-batch cap.
+
+        Raises:
+            RuntimeError: if a single example does not fit (nothing smaller exists).
+        """
+        if micro_batch_size <= 1:
+            raise RuntimeError(
+                "a single example ran out of memory (micro_batch_size=1); the model does not "
+                "fit this device or budget: raise memory_budget, use a smaller model, or "
+                "lower precision"
+            )
+        self.max_micro_batch_size = max(1, micro_batch_size // 2)
+        return self.max_micro_batch_size
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Batch size, caps, counters, estimator and policy state (step times included)."""
+        return {
+            "batch_size": self.batch_size,
+            "max_micro_batch_size": self.max_micro_batch_size,
+            "num_decisions": self.num_decisions,
+            "step": self._step,
+            "epoch": self._epoch,
+            "samples": self._samples,
+            "step_times": {b: list(t) for b, t in self._step_times.items()},
+            "estimator": self.estimator.state_dict(),
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` written by a controller with the same settings."""
+        self.batch_size = int(state["batch_size"])
+        self.max_micro_batch_size = state["max_micro_batch_size"]
+        self.num_decisions = int(state["num_decisions"])
+        self._step, self._epoch = int(state["step"]), float(state["epoch"])
+        self._samples = int(state["samples"])
+        self._step_times = {
+            int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
+        }
+        self.estimator.load_state_dict(state["estimator"])
+        self.policy.load_state_dict(state["policy"])

@@ -1,0 +1,158 @@
+"""What ``autobatch.fit`` returns: the model, its metrics and a per-step history."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["FitResult", "StepRecord"]
+
+
+class StepRecord(BaseModel):
+    """One optimizer step (or one skipped step) of a fit.
+
+    Sizes are global (all ranks) and in examples; ``lr`` is the first parameter group's LR
+    used for this step; ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
+    smoothed values after this step (NaN until it has data); ``wall_time_s`` is seconds since
+    the fit started (evaluation included).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int
+    epoch: float
+    samples: int
+    batch_size: int
+    micro_batch_size: int
+    accum_steps: int
+    lr: float
+    train_loss: float
+    grad_sq: float
+    trace_cov: float
+    noise_scale: float
+    wall_time_s: float
+    skipped: bool = False
+
+
+class FitResult(BaseModel):
+    """The outcome of :func:`autobatch.fit`.
+
+    Attributes:
+        model: the trained model (the same object that was passed in).
+        final_metrics: the last evaluation's metrics (``val_loss``, ``val_accuracy`` for
+            classification, or whatever ``eval_fn`` returned), plus ``train_loss``.
+        evals: every evaluation: ``{"step", "epoch", "samples", <metrics>}``.
+        history: one :class:`StepRecord` per optimizer step.
+        steps, samples, epochs: totals at the end (samples = examples processed).
+        skipped_steps: steps skipped for a non-finite loss or gradient.
+        oom_retries: micro-batch out-of-memory events recovered from.
+        max_micro_batch_size: the micro-batch cap in force at the end (None: uncapped).
+        wall_time_s: seconds the fit took.
+        stopped_by: why training ended ("max_steps", "max_samples", "epochs", "callback").
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    model: torch.nn.Module
+    final_metrics: dict[str, float] = Field(default_factory=dict)
+    evals: list[dict[str, float]] = Field(default_factory=list)
+    history: list[StepRecord] = Field(default_factory=list)
+    steps: int = 0
+    samples: int = 0
+    epochs: float = 0.0
+    skipped_steps: int = 0
+    oom_retries: int = 0
+    max_micro_batch_size: int | None = None
+    wall_time_s: float = 0.0
+    stopped_by: str = ""
+
+    def batch_size_trajectory(self) -> list[tuple[int, int]]:
+        """``[(step, B), ...]`` at the first step and at every step where B changed."""
+        out: list[tuple[int, int]] = []
+        for rec in self.history:
+            if not out or out[-1][1] != rec.batch_size:
+                out.append((rec.step, rec.batch_size))
+        return out
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the per-step history as CSV (one row per step, StepRecord's columns)."""
+        path = Path(path)
+        fields = list(StepRecord.model_fields)
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            for rec in self.history:
+                writer.writerow(rec.model_dump())
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write everything but the model as JSON (NaN written as null)."""
+        path = Path(path)
+        data = self.model_dump(exclude={"model"})
+        path.write_text(json.dumps(_nan_to_none(data), indent=1))
+        return path
+
+    def summary(self) -> str:
+        """A few readable lines: metrics, steps, samples, time and the B trajectory."""
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in self.final_metrics.items())
+        traj = " -> ".join(str(b) for _, b in self.batch_size_trajectory())
+        return (
+            f"steps={self.steps} samples={self.samples} epochs={self.epochs:.2f} "
+            f"wall_time={self.wall_time_s:.1f}s skipped={self.skipped_steps} "
+            f"oom_retries={self.oom_retries}\n"
+            f"final: {metrics}\n"
+            f"batch size: {traj}"
+        )
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG with four panels: train (and val) loss vs samples, B vs step, noise
+        scale vs step (with B for comparison, log scale), and LR vs step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        h = self.history
+        steps = [r.step for r in h]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        ax = axes[0, 0]
+        ax.plot([r.samples for r in h], [r.train_loss for r in h], lw=0.8, label="train loss")
+        if self.evals and "val_loss" in self.evals[0]:
+            ax.plot([e["samples"] for e in self.evals], [e["val_loss"] for e in self.evals], "o-",
+                    label="val loss")
+        ax.set(xlabel="samples", ylabel="loss", yscale="log", title="loss vs samples")
+        ax.legend()
+        ax = axes[0, 1]
+        ax.step(steps, [r.batch_size for r in h], where="post", label="batch size B")
+        ax.step(steps, [r.micro_batch_size for r in h], where="post", label="micro-batch", alpha=0.6)
+        ax.set(xlabel="step", ylabel="examples", yscale="log", title="batch size vs step")
+        ax.legend()
+        ax = axes[1, 0]
+        ax.plot(steps, [r.noise_scale for r in h], lw=0.8, label="noise scale B_simple")
+        ax.step(steps, [r.batch_size for r in h], where="post", label="batch size B", alpha=0.6)
+        ax.set(xlabel="step", ylabel="examples", yscale="log", title="noise scale vs step")
+        ax.legend()
+        ax = axes[1, 1]
+        ax.plot(steps, [r.lr for r in h])
+        ax.set(xlabel="step", ylabel="learning rate", title="LR vs step")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
