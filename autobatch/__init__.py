@@ -6,10 +6,24 @@ The public surface is small; everything else lives in private or submodule-level
 from __future__ import annotations
 
 from autobatch._version import __version__
+from autobatch.config import FitConfig
 from autobatch.gns import GradientNoiseScale, two_batch_estimates
+from autobatch.lr_scaling import AdaScaleScaling, LinearScaling, LRScaling, NoScaling, SqrtScaling
+from autobatch.policies import BatchSizePolicy, FixedPolicy, GNSPolicy, GoodputPolicy, RampPolicy
 
 __all__ = [
+    "AdaScaleScaling",
+    "BatchSizePolicy",
+    "FitConfig",
+    "FixedPolicy",
+    "GNSPolicy",
+    "GoodputPolicy",
     "GradientNoiseScale",
+    "LRScaling",
+    "LinearScaling",
+    "NoScaling",
+    "RampPolicy",
+    "SqrtScaling",
     "__version__",
     "two_batch_estimates",
 ]

@@ -1,0 +1,403 @@
+"""The configuration of :func:`autobatch.fit`: pydantic models, one per concern.
+
+:class:`FitConfig` groups six sections (``batch``, ``lr``, ``estimator``, ``memory``,
+``data``, ``log``). Every field name is unique across sections, so a setting can be given
+flat, without its section: ``FitConfig.from_any(None, policy="goodput", max_batch_size=512)``
+sets ``batch.policy`` and ``batch.max_batch_size``. All models forbid unknown fields, and
+pydantic reports every invalid field of one call at once.
+
+Conventions: batch sizes are *global* (examples per optimizer step, all micro-batches of the
+step together) unless the name says ``micro``; memory sizes are bytes; ``lr_milestones`` are
+epochs; ``decide_every``, ``warmup_steps`` and ``eval_every`` count optimizer steps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from autobatch.lr_scaling import SCALINGS, LRScaling
+from autobatch.policies import POLICIES, BatchSizePolicy
+
+__all__ = [
+    "BatchConfig",
+    "DataConfig",
+    "EstimatorConfig",
+    "FitConfig",
+    "LRConfig",
+    "LogConfig",
+    "MemoryConfig",
+    "parse_bytes",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BatchConfig(_Section):
+    """How the global batch size starts, where it may go and how it is chosen.
+
+    Attributes:
+        initial_batch_size: ``B0``, the first global batch size and the base batch at which
+            the base learning rate is tuned (LR scaling rules map the LR from ``B0``).
+        min_batch_size: smallest global batch a policy may pick; ``None`` means
+            ``initial_batch_size``.
+        max_batch_size: largest global batch a policy may pick; ``None`` means the size of
+            the training set (resolved by ``fit``).
+        policy: the batch-size policy, a name from :data:`autobatch.policies.POLICIES`
+            (``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
+            :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
+        decide_every: optimizer steps between two batch-size decisions.
+        max_growth: largest factor by which one decision may grow (or shrink) the batch.
+        hysteresis: the batch changes only if the proposal differs from the current size
+            by more than this fraction of it (0.05: 5%), so it does not thrash.
+        noise_multiplier: the ``gns`` policy targets ``noise_multiplier x B_simple``.
+        round_to: batch sizes above ``round_to`` are rounded to a multiple of it.
+    """
+
+    initial_batch_size: int = Field(32, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)
+    min_batch_size: int | None = Field(None, ge=1)
+    policy: str | InstanceOf[BatchSizePolicy] = "gns"
+    decide_every: int = Field(10, ge=1)
+    max_growth: float = Field(2.0, gt=1.0)
+    hysteresis: float = Field(0.05, ge=0.0, lt=1.0)
+    noise_multiplier: float = Field(1.0, gt=0.0)
+    round_to: int = Field(8, ge=1)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str | BatchSizePolicy) -> str | BatchSizePolicy:
+        if isinstance(value, str) and value not in POLICIES:
+            raise ValueError(
+                f"unknown policy {value!r}; allowed: {', '.join(sorted(POLICIES))} "
+                "(or pass a BatchSizePolicy instance)"
+            )
+        return value
+
+    # Field validators rather than one model validator: they run alongside every other
+    # field check, so a bad bound is reported together with the rest. Fields validate in
+    # declaration order (max before min on purpose), and info.data holds the earlier ones
+    # that were valid.
+    @field_validator("max_batch_size")
+    @classmethod
+    def _max_above_initial(cls, hi: int | None, info: ValidationInfo) -> int | None:
+        b0 = info.data.get("initial_batch_size")
+        if hi is not None and b0 is not None and hi < b0:
+            raise ValueError(
+                f"max_batch_size must be >= initial_batch_size (got max_batch_size={hi}, "
+                f"initial_batch_size={b0}); raise max_batch_size or lower initial_batch_size"
+            )
+        return hi
+
+    @field_validator("min_batch_size")
+    @classmethod
+    def _min_below_initial_and_max(cls, lo: int | None, info: ValidationInfo) -> int | None:
+        b0, hi = info.data.get("initial_batch_size"), info.data.get("max_batch_size")
+        problems = []
+        if lo is not None and b0 is not None and lo > b0:
+            problems.append(
+                f"min_batch_size must be <= initial_batch_size (got min_batch_size={lo}, "
+                f"initial_batch_size={b0}); lower min_batch_size or raise initial_batch_size"
+            )
+        if lo is not None and hi is not None and hi < lo:
+            problems.append(
+                f"max_batch_size must be >= min_batch_size (got max_batch_size={hi}, "
+                f"min_batch_size={lo}); raise max_batch_size or lower min_batch_size"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return lo
+
+
+class LRConfig(_Section):
+    """How the learning rate follows the batch size and the schedule.
+
+    Attributes:
+        lr_scaling: rule mapping the base LR (tuned at ``initial_batch_size``) to the LR at
+            the current batch size: a name from :data:`autobatch.lr_scaling.SCALINGS`
+            (``"linear"``, ``"sqrt"``, ``"adascale"``, ``"none"``), an
+            :class:`~autobatch.lr_scaling.LRScaling` instance, or ``None`` for the default
+            of the optimizer family (:func:`autobatch.lr_scaling.default_scaling`:
+            ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others).
+        lr_milestones: epochs (strictly increasing, >= 0) at which the step schedule acts.
+            The ``fixed`` policy multiplies the LR by ``lr_decay`` at each; the ``ramp``
+            policy grows the batch by ``1/lr_decay`` instead.
+        lr_decay: factor in (0, 1] applied at each milestone.
+        warmup_steps: optimizer steps of linear LR warm-up from 0 at the start.
+    """
+
+    lr_scaling: str | InstanceOf[LRScaling] | None = None
+    lr_milestones: list[int] = Field(default_factory=list)
+    lr_decay: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("lr_scaling")
+    @classmethod
+    def _known_scaling(cls, value: str | LRScaling | None) -> str | LRScaling | None:
+        if isinstance(value, str) and value not in SCALINGS:
+            raise ValueError(
+                f"unknown lr_scaling {value!r}; allowed: {', '.join(sorted(SCALINGS))}, "
+                "None (the optimizer family's default), or an LRScaling instance"
+            )
+        return value
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(m < 0 for m in value) or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(
+                f"lr_milestones must be strictly increasing epochs >= 0 (got {value}); "
+                "sort them and drop duplicates"
+            )
+        return value
+
+
+class EstimatorConfig(_Section):
+    """How the gradient noise scale is measured (see :mod:`autobatch.gns`).
+
+    Attributes:
+        gns_method: ``"micro"`` takes the small-batch gradients from the micro-batches of
+            each step (free); ``"per_example"`` uses per-example gradient norms (``b = 1``).
+        gns_smoothing: EMA decay of the estimator (0.95: about 20 steps of memory).
+        gns_min_updates: updates before the estimate counts as ready.
+    """
+
+    gns_method: Literal["micro", "per_example"] = "micro"
+    gns_smoothing: float = Field(0.95, ge=0.0, lt=1.0)
+    gns_min_updates: int = Field(3, ge=1)
+
+
+class MemoryConfig(_Section):
+    """The memory probe that bounds the micro-batch.
+
+    Attributes:
+        probe_memory: run the probe; ``None`` means on for accelerators, and on CPU only
+            when ``memory_budget`` is given.
+        memory_budget: bytes a training step may use; an int, or a string such as
+            ``"4GiB"`` or ``"500MB"`` (parsed by :func:`parse_bytes`). ``None``: the
+            device's free memory.
+        memory_margin: fraction of the budget kept free for what the probe cannot see
+            (allocator caching, fragmentation, workspaces).
+        max_micro_batch_size: an upper bound on the micro-batch, applied on top of the probe.
+    """
+
+    probe_memory: bool | None = None
+    memory_budget: int | None = Field(None, gt=0)
+    memory_margin: float = Field(0.1, ge=0.0, lt=1.0)
+    max_micro_batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+
+class DataConfig(_Section):
+    """Data order and loading.
+
+    Attributes:
+        shuffle: reshuffle the training set every epoch (seeded by ``seed``).
+        seed: seed of the shuffling generator.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+    """
+
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class LogConfig(_Section):
+    """Progress display, evaluation and history.
+
+    Attributes:
+        progress: show a progress bar; ``None`` means only when stderr is a terminal.
+        eval_every: optimizer steps between evaluations on ``val_data``; ``None`` means
+            once per epoch.
+        log_every: optimizer steps between progress-bar refreshes.
+    """
+
+    progress: bool | None = None
+    eval_every: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class FitConfig(BaseModel):
+    """Everything :func:`autobatch.fit` can be told, grouped by concern.
+
+    Attributes:
+        batch: :class:`BatchConfig`.
+        lr: :class:`LRConfig`.
+        estimator: :class:`EstimatorConfig`.
+        memory: :class:`MemoryConfig`.
+        data: :class:`DataConfig`.
+        log: :class:`LogConfig`.
+        max_nonfinite_steps: consecutive optimizer steps skipped for a non-finite loss or
+            gradient before ``fit`` stops with an error.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    lr: LRConfig = Field(default_factory=LRConfig)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    max_nonfinite_steps: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _ramp_needs_a_schedule(self) -> FitConfig:
+        if self.batch.policy != "ramp":
+            return self
+        problems = []
+        if not self.lr.lr_milestones:
+            problems.append(
+                "policy='ramp' needs lr_milestones (got lr_milestones=[]); give the epochs at "
+                "which a step schedule would decay the LR, e.g. lr_milestones=[30, 60]"
+            )
+        if self.lr.lr_decay >= 1.0:
+            problems.append(
+                f"policy='ramp' needs lr_decay < 1 (got lr_decay={self.lr.lr_decay}); the "
+                "batch grows by 1/lr_decay at each milestone, e.g. lr_decay=0.1"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_any(cls, config: FitConfig | dict[str, Any] | None = None, **overrides: Any) -> FitConfig:
+        """Build a config from a FitConfig, a dict or nothing, then apply overrides.
+
+        Dicts and overrides may name a section with a dict (``batch={"policy": "ramp"}``)
+        or a field flat (``policy="ramp"``); flat and nested forms can be mixed, later
+        entries win. The input config is never modified.
+
+        Args:
+            config: a :class:`FitConfig`, a (nested or flat) dict, or ``None`` for defaults.
+            **overrides: settings applied on top of ``config``.
+
+        Returns:
+            A new, validated :class:`FitConfig`.
+
+        Raises:
+            ValueError: for a key that is no setting (the message lists close matches and
+                every valid key), or a pydantic ``ValidationError`` (a ``ValueError``)
+                listing every invalid value.
+            TypeError: if ``config`` is of another type.
+        """
+        if config is None:
+            merged: dict[str, dict[str, Any] | Any] = {}
+        elif isinstance(config, FitConfig):
+            merged = config.model_dump()
+        elif isinstance(config, dict):
+            merged = {}
+            _merge(merged, config)
+        else:
+            raise TypeError(
+                f"config must be a FitConfig, a dict or None (got {type(config).__name__})"
+            )
+        _merge(merged, overrides)
+        return cls.model_validate(merged)
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    return {
+        name: field.annotation  # type: ignore[misc]
+        for name, field in FitConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+
+
+def _flat_keys() -> dict[str, str]:
+    """Every section field name -> its section."""
+    return {key: section for section, model in _sections().items() for key in model.model_fields}
+
+
+def _merge(merged: dict[str, Any], items: dict[str, Any]) -> None:
+    """Put ``items`` (flat or nested keys) into the nested dict ``merged``, in order."""
+    sections, flat = _sections(), _flat_keys()
+    top = set(FitConfig.model_fields) - set(sections)
+    unknown = []
+    for key, value in items.items():
+        if key in sections and isinstance(value, (dict, BaseModel)):
+            inner = value.model_dump() if isinstance(value, BaseModel) else value
+            bad = [k for k in inner if k not in sections[key].model_fields]
+            unknown += [f"{key}.{k}" for k in bad]
+            target = merged.setdefault(key, {})
+            if isinstance(target, BaseModel):  # a section given as a model earlier
+                target = merged[key] = target.model_dump()
+            target.update({k: v for k, v in inner.items() if k not in bad})
+        elif key in flat:
+            target = merged.setdefault(flat[key], {})
+            if isinstance(target, BaseModel):
+                target = merged[flat[key]] = target.model_dump()
+            target[key] = value
+        elif key in top or key in sections:
+            merged[key] = value  # pydantic reports a section given as a non-dict
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = sorted(top) + sorted(flat)
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise ValueError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+            f"valid settings: {', '.join(valid)}"
+        )
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """A memory size in bytes from an int or a string such as ``"4GiB"`` or ``"500MB"``.
+
+    Units are case-insensitive: ``B``; decimal ``KB MB GB TB`` (powers of 1000); binary
+    ``KiB MiB GiB TiB`` (powers of 1024). A bare number is bytes. Fractions are rounded to
+    the nearest byte (``"1.5KiB"`` is 1536).
+
+    Raises:
+        ValueError: for an unknown unit, a malformed string or a size that is not positive.
+        TypeError: for a value that is neither a number nor a string.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(
+            f"a memory size must be an int (bytes) or a string like '4GiB' "
+            f"(got {type(value).__name__})"
+        )
+    if isinstance(value, str):
+        match = _BYTES_RE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or (unit and unit not in _UNITS):
+            raise ValueError(
+                f"cannot read memory size {value!r}; write a number and a unit from "
+                f"{', '.join(['B', 'KB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'])}, "
+                "e.g. '4GiB' or '500MB'"
+            )
+        number = float(match.group(1)) * _UNITS[unit or "b"]
+    else:
+        number = float(value)
+    if not math.isfinite(number) or round(number) <= 0:
+        raise ValueError(f"a memory size must be > 0 bytes (got {value!r})")
+    return int(round(number))
