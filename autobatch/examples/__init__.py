@@ -1,0 +1,186 @@
+"""Built-in example problems: a model, its data, its loss, and sensible defaults.
+
+Each example generates or ships its data (nothing is downloaded) and is cheap to build, so
+the CLI (``autobatch fit --example mnist1d``), the tests and the benchmarks can share them::
+
+    from autobatch.examples import get_example
+    ex = get_example("mnist1d", seed=0)
+    model = ex.model_fn()
+    opt = ex.optimizer(model.parameters(), ex.default_lr)   # lr is meant for ex.default_batch_size
+    ...
+    ex.evaluate(model, ex.val_data)        # {"val_loss": ..., "val_accuracy": ...}
+
+Conventions shared by every example:
+
+- ``seed`` seeds the model initialisation only; the data is fixed by the example's own
+  ``data_seed`` option, so runs with different seeds see the same data set.
+- ``loss_fn`` is mean-reduced over the batch (and over sequence positions for ``charlm``).
+- ``metric_name`` is a key of the dict returned by :meth:`Example.evaluate`, and
+  ``target`` is the value of that metric a time-to-target benchmark waits for
+  (``higher_is_better`` tells which side of it counts as reached).
+- ``default_lr`` is tuned for ``default_batch_size`` (B0) with ``optimizer``.
+
+Data sets are generated once per process and per option set (``functools.lru_cache`` in
+each module); every :func:`get_example` call returns fresh copies of the tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobatch.data import as_batch_source, move_to
+
+__all__ = ["EXAMPLES", "Example", "get_example"]
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One ready-to-train problem.
+
+    Attributes:
+        name: the registry name (``"mnist1d"``, ...).
+        model_fn: builds a fresh model each call, initialised from the example's seed (the
+            same seed gives the same initial weights; the global torch RNG is left alone).
+        train_data: ``(X, y)`` tensors, examples along dimension 0.
+        val_data: ``(X, y)`` tensors held out for :meth:`evaluate`.
+        loss_fn: ``loss_fn(output, target)`` -> scalar tensor, mean-reduced over the batch.
+        metric_name: key of :meth:`evaluate`'s dict that ``target`` refers to.
+        higher_is_better: True for accuracies, False for losses.
+        target: the metric value a time-to-target run waits for.
+        default_lr: base learning rate at ``default_batch_size`` with ``optimizer``.
+        default_batch_size: B0, the batch size ``default_lr`` was chosen for.
+        default_epochs: a training length that comfortably reaches ``target`` at B0.
+        optimizer: ``optimizer(params, lr)`` -> a torch optimizer.
+        classification: True when outputs are logits over the last dimension and
+            :meth:`evaluate` also reports ``val_accuracy``.
+        description: one line for the CLI and the README.
+    """
+
+    name: str
+    model_fn: Callable[[], nn.Module]
+    train_data: tuple[torch.Tensor, torch.Tensor]
+    val_data: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric_name: str
+    higher_is_better: bool
+    target: float
+    default_lr: float
+    default_batch_size: int
+    default_epochs: int
+    optimizer: OptimizerFactory
+    classification: bool
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def evaluate(self, model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
+        """Mean loss (and accuracy for classification) of ``model`` over all of ``data``.
+
+        Runs in eval mode under ``torch.no_grad()`` and puts the model back in the mode it
+        was in. Batches go to the device of the model's first parameter.
+
+        Args:
+            model: the model to score.
+            data: any form :func:`autobatch.data.as_batch_source` accepts, usually
+                ``self.val_data``.
+            batch_size: examples per forward pass (memory only; the result does not depend on it).
+
+        Returns:
+            ``{"val_loss": mean per-example loss}`` plus, for classification,
+            ``"val_accuracy"``: the fraction of predictions (per example, or per sequence
+            position for ``charlm``) whose argmax over the last dimension equals the target.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
+        source = as_batch_source(data, name="data")
+        n = len(source)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        loss_sum, correct, counted = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for start in range(0, n, batch_size):
+                    inputs, targets = move_to(source.batch(range(start, min(start + batch_size, n))), device)
+                    outputs = model(inputs)
+                    # loss_fn is a mean over the batch: weight it back by the batch's size.
+                    loss_sum += float(self.loss_fn(outputs, targets)) * targets.shape[0]
+                    if self.classification:
+                        correct += int((outputs.argmax(dim=-1) == targets).sum())
+                        counted += targets.numel()
+        finally:
+            model.train(was_training)
+        metrics = {"val_loss": loss_sum / n}
+        if self.classification:
+            metrics["val_accuracy"] = correct / counted
+        return metrics
+
+    def reached(self, metrics: dict[str, float]) -> bool:
+        """Whether ``metrics`` (from :meth:`evaluate`) meets :attr:`target`; NaN never does."""
+        value = metrics[self.metric_name]
+        if math.isnan(value):
+            return False
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+
+def _seeded_model(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Call ``build`` with the torch RNG seeded by ``seed``, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _lazy(module: str) -> Callable[..., Example]:
+    # Import on first use: mnist1d pulls in matplotlib, which costs a second or more.
+    def builder(seed: int = 0, **options: Any) -> Example:
+        return importlib.import_module(module).build(seed=seed, **options)
+
+    builder.__qualname__ = builder.__name__ = f"build_{module.rsplit('.', 1)[1]}"
+    builder.__doc__ = f"Build the example defined in :mod:`{module}` (see its ``build``)."
+    builder.module = module  # type: ignore[attr-defined]
+    return builder
+
+
+# example name -> builder(seed=0, **options) -> Example
+EXAMPLES: dict[str, Callable[..., Example]] = {
+    "mnist1d": _lazy("autobatch.examples.mnist1d"),
+    "synthetic": _lazy("autobatch.examples.synthetic"),
+    "charlm": _lazy("autobatch.examples.charlm"),
+}
+
+
+def get_example(name: str, seed: int = 0, **options: Any) -> Example:
+    """Build the example registered as ``name``.
+
+    Args:
+        name: one of :data:`EXAMPLES`.
+        seed: seeds the model initialisation (not the data).
+        **options: the example's own keyword options (see each module's ``build``).
+
+    Raises:
+        ValueError: for an unknown name or option, listing the allowed ones.
+    """
+    if name not in EXAMPLES:
+        raise ValueError(
+            f"unknown example {name!r}; choose one of {sorted(EXAMPLES)} "
+            "(or build your own model and data and call autobatch.fit directly)"
+        )
+    builder = EXAMPLES[name]
+    module = getattr(builder, "module", None)
+    build = importlib.import_module(module).build if module else builder
+    allowed = [p for p in inspect.signature(build).parameters if p != "seed"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for example {name!r}; allowed options: {allowed}"
+        )
+    return builder(seed=seed, **options)
