@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from autobatch.lr_scaling import SCALINGS, LRScaling
-from autobatch.policies import POLICIES, BatchSizePolicy
+from autobatch.policies import POLICIES, BatchSizePolicy, RampPolicy
 
 __all__ = [
     "BatchConfig",
@@ -132,7 +132,9 @@ class LRConfig(_Section):
             (``"linear"``, ``"sqrt"``, ``"adascale"``, ``"none"``), an
             :class:`~autobatch.lr_scaling.LRScaling` instance, or ``None`` for the default
             of the optimizer family (:func:`autobatch.lr_scaling.default_scaling`:
-            ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others).
+            ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others). With the
+            ``ramp`` policy ``None`` becomes ``"none"``: the ramp's batch growth stands in
+            for LR decay, so the LR must not grow with the batch.
         lr_milestones: epochs (strictly increasing, >= 0) at which the step schedule acts.
             The ``fixed`` policy multiplies the LR by ``lr_decay`` at each; the ``ramp``
             policy grows the batch by ``1/lr_decay`` instead.
@@ -261,21 +263,24 @@ class FitConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ramp_needs_a_schedule(self) -> FitConfig:
-        if self.batch.policy != "ramp":
-            return self
+        policy = self.batch.policy
         problems = []
-        if not self.lr.lr_milestones:
+        if policy == "ramp" and not self.lr.lr_milestones:
             problems.append(
                 "policy='ramp' needs lr_milestones (got lr_milestones=[]); give the epochs at "
                 "which a step schedule would decay the LR, e.g. lr_milestones=[30, 60]"
             )
-        if self.lr.lr_decay >= 1.0:
+        if policy == "ramp" and self.lr.lr_decay >= 1.0:
             problems.append(
                 f"policy='ramp' needs lr_decay < 1 (got lr_decay={self.lr.lr_decay}); the "
                 "batch grows by 1/lr_decay at each milestone, e.g. lr_decay=0.1"
             )
         if problems:
             raise ValueError("; ".join(problems))
+        if (policy == "ramp" or isinstance(policy, RampPolicy)) and self.lr.lr_scaling is None:
+            # The ramp replaces LR decay by batch growth (Smith et al. 2017): the LR must not
+            # also grow with B, or the noise LR/B would not fall. An explicit rule is kept.
+            self.lr.lr_scaling = "none"
         return self
 
     @classmethod

@@ -335,6 +335,8 @@ class RampPolicy(BatchSizePolicy):
     def _wanted_and_capped(self, ctx: PolicyContext) -> tuple[float, int]:
         n = _milestones_passed(self.lr_milestones, ctx.epoch)
         wanted = ctx.base_batch_size / self.lr_decay**n
+        if n == 0:  # B0 is the user's choice: start there, rounded or not
+            return wanted, ctx.base_batch_size
         return wanted, round_batch_size(wanted, self.round_to, ctx.min_batch_size, ctx.max_batch_size)
 
     def propose(self, ctx: PolicyContext) -> int:

@@ -14,7 +14,7 @@ from autobatch.config import (
     parse_bytes,
 )
 from autobatch.lr_scaling import SCALINGS, SqrtScaling
-from autobatch.policies import POLICIES, GNSPolicy
+from autobatch.policies import POLICIES, GNSPolicy, RampPolicy
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -127,7 +127,13 @@ def test_assignment_is_validated() -> None:
 def test_ramp_needs_milestones_and_a_decay() -> None:
     with pytest.raises(ValidationError, match=r"needs lr_milestones \(got lr_milestones=\[\]\).*lr_decay < 1 \(got lr_decay=1.0\)"):
         FitConfig.from_any(None, policy="ramp", lr_decay=1.0)
-    assert FitConfig.from_any(None, policy="ramp", lr_milestones=[3, 6]).lr.lr_milestones == [3, 6]
+    cfg = FitConfig.from_any(None, policy="ramp", lr_milestones=[3, 6])
+    assert cfg.lr.lr_milestones == [3, 6]
+    # The ramp grows B in place of decaying the LR, so the default rule does not scale the LR.
+    assert cfg.lr.lr_scaling == "none"
+    assert FitConfig.from_any(None, policy="ramp", lr_milestones=[3], lr_scaling="sqrt").lr.lr_scaling == "sqrt"
+    assert FitConfig.from_any(None, policy="gns").lr.lr_scaling is None
+    assert FitConfig.from_any(None, policy=RampPolicy(lr_milestones=[2])).lr.lr_scaling == "none"
 
 
 @pytest.mark.parametrize("milestones", [[5, 3], [2, 2], [-1, 4]])
