@@ -69,8 +69,8 @@ class BatchConfig(_Section):
     """
 
     initial_batch_size: int = Field(32, ge=1)
-    max_batch_size: int | None = Field(None, ge=1)
     min_batch_size: int | None = Field(None, ge=1)
+    max_batch_size: int | None = Field(None, ge=1, validate_default=True)
     policy: str | InstanceOf[BatchSizePolicy] = "gns"
     decide_every: int = Field(10, ge=1)
     max_growth: float = Field(2.0, gt=1.0)
@@ -88,39 +88,33 @@ class BatchConfig(_Section):
             )
         return value
 
-    # Field validators rather than one model validator: they run alongside every other
-    # field check, so a bad bound is reported together with the rest. Fields validate in
-    # declaration order (max before min on purpose), and info.data holds the earlier ones
-    # that were valid.
+    # A field validator rather than a model validator, so that bad bounds are reported
+    # together with every other invalid field. It runs last of the three (declaration order,
+    # validate_default so it runs when max_batch_size is left None) and sees the other two in
+    # info.data when they are valid.
     @field_validator("max_batch_size")
     @classmethod
-    def _max_above_initial(cls, hi: int | None, info: ValidationInfo) -> int | None:
-        b0 = info.data.get("initial_batch_size")
-        if hi is not None and b0 is not None and hi < b0:
-            raise ValueError(
-                f"max_batch_size must be >= initial_batch_size (got max_batch_size={hi}, "
-                f"initial_batch_size={b0}); raise max_batch_size or lower initial_batch_size"
-            )
-        return hi
-
-    @field_validator("min_batch_size")
-    @classmethod
-    def _min_below_initial_and_max(cls, lo: int | None, info: ValidationInfo) -> int | None:
-        b0, hi = info.data.get("initial_batch_size"), info.data.get("max_batch_size")
+    def _ordered_bounds(cls, hi: int | None, info: ValidationInfo) -> int | None:
+        b0, lo = info.data.get("initial_batch_size"), info.data.get("min_batch_size")
         problems = []
         if lo is not None and b0 is not None and lo > b0:
             problems.append(
                 f"min_batch_size must be <= initial_batch_size (got min_batch_size={lo}, "
                 f"initial_batch_size={b0}); lower min_batch_size or raise initial_batch_size"
             )
-        if lo is not None and hi is not None and hi < lo:
+        if hi is not None and b0 is not None and hi < b0:
+            problems.append(
+                f"max_batch_size must be >= initial_batch_size (got max_batch_size={hi}, "
+                f"initial_batch_size={b0}); raise max_batch_size or lower initial_batch_size"
+            )
+        if hi is not None and lo is not None and hi < lo:
             problems.append(
                 f"max_batch_size must be >= min_batch_size (got max_batch_size={hi}, "
                 f"min_batch_size={lo}); raise max_batch_size or lower min_batch_size"
             )
         if problems:
             raise ValueError("; ".join(problems))
-        return lo
+        return hi
 
 
 class LRConfig(_Section):

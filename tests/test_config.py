@@ -88,8 +88,7 @@ def test_every_invalid_field_is_reported_at_once() -> None:
         FitConfig.from_any(bad)
     locs = {err["loc"] for err in info.value.errors()}
     assert locs == {
-        ("batch", "min_batch_size"),
-        ("batch", "max_batch_size"),
+        ("batch", "max_batch_size"),  # all the bounds' problems, in one entry
         ("batch", "policy"),
         ("batch", "decide_every"),
         ("lr", "lr_scaling"),
@@ -100,12 +99,26 @@ def test_every_invalid_field_is_reported_at_once() -> None:
     assert "max_batch_size must be >= initial_batch_size (got max_batch_size=16, initial_batch_size=64)" in text
 
 
-def test_min_above_max_reports_both_values_and_the_fix() -> None:
-    with pytest.raises(
-        ValidationError,
-        match=r"max_batch_size must be >= min_batch_size \(got max_batch_size=8, min_batch_size=32\); raise",
-    ):
-        FitConfig.from_any(None, initial_batch_size=8, min_batch_size=32, max_batch_size=8)
+@pytest.mark.parametrize(
+    ("bounds", "messages"),
+    [
+        ((8, 32, 8), ["min_batch_size must be <= initial_batch_size (got min_batch_size=32, initial_batch_size=8)",
+                      "max_batch_size must be >= min_batch_size (got max_batch_size=8, min_batch_size=32); raise"]),
+        ((32, 64, 16), ["min_batch_size must be <= initial_batch_size (got min_batch_size=64, initial_batch_size=32)",
+                        "max_batch_size must be >= initial_batch_size (got max_batch_size=16, initial_batch_size=32)",
+                        "max_batch_size must be >= min_batch_size (got max_batch_size=16, min_batch_size=64)"]),
+        ((32, 48, None), ["min_batch_size must be <= initial_batch_size (got min_batch_size=48, initial_batch_size=32)"]),
+    ],
+)
+def test_every_violated_bound_is_reported_with_values_and_fix(
+    bounds: tuple[int, int, int | None], messages: list[str]
+) -> None:
+    b0, lo, hi = bounds
+    with pytest.raises(ValidationError) as info:
+        FitConfig.from_any(None, initial_batch_size=b0, min_batch_size=lo, max_batch_size=hi)
+    text = str(info.value)
+    assert all(m in text for m in messages)
+    assert text.count("must be") == len(messages)
 
 
 def test_unknown_names_list_the_registries() -> None:
