@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import math
-import os
+import pathlib
+import pickle
 import random
 import sysconfig
 
@@ -36,7 +37,8 @@ def _manual_metrics(ex: Example, model: torch.nn.Module) -> dict[str, float]:
     if ex.classification:
         logp = torch.log_softmax(out, dim=-1)
         nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return {"val_loss": nll.mean().item(), "val_accuracy": (out.argmax(-1) == y).double().mean().item()}
+        accuracy = (out.argmax(-1) == y).double().mean().item()
+        return {"val_loss": nll.mean().item(), "val_accuracy": accuracy}
     return {"val_loss": ((out - y) ** 2).mean().item()}
 
 
@@ -45,17 +47,20 @@ def test_registry_lists_the_three_examples() -> None:
 
 
 def test_unknown_example_names_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown example 'mnist2d'.*\['charlm', 'mnist1d', 'synthetic'\]"):
+    allowed = r"\['charlm', 'mnist1d', 'synthetic'\]"
+    with pytest.raises(ValueError, match=r"unknown example 'mnist2d'.*" + allowed):
         get_example("mnist2d")
 
 
 def test_unknown_option_names_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['depth'\] for example 'charlm'.*'context'"):
+    message = r"unknown option\(s\) \['depth'\] for example 'charlm'.*'context'"
+    with pytest.raises(ValueError, match=message):
         get_example("charlm", depth=3)
 
 
 def test_bad_option_values_are_all_reported() -> None:
-    with pytest.raises(ValueError, match=r"min_variance must be in \(0, 1\] \(got min_variance=2.0\).*noise_std must be > 0"):
+    message = r"min_variance must be in \(0, 1\] \(got min_variance=2.0\).*noise_std must be > 0"
+    with pytest.raises(ValueError, match=message):
         get_example("synthetic", min_variance=2.0, noise_std=0.0)
 
 
@@ -86,6 +91,13 @@ def test_model_fn_is_seeded_fresh_and_leaves_the_global_rng_alone(example: Examp
         assert pa.data_ptr() != pb.data_ptr()
     other = get_example(example.name, seed=1, **SMALL[example.name]).model_fn()
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), other.parameters()))
+
+
+def test_example_pickles_for_worker_processes(example: Example) -> None:
+    copy = pickle.loads(pickle.dumps(example))
+    assert torch.equal(copy.val_data[1], example.val_data[1])
+    for pa, pb in zip(copy.model_fn().parameters(), example.model_fn().parameters()):
+        assert torch.equal(pa, pb)
 
 
 def test_each_call_returns_its_own_data(example: Example) -> None:
@@ -159,7 +171,8 @@ def test_mnist1d_a_few_hundred_sgd_steps_beat_chance_by_far() -> None:
 def test_gradient_moments_by_hand_in_one_dimension() -> None:
     # x ~ N(0, 1), y = 0, model w = 1, b = 0: r = x, g = (2x^2, 2x), G = (2, 0),
     # Var(2x^2) = 4 * 2 = 8, Var(2x) = 4: tr(Sigma) = 12.
-    assert gradient_moments(torch.tensor([1.0]), 0.0, torch.tensor([1.0]), 0.0) == pytest.approx((4.0, 12.0))
+    one = torch.tensor([1.0])
+    assert gradient_moments(one, 0.0, one, 0.0) == pytest.approx((4.0, 12.0))
     # Only a bias error c with noise s^2: r = c - eps, g = 2r(x, 1); G = (0, 2c);
     # Var over w: E[4 r^2 x^2] = 4(c^2 + s^2); over b: 4 s^2.
     c, s2 = 0.5, 0.3
@@ -213,7 +226,8 @@ def test_charlm_text_is_the_listed_stdlib_files_read_again() -> None:
     charlm_module.load_text.cache_clear()
     text = charlm_module.load_text(50_000)
     stdlib = sysconfig.get_paths()["stdlib"]
-    raw = "\n".join(open(os.path.join(stdlib, name), encoding="utf-8").read() for name in charlm_module.STDLIB_MODULES)
+    names = charlm_module.STDLIB_MODULES
+    raw = "\n".join(pathlib.Path(stdlib, name).read_text(encoding="utf-8") for name in names)
     want = "".join(c if c == "\n" or 32 <= ord(c) <= 126 else "?" for c in raw[:50_000])
     assert text == want
     assert charlm_module.load_text(50_000) is text  # cached

@@ -110,7 +110,8 @@ class Example:
         try:
             with torch.no_grad():
                 for start in range(0, n, batch_size):
-                    inputs, targets = move_to(source.batch(range(start, min(start + batch_size, n))), device)
+                    indices = range(start, min(start + batch_size, n))
+                    inputs, targets = move_to(source.batch(indices), device)
                     outputs = model(inputs)
                     # loss_fn is a mean over the batch: weight it back by the batch's size.
                     loss_sum += float(self.loss_fn(outputs, targets)) * targets.shape[0]
@@ -137,6 +138,11 @@ def _seeded_model(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def _plain_sgd(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """SGD without momentum or weight decay (a module-level function, so examples pickle)."""
+    return torch.optim.SGD(params, lr=lr)
 
 
 def _lazy(module: str) -> Callable[..., Example]:

@@ -64,7 +64,9 @@ def load_text(max_chars: int = 300_000) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _windows(max_chars: int, context: int, val_every: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+def _windows(
+    max_chars: int, context: int, val_every: int
+) -> tuple[str, torch.Tensor, torch.Tensor]:
     text = load_text(max_chars)
     vocab = "".join(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(vocab)}
@@ -84,7 +86,9 @@ class CharTransformer(nn.Module):
     logits, position ``t`` predicting character ``t + 1``.
     """
 
-    def __init__(self, vocab_size: int, context: int = 64, d_model: int = 64, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self, vocab_size: int, context: int = 64, d_model: int = 64, heads: int = 4, layers: int = 2
+    ) -> None:
         super().__init__()
         self.context = context
         self.tokens = nn.Embedding(vocab_size, d_model)
@@ -96,7 +100,8 @@ class CharTransformer(nn.Module):
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
-        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+        mask = nn.Transformer.generate_square_subsequent_mask(context)  # -inf above the diagonal
+        self.register_buffer("causal_mask", mask, persistent=False)
         # GPT-2 style small init: the logits start near zero, so the initial loss is ~log(vocab).
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -107,7 +112,9 @@ class CharTransformer(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
         if t > self.context:
-            raise ValueError(f"sequence length must be <= context={self.context} (got {t}); crop the input")
+            raise ValueError(
+                f"sequence length must be <= context={self.context} (got {t}); crop the input"
+            )
         h = self.tokens(ids) + self.positions(torch.arange(t, device=ids.device))
         h = self.blocks(h, mask=self.causal_mask[:t, :t], is_causal=True)
         return self.head(self.norm(h))
@@ -146,7 +153,10 @@ def build(
     """
     errors = []
     if context < 1 or max_chars < 2 * context + 2:
-        errors.append(f"need context >= 1 and max_chars >= 2*context+2 (got context={context}, max_chars={max_chars})")
+        errors.append(
+            "need context >= 1 and max_chars >= 2*context+2 "
+            f"(got context={context}, max_chars={max_chars})"
+        )
     if d_model % heads:
         errors.append(f"heads must divide d_model (got d_model={d_model}, heads={heads})")
     if val_every < 2:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autobatch.examples import Example, _seeded_model
+from autobatch.examples import Example, _plain_sgd, _seeded_model
 
 __all__ = ["build", "make_cnn", "make_data"]
 
@@ -84,10 +84,6 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, target)
 
 
-def _sgd(params, lr: float) -> torch.optim.Optimizer:  # type: ignore[no-untyped-def]
-    return torch.optim.SGD(params, lr=lr)
-
-
 def build(
     seed: int = 0, *, num_samples: int = 5000, data_seed: int = 42, channels: int = 32
 ) -> Example:
@@ -103,7 +99,9 @@ def build(
     length = train[0].shape[1]
     return Example(
         name="mnist1d",
-        model_fn=functools.partial(_seeded_model, functools.partial(make_cnn, length, channels), seed),
+        model_fn=functools.partial(
+            _seeded_model, functools.partial(make_cnn, length, channels), seed
+        ),
         train_data=train,
         val_data=val,
         loss_fn=_cross_entropy,
@@ -113,7 +111,7 @@ def build(
         default_lr=0.2,
         default_batch_size=16,
         default_epochs=20,
-        optimizer=_sgd,
+        optimizer=_plain_sgd,
         classification=True,
         description="MNIST-1D, 3-layer 1-D CNN, plain SGD; target 90% test accuracy",
         options={"num_samples": num_samples, "data_seed": data_seed, "channels": channels},

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 from torch import nn
 
-from autobatch.examples import Example, _seeded_model
+from autobatch.examples import Example, _plain_sgd, _seeded_model
 
 __all__ = ["SyntheticExample", "build", "gradient_moments", "population"]
 
@@ -77,10 +78,12 @@ class Population:
         return x.float(), y.float().unsqueeze(1)
 
 
-def population(dim: int = 16, min_variance: float = 0.01, noise_std: float = 0.5, data_seed: int = 0) -> Population:
+def population(
+    dim: int = 16, min_variance: float = 0.01, noise_std: float = 0.5, data_seed: int = 0
+) -> Population:
     """The population the example samples from; ``w*`` has N(0, 1) entries, ``b* = 1``."""
     g = torch.Generator().manual_seed(data_seed)
-    variances = torch.logspace(0.0, torch.log10(torch.tensor(min_variance)).item(), dim, dtype=torch.float64)
+    variances = torch.logspace(0.0, math.log10(min_variance), dim, dtype=torch.float64)
     w_star = torch.randn(dim, generator=g, dtype=torch.float64)
     return Population(variances, w_star, 1.0, noise_std)
 
@@ -126,10 +129,6 @@ def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(output, target)
 
 
-def _sgd(params, lr: float) -> torch.optim.Optimizer:  # type: ignore[no-untyped-def]
-    return torch.optim.SGD(params, lr=lr)
-
-
 def build(
     seed: int = 0,
     *,
@@ -155,16 +154,23 @@ def build(
     """
     errors = []
     if num_train < 1 or num_val < 1:
-        errors.append(f"num_train and num_val must be >= 1 (got num_train={num_train}, num_val={num_val})")
+        errors.append(
+            f"num_train and num_val must be >= 1 (got num_train={num_train}, num_val={num_val})"
+        )
     if dim < 1:
         errors.append(f"dim must be >= 1 (got dim={dim})")
     if not 0.0 < min_variance <= 1.0:
         errors.append(f"min_variance must be in (0, 1] (got min_variance={min_variance})")
     if not noise_std > 0.0:
-        errors.append(f"noise_std must be > 0 (got noise_std={noise_std}); zero noise has no noise scale")
+        errors.append(
+            f"noise_std must be > 0 (got noise_std={noise_std}); the target is "
+            "1.05 x noise_std^2, which needs label noise"
+        )
     if errors:
         raise ValueError("; ".join(errors))
-    x, y, x_val, y_val = _generate(num_train, num_val, dim, float(min_variance), float(noise_std), data_seed)
+    x, y, x_val, y_val = _generate(
+        num_train, num_val, dim, float(min_variance), float(noise_std), data_seed
+    )
     return SyntheticExample(
         name="synthetic",
         model_fn=functools.partial(_seeded_model, functools.partial(nn.Linear, dim, 1), seed),
@@ -177,9 +183,12 @@ def build(
         default_lr=0.05,
         default_batch_size=16,
         default_epochs=10,
-        optimizer=_sgd,
+        optimizer=_plain_sgd,
         classification=False,
-        description="linear regression with a closed-form noise scale, plain SGD; target 1.05x the noise floor",
+        description=(
+            "linear regression with a closed-form noise scale, plain SGD; "
+            "target 1.05x the noise floor"
+        ),
         options={
             "num_train": num_train, "num_val": num_val, "dim": dim,
             "min_variance": min_variance, "noise_std": noise_std, "data_seed": data_seed,
