@@ -8,7 +8,10 @@ from __future__ import annotations
 from autobatch._version import __version__
 from autobatch.config import FitConfig
 from autobatch.gns import GradientNoiseScale, two_batch_estimates
+from autobatch.grad_norms import MicroBatchGradNorms
 from autobatch.lr_scaling import AdaScaleScaling, LinearScaling, LRScaling, NoScaling, SqrtScaling
+from autobatch.measure import NoiseScaleEstimate, measure_noise_scale
+from autobatch.per_example import PerExampleGradNorms
 from autobatch.policies import BatchSizePolicy, FixedPolicy, GNSPolicy, GoodputPolicy, RampPolicy
 
 __all__ = [
@@ -21,9 +24,13 @@ __all__ = [
     "GradientNoiseScale",
     "LRScaling",
     "LinearScaling",
+    "MicroBatchGradNorms",
     "NoScaling",
+    "NoiseScaleEstimate",
+    "PerExampleGradNorms",
     "RampPolicy",
     "SqrtScaling",
     "__version__",
+    "measure_noise_scale",
     "two_batch_estimates",
 ]

@@ -27,7 +27,7 @@ __all__ = ["GradientNoiseScale", "two_batch_estimates"]
 
 
 def two_batch_estimates(
-    small_sq_norm: float, small_batch_size: int, big_sq_norm: float, big_batch_size: int
+    small_sq_norm: float, small_batch_size: float, big_sq_norm: float, big_batch_size: float
 ) -> tuple[float, float]:
     """Unbiased one-step estimates of ``|G|^2`` and ``tr(Sigma)`` (McCandlish App. A.1).
 
@@ -35,9 +35,10 @@ def two_batch_estimates(
         small_sq_norm: ``|G_b|^2``, the squared L2 norm of a mean-reduced gradient over
             ``small_batch_size`` examples (or the mean of several such norms, which has the
             same expectation and less spread).
-        small_batch_size: ``b``, examples per small batch (1 for per-example norms).
+        small_batch_size: ``b``, examples per small batch (1 for per-example norms); may be
+            an effective, non-integer size (see :mod:`autobatch._effective_batch`).
         big_sq_norm: ``|G_B|^2`` for the gradient over all ``big_batch_size`` examples.
-        big_batch_size: ``B > b``.
+        big_batch_size: ``B > b``; ``math.inf`` means the big gradient is exact (``|G|^2``).
 
     Returns:
         ``(grad_sq, trace_cov)``:
@@ -54,8 +55,9 @@ def two_batch_estimates(
             f"(got small_batch_size={b}, big_batch_size={big}); measure the small-batch "
             "gradients on a strict subset of the big batch"
         )
-    grad_sq = (big * big_sq_norm - b * small_sq_norm) / (big - b)
     trace_cov = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / big)
+    # (B|G_B|^2 - b|G_b|^2)/(B-b) rewritten as |G_B|^2 - trace_cov/B, finite for B = inf.
+    grad_sq = big_sq_norm - trace_cov / big
     return grad_sq, trace_cov
 
 
@@ -117,18 +119,19 @@ class GradientNoiseScale:
     def update(
         self,
         small_sq_norms: float | Iterable[float],
-        small_batch_size: int,
+        small_batch_size: float,
         big_sq_norm: float,
-        big_batch_size: int,
+        big_batch_size: float,
     ) -> bool:
         """Add one step's measurement.
 
         Args:
             small_sq_norms: squared norms of every small-batch gradient of the step (one
                 float or an iterable of floats, or a 1-D tensor); their mean is used.
-            small_batch_size: examples per small batch, ``b``.
+            small_batch_size: examples per small batch, ``b`` (a float for an effective size,
+                e.g. ``1/mean(1/b_i)`` for unequal micro-batches).
             big_sq_norm: squared norm of the step's whole gradient.
-            big_batch_size: examples in the whole step, ``B > b``.
+            big_batch_size: examples in the whole step, ``B > b`` (may be effective too).
 
         Returns:
             True if the update was accepted, False if it was rejected for a NaN or infinite

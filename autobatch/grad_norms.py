@@ -1,0 +1,250 @@
+"""Squared gradient norms of every micro-batch of a step, collected during the step's own
+backward passes (no extra backward, no copy of the gradients).
+
+One optimizer step made of ``k >= 2`` micro-batches already computes ``k`` small-batch
+gradients: each backward adds one into ``.grad``. A tensor hook on every trainable leaf
+parameter (``param.register_hook``) sees that backward's gradient *before* it is accumulated,
+so its squared norm can be summed on the device at the cost of one reduction per parameter.
+The accumulated ``.grad`` at the end of the step is the big-batch gradient. These are the two
+inputs of :meth:`autobatch.GradientNoiseScale.update`.
+
+Conventions (they decide every number below):
+
+- Norms are those of the gradient of a **mean-reduced** loss over the micro-batch (``b_i``
+  examples) and over the whole step (``B = sum b_i`` examples). With ``loss_reduction="sum"``
+  the collector divides the measured norms by the batch size squared to get there.
+- The loss of micro-batch ``i`` may be multiplied by a weight before ``backward`` (usually
+  ``b_i / B``, so that ``.grad`` ends up as the mean over the step) and by an AMP loss scale;
+  both are divided out, so norms are of unscaled gradients. The big norm is read from
+  ``.grad``: call :meth:`MicroBatchGradNorms.end_step` before ``scaler.unscale_`` and before
+  gradient clipping, which would change ``.grad`` in place.
+- Everything is per process: under data parallelism each rank's collector reports its local
+  micro-batches (or its whole local gradient can serve as one small batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from autobatch._effective_batch import harmonic_batch_size
+
+__all__ = ["MicroBatchGradNorms", "StepGradNorms", "grad_sq_norm", "trainable_parameters"]
+
+LossReduction = Literal["mean", "sum"]
+_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class StepGradNorms:
+    """One optimizer step's squared gradient norms, all of mean-reduced, unscaled losses.
+
+    Attributes:
+        small_sq_norms: ``|G_{b_i}|^2`` of each micro-batch gradient, in step order.
+        small_batch_size: the effective small batch ``b = 1/mean(1/b_i)`` (equal to ``b_i``
+            when all micro-batches have the same size); with it the mean of
+            ``small_sq_norms`` is an exact two-batch input even for unequal sizes.
+        big_sq_norm: ``|G_B|^2`` of the whole step's gradient.
+        big_batch_size: ``B``, examples in the step (sum of the micro-batch sizes).
+        micro_batch_sizes: the ``b_i``.
+    """
+
+    small_sq_norms: list[float]
+    small_batch_size: float
+    big_sq_norm: float
+    big_batch_size: int
+    micro_batch_sizes: list[int]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require a gradient, each once.
+
+    Raises:
+        ValueError: if there is none.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"model has no trainable parameters ({type(model).__name__} has "
+            f"{sum(1 for _ in model.parameters())} parameters, none with requires_grad=True); "
+            "unfreeze at least one parameter"
+        )
+    return params
+
+
+def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared L2 norms of the ``.grad`` of ``params`` (those without one are skipped),
+    as a float32 0-d tensor on the gradients' device; no host sync."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack(norms).square().sum()
+
+
+class MicroBatchGradNorms:
+    """Collect per-micro-batch and whole-step squared gradient norms with parameter hooks.
+
+    Use it inside a gradient-accumulation step::
+
+        collector = MicroBatchGradNorms(model)
+        optimizer.zero_grad(set_to_none=True)
+        collector.begin_step()
+        for x, y in micro_batches:                        # sizes b_i, sum B
+            loss = loss_fn(model(x), y)                   # mean over the micro-batch
+            (loss * (len(x) / B)).backward()
+            collector.after_backward(batch_size=len(x), loss_weight=len(x) / B)
+        norms = collector.end_step()                      # before unscale_ / clipping
+        if norms is not None:
+            gns.update(norms.small_sq_norms, norms.small_batch_size,
+                       norms.big_sq_norm, norms.big_batch_size)
+        optimizer.step()
+
+    The device work per micro-batch is one norm per parameter tensor; the only host sync is in
+    :meth:`end_step`. Hooks are on the parameters that require a gradient when the collector
+    is made; frozen parameters and parameters that get no gradient in a step are left out.
+    ``.grad`` must be empty (``None`` or zero) at :meth:`begin_step`, else the big norm
+    includes whatever was left there.
+
+    Args:
+        model: the module whose trainable parameters are measured.
+        loss_reduction: ``"mean"`` if each micro-batch loss is a mean over its examples (the
+            default), ``"sum"`` if it is a sum; sum-reduced norms are divided by ``b_i^2`` (and
+            the big one by ``B^2``) to report mean-reduced ones.
+
+    Raises:
+        ValueError: if the model has no trainable parameter or ``loss_reduction`` is unknown.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {_REDUCTIONS} (got loss_reduction={loss_reduction!r})"
+            )
+        self.loss_reduction = loss_reduction
+        self._params = trainable_parameters(model)
+        self._handles = [p.register_hook(self._on_grad) for p in self._params]
+        self._active = False
+        self._pending: list[torch.Tensor] = []  # this backward's per-parameter norms
+        self._micro_sq: list[torch.Tensor] = []  # raw squared norm of each micro-batch
+        self._sizes: list[int] = []
+        self._weights: list[float] = []
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        if self._active:
+            # The gradient of this backward only, before AccumulateGrad adds it to .grad.
+            self._pending.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+    # -- the step ----------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Start a step (call after ``zero_grad``); forgets any unfinished step."""
+        self._active = True
+        self._pending, self._micro_sq, self._sizes, self._weights = [], [], [], []
+
+    def after_backward(self, batch_size: int, loss_weight: float = 1.0) -> None:
+        """Close one micro-batch: its backward has just run.
+
+        Args:
+            batch_size: ``b_i``, examples in this micro-batch.
+            loss_weight: the factor the micro-batch loss was multiplied by before
+                ``backward`` (``b_i / B`` for a mean over the whole step; an AMP scale is
+                passed to :meth:`end_step` instead).
+
+        Raises:
+            RuntimeError: if :meth:`begin_step` was not called.
+            ValueError: if ``batch_size < 1`` or ``loss_weight`` is not positive and finite.
+        """
+        if not self._active:
+            raise RuntimeError("after_backward called outside a step; call begin_step() first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
+        if not (math.isfinite(loss_weight) and loss_weight > 0):
+            raise ValueError(
+                f"loss_weight must be positive and finite (got loss_weight={loss_weight}); it is "
+                "the factor the micro-batch loss was multiplied by before backward"
+            )
+        if self._pending:
+            raw = torch.stack(self._pending).square().sum()
+        else:  # the loss did not reach any trainable parameter
+            raw = torch.zeros((), dtype=torch.float32)
+        self._micro_sq.append(raw)
+        self._pending = []
+        self._sizes.append(int(batch_size))
+        self._weights.append(float(loss_weight))
+
+    def end_step(self, grad_scale: float = 1.0) -> StepGradNorms | None:
+        """Finish the step and return its norms (one host sync); ``None`` with fewer than 2
+        micro-batches, where no small batch is smaller than the step.
+
+        Args:
+            grad_scale: the AMP loss scale the losses were multiplied by (``scaler.get_scale()``);
+                every norm is divided by its square. Call this before ``scaler.unscale_``
+                and before clipping.
+
+        Raises:
+            RuntimeError: if :meth:`begin_step` was not called, or a backward ran after the
+                last :meth:`after_backward`.
+            ValueError: if ``grad_scale`` is not positive, or the loss weights are not
+                proportional to the micro-batch sizes (then ``.grad`` is not the gradient of
+                the step's mean loss).
+        """
+        if not self._active:
+            raise RuntimeError("end_step called outside a step; call begin_step() first")
+        self._active = False
+        if self._pending:
+            raise RuntimeError(
+                f"{len(self._pending)} parameter gradients arrived after the last after_backward();"
+                " call after_backward(batch_size, loss_weight) after every micro-batch backward"
+            )
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be positive and finite (got grad_scale={grad_scale})")
+        if len(self._sizes) < 2:
+            return None
+        big_batch = sum(self._sizes)
+        # Weight of each micro-batch's *mean-loss* gradient inside .grad.
+        per_mean = [
+            w * (b if self.loss_reduction == "sum" else 1) for w, b in zip(self._weights, self._sizes)
+        ]
+        _check_proportional(per_mean, self._sizes)
+        total = sum(per_mean)  # .grad = grad_scale * total * G_B
+        raw = torch.stack(self._micro_sq + [grad_sq_norm(self._params).to(self._micro_sq[0].device)])
+        values = raw.double().cpu().tolist()  # the one host sync of the step
+        smalls = [v / (u * grad_scale) ** 2 for v, u in zip(values[:-1], per_mean)]
+        return StepGradNorms(
+            small_sq_norms=smalls,
+            small_batch_size=harmonic_batch_size(self._sizes),
+            big_sq_norm=values[-1] / (total * grad_scale) ** 2,
+            big_batch_size=big_batch,
+            micro_batch_sizes=list(self._sizes),
+        )
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove the hooks; the collector records nothing afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._active = False
+
+    def __enter__(self) -> MicroBatchGradNorms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _check_proportional(weights: list[float], sizes: list[int]) -> None:
+    """The accumulated gradient is ``sum_i w_i G_i``; it is a multiple of the step's mean
+    gradient ``sum_i (b_i/B) G_i`` only if ``w_i`` is proportional to ``b_i``."""
+    ratios = [w / b for w, b in zip(weights, sizes)]
+    if max(ratios) - min(ratios) > 1e-6 * max(ratios):
+        raise ValueError(
+            "micro-batch loss weights must be proportional to the micro-batch sizes so that "
+            f".grad is the gradient of the step's mean loss (got mean-loss weights {weights} "
+            f"for sizes {sizes}); multiply each mean loss by b_i / B"
+        )
