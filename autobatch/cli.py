@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from autobatch._version import __version__
 
 # subcommand name -> module defining add_parser(subparsers)
-_SUBCOMMANDS: dict[str, str] = {}
+_SUBCOMMANDS: dict[str, str] = {
+    "fit": "autobatch.fit_cli",
+    "probe": "autobatch.memory_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,112 @@
+"""``autobatch probe``: the largest micro-batch that fits, for a built-in example or your model.
+
+``--model module:factory`` names a function importable from the current directory (or the
+Python path) that takes no argument and returns ``(model, example_batch, loss_fn)``:
+
+- ``model``: an ``nn.Module`` (it is moved to ``--device`` if one is given);
+- ``example_batch``: one batch, e.g. ``(inputs, targets)`` with the examples along dimension
+  0 (any batch size; its rows are repeated), or a map-style Dataset of ``(input, target)``;
+- ``loss_fn``: ``loss_fn(model(inputs), targets)`` -> a scalar tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["add_parser"]
+
+# --optimizer name -> factory params -> Optimizer (the state size is what matters here)
+_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    "sgd-plain": functools.partial(torch.optim.SGD, lr=0.1),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``autobatch probe``."""
+    p = subparsers.add_parser(
+        "probe",
+        help="find the largest micro-batch whose training step fits in memory",
+        description=(
+            "Estimate the peak memory of a training step on fake tensors (nothing allocated) "
+            "and find the largest micro-batch that fits the budget; on an accelerator, "
+            "confirm it with real steps. Prints the result table."
+        ),
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--example", help="a built-in example: mnist1d, synthetic, charlm")
+    source.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="a factory returning (model, example_batch, loss_fn)")
+    p.add_argument("--budget", default=None,
+                   help="memory the step may use, e.g. 4GiB or 500MB (default: the device's free)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="fraction of the budget kept free (default 0.1)")
+    p.add_argument("--max-batch-size", type=int, default=65_536, help="cap on the answer")
+    p.add_argument("--mode", default="auto", choices=["auto", "estimate", "real"],
+                   help="estimate: fake tensors only; real: confirm with real steps "
+                        "(default auto: real on an accelerator, estimate on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the model's)")
+    p.add_argument("--optimizer", default=None, choices=sorted(_OPTIMIZERS),
+                   help="optimizer whose state to count (default: the example's, else adam)")
+    p.add_argument("--plot", default=None, help="write peak vs batch size to this PNG")
+    p.set_defaults(func=_run)
+
+
+def _load_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model must be module:factory (got {spec!r}), e.g. my_models:build")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current directory, as `python -m` would have it
+    module = importlib.import_module(module_name)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name} has no callable {attr!r} (from --model {spec!r})")
+    return factory
+
+
+def _run(args: argparse.Namespace) -> int:
+    from autobatch.config import parse_bytes
+    from autobatch.memory import probe_memory
+
+    try:
+        budget = parse_bytes(args.budget) if args.budget is not None else None
+        optimizer = _OPTIMIZERS[args.optimizer] if args.optimizer else None
+        if args.example is not None:
+            from autobatch.examples import get_example
+
+            ex = get_example(args.example)
+            model, example, loss_fn = ex.model_fn(), ex.train_data, ex.loss_fn
+            if optimizer is None:
+                optimizer = lambda params: ex.optimizer(params, ex.default_lr)  # noqa: E731
+        else:
+            built = _load_factory(args.model)()
+            if not (isinstance(built, tuple) and len(built) == 3):
+                raise ValueError(
+                    f"--model {args.model} must return (model, example_batch, loss_fn) "
+                    f"(got a {type(built).__name__})"
+                )
+            model, example, loss_fn = built
+        if args.device is not None:
+            model = model.to(args.device)
+    except (ValueError, ImportError) as err:
+        print(f"autobatch probe: error: {err}", file=sys.stderr)
+        return 2
+    probe = probe_memory(
+        model, example, loss_fn, optimizer or torch.optim.Adam, device=args.device,
+        budget_bytes=budget, max_batch_size=args.max_batch_size, margin=args.margin,
+        mode=args.mode,
+    )
+    print(probe.table())
+    if args.plot:
+        print(f"plot: {probe.plot(Path(args.plot))}")
+    return 0

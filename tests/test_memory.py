@@ -1,0 +1,404 @@
+import copy
+import functools
+import math
+import random
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import Dataset
+
+import autobatch
+from autobatch.cli import main
+from autobatch.memory import MemoryProbe, largest_fitting, probe_memory
+
+# ---------------------------------------------------------------------------- models
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.Conv1d(16, 32, 3, stride=2, padding=1), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 20, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 50, d: int = 64, context: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(context, d))
+        self.block = nn.TransformerEncoderLayer(d, 4, 128, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.emb(x) + self.pos[: x.shape[1]]))
+
+
+def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10)),
+            lambda b: (torch.randn(b, 40), torch.randint(0, 10, (b,))),
+            nn.functional.cross_entropy),
+    "cnn_bn": (CNN,
+               lambda b: (torch.randn(b, 1, 40), torch.randint(0, 10, (b,))),
+               nn.functional.cross_entropy),
+    "transformer": (TinyLM,
+                    lambda b: (torch.randint(0, 50, (b, 32)), torch.randint(0, 50, (b, 32))),
+                    lm_loss),
+}
+OPTIMIZERS = {
+    "sgd_momentum": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    "adam": torch.optim.Adam,
+}
+
+
+def profiled_peak(model: nn.Module, batch: tuple, loss_fn, make_optimizer) -> int:
+    """Peak bytes of the probed workload run for real, from the profiler's allocator events.
+
+    An independent count: the CPU allocator's own allocation and free events (what the probe
+    never looks at), plus the storages that were alive before profiling started.
+    """
+    model = copy.deepcopy(model).train()
+    optimizer = make_optimizer(model.parameters())
+    already_live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (*model.parameters(), *model.buffers(), *batch)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(2):
+            loss = loss_fn(model(*batch[:-1]), batch[-1])
+            loss.backward()
+            del loss
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return sum(already_live.values()) + peak
+
+
+# ---------------------------------------------------------------------------- the peak
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize("case", CASES)
+def test_estimated_peak_matches_the_profiler_within_2_percent(case: str, opt_name: str) -> None:
+    make_model, make_batch, loss_fn = CASES[case]
+    model, make_optimizer = make_model(), OPTIMIZERS[opt_name]
+    for batch_size in (1, 24, 160):
+        probe = probe_memory(model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**40,
+                             max_batch_size=batch_size, margin=0, mode="estimate")
+        assert probe.max_batch_size == batch_size and probe.capped
+        reference = profiled_peak(model, make_batch(batch_size), loss_fn, make_optimizer)
+        assert probe.peak_bytes_at_max == pytest.approx(reference, rel=0.02), batch_size
+        assert probe.peak_bytes(batch_size) == probe.peak_bytes_at_max
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_found_size_fits_and_the_next_multiple_of_8_does_not(case: str) -> None:
+    make_model, make_batch, loss_fn = CASES[case]
+    model = make_model()
+    # A budget just above the real peak at 100, so the answer lands near 100.
+    budget = profiled_peak(model, make_batch(100), loss_fn, torch.optim.Adam) + 1000
+    probe = probe_memory(model, make_batch(4), loss_fn, torch.optim.Adam, budget_bytes=budget,
+                         margin=0, mode="estimate")
+    found = probe.max_batch_size
+    assert not probe.capped and 90 <= found <= 110
+    above = (found // 8 + 1) * 8
+    assert profiled_peak(model, make_batch(found), loss_fn, torch.optim.Adam) <= budget
+    assert profiled_peak(model, make_batch(above), loss_fn, torch.optim.Adam) > budget
+    assert probe.peak_bytes_at_max <= budget < probe.peak_bytes(found + 1)
+
+
+def test_largest_fitting_on_piecewise_linear_peaks_matches_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        kinks = sorted(rng.sample(range(2, 5000), rng.randint(0, 3)))
+        slopes = [rng.randint(1, 5000) for _ in range(len(kinks) + 1)]
+
+        def peak(b: int, kinks=kinks, slopes=slopes) -> int:
+            total, start = 10_000, 1
+            for kink, slope in zip([*kinks, math.inf], slopes):
+                total += slope * (min(b, kink) - start)
+                if b <= kink:
+                    return total
+                start = kink
+            return total
+
+        calls = []
+        counted = functools.lru_cache(maxsize=None)(lambda b: calls.append(b) or peak(b))
+        upper, limit = 4096, rng.randint(10_000, peak(5000))
+        truth = max(b for b in range(1, upper + 1) if peak(b) <= limit)
+        assert largest_fitting(counted, limit, upper) == truth
+        assert len(calls) <= 2 * math.log2(upper) + 2
+
+
+# ---------------------------------------------------------------------------- real mode
+def test_real_mode_confirms_the_estimate_in_two_steps_on_cpu() -> None:
+    make_model, make_batch, loss_fn = CASES["cnn_bn"]
+    model = make_model()
+    estimate = probe_memory(model, make_batch(4), loss_fn, budget_bytes=3 * 2**20, margin=0.05,
+                            mode="estimate")
+    real = probe_memory(model, make_batch(4), loss_fn, budget_bytes=3 * 2**20, margin=0.05,
+                        mode="real")
+    assert real.mode == "real" and real.real_steps == 2
+    assert real.max_batch_size == estimate.max_batch_size
+    # On CPU both count the same storages: the real peak is the estimated one.
+    assert real.measured == {real.max_batch_size: estimate.peak_bytes_at_max}
+    assert real.peak_bytes_at_max <= real.limit_bytes
+
+
+class ScratchInRealRuns(nn.Module):
+    """An MLP that, on real tensors only, keeps a scratch buffer as large as its input alive
+    through the backward: memory the fake-tensor estimate cannot see (like a GPU workspace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if not is_fake(x):
+            scratch = torch.zeros(x.shape[0], 1024)
+            out = out + 0 * scratch[:, :10]
+        return out
+
+
+def test_real_mode_backs_off_after_an_oom_and_ends_inside_the_budget() -> None:
+    model = ScratchInRealRuns()
+    batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
+    budget = 4 * 2**20
+    probe = probe_memory(model, batch, nn.functional.cross_entropy, torch.optim.Adam,
+                         budget_bytes=budget, margin=0, mode="real")
+    tried = sorted(probe.measured)
+    assert probe.max_batch_size == tried[0] and probe.measured[tried[0]] is not None
+    assert all(probe.measured[b] is None for b in tried[1:]) and len(tried) >= 2
+    assert probe.real_steps == 2 * len(tried)
+    assert probe.peak_bytes_at_max <= budget
+    # Independent check: the profiler's count of the found size fits, the first try did not.
+    assert profiled_peak(model, (torch.randn(probe.max_batch_size, 40),
+                                 torch.randint(0, 10, (probe.max_batch_size,))),
+                         nn.functional.cross_entropy, torch.optim.Adam) <= budget
+    first = max(tried)
+    assert profiled_peak(model, (torch.randn(first, 40), torch.randint(0, 10, (first,))),
+                         nn.functional.cross_entropy, torch.optim.Adam) > budget
+
+
+# ---------------------------------------------------------------------------- state
+@pytest.mark.parametrize("mode", ["estimate", "real"])
+def test_the_probe_changes_no_state(mode: str) -> None:
+    make_model, make_batch, loss_fn = CASES["cnn_bn"]
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn(model(make_batch(8)[0]), make_batch(8)[1]).backward()
+    optimizer.step()  # Adam state and BatchNorm running stats exist and are not the initial
+    loss_fn(model(make_batch(8)[0]), make_batch(8)[1]).backward()  # pending gradients
+    model.eval()
+    model.net[4].train()  # a mixed mode that must survive
+    before = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    modes = [m.training for m in model.modules()]
+    example = make_batch(4)
+    rng = torch.get_rng_state()
+
+    probe = probe_memory(model, example, loss_fn, optimizer, budget_bytes=2**21, margin=0,
+                         mode=mode)
+    assert probe.real_steps == (2 if mode == "real" else 0)
+
+    for name, value in model.state_dict().items():  # weights and BN running stats, counters
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert [m.training for m in model.modules()] == modes
+    after = optimizer.state_dict()
+    assert after["param_groups"] == opt_state["param_groups"]
+    for key, state in opt_state["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(after["state"][key][name], value, rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ---------------------------------------------------------------------------- datasets
+class VariableLength(Dataset):
+    """Token sequences of lengths 5..40; the collate pads to the longest in the batch."""
+
+    def __init__(self) -> None:
+        self.lengths = [5 + (7 * i) % 36 for i in range(50)]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int):
+        n = self.lengths[i]
+        return torch.randint(0, 50, (n,)), torch.randint(0, 50, (n,))
+
+
+def test_a_dataset_example_is_probed_at_its_longest_item() -> None:
+    data = VariableLength()
+    longest = max(data.lengths)
+    model = TinyLM(context=64)
+    from_data = probe_memory(model, data, lm_loss, budget_bytes=2**40, max_batch_size=64,
+                             mode="estimate")
+    batch = (torch.randint(0, 50, (1, longest)), torch.randint(0, 50, (1, longest)))
+    from_batch = probe_memory(model, batch, lm_loss, budget_bytes=2**40, max_batch_size=64,
+                              mode="estimate")
+    shorter = (batch[0][:, :20], batch[1][:, :20])
+    from_short = probe_memory(model, shorter, lm_loss, budget_bytes=2**40, max_batch_size=64,
+                              mode="estimate")
+    assert from_data.peak_bytes_at_max == from_batch.peak_bytes_at_max
+    assert from_short.peak_bytes_at_max < from_batch.peak_bytes_at_max
+
+
+def test_dict_batches_follow_the_loss_convention() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    probe = probe_memory(Net(), {"x": torch.randn(4, 8), "y": torch.randint(0, 2, (4,))},
+                         lambda out, batch: nn.functional.cross_entropy(out, batch["y"]),
+                         budget_bytes=2**40, max_batch_size=32, mode="estimate")
+    assert probe.max_batch_size == 32
+
+
+# ---------------------------------------------------------------------------- bad input
+def mlp_and_batch():
+    make_model, make_batch, loss_fn = CASES["mlp"]
+    return make_model(), make_batch(4), loss_fn
+
+
+def test_a_budget_below_one_step_says_how_many_bytes_are_needed() -> None:
+    model, batch, loss_fn = mlp_and_batch()
+    needed = probe_memory(model, batch, loss_fn, budget_bytes=2**40, max_batch_size=1,
+                          margin=0, mode="estimate").peak_bytes_at_max
+    with pytest.raises(ValueError, match=rf"budget too small: a training step at batch size 1 "
+                       rf"needs {needed:,} bytes .* raise budget_bytes to at least {needed:,}"):
+        probe_memory(model, batch, loss_fn, budget_bytes=needed - 1, margin=0)
+
+
+def test_a_model_failing_for_another_reason_is_reraised_not_reported_as_oom() -> None:
+    model = nn.Sequential(nn.Linear(40, 128), nn.Linear(64, 10))  # mismatched shapes
+    batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
+    for mode in ("estimate", "real"):
+        with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as info:
+            probe_memory(model, batch, nn.functional.cross_entropy, budget_bytes=2**30, mode=mode)
+        assert not isinstance(info.value, torch.OutOfMemoryError)
+        assert "not an out-of-memory error" in "".join(info.value.__notes__)
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (torch.tensor(3.0), r"example has no batch dimension: it holds a 0-d tensor"),
+        ((torch.tensor(1.0), torch.tensor(2)), r"example has no batch dimension: it holds a 0-d"),
+        ("not a batch", r"example has no batch dimension: it holds no tensor \(got a str\)"),
+        ((torch.zeros(4, 40), torch.zeros(3)), r"their tensors differ in dimension 0|tensors differ"),
+    ],
+)
+def test_an_example_without_a_batch_dimension_is_rejected(example, message: str) -> None:
+    model, _, loss_fn = mlp_and_batch()
+    with pytest.raises(ValueError, match=message):
+        probe_memory(model, example, loss_fn, budget_bytes=2**30)
+
+
+def test_invalid_arguments_are_all_reported_at_once() -> None:
+    model, batch, loss_fn = mlp_and_batch()
+    with pytest.raises(ValueError, match=r"max_batch_size must be an integer >= 1 "
+                       r"\(got max_batch_size=0\)"):
+        probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_batch_size=0)
+    with pytest.raises(ValueError, match=r"budget_bytes must be > 0 bytes \(got budget_bytes=-1\)"
+                       r".*margin must be in \[0, 1\) \(got margin=1.5\).*mode must be one of "
+                       r"'auto', 'estimate', 'real' \(got mode='fast'\)"):
+        probe_memory(model, batch, loss_fn, budget_bytes=-1, margin=1.5, mode="fast")
+
+
+def test_a_non_scalar_loss_and_a_missing_device_are_rejected() -> None:
+    model, batch, _ = mlp_and_batch()
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor \(got \(1,\)\)"):
+        probe_memory(model, batch, lambda out, y: nn.functional.cross_entropy(
+            out, y, reduction="none"), budget_bytes=2**30)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine"):
+            probe_memory(model, batch, nn.functional.cross_entropy, device="cuda",
+                         budget_bytes=2**30)
+
+
+# ---------------------------------------------------------------------------- the result
+def test_result_table_plot_and_interpolation(tmp_path) -> None:
+    model, batch, loss_fn = mlp_and_batch()
+    probe = probe_memory(model, batch, loss_fn, budget_bytes=2**21, margin=0.1)
+    assert isinstance(probe, MemoryProbe) and probe.mode == "estimate" and probe.device == "cpu"
+    assert probe.limit_bytes == math.floor(2**21 * 0.9)
+    sizes = sorted(probe.estimated)
+    a, b = sizes[1], sizes[2]
+    mid = (a + b) // 2
+    expected = probe.estimated[a] + (probe.estimated[b] - probe.estimated[a]) * (mid - a) / (b - a)
+    assert probe.peak_bytes(mid) == round(expected)
+    text = str(probe)
+    assert f"max batch size    {probe.max_batch_size:12d}" in text
+    assert "memory probe on cpu (estimate mode)" in text
+    png = probe.plot(tmp_path / "probe.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert autobatch.probe_memory is probe_memory and autobatch.MemoryProbe is MemoryProbe
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_cli_probes_a_user_factory(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
+            batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
+            return model, batch, nn.functional.cross_entropy
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plot = tmp_path / "p.png"
+    code = main(["probe", "--model", "my_models:build", "--budget", "2MiB", "--margin", "0",
+                 "--optimizer", "sgd", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    model, batch, loss_fn = mlp_and_batch()
+    expected = probe_memory(model, batch, loss_fn, OPTIMIZERS["sgd_momentum"],
+                            budget_bytes=2 * 2**20, margin=0)
+    assert code == 0 and f"max batch size    {expected.max_batch_size:12d}" in out
+    assert plot.exists()
+    sys.modules.pop("my_models", None)
+
+
+def test_cli_reports_bad_arguments(capsys) -> None:
+    assert main(["probe", "--model", "no_colon_here", "--budget", "1GiB"]) == 2
+    assert "--model must be module:factory (got 'no_colon_here')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["probe", "--budget", "1GiB"])  # neither --example nor --model
+
+
+def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x[x.sum(1) > -1e9])  # every row, but a value-dependent shape
+
+    batch = (torch.randn(4, 8), torch.randint(0, 2, (4,)))
+    with pytest.raises(RuntimeError, match=r"fake tensors cannot run this model's training step,"
+                       r" although it runs on real tensors"):
+        probe_memory(Masked(), batch, nn.functional.cross_entropy, budget_bytes=2**30)
