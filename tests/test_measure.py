@@ -1,0 +1,143 @@
+"""measure_noise_scale against the exact B_simple of whole small data sets."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from _problems import PROBLEMS, Exact, Problem, exact_noise_scale
+from autobatch import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
+from autobatch._effective_batch import without_replacement_batch_size
+
+# Parameters are the problems' initial ones, except the sequence model, whose initial noise
+# scale is tiny (about 5); 20 full-batch steps bring it to about 150.
+SETTLE = {"logistic": 0, "mlp": 0, "cnn": 0, "sequence": 20}
+
+
+@functools.cache
+def _problem_and_exact(name: str) -> tuple[Problem, Exact]:
+    problem = PROBLEMS[name](n=16384, steps=SETTLE[name])
+    return problem, exact_noise_scale(problem)
+
+
+@pytest.mark.parametrize("method", ["micro", "per_example"])
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_estimate_within_10_percent_of_exact(name: str, method: str) -> None:
+    problem, exact = _problem_and_exact(name)
+    # The hard end of the promised range: the largest power of two B with B_simple/B in (2, 4].
+    batch = 2 ** math.ceil(math.log2(exact.noise_scale / 4))
+    assert 2 < exact.noise_scale / batch <= 4
+    est = measure_noise_scale(
+        problem.model, (problem.x, problem.y), problem.loss_fn, batch_size=batch, method=method, seed=0
+    )
+    assert est.noise_scale == pytest.approx(exact.noise_scale, rel=0.10)
+    assert est.trace_cov == pytest.approx(exact.trace_cov, rel=0.10)
+    assert est.num_batches == 16384 // batch and est.samples_used == est.num_batches * batch
+    assert 0 < est.noise_scale_stderr < 0.1 * est.noise_scale
+
+
+def test_without_replacement_sizes_make_the_estimator_exactly_unbiased() -> None:
+    # Expectations over every subset of a tiny set, enumerated: E|G_b|^2 for b = 2 and 4 out
+    # of N = 8 vectors. Fed with the effective sizes, the two-batch formulas must return the
+    # population |G|^2 and tr(Sigma) exactly; with the nominal sizes they are biased.
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(8, 5, generator=gen, dtype=torch.float64) + 0.3
+    grad_sq = float(g.mean(0).square().sum())
+    trace_cov = float((g - g.mean(0)).square().sum(1).mean())
+
+    def expected_sq(b: int) -> float:
+        subsets = list(itertools.combinations(range(8), b))
+        return sum(float(g[list(s)].mean(0).square().sum()) for s in subsets) / len(subsets)
+
+    small, big = expected_sq(2), expected_sq(4)
+    est_g, est_s = two_batch_estimates(small, without_replacement_batch_size(2, 8), big, without_replacement_batch_size(4, 8))
+    assert (est_g, est_s) == (pytest.approx(grad_sq, rel=1e-12), pytest.approx(trace_cov, rel=1e-12))
+    naive_g, _ = two_batch_estimates(small, 2, big, 4)
+    assert naive_g == pytest.approx(grad_sq - trace_cov / 7, rel=1e-12)
+    # The whole set as the big batch: its gradient is exact.
+    est_g, est_s = two_batch_estimates(small, without_replacement_batch_size(2, 8), float(g.mean(0).square().sum()), without_replacement_batch_size(8, 8))
+    assert (est_g, est_s) == (pytest.approx(grad_sq, rel=1e-12), pytest.approx(trace_cov, rel=1e-12))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3))
+        self.frozen_head = nn.Linear(8, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.frozen_head(self.body(x)))
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 4), torch.randint(3, (n,))
+
+
+def test_model_grads_modes_buffers_and_rng_are_left_as_they_were() -> None:
+    model = _Net()
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()  # leave some .grad behind
+    model.body[1].eval()  # a deliberate per-module mode
+    model.head.weight.grad = None  # and a parameter without .grad
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    buffers = [b.clone() for b in model.buffers()]
+    random.seed(5)
+    np.random.seed(5)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+
+    est = measure_noise_scale(model, (x, y), F.cross_entropy, batch_size=16, micro_batch_size=4, seed=1)
+
+    assert isinstance(est, NoiseScaleEstimate) and math.isfinite(est.noise_scale)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    for (obj, value), p in zip(grads, model.parameters()):
+        assert p.grad is obj and (value is None or torch.equal(p.grad, value))
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert random.getstate() == rng[1] and np.array_equal(np.random.get_state()[1], rng[2])
+
+
+def test_seed_repeats_and_every_data_form_gives_the_same_estimate() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = _data()
+    kwargs = {"batch_size": 16, "num_batches": 3, "seed": 7}
+    first = measure_noise_scale(model, (x, y), F.cross_entropy, **kwargs)
+    for data in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)):
+        assert measure_noise_scale(model, data, F.cross_entropy, **kwargs) == first
+    per_example = measure_noise_scale(model, (x, y), F.cross_entropy, method="per_example", micro_batch_size=8, **kwargs)
+    assert (first.micro_batch_size, per_example.micro_batch_size) == (2, 8)
+    assert first.samples_used == 48 and first.num_batches == 3
+
+
+def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it() -> None:
+    model = nn.Linear(4, 3)
+    x, y = _data()
+    data = (x, y)
+    cases = [
+        (dict(model=nn.Linear(4, 3).requires_grad_(False)), ValueError, "no trainable parameters"),
+        (dict(loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none")), ValueError, r"scalar tensor.*\(got \(2,\)\)"),
+        (dict(batch_size=1), ValueError, r"batch_size must be >= 2 \(got batch_size=1\)"),
+        (dict(micro_batch_size=3), ValueError, r"must divide batch_size .* micro_batch_size=3, batch_size=16"),
+        (dict(micro_batch_size=32), ValueError, r"at most batch_size \(got micro_batch_size=32"),
+        (dict(micro_batch_size=16), ValueError, "at least 2 micro-batches"),
+        (dict(num_batches=5), ValueError, r"num_batches=5, batch_size=16: 80 examples.*num_batches <= 4"),
+        (dict(data=(x, y, y)), TypeError, r"\(inputs, targets\)"),
+        (dict(data=TensorDataset(x)), TypeError, r"\(input, target\) pairs"),
+        (dict(method="exact"), ValueError, "method must be one of"),
+    ]
+    for change, error, pattern in cases:
+        args = {"model": model, "data": data, "loss_fn": F.cross_entropy, "batch_size": 16, **change}
+        with pytest.raises(error, match=pattern):
+            measure_noise_scale(args.pop("model"), args.pop("data"), args.pop("loss_fn"), **args)
