@@ -6,7 +6,9 @@ The public surface is small; everything else lives in private or submodule-level
 from __future__ import annotations
 
 from autobatch._version import __version__
+from autobatch.callbacks import Callback, StopAtTarget, StopTraining
 from autobatch.config import FitConfig
+from autobatch.fit import evaluate, fit
 from autobatch.gns import GradientNoiseScale, two_batch_estimates
 from autobatch.grad_norms import MicroBatchGradNorms
 from autobatch.lr_scaling import AdaScaleScaling, LinearScaling, LRScaling, NoScaling, SqrtScaling
@@ -14,11 +16,14 @@ from autobatch.measure import NoiseScaleEstimate, measure_noise_scale
 from autobatch.memory import MemoryProbe, probe_memory
 from autobatch.per_example import PerExampleGradNorms
 from autobatch.policies import BatchSizePolicy, FixedPolicy, GNSPolicy, GoodputPolicy, RampPolicy
+from autobatch.results import FitResult, StepRecord
 
 __all__ = [
     "AdaScaleScaling",
     "BatchSizePolicy",
+    "Callback",
     "FitConfig",
+    "FitResult",
     "FixedPolicy",
     "GNSPolicy",
     "GoodputPolicy",
@@ -32,7 +37,12 @@ __all__ = [
     "PerExampleGradNorms",
     "RampPolicy",
     "SqrtScaling",
+    "StepRecord",
+    "StopAtTarget",
+    "StopTraining",
     "__version__",
+    "evaluate",
+    "fit",
     "measure_noise_scale",
     "probe_memory",
     "two_batch_estimates",

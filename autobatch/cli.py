@@ -16,6 +16,7 @@ from autobatch._version import __version__
 
 # subcommand name -> module defining add_parser(subparsers)
 _SUBCOMMANDS: dict[str, str] = {
+    "fit": "autobatch.fit_cli",
     "probe": "autobatch.memory_cli",
 }
 

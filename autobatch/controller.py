@@ -18,6 +18,7 @@ from typing import Any
 from autobatch.gns import GradientNoiseScale
 from autobatch.lr_scaling import LRScaling
 from autobatch.policies import BatchSizePolicy, PolicyContext
+from autobatch.sampler import split_sizes
 
 __all__ = ["BatchSizeController"]
 
@@ -88,8 +89,7 @@ class BatchSizeController:
         micro-batch cap. Sizes differ by at most one."""
         cap = self.max_micro_batch_size or num_examples
         parts = max(min(self.min_micro_batches, num_examples), math.ceil(num_examples / cap))
-        base, extra = divmod(num_examples, parts)
-        return [base + 1 if i < extra else base for i in range(parts)]
+        return split_sizes(num_examples, parts)
 
     def observe(
         self,
@@ -199,6 +199,7 @@ class BatchSizeController:
             "step_times": {b: list(t) for b, t in self._step_times.items()},
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
+            "scaling": self.scaling.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,3 +214,4 @@ class BatchSizeController:
         }
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
+        self.scaling.load_state_dict(state["scaling"])

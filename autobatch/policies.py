@@ -237,6 +237,12 @@ class GNSPolicy(BatchSizePolicy):
     steps), keeps the current size unless the change exceeds ``hysteresis`` (relative), clips
     to ``[min, max]`` and rounds with :func:`round_batch_size`. Before the estimator is ready
     the size does not change.
+
+    The estimate is noisy (a single step's relative spread grows as ``B_simple/B``), so the
+    policy only moves when the current size lies outside the band
+    ``noise_scale +- confidence x noise_scale_stderr``, and then only to the band's nearer
+    edge: B grows when the noise scale is significantly above it and shrinks when it is
+    significantly below, instead of following every wobble of the average.
     """
 
     def __init__(
@@ -246,11 +252,15 @@ class GNSPolicy(BatchSizePolicy):
         max_growth: float = 2.0,
         hysteresis: float = 0.05,
         round_to: int = 8,
+        confidence: float = 1.0,
     ) -> None:
+        if confidence < 0:
+            raise ValueError(f"confidence must be >= 0 (got confidence={confidence})")
         self.noise_multiplier = noise_multiplier
         self.max_growth = max_growth
         self.hysteresis = hysteresis
         self.round_to = round_to
+        self.confidence = confidence
 
     @classmethod
     def from_config(cls, batch: BatchConfig, lr: LRConfig) -> GNSPolicy:
@@ -265,9 +275,26 @@ class GNSPolicy(BatchSizePolicy):
         noise = ctx.noise_scale
         if not ctx.noise_ready or not math.isfinite(noise) or noise <= 0.0:
             return ctx.batch_size
+        target = confident_target(ctx.batch_size, noise, ctx.noise_stderr, self.confidence)
+        if target is None:
+            return ctx.batch_size
         lo, hi = _growth_window(ctx.batch_size, self.max_growth, ctx.min_batch_size, ctx.max_batch_size)
-        proposal = round_batch_size(self.noise_multiplier * noise, self.round_to, lo, hi)
+        proposal = round_batch_size(self.noise_multiplier * target, self.round_to, lo, hi)
         return _keep_unless_material(ctx.batch_size, proposal, self.hysteresis)
+
+
+def confident_target(current: float, noise_scale: float, stderr: float, confidence: float) -> float | None:
+    """The edge of ``noise_scale +- confidence x stderr`` nearest to ``current``, or None
+    when ``current`` lies inside that band (no significant evidence to move). An infinite
+    stderr (too few updates) never moves."""
+    if not math.isfinite(stderr):
+        return None
+    low, high = noise_scale - confidence * stderr, noise_scale + confidence * stderr
+    if current < low:
+        return low
+    if current > high:
+        return high
+    return None
 
 
 class GoodputPolicy(BatchSizePolicy):

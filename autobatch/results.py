@@ -17,7 +17,8 @@ __all__ = ["FitResult", "StepRecord"]
 class StepRecord(BaseModel):
     """One optimizer step (or one skipped step) of a fit.
 
-    Sizes are global (all ranks) and in examples; ``lr`` is the first parameter group's LR
+    Sizes are global (all ranks) and in examples: ``batch_size`` is the chosen B,
+    ``examples`` what the step held (fewer for the last step of an epoch); ``lr`` is the first parameter group's LR
     used for this step; ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data); ``wall_time_s`` is seconds since
     the fit started (evaluation included).
@@ -29,6 +30,7 @@ class StepRecord(BaseModel):
     epoch: float
     samples: int
     batch_size: int
+    examples: int
     micro_batch_size: int
     accum_steps: int
     lr: float

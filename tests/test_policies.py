@@ -32,7 +32,7 @@ def _ctx(**kw: object) -> PolicyContext:
         "max_batch_size": 100_000,
         "noise_scale": math.nan,
         "noise_ready": False,
-        "noise_stderr": math.inf,
+        "noise_stderr": 0.0,  # an exact estimate unless a test says otherwise
     }
     base.update(kw)
     return PolicyContext(**base)  # type: ignore[arg-type]
@@ -305,3 +305,19 @@ def test_a_user_policy_needs_only_propose() -> None:
     cfg = FitConfig.from_any(None, policy=Double())
     policy = make_policy(cfg.batch.policy, cfg.batch, cfg.lr)
     assert policy.propose(_ctx(batch_size=20)) == 40 and policy.lr_factor(_ctx()) == 1.0
+
+
+def test_gns_moves_only_on_significant_evidence() -> None:
+    policy = GNSPolicy(round_to=1, confidence=2.0)
+    ready = {"noise_ready": True, "batch_size": 32}
+    # 32 lies inside 40 +- 2*5: no move, however far the mean is from 32 in relative terms.
+    assert policy.propose(_ctx(noise_scale=40.0, noise_stderr=5.0, **ready)) == 32
+    # 60 +- 2*5 = [50, 70]: grow to the band's near edge, 50, not to the mean.
+    assert policy.propose(_ctx(noise_scale=60.0, noise_stderr=5.0, **ready)) == 50
+    # 10 +- 2*2 = [6, 14]: shrink to 14, the near edge.
+    assert policy.propose(_ctx(noise_scale=10.0, noise_stderr=2.0, **ready)) == 16  # growth limit 2x
+    assert policy.propose(_ctx(noise_scale=20.0, noise_stderr=2.0, **ready)) == 24
+    # an infinite stderr (too few updates) never moves
+    assert policy.propose(_ctx(noise_scale=1e4, noise_stderr=math.inf, **ready)) == 32
+    with pytest.raises(ValueError, match="confidence=-1"):
+        GNSPolicy(confidence=-1)

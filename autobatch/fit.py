@@ -1,0 +1,530 @@
+"""``autobatch.fit``: train with a batch size that tracks the critical batch size.
+
+The loop in :func:`fit` is meant to be read top to bottom, and copied. Per optimizer step:
+
+1. take the next B indices of the epoch's seeded order (:class:`~autobatch.sampler.SampleStream`);
+2. set the LR: base LR x scaling rule at B (x the policy's own factor, x warm-up);
+3. split the step into micro-batches no larger than the memory cap, run forward/backward on
+   each with its loss weighted by ``b_i / B`` (so the accumulated gradient is the mean over
+   B), recording each micro-batch's squared gradient norm on the way (no extra backward);
+   an out-of-memory micro-batch halves the cap and the same step is retried from scratch;
+4. skip the step if the loss or gradient is not finite, else ``optimizer.step()``;
+5. feed the step's norms to the noise-scale estimator, and every ``decide_every`` steps let
+   the policy pick the next B;
+6. evaluate, checkpoint and call the callbacks when due.
+
+A custom loop needs the same pieces: a :class:`~autobatch.controller.BatchSizeController`
+(micro-batch split, LR factor, decisions), a :class:`~autobatch.sampler.SampleStream` (the
+order) and a :class:`~autobatch.grad_norms.MicroBatchGradNorms` (the norms);
+``examples/custom_loop.py`` shows the minimum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobatch.callbacks import Callback, StopTraining
+from autobatch.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from autobatch.config import FitConfig
+from autobatch.controller import BatchSizeController
+from autobatch.data import BatchSource, as_batch_source, batch_size_of, move_to
+from autobatch.gns import GradientNoiseScale
+from autobatch.grad_norms import MicroBatchGradNorms
+from autobatch.lr_scaling import default_scaling, make_scaling
+from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
+from autobatch.policies import make_policy
+from autobatch.results import FitResult, StepRecord
+from autobatch.sampler import SampleStream
+
+__all__ = ["evaluate", "fit"]
+
+OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] | torch.optim.Optimizer
+
+
+def fit(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    val_data: Any = None,
+    optimizer: OptimizerSpec = torch.optim.SGD,
+    lr: float | None = None,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    max_samples: int | None = None,
+    config: FitConfig | dict[str, Any] | None = None,
+    callbacks: Iterable[Callback] = (),
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    precision: str = "fp32",
+    **config_overrides: Any,
+) -> FitResult:
+    """Train ``model`` on ``data`` with a batch size chosen, and re-chosen, by autobatch.
+
+    Args:
+        model: the module to train, in place. Its forward takes the batch's input.
+        data: training data: a map-style Dataset of ``(input, target)`` pairs, a tuple
+            ``(X, y)`` of tensors or numpy arrays, or a DataLoader (its dataset and
+            collate_fn are reused; its batch size is not).
+        loss_fn: ``loss_fn(model(input), target)`` -> scalar, **mean-reduced** over the
+            batch (a sum-reduced loss would scale the gradient with B and break both the LR
+            rules and the noise scale).
+        val_data: optional held-out data in the same forms; evaluated every
+            ``eval_every`` steps (default: every epoch) and at the end.
+        optimizer: a ``torch.optim.Optimizer`` class (built as ``cls(params, lr=lr)``), a
+            factory ``f(params, lr) -> Optimizer``, or a built optimizer (its param groups'
+            LRs are the base LRs unless ``lr`` is given).
+        lr: the base learning rate, meant for the base batch ``initial_batch_size`` (B0);
+            the scaling rule maps it to every other B.
+        epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
+            ``epochs`` may be fractional. ``max_samples`` counts examples processed.
+        config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
+        callbacks: :class:`~autobatch.callbacks.Callback` instances.
+        device: where to train; the model is moved there. None: the model's device.
+        checkpoint_dir: write ``last.pt`` there at every evaluation, at the end, and on
+            KeyboardInterrupt.
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
+            same sample order, same weights as a run that was never stopped.
+        eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
+            (``val_loss``, and ``val_accuracy`` when outputs are class logits).
+        precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or GPU) or ``"fp16"``
+            (CUDA autocast with a GradScaler; norms are measured after unscaling).
+        **config_overrides: flat settings applied on top of ``config``, e.g.
+            ``policy="goodput"``, ``max_batch_size=1024``.
+
+    Returns:
+        A :class:`~autobatch.results.FitResult` with the model, metrics and history.
+
+    Raises:
+        ValueError: for bad settings (every one named, with the fix), empty data, a base
+            batch larger than the data, a non-scalar loss, model and data on different
+            devices, or more than ``max_nonfinite_steps`` non-finite steps in a row.
+    """
+    cfg = FitConfig.from_any(config, **config_overrides)
+    if epochs is None and max_steps is None and max_samples is None:
+        raise ValueError(
+            "fit needs a stopping rule: give epochs, max_steps or max_samples (got all three None)"
+        )
+    source = as_batch_source(data)
+    val_source = as_batch_source(val_data, name="val_data") if val_data is not None else None
+    device = _resolve_device(model, source, device)
+    model.to(device)
+    n = len(source)
+    b0 = cfg.batch.initial_batch_size
+    if b0 > n:
+        raise ValueError(
+            f"initial_batch_size={b0} is larger than the training set ({n} examples); "
+            f"pass initial_batch_size <= {n}"
+        )
+    max_b = min(cfg.batch.max_batch_size or n, n)
+    opt = _build_optimizer(optimizer, model, lr)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    amp_dtype, scaler = _precision(precision, device)
+
+    budget = cfg.memory.memory_budget
+    max_micro = cfg.memory.max_micro_batch_size
+    if _should_probe(cfg, device):
+        max_micro = _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
+    controller = BatchSizeController(
+        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
+        scaling=make_scaling(cfg.lr.lr_scaling or default_scaling(opt)),
+        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
+        base_batch_size=b0,
+        min_batch_size=min(cfg.batch.min_batch_size or b0, b0),
+        max_batch_size=max_b,
+        decide_every=cfg.batch.decide_every,
+        max_micro_batch_size=max_micro,
+    )
+    stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+    loader = _MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
+    callbacks = list(callbacks)
+    result = FitResult(model=model)
+    step = samples = nonfinite_in_row = 0
+    elapsed_before = 0.0
+    if resume and checkpoint_dir is not None and (ckpt := load_checkpoint(checkpoint_dir)) is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        controller.load_state_dict(ckpt["controller"])
+        stream.load_state_dict(ckpt["stream"])
+        restore_rng(ckpt["rng"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        result = FitResult(model=model, **ckpt["result"])
+        step, samples, elapsed_before = result.steps, result.samples, result.wall_time_s
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None:
+            return
+        save_checkpoint(checkpoint_dir, {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "controller": controller.state_dict(),
+            "stream": stream.state_dict(),
+            "rng": capture_rng(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "result": result.model_dump(exclude={"model"}),
+        })
+
+    def run_eval() -> None:
+        metrics = eval_fn(model) if eval_fn is not None else evaluate(model, val_source, loss_fn, device=device, amp_dtype=amp_dtype)
+        result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})
+        result.final_metrics = dict(metrics)
+        stop = None
+        for cb in callbacks:  # every callback sees the evaluation before a stop takes effect
+            try:
+                cb.on_eval(step, samples, dict(metrics))
+            except StopTraining as err:
+                stop = err
+        if stop is not None:
+            raise stop
+
+    def done() -> str | None:
+        if max_steps is not None and step >= max_steps:
+            return "max_steps"
+        if max_samples is not None and samples >= max_samples:
+            return "max_samples"
+        if epochs is not None and stream.epochs_done >= epochs:
+            return "epochs"
+        return None
+
+    collector = MicroBatchGradNorms(model, loss_reduction="mean")
+    # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
+    # uses), so OOM handling is exercised where no device limit exists.
+    guard_budget = budget is not None and device.type == "cpu"
+    bar = _progress_bar(cfg, total_samples=_total_samples(epochs, max_samples, n))
+    has_eval = val_source is not None or eval_fn is not None
+    start = time.perf_counter() - elapsed_before
+    model.train()
+    try:
+        while (reason := done()) is None:
+            # 1. the step's examples, in the epoch's seeded order
+            epoch_before = stream.epoch
+            indices = stream.take(controller.batch_size)
+            step_b = len(indices)
+            # 2. the LR for this B
+            warmup = min(1.0, (step + 1) / cfg.lr.warmup_steps) if cfg.lr.warmup_steps else 1.0
+            factor = controller.lr_factor() * warmup
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * factor
+            # 3. forward/backward over micro-batches, with OOM back-off
+            t0 = time.perf_counter()
+            while True:
+                sizes = controller.micro_sizes(step_b)
+                try:
+                    guard = MemoryBudget(budget, baseline=(model, opt)) if guard_budget else contextlib.nullcontext()
+                    with guard:
+                        loss_sum = _accumulate(model, loss_fn, loader, indices, sizes, device,
+                                               collector, opt, amp_dtype, scaler)
+                    break
+                except Exception as err:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+                    if not is_oom_error(err):
+                        raise
+                    del err  # the traceback holds the failed step's tensors
+                    release_after_oom(model, opt, device)
+                    controller.on_oom(max(sizes))
+                    result.oom_retries += 1
+            grad_scale = scaler.get_scale() if scaler is not None else 1.0
+            norms = collector.end_step(grad_scale=grad_scale)
+            # One CPU-GPU sync per step: the loss value (and the norms above).
+            train_loss = loss_sum.item() / step_b
+            finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
+            # 4. the optimizer step, unless the loss or gradient is not finite
+            if finite:
+                nonfinite_in_row = 0
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+            else:
+                nonfinite_in_row += 1
+                result.skipped_steps += 1
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
+                        f"gradient (last train_loss={train_loss}, max_nonfinite_steps="
+                        f"{cfg.max_nonfinite_steps}); lower lr, check the data, or raise "
+                        "max_nonfinite_steps"
+                    )
+            step_time = time.perf_counter() - t0
+            step += 1
+            samples += step_b
+            # 5. the estimator and the batch-size decision
+            controller.observe(step=step, epoch=stream.epochs_done, samples=samples,
+                               batch_size=step_b, step_time_s=step_time,
+                               norms=norms if finite else None)
+            est = controller.estimator
+            record = StepRecord(
+                step=step, epoch=stream.epochs_done, samples=samples,
+                batch_size=controller.batch_size, examples=step_b, micro_batch_size=max(sizes), accum_steps=len(sizes), lr=opt.param_groups[0]["lr"],
+                train_loss=train_loss, grad_sq=est.grad_sq, trace_cov=est.trace_cov,
+                noise_scale=est.noise_scale, wall_time_s=time.perf_counter() - start,
+                skipped=not finite,
+            )
+            result.history.append(record)
+            controller.maybe_decide()
+            if bar is not None:
+                bar.update(step_b)
+                if step % cfg.log.log_every == 0:
+                    bar.set_postfix_str(
+                        f"step={step} ep={stream.epochs_done:.2f} B={record.micro_batch_size}x"
+                        f"{record.accum_steps} gns={est.noise_scale:.3g} lr={record.lr:.3g} "
+                        f"loss={train_loss:.4g}", refresh=False)
+            for cb in callbacks:
+                cb.on_step_end(record)
+            # 6. evaluation and checkpoint
+            every = cfg.log.eval_every
+            due = (step % every == 0) if every else stream.epoch > epoch_before
+            if has_eval and due:
+                run_eval()
+                _update_totals(result, step, samples, stream, controller, start)
+                checkpoint()
+        stopped_by = reason
+    except StopTraining:
+        stopped_by = "callback"
+    except KeyboardInterrupt:
+        _update_totals(result, step, samples, stream, controller, start)
+        checkpoint()
+        raise
+    finally:
+        collector.remove()
+        loader.close()
+        if bar is not None:
+            bar.close()
+    if has_eval and (not result.evals or result.evals[-1]["step"] != step):
+        with contextlib.suppress(StopTraining):
+            run_eval()
+    result.final_metrics["train_loss"] = result.history[-1].train_loss if result.history else math.nan
+    result.stopped_by = stopped_by
+    _update_totals(result, step, samples, stream, controller, start)
+    checkpoint()
+    for cb in callbacks:
+        cb.on_fit_end(result)
+    return result
+
+
+def _accumulate(model, loss_fn, loader, indices, sizes, device, collector, opt, amp_dtype, scaler):
+    """Forward/backward every micro-batch of one step; returns the summed (not averaged)
+    loss as a 0-d tensor on the device. Gradients end up as the mean over the step."""
+    opt.zero_grad(set_to_none=True)
+    collector.begin_step()
+    total = len(indices)
+    loss_sum = torch.zeros((), device=device)
+    for chunk, batch in loader.micro_batches(indices, sizes):
+        inputs, targets = move_to(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(inputs), targets)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor (got {shape}); reduce it with .mean() "
+                "(mean-reduced losses are what the LR rules and the noise scale assume)"
+            )
+        weight = chunk / total
+        scaled = loss.float() * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        collector.after_backward(batch_size=chunk, loss_weight=weight)
+        loss_sum += loss.detach().float() * chunk
+    return loss_sum
+
+
+class _MicroBatchLoader:
+    """Collates a step's micro-batches, in the main process or with DataLoader workers.
+
+    With workers, one persistent DataLoader serves every step: its batch sampler is pointed
+    at the step's micro-batch index lists, so workers collate them in parallel while the
+    order stays exactly the stream's.
+    """
+
+    def __init__(self, source: BatchSource, num_workers: int, *, pin: bool) -> None:
+        self.source = source
+        self._plan: list[list[int]] = []
+        self._loader = None
+        if num_workers > 0:
+            self._loader = torch.utils.data.DataLoader(
+                source.dataset, batch_sampler=_PlanSampler(self), num_workers=num_workers,
+                collate_fn=source.collate_fn, persistent_workers=True, pin_memory=pin,
+            )
+
+    def micro_batches(self, indices: torch.Tensor, sizes: list[int]):
+        chunks = torch.split(indices, sizes)
+        if self._loader is None:
+            for chunk in chunks:
+                yield len(chunk), self.source.batch(chunk)
+            return
+        self._plan = [c.tolist() for c in chunks]
+        yield from zip(sizes, self._loader)
+
+    def close(self) -> None:
+        if self._loader is not None and self._loader._iterator is not None:
+            self._loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
+
+
+class _PlanSampler:
+    def __init__(self, owner: _MicroBatchLoader) -> None:
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner._plan)
+
+    def __len__(self) -> int:
+        return len(self.owner._plan)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 1024,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean loss (and accuracy for class logits) of ``model`` over ``data``, in eval mode.
+
+    Returns:
+        ``{"val_loss": ...}`` weighted by batch size, plus ``"val_accuracy"`` (a fraction in
+        [0, 1]) when the output has one more dimension than an integer target (class logits
+        along the last dimension). The model's train/eval mode is restored.
+    """
+    source = as_batch_source(data, name="val_data")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_total, correct, count, tokens = 0.0, 0, 0, 0
+    classify = True
+    try:
+        for start in range(0, len(source), batch_size):
+            batch = source.batch(range(start, min(start + batch_size, len(source))))
+            inputs, targets = move_to(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(inputs)
+                loss = loss_fn(out, targets)
+            b = batch_size_of(targets)
+            loss_total += float(loss) * b
+            count += b
+            classify = classify and isinstance(out, torch.Tensor) and not targets.is_floating_point() \
+                and out.ndim == targets.ndim + 1
+            if classify:
+                correct += int((out.argmax(-1) == targets).sum())
+                tokens += targets.numel()
+    finally:
+        model.train(was_training)
+    metrics = {"val_loss": loss_total / count}
+    if classify and tokens:
+        metrics["val_accuracy"] = correct / tokens
+    return metrics
+
+
+# -- setup helpers -------------------------------------------------------------------------------
+def _resolve_device(model: nn.Module, source: BatchSource, device: torch.device | str | None) -> torch.device:
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters (requires_grad=True); "
+            "unfreeze at least one parameter"
+        )
+    model_device = params[0].device
+    if device is not None:
+        return torch.device(device)
+    ds = source.dataset
+    tensors = getattr(ds, "tensors", None)
+    if tensors and tensors[0].device != model_device:
+        raise ValueError(
+            f"model is on {model_device} but the data tensors are on {tensors[0].device}; pass "
+            f"device='{model_device}' (fit moves each batch there) or move the data"
+        )
+    return model_device
+
+
+def _build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float | None) -> torch.optim.Optimizer:
+    if isinstance(spec, torch.optim.Optimizer):
+        if lr is not None:
+            for group in spec.param_groups:
+                group["lr"] = lr
+        return spec
+    if lr is None:
+        raise ValueError(
+            "lr is required: the base learning rate at initial_batch_size (e.g. lr=0.1 for "
+            "SGD, lr=1e-3 for Adam); autobatch.tune_lr can find it"
+        )
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0 (got lr={lr})")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(spec, type):
+        return spec(params, lr=lr)
+    return spec(params, lr)
+
+
+def _precision(precision: str, device: torch.device):
+    if precision == "fp32":
+        return None, None
+    if precision == "bf16":
+        return torch.bfloat16, None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(
+                f"precision='fp16' needs a CUDA device (got device={device}); use "
+                "precision='bf16' on CPU"
+            )
+        return torch.float16, torch.amp.GradScaler("cuda")
+    raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16' (got precision={precision!r})")
+
+
+def _should_probe(cfg: FitConfig, device: torch.device) -> bool:
+    if cfg.memory.probe_memory is not None:
+        return cfg.memory.probe_memory
+    return device.type != "cpu" or cfg.memory.memory_budget is not None
+
+
+def _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro) -> int:
+    from autobatch.memory import probe_memory
+
+    factory = optimizer if not isinstance(optimizer, torch.optim.Optimizer) else (
+        lambda params, lr: type(opt)(params, **{**opt.defaults, "lr": lr})
+    )
+    if isinstance(factory, type):
+        cls = factory
+        factory = lambda params, lr: cls(params, lr=lr)  # noqa: E731
+    lr0 = opt.param_groups[0]["lr"]
+    probe = probe_memory(
+        model, source, loss_fn, optimizer=lambda params: factory(params, lr0), device=device,
+        budget_bytes=cfg.memory.memory_budget, max_batch_size=max_b, margin=cfg.memory.memory_margin,
+    )
+    cap = probe.max_batch_size
+    return min(cap, max_micro) if max_micro is not None else cap
+
+
+def _total_samples(epochs: float | None, max_samples: int | None, n: int) -> int | None:
+    limits = [x for x in (epochs * n if epochs is not None else None, max_samples) if x is not None]
+    return int(min(limits)) if limits else None
+
+
+def _progress_bar(cfg: FitConfig, total_samples: int | None):
+    show = cfg.log.progress if cfg.log.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_samples, unit="ex", dynamic_ncols=True, file=sys.stderr)
+
+
+def _update_totals(result: FitResult, step, samples, stream, controller, start) -> None:
+    result.steps, result.samples, result.epochs = step, samples, stream.epochs_done
+    result.max_micro_batch_size = controller.max_micro_batch_size
+    result.wall_time_s = time.perf_counter() - start

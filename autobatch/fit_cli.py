@@ -1,0 +1,77 @@
+"""``autobatch fit``: train a built-in example with an adaptive batch size, from the shell."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``autobatch fit``."""
+    from autobatch.examples import EXAMPLES
+    from autobatch.policies import POLICIES
+
+    p = subparsers.add_parser(
+        "fit",
+        help="train a built-in example with an adaptive batch size",
+        description=(
+            "Train a built-in example (data generated locally, nothing downloaded) with "
+            "autobatch.fit, print a summary and write a plot and the step history."
+        ),
+    )
+    p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
+    p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
+    p.add_argument("--lr", type=float, default=None, help="base LR at the base batch (default: the example's)")
+    p.add_argument("--batch-size", type=int, default=None, help="base batch B0 (default: the example's)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="upper bound on B")
+    p.add_argument("--lr-scaling", default=None, help="linear, sqrt, adascale or none (default: by optimizer)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs to train (default: the example's)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="model init and shuffling seed")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 2GiB (probes the micro-batch)")
+    p.add_argument("--out", default="autobatch_runs", help="folder for the plot and history")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import autobatch
+    from autobatch.examples import get_example
+
+    ex = get_example(args.example, seed=args.seed)
+    overrides = {
+        "policy": args.policy,
+        "initial_batch_size": args.batch_size or ex.default_batch_size,
+        "seed": args.seed,
+        "lr_scaling": args.lr_scaling,
+    }
+    if args.max_batch_size is not None:
+        overrides["max_batch_size"] = args.max_batch_size
+    if args.budget is not None:
+        overrides["memory_budget"] = args.budget
+    if args.no_progress:
+        overrides["progress"] = False
+    epochs = args.epochs if args.epochs is not None or args.max_steps is not None else ex.default_epochs
+    result = autobatch.fit(
+        ex.model_fn(),
+        ex.train_data,
+        loss_fn=ex.loss_fn,
+        val_data=ex.val_data,
+        optimizer=ex.optimizer,
+        lr=args.lr or ex.default_lr,
+        epochs=epochs,
+        max_steps=args.max_steps,
+        eval_fn=lambda model: ex.evaluate(model, ex.val_data),
+        **overrides,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.example}-{args.policy}"
+    plot = result.plot(out / f"{stem}.png")
+    history = result.to_json(out / f"{stem}.json")
+    print(f"autobatch fit --example {args.example} --policy {args.policy}")
+    print(result.summary())
+    print(f"plot: {plot}\nhistory: {history}")
+    return 0

@@ -1,0 +1,65 @@
+"""Adaptive batch size in your own training loop, with autobatch's lower-level pieces.
+
+``autobatch.fit`` does all of this for you; use these pieces when your loop must stay yours.
+Three objects carry the state:
+
+- ``SampleStream``: the epoch's seeded order, handing out the next B indices for any B;
+- ``MicroBatchGradNorms``: records each micro-batch's squared gradient norm during backward;
+- ``BatchSizeController``: estimator + policy + LR rule; splits a step into micro-batches,
+  returns the LR factor for the current B and re-decides B.
+
+Run: ``python examples/custom_loop.py`` (MNIST-1D CNN, a few epochs, on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autobatch import GradientNoiseScale
+from autobatch.controller import BatchSizeController
+from autobatch.data import as_batch_source
+from autobatch.examples import get_example
+from autobatch.grad_norms import MicroBatchGradNorms
+from autobatch.lr_scaling import make_scaling
+from autobatch.policies import GNSPolicy
+from autobatch.sampler import SampleStream
+
+
+def main(epochs: float = 4.0) -> None:
+    ex = get_example("mnist1d", seed=0)
+    model = ex.model_fn()
+    base_lr, b0 = ex.default_lr, ex.default_batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=base_lr)
+    source = as_batch_source(ex.train_data)
+    stream = SampleStream(len(source), seed=0)
+    controller = BatchSizeController(
+        policy=GNSPolicy(max_growth=2.0, hysteresis=0.05),
+        scaling=make_scaling("adascale"),
+        estimator=GradientNoiseScale(smoothing=0.95),
+        base_batch_size=b0, min_batch_size=b0, max_batch_size=1024, decide_every=10,
+    )
+    step = samples = 0
+    with MicroBatchGradNorms(model) as norms:
+        while stream.epochs_done < epochs:
+            indices = stream.take(controller.batch_size)          # the step's examples
+            for group in opt.param_groups:                         # LR for this B
+                group["lr"] = base_lr * controller.lr_factor()
+            opt.zero_grad(set_to_none=True)
+            norms.begin_step()
+            for chunk in torch.split(indices, controller.micro_sizes(len(indices))):
+                x, y = source.batch(chunk)
+                weight = len(chunk) / len(indices)                 # mean over the whole step
+                (ex.loss_fn(model(x), y) * weight).backward()
+                norms.after_backward(batch_size=len(chunk), loss_weight=weight)
+            step_norms = norms.end_step()                          # before any clipping
+            opt.step()
+            step, samples = step + 1, samples + len(indices)
+            controller.observe(step=step, epoch=stream.epochs_done, samples=samples,
+                               batch_size=len(indices), norms=step_norms)
+            if (new_b := controller.maybe_decide()) is not None:
+                print(f"step {step}: B -> {new_b} (noise scale {controller.estimator.noise_scale:.1f})")
+    print(f"{step} steps, {samples} samples:", ex.evaluate(model, ex.val_data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""End-to-end behaviour of autobatch.fit on small problems (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import autobatch
+from autobatch.callbacks import Callback, StopAtTarget
+from autobatch.policies import BatchSizePolicy, PolicyContext
+
+
+def _regression(n: int = 512, d: int = 8, noise: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, 1, generator=g)
+    y = x @ w + noise * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def _mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+class IndexedData(Dataset):
+    """(x, y) where x[0] carries the example's index, so a model can log what it saw."""
+
+    def __init__(self, n: int = 200, d: int = 4) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, d, generator=g)
+        self.x[:, 0] = torch.arange(n, dtype=torch.float32)
+        self.y = torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class Recorder(nn.Module):
+    """A linear model that records the example indices of every training forward."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d - 1, 1)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.extend(int(i) for i in x[:, 0])
+        return self.lin(x[:, 1:])
+
+
+class Schedule(BatchSizePolicy):
+    """Proposes a fixed sequence of sizes, one per decision (a known answer)."""
+
+    def __init__(self, sizes):
+        self.sizes, self.i = list(sizes), 0
+
+    def propose(self, ctx: PolicyContext) -> int:
+        b = self.sizes[min(self.i, len(self.sizes) - 1)]
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state) -> None:
+        self.i = state["i"]
+
+
+def test_gns_policy_grows_the_batch_and_history_is_consistent(tmp_path) -> None:
+    x, y = _regression(n=2048, noise=3.0)
+    model = nn.Linear(8, 1)
+    res = autobatch.fit(model, (x, y), loss_fn=_mse, val_data=(x[:256], y[:256]), lr=0.02,
+                        epochs=3, initial_batch_size=16, decide_every=5, progress=False)
+    h = res.history
+    assert res.steps == len(h) and res.samples == sum(r.examples for r in h)
+    assert all(r.examples <= r.batch_size for r in h)
+    assert res.samples == 3 * 2048 and res.stopped_by == "epochs"
+    assert all(r.micro_batch_size * r.accum_steps >= r.examples for r in h)
+    # The noise grows relative to |G|^2 as the fit converges, so B must have grown.
+    assert max(r.batch_size for r in h) >= 64
+    assert res.final_metrics["val_loss"] < _mse(torch.zeros_like(y[:256]), y[:256]).item()
+    res.to_csv(tmp_path / "h.csv")
+    data = json.loads(res.to_json(tmp_path / "h.json").read_text())
+    assert len(data["history"]) == res.steps
+    assert (tmp_path / "h.csv").read_text().count("\n") == res.steps + 1
+    assert res.plot(tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_no_sample_skipped_or_repeated_when_b_changes_mid_epoch() -> None:
+    data = IndexedData(n=200)
+    model = Recorder()
+    res = autobatch.fit(model, data, loss_fn=_mse, lr=0.01, epochs=2, initial_batch_size=8,
+                        policy=Schedule([24, 40, 16, 56, 8]), decide_every=2, max_batch_size=64,
+                        progress=False)
+    sizes = {r.batch_size for r in res.history}
+    assert {24, 40, 16, 56} <= sizes
+    assert len(model.seen) == 400
+    for epoch in (model.seen[:200], model.seen[200:]):
+        assert sorted(epoch) == list(range(200))
+    assert model.seen[:200] != model.seen[200:]  # reshuffled
+
+
+def test_resume_gives_the_same_batch_sizes_order_and_weights(tmp_path) -> None:
+    x, y = _regression(n=600, noise=2.0)
+
+    def run(max_steps, ckpt, resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+        if resume:
+            torch.manual_seed(123)  # a different global RNG: resume must restore it
+            for p in model.parameters():
+                nn.init.normal_(p)  # and different weights: resume must load them
+        res = autobatch.fit(model, (x, y), loss_fn=_mse, val_data=(x[:100], y[:100]), lr=0.02,
+                            optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                            max_steps=max_steps, initial_batch_size=16, decide_every=3,
+                            checkpoint_dir=ckpt, resume=resume, eval_every=7, progress=False)
+        return model, res
+
+    full_model, full = run(60, tmp_path / "full")
+    run(23, tmp_path / "part")  # stops at a step that is no eval point
+    resumed_model, resumed = run(60, tmp_path / "part", resume=True)
+    assert [r.batch_size for r in resumed.history] == [r.batch_size for r in full.history]
+    assert len({r.batch_size for r in full.history}) > 1
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.steps == 60 and resumed.samples == full.samples
+
+
+def test_oom_halves_the_micro_batch_and_keeps_the_global_batch() -> None:
+    x, y = _regression(n=512, d=64)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1))
+
+    model = make()
+    budget = 500_000  # bytes: measured peaks are 415 kB at 64 examples, 628 kB at 128
+    res = autobatch.fit(model, (x, y), loss_fn=_mse, lr=0.01, max_steps=4, initial_batch_size=256,
+                        policy="fixed", memory_budget=budget, probe_memory=False, progress=False)
+    assert res.oom_retries >= 1
+    assert res.max_micro_batch_size is not None and res.max_micro_batch_size < 128
+    assert all(r.batch_size == 256 for r in res.history)
+    assert all(r.accum_steps > 2 for r in res.history) and res.samples == 4 * 256
+    # The same split from the start gives the same weights: failed attempts left no trace.
+    again = make()
+    ref = autobatch.fit(again, (x, y), loss_fn=_mse, lr=0.01, max_steps=4,
+                        initial_batch_size=256, policy="fixed",
+                        max_micro_batch_size=res.max_micro_batch_size, progress=False)
+    assert ref.oom_retries == 0
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded() -> None:
+    x, y = _regression(n=256)
+    x[5] = float("nan")  # one poisoned example: the steps holding it are skipped
+    model = nn.Linear(8, 1)
+    res = autobatch.fit(model, (x, y), loss_fn=_mse, lr=0.01, epochs=2, initial_batch_size=32,
+                        policy="fixed", progress=False)
+    assert res.skipped_steps == 2
+    assert sum(r.skipped for r in res.history) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    bad = (torch.full((64, 8), float("nan")), torch.zeros(64, 1))
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
+        autobatch.fit(nn.Linear(8, 1), bad, loss_fn=_mse, lr=0.1, epochs=5, initial_batch_size=8,
+                      max_nonfinite_steps=3, progress=False)
+
+
+def test_stop_at_target_callback_and_custom_eval() -> None:
+    x, y = _regression(n=1024, noise=0.1)
+    stop = StopAtTarget("val_loss", 0.5, mode="min")
+    seen = []
+
+    class Spy(Callback):
+        def on_eval(self, step, samples, metrics):
+            seen.append((step, metrics["val_loss"]))
+
+    res = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, val_data=(x[:200], y[:200]),
+                        lr=0.05, epochs=50, eval_every=5, callbacks=[stop, Spy()], progress=False)
+    assert res.stopped_by == "callback" and stop.reached_step == res.steps
+    assert seen[-1][1] <= 0.5 and all(v > 0.5 for _, v in seen[:-1])
+
+
+def test_classification_accuracy_and_bf16_autocast() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    res = autobatch.fit(model, (x, y), loss_fn=nn.functional.cross_entropy, val_data=(x, y),
+                        lr=0.1, epochs=4, precision="bf16", initial_batch_size=16, progress=False)
+    assert res.final_metrics["val_accuracy"] > 0.85
+    assert all(math.isfinite(r.train_loss) for r in res.history)
+
+
+def test_dataloader_workers_give_the_same_run() -> None:
+    data = IndexedData(n=96)
+    runs = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = Recorder()
+        autobatch.fit(model, torch.utils.data.DataLoader(data, batch_size=5), loss_fn=_mse,
+                      lr=0.01, epochs=1, initial_batch_size=16, num_workers=workers, progress=False)
+        runs.append((model.seen, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(data=(torch.zeros(0, 8), torch.zeros(0, 1))), ValueError, "empty"),
+        (dict(initial_batch_size=1000), ValueError, "initial_batch_size=1000 is larger than the training set"),
+        (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
+         "max_batch_size must be >= min_batch_size"),
+        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: fixed, gns, goodput, ramp"),
+        (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got \(8, 1\)\)"),
+        (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
+        (dict(lr=None), ValueError, "lr is required"),
+        (dict(data=(torch.zeros(64, 8, device="meta"), torch.zeros(64, 1, device="meta"))), ValueError,
+         "model is on cpu but the data tensors are on meta"),
+    ],
+)
+def test_bad_inputs_are_named(kwargs, exc, match) -> None:
+    x, y = _regression(n=64)
+    args = dict(data=(x, y), loss_fn=_mse, lr=0.1, epochs=1, initial_batch_size=16, progress=False)
+    args.update(kwargs)
+    data = args.pop("data")
+    with pytest.raises(exc, match=match):
+        autobatch.fit(nn.Linear(8, 1), data, **args)
+
+
+def test_frozen_model_is_rejected() -> None:
+    model = nn.Linear(8, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        autobatch.fit(model, _regression(64), loss_fn=_mse, lr=0.1, epochs=1)
