@@ -135,6 +135,10 @@ class BatchSizeController:
             noise_scale=est.noise_scale,
             noise_ready=est.ready,
             noise_stderr=est.noise_scale_stderr,
+            grad_sq=est.grad_sq_mean,
+            trace_cov=est.trace_cov,
+            grad_sq_stderr=est.grad_sq_stderr,
+            trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
             step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
         )

@@ -22,6 +22,7 @@ order) and a :class:`~autobatch.grad_norms.MicroBatchGradNorms` (the norms);
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import time
@@ -38,9 +39,12 @@ from autobatch.config import FitConfig
 from autobatch.controller import BatchSizeController
 from autobatch.data import BatchSource, as_batch_source, batch_size_of, move_to
 from autobatch.gns import GradientNoiseScale
-from autobatch.grad_norms import MicroBatchGradNorms
+from autobatch.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
+                                   combine_norms, local_share, setup_distributed)
+from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms, grad_sq_norm
 from autobatch.lr_scaling import default_scaling, make_scaling
 from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
+from autobatch.per_example import PerExampleGradNorms
 from autobatch.policies import make_policy
 from autobatch.results import FitResult, StepRecord
 from autobatch.sampler import SampleStream
@@ -120,6 +124,7 @@ def fit(
     val_source = as_batch_source(val_data, name="val_data") if val_data is not None else None
     device = _resolve_device(model, source, device)
     model.to(device)
+    info = setup_distributed(device)
     n = len(source)
     b0 = cfg.batch.initial_batch_size
     if b0 > n:
@@ -136,6 +141,7 @@ def fit(
     max_micro = cfg.memory.max_micro_batch_size
     if _should_probe(cfg, device):
         max_micro = _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
+    per_example = cfg.estimator.gns_method == "per_example"
     controller = BatchSizeController(
         policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
         scaling=make_scaling(cfg.lr.lr_scaling or default_scaling(opt)),
@@ -145,6 +151,9 @@ def fit(
         max_batch_size=max_b,
         decide_every=cfg.batch.decide_every,
         max_micro_batch_size=max_micro,
+        # Two micro-batches give the estimator its small batches; per-example norms or other
+        # ranks' gradients already do, so one micro-batch per rank is enough there.
+        min_micro_batches=1 if per_example or info.enabled else 2,
     )
     stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
     loader = _MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
@@ -164,7 +173,7 @@ def fit(
         step, samples, elapsed_before = result.steps, result.samples, result.wall_time_s
 
     def checkpoint() -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or not info.is_main:
             return
         save_checkpoint(checkpoint_dir, {
             "model": model.state_dict(),
@@ -199,10 +208,15 @@ def fit(
         return None
 
     collector = MicroBatchGradNorms(model, loss_reduction="mean")
+    pe_collector = PerExampleGradNorms(model) if per_example else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed by
+    # one all-reduce after all micro-batches (see autobatch.distributed for why).
+    forward_model = _wrap_ddp(model, device) if info.enabled else model
     # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
     # uses), so OOM handling is exercised where no device limit exists.
     guard_budget = budget is not None and device.type == "cpu"
-    bar = _progress_bar(cfg, total_samples=_total_samples(epochs, max_samples, n))
+    bar = _progress_bar(cfg, total_samples=_total_samples(epochs, max_samples, n)) if info.is_main else None
     has_eval = val_source is not None or eval_fn is not None
     start = time.perf_counter() - elapsed_before
     model.train()
@@ -217,25 +231,40 @@ def fit(
             factor = controller.lr_factor() * warmup
             for group, base in zip(opt.param_groups, base_lrs):
                 group["lr"] = base * factor
-            # 3. forward/backward over micro-batches, with OOM back-off
+            # 3. forward/backward over this rank's micro-batches; an OOM on any rank halves
+            #    the micro-batch cap everywhere and the same step is retried from scratch
+            local = local_share(indices, info)
             t0 = time.perf_counter()
             while True:
-                sizes = controller.micro_sizes(step_b)
+                sizes = controller.micro_sizes(len(local)) if len(local) else []
+                failed = 0
                 try:
                     guard = MemoryBudget(budget, baseline=(model, opt)) if guard_budget else contextlib.nullcontext()
                     with guard:
-                        loss_sum = _accumulate(model, loss_fn, loader, indices, sizes, device,
-                                               collector, opt, amp_dtype, scaler)
-                    break
+                        loss_sum, pe_norms = _accumulate(forward_model, loss_fn, loader, local, sizes, step_b,
+                                                         device, collector, pe_collector, opt, amp_dtype, scaler)
                 except Exception as err:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
                     if not is_oom_error(err):
                         raise
                     del err  # the traceback holds the failed step's tensors
-                    release_after_oom(model, opt, device)
-                    controller.on_oom(max(sizes))
-                    result.oom_retries += 1
+                    failed = max(sizes)
+                failed = int(agree_max(failed, info, device))
+                if not failed:
+                    break
+                release_after_oom(model, opt, device)
+                controller.on_oom(failed)
+                result.oom_retries += 1
             grad_scale = scaler.get_scale() if scaler is not None else 1.0
-            norms = collector.end_step(grad_scale=grad_scale)
+            local_norms = collector.end_step(grad_scale=grad_scale, min_micro_batches=1)
+            if pe_norms is not None:
+                local_norms = _per_example_norms(pe_norms, local_norms)
+            all_reduce_gradients(params, info)
+            if info.enabled:
+                loss_sum = _sum_over_ranks(loss_sum)
+                big = grad_sq_norm(params).item() / grad_scale**2
+            else:
+                big = local_norms.big_sq_norm if local_norms is not None else math.nan
+            norms = combine_norms(local_norms, big, step_b, info, device)
             # One CPU-GPU sync per step: the loss value (and the norms above).
             train_loss = loss_sum.item() / step_b
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
@@ -247,6 +276,7 @@ def fit(
                     scaler.update()
                 else:
                     opt.step()
+                broadcast_buffers(model, info)
             else:
                 nonfinite_in_row += 1
                 result.skipped_steps += 1
@@ -272,11 +302,13 @@ def fit(
                 step=step, epoch=stream.epochs_done, samples=samples,
                 batch_size=controller.batch_size, examples=step_b, micro_batch_size=max(sizes), accum_steps=len(sizes), lr=opt.param_groups[0]["lr"],
                 train_loss=train_loss, grad_sq=est.grad_sq, trace_cov=est.trace_cov,
-                noise_scale=est.noise_scale, wall_time_s=time.perf_counter() - start,
+                noise_scale=est.noise_scale, noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
                 skipped=not finite,
             )
             result.history.append(record)
-            controller.maybe_decide()
+            if controller.maybe_decide() is not None or step % controller.decide_every == 0:
+                # rank 0 decides for all (its step times may differ from the others')
+                controller.batch_size = broadcast_int(controller.batch_size, info, device)
             if bar is not None:
                 bar.update(step_b)
                 if step % cfg.log.log_every == 0:
@@ -302,6 +334,8 @@ def fit(
         raise
     finally:
         collector.remove()
+        if pe_collector is not None:
+            pe_collector.remove()
         loader.close()
         if bar is not None:
             bar.close()
@@ -317,29 +351,68 @@ def fit(
     return result
 
 
-def _accumulate(model, loss_fn, loader, indices, sizes, device, collector, opt, amp_dtype, scaler):
-    """Forward/backward every micro-batch of one step; returns the summed (not averaged)
-    loss as a 0-d tensor on the device. Gradients end up as the mean over the step."""
+def _accumulate(model, loss_fn, loader, indices, sizes, total, device, collector, pe_collector,
+                opt, amp_dtype, scaler):
+    """Forward/backward every micro-batch of this rank's share of one step.
+
+    Each micro-batch's mean loss is weighted by ``b_i / total`` (``total`` = the global step
+    size), so the gradients summed over micro-batches and ranks are the step's mean gradient.
+
+    Returns:
+        ``(loss_sum, per_example)``: the summed (not averaged) loss as a 0-d tensor on the
+        device, and the per-example squared norms (list of tensors) or None.
+    """
     opt.zero_grad(set_to_none=True)
     collector.begin_step()
-    total = len(indices)
     loss_sum = torch.zeros((), device=device)
-    for chunk, batch in loader.micro_batches(indices, sizes):
-        inputs, targets = move_to(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(inputs), targets)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (got {shape}); reduce it with .mean() "
-                "(mean-reduced losses are what the LR rules and the noise scale assume)"
-            )
-        weight = chunk / total
-        scaled = loss.float() * weight
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        collector.after_backward(batch_size=chunk, loss_weight=weight)
-        loss_sum += loss.detach().float() * chunk
-    return loss_sum
+    per_example = [] if pe_collector is not None else None
+    no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
+    with no_sync():
+        for chunk, batch in loader.micro_batches(indices, sizes):
+            inputs, targets = move_to(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(inputs), targets)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor (got {shape}); reduce it with .mean() "
+                    "(mean-reduced losses are what the LR rules and the noise scale assume)"
+                )
+            weight = chunk / total
+            scaled = loss.float() * weight
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            collector.after_backward(batch_size=chunk, loss_weight=weight)
+            if per_example is not None:
+                scale = scaler.get_scale() if scaler is not None else 1.0
+                per_example.append(pe_collector.sq_norms(loss_weight=weight, grad_scale=scale))
+            loss_sum += loss.detach().float() * chunk
+    return loss_sum, per_example
+
+
+def _per_example_norms(per_example: list[torch.Tensor], micro: StepGradNorms | None) -> StepGradNorms | None:
+    """Per-example squared norms as the small batches (``b = 1``) of this rank's step."""
+    if micro is None or not per_example:
+        return micro
+    values = torch.cat(per_example).double().cpu().tolist()
+    return StepGradNorms(small_sq_norms=values, small_batch_size=1.0, big_sq_norm=micro.big_sq_norm,
+                         big_batch_size=micro.big_batch_size, micro_batch_sizes=[1] * len(values))
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers are broadcast once per step after the optimizer step, not in every forward:
+    # a collective inside forward would hang ranks that run different micro-batch counts.
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 class _MicroBatchLoader:

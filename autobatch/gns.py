@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["GradientNoiseScale", "two_batch_estimates"]
+__all__ = ["GradientNoiseScale", "noise_scale_interval", "two_batch_estimates"]
 
 
 def two_batch_estimates(
@@ -60,6 +60,35 @@ def two_batch_estimates(
     grad_sq = big_sq_norm - trace_cov / big
     return grad_sq, trace_cov
 
+
+
+def noise_scale_interval(
+    grad_sq: float, trace_cov: float, grad_sq_stderr: float, trace_cov_stderr: float, z: float = 1.0
+) -> tuple[float, float]:
+    """A conservative ``z``-sigma interval for ``B_simple = tr(Sigma)/|G|^2``.
+
+    Each bound moves both averages against it by ``z`` standard errors:
+    ``low = max(S - z se_S, 0) / (G + z se_G)`` and ``high = (S + z se_S) / (G - z se_G)``
+    (infinite once ``G - z se_G <= 0``). Unlike a delta-method error of the ratio, which
+    explodes when ``|G|^2`` is small and noisy (exactly when ``B_simple >> B``), the lower
+    bound stays informative there: ``|G|^2`` is at most ``G + z se_G``.
+
+    Args:
+        grad_sq: averaged ``|G|^2``, unfloored (may be negative).
+        trace_cov: averaged ``tr(Sigma)``.
+        grad_sq_stderr, trace_cov_stderr: their standard errors (inf if unknown).
+        z: width in standard errors (>= 0).
+
+    Returns:
+        ``(low, high)`` in examples; ``(0, inf)`` when nothing is known.
+    """
+    if not all(math.isfinite(v) for v in (grad_sq, trace_cov, grad_sq_stderr, trace_cov_stderr)):
+        return 0.0, math.inf
+    g_hi = grad_sq + z * grad_sq_stderr
+    g_lo = grad_sq - z * grad_sq_stderr
+    low = max(trace_cov - z * trace_cov_stderr, 0.0) / g_hi if g_hi > 0 else math.inf
+    high = (trace_cov + z * trace_cov_stderr) / g_lo if g_lo > 0 else math.inf
+    return low, high
 
 class GradientNoiseScale:
     """Streaming estimate of ``|G|^2``, ``tr(Sigma)`` and ``B_simple = tr(Sigma)/|G|^2``.
@@ -172,6 +201,29 @@ class GradientNoiseScale:
         if self._w == 0.0:
             return math.nan
         return max(self._m_g / self._w, self.floor)
+
+    @property
+    def grad_sq_mean(self) -> float:
+        """Averaged ``|G|^2`` without the floor (may be negative); NaN before any update."""
+        return math.nan if self._w == 0.0 else self._m_g / self._w
+
+    @property
+    def grad_sq_stderr(self) -> float:
+        """Standard error of the averaged ``|G|^2`` (inf with fewer than 2 updates)."""
+        return self._stderr(self._m_g, self._m_gg)
+
+    @property
+    def trace_cov_stderr(self) -> float:
+        """Standard error of the averaged ``tr(Sigma)`` (inf with fewer than 2 updates)."""
+        return self._stderr(self._m_s, self._m_ss)
+
+    def _stderr(self, first: float, second: float) -> float:
+        n = self.effective_samples
+        if self.num_updates < 2 or n <= 1.0:
+            return math.inf
+        mean = first / self._w
+        var = max(second / self._w - mean * mean, 0.0) * n / (n - 1.0)
+        return math.sqrt(var / n)
 
     @property
     def trace_cov(self) -> float:

@@ -177,14 +177,16 @@ class MicroBatchGradNorms:
         self._sizes.append(int(batch_size))
         self._weights.append(float(loss_weight))
 
-    def end_step(self, grad_scale: float = 1.0) -> StepGradNorms | None:
-        """Finish the step and return its norms (one host sync); ``None`` with fewer than 2
-        micro-batches, where no small batch is smaller than the step.
+    def end_step(self, grad_scale: float = 1.0, *, min_micro_batches: int = 2) -> StepGradNorms | None:
+        """Finish the step and return its norms (one host sync); ``None`` with fewer than
+        ``min_micro_batches`` micro-batches (with one, no small batch is smaller than the step).
 
         Args:
             grad_scale: the AMP loss scale the losses were multiplied by (``scaler.get_scale()``);
                 every norm is divided by its square. Call this before ``scaler.unscale_``
                 and before clipping.
+            min_micro_batches: fewest micro-batches that give a result. Data-parallel training
+                passes 1: every rank's local gradient is then one small batch of the global step.
 
         Raises:
             RuntimeError: if :meth:`begin_step` was not called, or a backward ran after the
@@ -203,7 +205,7 @@ class MicroBatchGradNorms:
             )
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be positive and finite (got grad_scale={grad_scale})")
-        if len(self._sizes) < 2:
+        if len(self._sizes) < max(1, min_micro_batches):
             return None
         big_batch = sum(self._sizes)
         # Weight of each micro-batch's *mean-loss* gradient inside .grad.

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autobatch.gns import noise_scale_interval
+
 if TYPE_CHECKING:
     from autobatch.config import BatchConfig, LRConfig
 
@@ -59,6 +61,9 @@ class PolicyContext:
         noise_scale: the smoothed ``B_simple`` in examples; NaN if unknown.
         noise_ready: whether the estimator has enough updates to trust ``noise_scale``.
         noise_stderr: standard error of ``noise_scale`` (inf if unknown).
+        grad_sq, trace_cov: the estimator's averaged ``|G|^2`` (unfloored) and
+            ``tr(Sigma)``; NaN if unknown.
+        grad_sq_stderr, trace_cov_stderr: their standard errors (inf if unknown).
         max_micro_batch_size: the largest micro-batch that fits in memory, or None (no
             limit: every step is a single micro-batch).
         step_time_s: median seconds per optimizer step measured at each global batch size
@@ -75,6 +80,10 @@ class PolicyContext:
     noise_scale: float = math.nan
     noise_ready: bool = False
     noise_stderr: float = math.inf
+    grad_sq: float = math.nan
+    trace_cov: float = math.nan
+    grad_sq_stderr: float = math.inf
+    trace_cov_stderr: float = math.inf
     max_micro_batch_size: int | None = None
     step_time_s: dict[int, float] = field(default_factory=dict)
 
@@ -239,10 +248,12 @@ class GNSPolicy(BatchSizePolicy):
     the size does not change.
 
     The estimate is noisy (a single step's relative spread grows as ``B_simple/B``), so the
-    policy only moves when the current size lies outside the band
-    ``noise_scale +- confidence x noise_scale_stderr``, and then only to the band's nearer
-    edge: B grows when the noise scale is significantly above it and shrinks when it is
-    significantly below, instead of following every wobble of the average.
+    policy only moves when the current size lies outside the interval
+    :func:`autobatch.gns.noise_scale_interval` at ``confidence`` standard errors, and then only
+    to the interval's nearer edge: B grows when the noise scale is significantly above it and
+    shrinks when it is significantly below, instead of following every wobble of the average.
+    When the context carries no interval statistics, ``noise_scale +- confidence x
+    noise_stderr`` is used.
     """
 
     def __init__(
@@ -275,7 +286,12 @@ class GNSPolicy(BatchSizePolicy):
         noise = ctx.noise_scale
         if not ctx.noise_ready or not math.isfinite(noise) or noise <= 0.0:
             return ctx.batch_size
-        target = confident_target(ctx.batch_size, noise, ctx.noise_stderr, self.confidence)
+        if math.isfinite(ctx.grad_sq) and math.isfinite(ctx.trace_cov):
+            low, high = noise_scale_interval(ctx.grad_sq, ctx.trace_cov, ctx.grad_sq_stderr,
+                                             ctx.trace_cov_stderr, self.confidence)
+        else:
+            low, high = noise - self.confidence * ctx.noise_stderr, noise + self.confidence * ctx.noise_stderr
+        target = confident_target(ctx.batch_size, low, high)
         if target is None:
             return ctx.batch_size
         lo, hi = _growth_window(ctx.batch_size, self.max_growth, ctx.min_batch_size, ctx.max_batch_size)
@@ -283,13 +299,9 @@ class GNSPolicy(BatchSizePolicy):
         return _keep_unless_material(ctx.batch_size, proposal, self.hysteresis)
 
 
-def confident_target(current: float, noise_scale: float, stderr: float, confidence: float) -> float | None:
-    """The edge of ``noise_scale +- confidence x stderr`` nearest to ``current``, or None
-    when ``current`` lies inside that band (no significant evidence to move). An infinite
-    stderr (too few updates) never moves."""
-    if not math.isfinite(stderr):
-        return None
-    low, high = noise_scale - confidence * stderr, noise_scale + confidence * stderr
+def confident_target(current: float, low: float, high: float) -> float | None:
+    """The edge of the interval ``[low, high]`` nearest to ``current``, or None when
+    ``current`` lies inside it (no significant evidence to move). NaN bounds never move."""
     if current < low:
         return low
     if current > high:

@@ -242,3 +242,20 @@ def test_frozen_model_is_rejected() -> None:
     model = nn.Linear(8, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         autobatch.fit(model, _regression(64), loss_fn=_mse, lr=0.1, epochs=1)
+
+
+@pytest.mark.parametrize("method", ["micro", "per_example"])
+def test_the_in_loop_estimate_matches_the_exact_noise_scale(method: str) -> None:
+    # Parameters held still (lr 1e-12): the estimator's average over three epochs must land
+    # on the population B_simple computed from brute-force per-example gradients.
+    from _problems import exact_noise_scale, mlp
+
+    prob = mlp()
+    exact = exact_noise_scale(prob).noise_scale  # ~102, so B_simple <= 4B at B=64
+    res = autobatch.fit(prob.model, (prob.x, prob.y), loss_fn=prob.loss_fn, lr=1e-12, epochs=3,
+                        initial_batch_size=64, policy="fixed", gns_method=method,
+                        gns_smoothing=0.99, progress=False)
+    last = res.history[-1]
+    assert last.accum_steps == (1 if method == "per_example" else 2)
+    assert last.noise_scale == pytest.approx(exact, rel=0.10)
+    assert abs(last.noise_scale - exact) <= 3 * last.noise_stderr

@@ -1,0 +1,166 @@
+"""Data-parallel plumbing for ``autobatch.fit`` on torch.distributed (DDP, launched by torchrun).
+
+The training loop stays the same on one or many processes; this module holds the few places
+where ranks must talk. Conventions: batch sizes handed to the controller are *global*; each
+rank takes its contiguous share of every step's indices (:func:`local_share`); every
+collective of a step runs *after* the rank's micro-batches, so that a rank that ran out of
+memory can tell the others before anyone blocks in a gradient all-reduce:
+
+1. each rank runs all its micro-batches locally (``DistributedDataParallel.no_sync``);
+2. :func:`agree_max` on the size of a failed micro-batch (0 if none): an OOM anywhere makes
+   every rank back off and retry the same step;
+3. :func:`all_reduce_gradients`: one flat SUM all-reduce of the ``.grad`` tensors, whose
+   micro-batch losses were weighted by ``b_i / B_global`` so the sum is the global mean;
+4. :func:`combine_norms`: each rank's micro-batch gradients are the small batches of the noise
+   estimator (McCandlish et al. App. A.1, data-parallel form), three scalars all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autobatch.grad_norms import StepGradNorms
+from autobatch.sampler import split_sizes
+
+__all__ = ["DistInfo", "agree_max", "all_reduce_gradients", "broadcast_buffers", "broadcast_int",
+           "combine_norms", "local_share", "setup_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size`` (1 and 0 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> DistInfo:
+    """Join the process group if there is one.
+
+    Uses an initialized group as it is; otherwise, when torchrun's environment is present
+    (``WORLD_SIZE`` > 1), initializes one with ``nccl`` for CUDA devices and ``gloo`` for CPU.
+    Without either, training runs on this process alone.
+
+    Raises:
+        RuntimeError: if the backend for ``device`` is not available in this torch build,
+            naming the backend and the fix.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    available = dist.is_available() and (
+        dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()
+    )
+    if not available:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel training on {device}, "
+            f"but this torch build has no '{backend}' process-group backend; install a torch "
+            "build with it, or call torch.distributed.init_process_group(backend=...) yourself "
+            "before autobatch.fit"
+        )
+    dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def local_share(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous share of a step's global indices. Shares differ by at most one
+    example; none is dropped (a rank may get none at the very end of an epoch)."""
+    if not info.enabled:
+        return indices
+    sizes = split_sizes(len(indices), info.world_size)
+    sizes += [0] * (info.world_size - len(sizes))
+    start = sum(sizes[: info.rank])
+    return indices[start : start + sizes[info.rank]]
+
+
+def agree_max(value: int | float, info: DistInfo, device: torch.device) -> float:
+    """The maximum of ``value`` over all ranks (the value itself on one process)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank: one decision for all, even if a rank's own inputs
+    (for example its measured step times) differ."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([int(value)], device=device, dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def all_reduce_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """SUM every parameter's ``.grad`` over ranks in one flat all-reduce. A parameter with no
+    gradient on this rank (no example reached it) takes part as zeros."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) rank 0's."""
+    if not info.enabled:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def combine_norms(
+    local: StepGradNorms | None, big_sq_norm: float, global_batch: int, info: DistInfo, device: torch.device
+) -> StepGradNorms | None:
+    """The step's norms for the estimator, with every rank's micro-batches as small batches.
+
+    Args:
+        local: this rank's micro-batch norms (None if it had no example this step).
+        big_sq_norm: ``|G_B|^2`` of the all-reduced (global mean) gradient.
+        global_batch: ``B``, examples in the step over all ranks.
+
+    Returns:
+        Norms whose small batches are all ranks' micro-batches (mean squared norm and the
+        effective size ``1/mean(1/b_i)``), or None when there are fewer than two of them.
+    """
+    smalls = local.small_sq_norms if local is not None else []
+    sizes = local.micro_batch_sizes if local is not None else []
+    totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes)]
+    if info.enabled:
+        t = torch.tensor(totals, device=device, dtype=torch.float64)
+        dist.all_reduce(t)
+        totals = t.tolist()
+    sum_sq, count, sum_inv = totals
+    if count < 2:
+        return None
+    return StepGradNorms(
+        small_sq_norms=[sum_sq / count],
+        small_batch_size=count / sum_inv,
+        big_sq_norm=big_sq_norm,
+        big_batch_size=global_batch,
+        micro_batch_sizes=[],
+    )
