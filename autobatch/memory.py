@@ -72,7 +72,8 @@ class MemoryProbe(BaseModel):
         peak_bytes_at_max: the step's peak at ``max_batch_size``: measured by real steps in
             "real" mode, estimated in "estimate" mode.
         fixed_bytes: intercept of the chord through the estimated peaks at batch size 1 and
-            at ``max_batch_size`` (parameters, gradients, optimizer state, ...).
+            at the estimated size nearest ``max_batch_size`` (parameters, gradients,
+            optimizer state, ...).
         bytes_per_sample: slope of that chord: the average growth per example up to the answer.
         budget_bytes: the memory the step may use; ``limit_bytes = budget * (1 - margin)``.
         margin: fraction of the budget kept free (fragmentation, workspaces, longer batches).

@@ -402,3 +402,17 @@ def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"fake tensors cannot run this model's training step,"
                        r" although it runs on real tensors"):
         probe_memory(Masked(), batch, nn.functional.cross_entropy, budget_bytes=2**30)
+
+
+def test_cli_probes_a_built_in_example(capsys) -> None:
+    from autobatch.examples import get_example
+
+    ex = get_example("synthetic")
+    expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,
+                            lambda params: ex.optimizer(params, ex.default_lr),
+                            budget_bytes=2**20, margin=0.1, max_batch_size=4096)
+    assert main(["probe", "--example", "synthetic", "--budget", "1MiB",
+                 "--max-batch-size", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert f"max batch size    {expected.max_batch_size:12d}" in out
+    assert "budget                     1.0 MiB  (margin 10%" in out
