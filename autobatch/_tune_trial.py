@@ -1,0 +1,266 @@
+"""The plumbing behind :mod:`autobatch.tune`: one Optuna trial as one ``autobatch.fit`` run.
+
+Kept apart from the public functions so :mod:`autobatch.tune` reads as the API and its
+checks. Here: opening a storage, the named pruners, the model factory guard, and the
+objective with its reporting callback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from torch import nn
+
+from autobatch.callbacks import Callback
+from autobatch.config import FitConfig, _flat_keys
+from autobatch.data import BatchSource
+from autobatch.fit import evaluate, fit
+
+# Keyword arguments of autobatch.fit a search space may set; every other key is either a
+# FitConfig setting or an optimizer argument.
+FIT_KEYS = ("lr", "optimizer")
+
+
+def _median(n_evals: int) -> optuna.pruners.BasePruner:
+    # Warm-up: the first quarter of the budget is never judged (early losses rank LRs badly:
+    # a small LR looks fine before a large one has had time to pass it).
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, n_evals // 4))
+
+
+def _hyperband(n_evals: int) -> optuna.pruners.BasePruner:
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
+
+
+def _no_pruning(n_evals: int) -> optuna.pruners.BasePruner:
+    return optuna.pruners.NopPruner()
+
+
+# pruner name -> builder(n_evals), where n_evals is the number of reports per trial
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": _median,
+    "hyperband": _hyperband,
+    "none": _no_pruning,
+}
+
+
+def make_pruner(pruner: str | optuna.pruners.BasePruner | None, n_evals: int) -> optuna.pruners.BasePruner:
+    """A pruner from a name in :data:`PRUNERS`, an instance (returned as is) or None (median)."""
+    if pruner is None:
+        return _median(n_evals)
+    if isinstance(pruner, optuna.pruners.BasePruner):
+        return pruner
+    if isinstance(pruner, str) and pruner in PRUNERS:
+        return PRUNERS[pruner](n_evals)
+    raise ValueError(
+        f"unknown pruner {pruner!r}; allowed: {', '.join(sorted(PRUNERS))}, None (median), "
+        "or an optuna.pruners.BasePruner instance"
+    )
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a database URL or a storage object (returned as is).
+
+    Raises:
+        ValueError: for a string that is not a URL Optuna can open, naming the fix.
+        TypeError: for anything else.
+    """
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    if not isinstance(storage, str):
+        raise TypeError(
+            f"storage must be an Optuna storage URL or an optuna.storages.BaseStorage "
+            f"(got {type(storage).__name__})"
+        )
+    hint = (
+        "give a database URL such as 'sqlite:///autobatch_studies.db', or a storage object "
+        "such as optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))"
+    )
+    if "://" not in storage:
+        raise ValueError(f"storage {storage!r} is not a URL (no '://'); {hint}")
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.get_storage(storage)
+        except (IntegrityError, OperationalError) as err:
+            # Two processes opening a new database at once race to create its tables; the
+            # loser sees "table ... already exists" and succeeds on a second try.
+            last = err
+            time.sleep(0.1 * (attempt + 1))
+        except Exception as err:  # sqlalchemy raises several types for a bad URL
+            last = err
+            break
+    raise ValueError(f"cannot open storage {storage!r} ({type(last).__name__}: {last}); {hint}") from last
+
+
+class ModelFactory:
+    """Calls ``model_fn`` and refuses a model (or a parameter) it has already handed out.
+
+    A model reused across trials would start every trial but the first from the weights
+    the previous trial trained, and the comparison between learning rates would be void.
+    Objects are remembered by id with a weak reference, so an id reused after the study
+    dropped a model is not mistaken for it (and tensors are never compared with ``==``).
+    """
+
+    def __init__(self, model_fn: Callable[[], nn.Module]) -> None:
+        self.model_fn = model_fn
+        self._seen: dict[int, weakref.ref] = {}
+
+    def _known(self, obj: Any) -> bool:
+        ref = self._seen.get(id(obj))
+        return ref is not None and ref() is obj
+
+    def __call__(self) -> nn.Module:
+        model = self.model_fn()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model_fn must return a torch.nn.Module (got {type(model).__name__}); "
+                "pass a function that builds the model, e.g. model_fn=lambda: MyNet()"
+            )
+        if self._known(model):
+            raise ValueError(
+                f"model_fn returned the same {type(model).__name__} object twice (id "
+                f"{id(model):#x}); every trial needs a freshly initialised model: build it "
+                "inside model_fn, e.g. model_fn=lambda: MyNet(), not model_fn=lambda: net"
+            )
+        shared = [name for name, p in model.named_parameters() if self._known(p)]
+        if shared:
+            raise ValueError(
+                f"model_fn returned a model whose parameters {shared[:3]} belong to a model "
+                "it built before; every trial needs fresh parameters: create the layers "
+                "inside model_fn"
+            )
+        for obj in (model, *model.parameters()):
+            self._seen[id(obj)] = weakref.ref(obj)
+        return model
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split a search space's dict into (fit keyword args, FitConfig settings, optimizer kwargs)."""
+    if not isinstance(overrides, dict):
+        raise TypeError(
+            f"space(trial) must return a dict of settings (got {type(overrides).__name__}), "
+            "e.g. {'lr': trial.suggest_float('lr', 1e-4, 1, log=True)}"
+        )
+    config_keys = _flat_keys()
+    fit_kw = {k: v for k, v in overrides.items() if k in FIT_KEYS}
+    config = {k: v for k, v in overrides.items() if k in config_keys}
+    optim = {k: v for k, v in overrides.items() if k not in fit_kw and k not in config}
+    return fit_kw, config, optim
+
+
+def with_kwargs(optimizer: Any, kwargs: dict[str, Any]) -> Any:
+    """The optimizer spec of :func:`autobatch.fit`, with extra constructor arguments bound.
+
+    Raises:
+        ValueError: for a key the optimizer does not take (a misspelt setting, usually).
+    """
+    if not kwargs:
+        return optimizer
+    try:
+        params = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            name = getattr(optimizer, "__name__", type(optimizer).__name__)
+            raise ValueError(
+                f"space(trial) returned {unknown}, which is neither an autobatch.fit argument "
+                f"{list(FIT_KEYS)}, a FitConfig setting, nor an argument of the optimizer {name} "
+                f"({', '.join(p for p in params if p not in ('self', 'params'))}); fix the name "
+                "or pass an optimizer that takes it"
+            )
+    if isinstance(optimizer, type):
+        return lambda params, lr: optimizer(params, lr=lr, **kwargs)
+    return lambda params, lr: optimizer(params, lr, **kwargs)
+
+
+class TrialReporter(Callback):
+    """Evaluates at fixed sample counts, reports ``val_loss`` to the trial, prunes.
+
+    The reports are indexed 1..n by evaluation (not by optimizer step), at the same numbers
+    of examples processed in every trial, so a pruner compares trials at equal cost however
+    their batch sizes evolved.
+    """
+
+    def __init__(self, trial: optuna.Trial, val: BatchSource, loss_fn: Callable, marks: list[int],
+                 device: Any) -> None:
+        self.trial, self.val, self.loss_fn, self.marks, self.device = trial, val, loss_fn, marks, device
+        self.model: nn.Module | None = None
+        self.next = 0  # index into marks of the next evaluation
+        self.samples = self.steps = self.batch_size = 0
+        self.value = math.nan
+        self.reported = 0  # the last report's index (1-based), 0 before the first
+
+    def on_step_end(self, record) -> None:
+        self.samples, self.steps, self.batch_size = record.samples, record.step, record.batch_size
+        passed = self.next
+        while passed < len(self.marks) and record.samples >= self.marks[passed]:
+            passed += 1
+        if passed == self.next:
+            return
+        self.next = passed
+        self.report(passed)
+
+    def report(self, index: int) -> None:
+        """Evaluate, report as evaluation ``index`` (1-based) and let the pruner decide."""
+        assert self.model is not None
+        value = evaluate(self.model, self.val, self.loss_fn, device=self.device)["val_loss"]
+        self.value = value
+        if not math.isfinite(value):
+            raise Diverged(f"val_loss={value} at evaluation {index} ({self.samples} examples)")
+        self.trial.report(value, index)
+        self.reported = index
+        if self.trial.should_prune():
+            self.trial.set_user_attr(
+                "reason", f"pruned at evaluation {index}/{len(self.marks)} (val_loss={value:.4g})"
+            )
+            raise optuna.TrialPruned()
+
+
+class Diverged(Exception):
+    """A trial's validation loss or training loss stopped being finite."""
+
+
+def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, Any]],
+              make_model: ModelFactory, data: Any, val: BatchSource, loss_fn: Callable,
+              optimizer: Any, config: FitConfig, total_samples: int, n_evals: int,
+              device: Any) -> float:
+    """The objective: one adaptive-batch fit of ``total_samples`` examples; returns the last
+    ``val_loss``. Divergence ends the trial as pruned, its reason in the ``reason`` user attr,
+    with a NaN report after the last good one (TPE then ranks it below every trial that
+    reached as far)."""
+    fit_kw, settings, optim_kw = split_overrides(space(trial))
+    if "lr" not in fit_kw:
+        raise ValueError(
+            f"space(trial) must set 'lr' (got keys {sorted(fit_kw) + sorted(settings) + sorted(optim_kw)}); "
+            "add e.g. 'lr': trial.suggest_float('lr', 1e-4, 1.0, log=True)"
+        )
+    marks = [math.ceil(total_samples * k / n_evals) for k in range(1, n_evals + 1)]
+    reporter = TrialReporter(trial, val, loss_fn, marks, device)
+    reporter.model = model = make_model()
+    cfg = FitConfig.from_any(config, **settings)
+    start = time.perf_counter()
+    try:
+        fit(model, data, loss_fn=loss_fn, optimizer=with_kwargs(fit_kw.get("optimizer", optimizer), optim_kw),
+            lr=fit_kw["lr"], max_samples=total_samples, config=cfg, callbacks=[reporter], device=device)
+        if reporter.reported < n_evals:  # a fit that stopped short of the last mark
+            reporter.report(n_evals)
+    except (FloatingPointError, Diverged) as err:
+        trial.set_user_attr("reason", f"diverged: {err}")
+        trial.set_user_attr("diverged", True)
+        trial.report(math.nan, reporter.reported + 1)
+        raise optuna.TrialPruned(f"diverged: {err}") from None
+    finally:
+        trial.set_user_attr("samples", reporter.samples)
+        trial.set_user_attr("steps", reporter.steps)
+        trial.set_user_attr("final_batch_size", reporter.batch_size)
+        trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
+    return reporter.value

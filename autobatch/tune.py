@@ -1,0 +1,390 @@
+"""Hyperparameter studies with Optuna: find the base learning rate, resumably.
+
+With an adaptive batch size the one number left to choose is the base LR at the base batch
+``initial_batch_size`` (B0); the scaling rule carries it to every other B. :func:`tune_lr`
+searches it on a log scale, one ``autobatch.fit`` run per Optuna trial; :func:`search` does
+the same for any space of fit settings (momentum, weight decay, the noise-scale multiplier,
+the policy...).
+
+Every trial trains a fresh model from ``model_fn()`` on the same number of examples (the
+budget), with the adaptive batch size, and reports the validation loss ``n_evals`` times at
+equal sample counts, so the pruner (MedianPruner with warm-up by default) stops hopeless
+trials early. A trial whose loss stops being finite ends as *pruned*, the reason in its
+``reason`` user attribute; it never stops the study.
+
+Studies live in an Optuna storage, by default the SQLite file ``autobatch_studies.db`` in the
+working directory: a second call with the same ``study_name`` resumes the study and adds
+``n_trials`` more. Several processes may work on one study at once (give each its own
+``seed``, or they propose the same first points); for many workers on one machine a
+``optuna.storages.JournalStorage`` file avoids SQLite's write locks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field
+import torch
+from torch import nn
+
+from autobatch._tune_trial import ModelFactory, make_pruner, open_storage, run_trial
+from autobatch.config import FitConfig
+from autobatch.data import as_batch_source
+
+__all__ = ["DEFAULT_STORAGE", "TrialRow", "TuneResult", "search", "tune_lr"]
+
+DEFAULT_STORAGE = "sqlite:///autobatch_studies.db"
+"""Where studies go unless told otherwise: a SQLite file in the working directory."""
+
+BUDGET_UNITS = ("epochs", "samples")
+
+
+class TrialRow(BaseModel):
+    """One trial of a study, flattened for a table.
+
+    Attributes:
+        number: Optuna's trial number (unique within the study, across processes).
+        state: ``"COMPLETE"``, ``"PRUNED"`` (by the pruner, or diverged), ``"FAIL"``, ``"RUNNING"``...
+        value: the final validation loss (None unless complete).
+        params: the sampled parameters, e.g. ``{"lr": 0.12}``.
+        samples: examples the trial trained on before it ended (its cost).
+        steps: optimizer steps it took.
+        final_batch_size: the global batch size when it ended.
+        reason: why it ended early (pruned at evaluation k, or diverged: ...), else None.
+        wall_time_s: seconds its fit took.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    number: int
+    state: str
+    value: float | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    samples: int | None = None
+    steps: int | None = None
+    final_batch_size: int | None = None
+    reason: str | None = None
+    wall_time_s: float | None = None
+
+
+class TuneResult(BaseModel):
+    """The outcome of :func:`tune_lr` or :func:`search`: the whole study so far, not only
+    the trials of the last call.
+
+    Attributes:
+        study: the ``optuna.Study`` (its storage keeps it after the process ends).
+        best_params: the parameters of the complete trial with the lowest validation loss
+            (None when no trial completed).
+        best_lr: ``best_params["lr"]``, the base LR at ``initial_batch_size``.
+        best_value: its final validation loss.
+        trials: one :class:`TrialRow` per trial, by number.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    study: optuna.Study
+    best_params: dict[str, Any] | None = None
+    best_lr: float | None = None
+    best_value: float | None = None
+    trials: list[TrialRow] = Field(default_factory=list)
+
+    @property
+    def total_samples(self) -> int:
+        """Examples trained on over all trials: the study's compute, in samples."""
+        return sum(row.samples or 0 for row in self.trials)
+
+    def table(self) -> str:
+        """The trials as a fixed-width text table, one line each, the best marked ``*``."""
+        names = sorted({name for row in self.trials for name in row.params})
+        head = ["#", "state", *names, "val_loss", "samples", "steps", "B_end", "note"]
+        lines = []
+        for row in self.trials:
+            best = "*" if self.best_value is not None and row.value == self.best_value else ""
+            lines.append([
+                f"{row.number}{best}", row.state.lower(),
+                *[_fmt(row.params.get(name)) for name in names],
+                _fmt(row.value), _fmt(row.samples), _fmt(row.steps), _fmt(row.final_batch_size),
+                row.reason or "",
+            ])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+        rows = [head, *lines]
+        return "\n".join(
+            "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows
+        )
+
+    def plot(self, path: str | Path) -> Path:
+        """Save the optimisation history and the loss against each parameter (LR on a log
+        axis) side by side, drawn by ``optuna.visualization.matplotlib``; returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        images = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+            for draw in (ovm.plot_optimization_history, ovm.plot_slice):
+                ax = draw(self.study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(6.4, 4.8)
+                fig.canvas.draw()
+                images.append(fig.canvas.buffer_rgba())
+                plt.close(fig)
+        fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.8), dpi=100)
+        for ax, image in zip(axes, images):
+            ax.imshow(image)
+            ax.set_axis_off()
+        fig.subplots_adjust(left=0, right=1, top=1, bottom=0, wspace=0)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def tune_lr(
+    model_fn: Callable[[], nn.Module],
+    data: Any,
+    *,
+    loss_fn: Callable[[Any, Any], Any],
+    val_data: Any,
+    n_trials: int,
+    budget: float,
+    budget_unit: Literal["epochs", "samples"] = "epochs",
+    lr_range: tuple[float, float] = (1e-5, 1.0),
+    optimizer: Any = torch.optim.SGD,
+    storage: str | optuna.storages.BaseStorage = DEFAULT_STORAGE,
+    study_name: str = "autobatch-tune-lr",
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: str | optuna.pruners.BasePruner | None = None,
+    config: FitConfig | dict[str, Any] | None = None,
+    seed: int | None = None,
+    n_evals: int = 8,
+    device: Any = None,
+    verbose: bool = False,
+) -> TuneResult:
+    """Find the base learning rate (at ``initial_batch_size``) with an Optuna study.
+
+    The LR is sampled log-uniformly from ``lr_range`` (TPE by default). Each trial runs
+    :func:`autobatch.fit` with the adaptive batch size for ``budget`` and scores the final
+    validation loss (lower is better).
+
+    Args:
+        model_fn: builds a fresh, freshly initialised model on every call.
+        data: training data in any form :func:`autobatch.fit` takes.
+        loss_fn: ``loss_fn(output, target)`` -> scalar, **mean-reduced** over the batch.
+        val_data: held-out data; its mean ``loss_fn`` is the objective.
+        n_trials: trials this call adds to the study (>= 1).
+        budget: the training length of every trial, in ``budget_unit``: ``"epochs"``
+            (passes over ``data``, fractional allowed) or ``"samples"`` (examples
+            processed). Every trial trains on the same number of examples; the adaptive
+            batch decides how many optimizer steps that is.
+        budget_unit: ``"epochs"`` or ``"samples"``.
+        lr_range: ``(low, high)``, ``0 < low < high``: where the base LR is searched.
+        optimizer: as for :func:`autobatch.fit`: a class or a factory ``f(params, lr)``.
+        storage: an Optuna storage URL or object. The default is a SQLite file in the
+            working directory, so the study outlives the process.
+        study_name: a second call with the same name (and storage) resumes the study.
+        sampler: an Optuna sampler; None: TPE seeded by ``seed`` and the trials so far.
+        pruner: ``"median"`` (the default: MedianPruner, 4 startup trials, warm-up over
+            the first quarter of the evaluations), ``"hyperband"``, ``"none"``, or an
+            ``optuna.pruners.BasePruner``.
+        config: the :func:`autobatch.fit` settings shared by every trial (FitConfig or dict);
+            ``initial_batch_size`` there is the batch the LR is tuned for.
+        seed: seeds the default sampler (not the model: ``model_fn`` owns its init).
+        n_evals: validation evaluations per trial, at equal fractions of the budget.
+        device: passed to :func:`autobatch.fit`.
+        verbose: keep Optuna's per-trial log lines (silenced by default).
+
+    Returns:
+        A :class:`TuneResult`; ``best_lr`` is None if no trial completed (all diverged or
+        were pruned), with a warning.
+
+    Raises:
+        ValueError: for invalid arguments (every one named at once, with the fix), a
+            malformed storage URL, a study whose budget differs from this one, or a
+            ``model_fn`` that returns a model it returned before.
+    """
+    problems = []
+    low, high = _pair(lr_range, problems)
+    if low is not None and high is not None:
+        if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high > 0):
+            problems.append(f"lr_range must hold two positive finite LRs (got lr_range={tuple(lr_range)}); e.g. (1e-5, 1.0)")
+        elif low >= high:
+            problems.append(
+                f"lr_range must be (low, high) with low < high (got lr_range={tuple(lr_range)}); "
+                f"swap them: lr_range=({high}, {low})"
+            )
+
+    def space(trial: optuna.Trial) -> dict[str, Any]:
+        return {"lr": trial.suggest_float("lr", low, high, log=True)}
+
+    return _study(
+        model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
+        budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
+        study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
+        n_evals=n_evals, device=device, verbose=verbose, problems=problems,
+    )
+
+
+def search(
+    model_fn: Callable[[], nn.Module],
+    data: Any,
+    *,
+    space: Callable[[optuna.Trial], dict[str, Any]],
+    loss_fn: Callable[[Any, Any], Any],
+    val_data: Any,
+    n_trials: int,
+    budget: float,
+    budget_unit: Literal["epochs", "samples"] = "epochs",
+    optimizer: Any = torch.optim.SGD,
+    storage: str | optuna.storages.BaseStorage = DEFAULT_STORAGE,
+    study_name: str = "autobatch-search",
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: str | optuna.pruners.BasePruner | None = None,
+    config: FitConfig | dict[str, Any] | None = None,
+    seed: int | None = None,
+    n_evals: int = 8,
+    device: Any = None,
+    verbose: bool = False,
+) -> TuneResult:
+    """Search a user-given space of fit settings with the machinery of :func:`tune_lr`.
+
+    ``space(trial)`` returns a dict; each key goes where its name says: ``"lr"`` (required)
+    and ``"optimizer"`` to :func:`autobatch.fit`, any :class:`~autobatch.config.FitConfig`
+    setting (``noise_multiplier``, ``policy``, ``lr_scaling``...) to the trial's config, and
+    every other key (``momentum``, ``weight_decay``...) to the optimizer's constructor::
+
+        def space(trial):
+            return {
+                "lr": trial.suggest_float("lr", 1e-3, 1.0, log=True),
+                "momentum": trial.suggest_float("momentum", 0.0, 0.95),
+                "noise_multiplier": trial.suggest_float("noise_multiplier", 0.5, 4.0, log=True),
+            }
+
+    The other arguments, the result and the errors are those of :func:`tune_lr`; ``best_lr``
+    is the best trial's ``"lr"``.
+    """
+    return _study(
+        model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
+        budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
+        study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
+        n_evals=n_evals, device=device, verbose=verbose, problems=[],
+    )
+
+
+def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
+           storage, study_name, sampler, pruner, config, seed, n_evals, device, verbose,
+           problems: list[str]) -> TuneResult:
+    """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
+    if not callable(model_fn):
+        problems.append(f"model_fn must be a function that builds a model (got {type(model_fn).__name__})")
+    if not callable(space):
+        problems.append(f"space must be a function trial -> dict of settings (got {type(space).__name__})")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        problems.append(f"n_trials must be an integer >= 1 (got n_trials={n_trials!r})")
+    if isinstance(n_evals, bool) or not isinstance(n_evals, int) or n_evals < 1:
+        problems.append(f"n_evals must be an integer >= 1 (got n_evals={n_evals!r})")
+    if budget_unit not in BUDGET_UNITS:
+        problems.append(f"budget_unit must be one of {BUDGET_UNITS} (got budget_unit={budget_unit!r})")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0):
+        problems.append(f"budget must be a positive number of {budget_unit} (got budget={budget!r})")
+    if val_data is None:
+        problems.append("val_data is required: the validation loss is what the study minimises")
+    if problems:
+        raise ValueError("; ".join(problems))
+    cfg = FitConfig.from_any(config, progress=False)
+    n = len(as_batch_source(data))
+    val = as_batch_source(val_data, name="val_data")
+    total = max(1, round(budget * n)) if budget_unit == "epochs" else int(budget)
+    pruner = make_pruner(pruner, n_evals)
+    storage = open_storage(storage)
+
+    level = optuna.logging.get_verbosity()
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                    pruner=pruner, load_if_exists=True)
+        _check_same_budget(study, total, n_evals)
+        # Offset the seed by the trials already there, so a resumed study does not replay
+        # the random start-up points of the first call.
+        study.sampler = sampler or optuna.samplers.TPESampler(
+            seed=None if seed is None else seed + len(study.trials), n_startup_trials=5,
+            multivariate=True,
+        )
+        make_model = ModelFactory(model_fn)
+
+        def objective(trial: optuna.Trial) -> float:
+            return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
+                             loss_fn=loss_fn, optimizer=optimizer, config=cfg,
+                             total_samples=total, n_evals=n_evals, device=device)
+
+        study.optimize(objective, n_trials=n_trials)
+    finally:
+        optuna.logging.set_verbosity(level)
+    return _summarise(study)
+
+
+def _pair(lr_range: Any, problems: list[str]) -> tuple[float | None, float | None]:
+    try:
+        low, high = (float(x) for x in lr_range)
+    except (TypeError, ValueError):
+        problems.append(f"lr_range must be a pair (low, high) of positive LRs (got lr_range={lr_range!r})")
+        return None, None
+    return low, high
+
+
+def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int) -> None:
+    """Refuse to mix trials of different budgets in one study: their losses do not compare."""
+    want = {"autobatch_budget_samples": total_samples, "autobatch_n_evals": n_evals}
+    have = {k: study.user_attrs[k] for k in want if k in study.user_attrs}
+    clash = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+    if clash:
+        detail = ", ".join(f"{k.removeprefix('autobatch_')}: study has {a}, this call {b}" for k, (a, b) in clash.items())
+        raise ValueError(
+            f"study {study.study_name!r} was run with another budget ({detail}); losses after "
+            "different budgets do not compare: use the same budget and n_evals, or a new study_name"
+        )
+    for key, value in want.items():
+        if key not in have:
+            study.set_user_attr(key, value)
+
+
+def _summarise(study: optuna.Study) -> TuneResult:
+    trials = study.get_trials(deepcopy=False)
+    rows = [
+        TrialRow(
+            number=t.number, state=t.state.name, value=t.value if t.state.name == "COMPLETE" else None,
+            params=dict(t.params), samples=t.user_attrs.get("samples"), steps=t.user_attrs.get("steps"),
+            final_batch_size=t.user_attrs.get("final_batch_size"), reason=t.user_attrs.get("reason"),
+            wall_time_s=t.user_attrs.get("wall_time_s"),
+        )
+        for t in sorted(trials, key=lambda t: t.number)
+    ]
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    if not done:
+        warnings.warn(
+            f"no trial of study {study.study_name!r} completed ({len(trials)} trials: "
+            f"{sum(r.reason is not None and r.reason.startswith('diverged') for r in rows)} diverged); "
+            "lower or widen lr_range, or raise the budget",
+            stacklevel=3,
+        )
+        return TuneResult(study=study, trials=rows)
+    best = min(done, key=lambda t: t.value)
+    return TuneResult(study=study, best_params=dict(best.params), best_lr=best.params.get("lr"),
+                      best_value=best.value, trials=rows)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,219 @@
+"""autobatch.tune: LR studies against a dense grid and the curvature bound, resumption,
+two processes on one study, divergence, search spaces, the CLI, and the error messages."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import autobatch
+from autobatch.cli import main
+from autobatch.examples import get_example
+from autobatch.tune import search, tune_lr
+
+B0 = 16
+
+
+@pytest.fixture(scope="module")
+def ex():
+    # Small and well conditioned enough to train in a few dozen steps; inputs have variances
+    # in [0.01, 1] and the bias input is 1.
+    return get_example("synthetic", num_train=256, num_val=1024, min_variance=0.01)
+
+
+def _tune(ex, **kw):
+    args = dict(loss_fn=ex.loss_fn, val_data=ex.val_data, budget=4, optimizer=ex.optimizer,
+                storage=optuna.storages.InMemoryStorage(), config={"initial_batch_size": B0}, seed=0)
+    args.update(kw)
+    return tune_lr(ex.model_fn, ex.train_data, **args)
+
+
+def _grid_loss(ex, lr: float, epochs: float = 4) -> float:
+    """The same adaptive-batch fit a trial runs, outside Optuna, scored the same way."""
+    try:
+        result = autobatch.fit(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer,
+                               lr=lr, max_samples=round(epochs * 256), initial_batch_size=B0, progress=False)
+    except FloatingPointError:
+        return math.inf
+    loss = ex.evaluate(result.model, ex.val_data)["val_loss"]
+    return loss if math.isfinite(loss) else math.inf
+
+
+def test_best_lr_within_3x_of_the_dense_grid_and_the_curvature_bound(ex):
+    # Reference 1, by brute force: a log grid (x1.6 steps) of full-budget fits.
+    grid = np.logspace(-2, math.log10(2.0), 12)
+    losses = [_grid_loss(ex, lr) for lr in grid]
+    grid_lr = float(grid[int(np.argmin(losses))])
+    # Reference 2, by theory: the loss Hessian is 2 E[(x,1)(x,1)^T] = 2 diag(v, 1), whose
+    # largest eigenvalue is L = 2; gradient descent diverges above 2/L = 1, and 1/L = 0.5 is
+    # the classical safe, fast choice.
+    assert grid_lr / 3 <= 0.5 <= grid_lr * 3
+    assert max(losses[int(np.searchsorted(grid, 1.2)):]) == math.inf  # and it does diverge above 1
+
+    result = _tune(ex, n_trials=12, lr_range=(1e-3, 10.0))
+    assert len(result.trials) == 12
+    assert grid_lr / 3 <= result.best_lr <= grid_lr * 3
+    assert result.best_value <= 1.1 * min(losses)
+    # best_value is the final validation loss of the best trial, as a plain fit measures it.
+    assert result.best_value == pytest.approx(_grid_loss(ex, result.best_lr), rel=1e-4)
+    # Pruned trials stopped early: the study cost less than 12 full budgets.
+    assert result.total_samples < 12 * 4 * 256
+    pruned = [row for row in result.trials if row.state == "PRUNED"]
+    assert pruned and all(row.samples < 4 * 256 and row.reason for row in pruned)
+
+
+def test_resume_adds_trials_to_the_same_study(ex, tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    kw = dict(lr_range=(0.05, 0.5), storage=url, study_name="resume", n_evals=2, budget=2)
+    first = _tune(ex, n_trials=2, **kw)
+    second = _tune(ex, n_trials=3, **kw)
+    assert [row.number for row in first.trials] == [0, 1]
+    assert [row.number for row in second.trials] == [0, 1, 2, 3, 4]
+    # The first call's trials are the stored ones, untouched; the resumed sampler does not
+    # replay the first call's random start-up points.
+    assert [row.params for row in second.trials[:2]] == [row.params for row in first.trials]
+    assert len({row.params["lr"] for row in second.trials}) == 5
+    stored = optuna.load_study(study_name="resume", storage=url)
+    assert len(stored.trials) == 5
+    with pytest.raises(ValueError, match=r"another budget \(budget_samples: study has 512, this call 256\)"):
+        _tune(ex, n_trials=1, **{**kw, "budget": 1})
+
+
+def _worker(storage_kind: str, path: str, seed: int, barrier) -> None:
+    torch.set_num_threads(1)
+    if storage_kind == "sqlite":
+        storage = f"sqlite:///{path}"
+    else:
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    ex = get_example("synthetic", num_train=128, num_val=256)
+    barrier.wait(timeout=60)  # both create-or-load the study at the same moment
+    tune_lr(ex.model_fn, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=4, budget=2,
+            lr_range=(0.01, 0.5), optimizer=ex.optimizer, storage=storage, study_name="shared",
+            config={"initial_batch_size": B0}, seed=seed, n_evals=2)
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
+def test_two_processes_share_a_study(storage_kind, tmp_path):
+    path = str(tmp_path / ("s.db" if storage_kind == "sqlite" else "s.log"))
+    # Building a first optimizer imports torch._dynamo (seconds); do it once here, so the
+    # forked children (two real processes, without re-importing torch) inherit it.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_worker, args=(storage_kind, path, seed, barrier)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    storage = f"sqlite:///{path}" if storage_kind == "sqlite" else optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(path))
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert sorted(t.number for t in trials) == list(range(8))  # 4 + 4, none lost or doubled
+    assert all(t.state.is_finished() for t in trials)
+    assert len({t._trial_id for t in trials}) == 8
+
+
+def test_diverging_lrs_are_pruned_with_the_reason_and_the_study_goes_on(ex):
+    result = _tune(ex, n_trials=8, lr_range=(0.05, 50.0), pruner="none")
+    assert len(result.trials) == 8
+    diverged = [row for row in result.trials if row.reason and row.reason.startswith("diverged")]
+    assert diverged, result.table()
+    # Plain GD diverges above 1 on this problem (see the first test); every trial that
+    # diverged had an LR near or above that, and it is pruned, not failed.
+    assert all(row.state == "PRUNED" and row.params["lr"] > 0.7 for row in diverged)
+    assert any("non-finite" in row.reason or "val_loss=inf" in row.reason or "val_loss=nan" in row.reason
+               for row in diverged)
+    assert result.best_lr is not None and result.best_lr < 1.0
+    assert all(math.isnan(t.intermediate_values[max(t.intermediate_values)])
+               for t in result.study.trials if t.user_attrs.get("diverged"))
+
+
+def test_all_trials_diverging_returns_no_best_with_a_warning(ex):
+    with pytest.warns(UserWarning, match=r"no trial of study .* completed \(3 trials: 3 diverged\)"):
+        result = _tune(ex, n_trials=3, lr_range=(100.0, 1e4))
+    assert result.best_lr is None and result.best_value is None
+    assert [row.state for row in result.trials] == ["PRUNED"] * 3
+
+
+def test_search_routes_each_key_to_fit_config_or_optimizer(ex):
+    seen = []
+
+    class SpySGD(torch.optim.SGD):
+        def __init__(self, params, lr, momentum=0.0):
+            seen.append(momentum)
+            super().__init__(params, lr=lr, momentum=momentum)
+
+    def space(trial):
+        return {
+            "lr": trial.suggest_float("lr", 0.02, 0.2, log=True),
+            "momentum": trial.suggest_float("momentum", 0.0, 0.9),
+            "initial_batch_size": trial.suggest_categorical("initial_batch_size", [8, 32]),
+        }
+
+    result = search(ex.model_fn, ex.train_data, space=space, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                    n_trials=4, budget=1, optimizer=SpySGD, storage=optuna.storages.InMemoryStorage(),
+                    config={"policy": "fixed"}, seed=0, pruner="none")
+    rows = result.trials
+    assert seen == [row.params["momentum"] for row in rows]
+    # A fixed batch of B over 256 examples is 256 / B steps: the batch size reached fit.
+    assert [row.steps for row in rows] == [256 // row.params["initial_batch_size"] for row in rows]
+    assert result.best_lr == result.best_params["lr"]
+    with pytest.raises(ValueError, match=r"returned \['momentun'\], which is neither .* SGD"):
+        search(ex.model_fn, ex.train_data, space=lambda t: {"lr": 0.1, "momentun": 0.9},
+               loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, budget=1,
+               storage=optuna.storages.InMemoryStorage())
+
+
+def test_hyperband_pruner_and_plot(ex, tmp_path):
+    result = _tune(ex, n_trials=5, lr_range=(1e-3, 0.5), pruner="hyperband", budget=2)
+    assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
+    path = result.plot(tmp_path / "tune.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = result.table().splitlines()
+    assert table[0].split()[:3] == ["#", "state", "lr"] and len(table) == 6
+
+
+def test_bad_inputs_get_clear_errors(ex):
+    with pytest.raises(ValueError, match=r"low < high \(got lr_range=\(1.0, 0.001\)\); swap them"):
+        _tune(ex, n_trials=1, lr_range=(1.0, 1e-3))
+    with pytest.raises(ValueError, match=r"two positive finite LRs \(got lr_range=\(0.0, 1.0\)\)"):
+        _tune(ex, n_trials=1, lr_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"n_trials must be an integer >= 1 \(got n_trials=0\)"):
+        _tune(ex, n_trials=0)
+    # every problem of one call at once
+    with pytest.raises(ValueError, match=r"lr_range.*; n_trials must be .*; budget must be a positive"):
+        _tune(ex, n_trials=0, lr_range=(-1.0, 1.0), budget=0)
+    with pytest.raises(ValueError, match=r"storage 'studies.db' is not a URL .* 'sqlite:///"):
+        _tune(ex, n_trials=1, storage="studies.db")
+    with pytest.raises(ValueError, match=r"cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"):
+        _tune(ex, n_trials=1, storage="nosuchdb://x/y")
+    with pytest.raises(ValueError, match=r"unknown pruner 'medain'; allowed: hyperband, median, none"):
+        _tune(ex, n_trials=1, pruner="medain")
+    net = ex.model_fn()
+    with pytest.raises(ValueError, match=r"model_fn returned the same Linear object twice .* build it inside"):
+        tune_lr(lambda: net, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=2, budget=1,
+                optimizer=ex.optimizer, storage=optuna.storages.InMemoryStorage(), lr_range=(0.01, 0.1))
+    layer = torch.nn.Linear(16, 1)
+    with pytest.raises(ValueError, match=r"parameters \['0.weight', '0.bias'\] belong to a model it built before"):
+        tune_lr(lambda: torch.nn.Sequential(layer), ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                n_trials=2, budget=1, optimizer=ex.optimizer, storage=optuna.storages.InMemoryStorage(),
+                lr_range=(0.01, 0.1))
+
+
+def test_cli_prints_the_table_and_best_lr_and_writes_the_plot(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    code = main(["tune", "--example", "synthetic", "--trials", "2", "--epochs", "0.1", "--storage", url,
+                 "--study", "cli", "--lr-min", "0.01", "--lr-max", "0.3", "--evals", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "study 'cli'" in out and "best base LR: " in out and "at B0=16" in out
+    lrs = [float(line.split()[2]) for line in out.splitlines() if line[:1].isdigit()]
+    assert len(lrs) == 2 and all(0.01 <= lr <= 0.3 for lr in lrs)
+    assert (tmp_path / "tune-synthetic.png").exists()
+    assert len(optuna.load_study(study_name="cli", storage=url).trials) == 2
