@@ -17,6 +17,7 @@ from autobatch.memory import MemoryProbe, probe_memory
 from autobatch.per_example import PerExampleGradNorms
 from autobatch.policies import BatchSizePolicy, FixedPolicy, GNSPolicy, GoodputPolicy, RampPolicy
 from autobatch.results import FitResult, StepRecord
+from autobatch.tune import TuneResult, search, tune_lr
 
 __all__ = [
     "AdaScaleScaling",
@@ -40,10 +41,13 @@ __all__ = [
     "StepRecord",
     "StopAtTarget",
     "StopTraining",
+    "TuneResult",
     "__version__",
     "evaluate",
     "fit",
     "measure_noise_scale",
     "probe_memory",
+    "search",
+    "tune_lr",
     "two_batch_estimates",
 ]

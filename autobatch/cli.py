@@ -18,6 +18,7 @@ from autobatch._version import __version__
 _SUBCOMMANDS: dict[str, str] = {
     "fit": "autobatch.fit_cli",
     "probe": "autobatch.memory_cli",
+    "tune": "autobatch.tune_cli",
 }
 
 
