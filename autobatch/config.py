@@ -167,12 +167,14 @@ class EstimatorConfig(_Section):
 
     Attributes:
         gns_method: ``"micro"`` takes the small-batch gradients from the micro-batches of
-            each step (free); ``"per_example"`` uses per-example gradient norms (``b = 1``).
+            each step (free); ``"per_example"`` uses per-example gradient norms (``b = 1``);
+            ``"off"`` measures nothing (only for the ``fixed`` and ``ramp`` policies with
+            ``lr_scaling`` ``"linear"``, ``"sqrt"`` or ``"none"``; used to time the estimator).
         gns_smoothing: EMA decay of the estimator (0.95: about 20 steps of memory).
         gns_min_updates: updates before the estimate counts as ready.
     """
 
-    gns_method: Literal["micro", "per_example"] = "micro"
+    gns_method: Literal["micro", "per_example", "off"] = "micro"
     gns_smoothing: float = Field(0.95, ge=0.0, lt=1.0)
     gns_min_updates: int = Field(3, ge=1)
 

@@ -107,11 +107,17 @@ def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+def all_reduce_gradients(params: list[nn.Parameter], info: DistInfo, *, sq_norm: bool = False) -> float:
     """SUM every parameter's ``.grad`` over ranks in one flat all-reduce. A parameter with no
-    gradient on this rank (no example reached it) takes part as zeros."""
+    gradient on this rank (no example reached it) takes part as zeros.
+
+    Returns:
+        With ``sq_norm``, the squared L2 norm of the reduced gradient, read from the flat
+        buffer the all-reduce already filled (no second pass over the parameters); else NaN.
+        NaN on one process, where nothing is reduced.
+    """
     if not info.enabled:
-        return
+        return float("nan")
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -123,6 +129,7 @@ def all_reduce_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
+    return float(torch.linalg.vector_norm(flat, dtype=torch.float32).square()) if sq_norm else float("nan")
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
@@ -134,33 +141,41 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
 
 
 def combine_norms(
-    local: StepGradNorms | None, big_sq_norm: float, global_batch: int, info: DistInfo, device: torch.device
-) -> StepGradNorms | None:
+    local: StepGradNorms | None,
+    big_sq_norm: float,
+    global_batch: int,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    also_sum: float = 0.0,
+) -> tuple[StepGradNorms | None, float]:
     """The step's norms for the estimator, with every rank's micro-batches as small batches.
 
     Args:
         local: this rank's micro-batch norms (None if it had no example this step).
         big_sq_norm: ``|G_B|^2`` of the all-reduced (global mean) gradient.
         global_batch: ``B``, examples in the step over all ranks.
+        also_sum: one more number to sum over ranks in the same all-reduce (the loss).
 
     Returns:
-        Norms whose small batches are all ranks' micro-batches (mean squared norm and the
-        effective size ``1/mean(1/b_i)``), or None when there are fewer than two of them.
+        ``(norms, total)``: norms whose small batches are all ranks' micro-batches (mean
+        squared norm and the effective size ``1/mean(1/b_i)``), or None when there are fewer
+        than two of them; and ``also_sum`` summed over ranks.
     """
     smalls = local.small_sq_norms if local is not None else []
     sizes = local.micro_batch_sizes if local is not None else []
-    totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes)]
+    totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes), float(also_sum)]
     if info.enabled:
         t = torch.tensor(totals, device=device, dtype=torch.float64)
         dist.all_reduce(t)
         totals = t.tolist()
-    sum_sq, count, sum_inv = totals
+    sum_sq, count, sum_inv, total = totals
     if count < 2:
-        return None
+        return None, total
     return StepGradNorms(
         small_sq_norms=[sum_sq / count],
         small_batch_size=count / sum_inv,
         big_sq_norm=big_sq_norm,
         big_batch_size=global_batch,
         micro_batch_sizes=[],
-    )
+    ), total

@@ -41,7 +41,7 @@ from autobatch.data import BatchSource, as_batch_source, batch_size_of, move_to
 from autobatch.gns import GradientNoiseScale
 from autobatch.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
                                    combine_norms, local_share, setup_distributed)
-from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms, grad_sq_norm
+from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms
 from autobatch.lr_scaling import default_scaling, make_scaling
 from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
 from autobatch.per_example import PerExampleGradNorms
@@ -142,9 +142,18 @@ def fit(
     if _should_probe(cfg, device):
         max_micro = _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
     per_example = cfg.estimator.gns_method == "per_example"
+    scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
+    if cfg.estimator.gns_method == "off" and (
+        cfg.batch.policy in ("gns", "goodput") or scaling_name in ("adascale", "optimal")
+    ):
+        raise ValueError(
+            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
+            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
+            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
+        )
     controller = BatchSizeController(
         policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
-        scaling=make_scaling(cfg.lr.lr_scaling or default_scaling(opt)),
+        scaling=make_scaling(scaling_name),
         estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
         base_batch_size=b0,
         min_batch_size=min(cfg.batch.min_batch_size or b0, b0),
@@ -207,7 +216,8 @@ def fit(
             return "epochs"
         return None
 
-    collector = MicroBatchGradNorms(model, loss_reduction="mean")
+    measure = cfg.estimator.gns_method != "off"
+    collector = MicroBatchGradNorms(model, loss_reduction="mean") if measure else None
     pe_collector = PerExampleGradNorms(model) if per_example else None
     params = [p for p in model.parameters() if p.requires_grad]
     # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed by
@@ -255,18 +265,19 @@ def fit(
                 controller.on_oom(failed)
                 result.oom_retries += 1
             grad_scale = scaler.get_scale() if scaler is not None else 1.0
-            local_norms = collector.end_step(grad_scale=grad_scale, min_micro_batches=1)
+            local_norms = (collector.end_step(grad_scale=grad_scale, min_micro_batches=1,
+                                              big_norm=not info.enabled) if measure else None)
             if pe_norms is not None:
                 local_norms = _per_example_norms(pe_norms, local_norms)
-            all_reduce_gradients(params, info)
+            reduced_sq = all_reduce_gradients(params, info, sq_norm=measure)
+            # One CPU-GPU sync per step: the loss value (and the norms, read with it).
+            loss_total = loss_sum.item()
             if info.enabled:
-                loss_sum = _sum_over_ranks(loss_sum)
-                big = grad_sq_norm(params).item() / grad_scale**2
+                big = reduced_sq / grad_scale**2
             else:
                 big = local_norms.big_sq_norm if local_norms is not None else math.nan
-            norms = combine_norms(local_norms, big, step_b, info, device)
-            # One CPU-GPU sync per step: the loss value (and the norms above).
-            train_loss = loss_sum.item() / step_b
+            norms, loss_total = combine_norms(local_norms, big, step_b, info, device, also_sum=loss_total)
+            train_loss = loss_total / step_b
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 4. the optimizer step, unless the loss or gradient is not finite
             if finite:
@@ -333,7 +344,8 @@ def fit(
         checkpoint()
         raise
     finally:
-        collector.remove()
+        if collector is not None:
+            collector.remove()
         if pe_collector is not None:
             pe_collector.remove()
         loader.close()
@@ -363,7 +375,8 @@ def _accumulate(model, loss_fn, loader, indices, sizes, total, device, collector
         device, and the per-example squared norms (list of tensors) or None.
     """
     opt.zero_grad(set_to_none=True)
-    collector.begin_step()
+    if collector is not None:
+        collector.begin_step()
     loss_sum = torch.zeros((), device=device)
     per_example = [] if pe_collector is not None else None
     no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
@@ -381,7 +394,8 @@ def _accumulate(model, loss_fn, loader, indices, sizes, total, device, collector
             weight = chunk / total
             scaled = loss.float() * weight
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            collector.after_backward(batch_size=chunk, loss_weight=weight)
+            if collector is not None:
+                collector.after_backward(batch_size=chunk, loss_weight=weight)
             if per_example is not None:
                 scale = scaler.get_scale() if scaler is not None else 1.0
                 per_example.append(pe_collector.sq_norms(loss_weight=weight, grad_scale=scale))
@@ -396,12 +410,6 @@ def _per_example_norms(per_example: list[torch.Tensor], micro: StepGradNorms | N
     values = torch.cat(per_example).double().cpu().tolist()
     return StepGradNorms(small_sq_norms=values, small_batch_size=1.0, big_sq_norm=micro.big_sq_norm,
                          big_batch_size=micro.big_batch_size, micro_batch_sizes=[1] * len(values))
-
-
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    torch.distributed.all_reduce(t)
-    return t
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -177,7 +177,9 @@ class MicroBatchGradNorms:
         self._sizes.append(int(batch_size))
         self._weights.append(float(loss_weight))
 
-    def end_step(self, grad_scale: float = 1.0, *, min_micro_batches: int = 2) -> StepGradNorms | None:
+    def end_step(
+        self, grad_scale: float = 1.0, *, min_micro_batches: int = 2, big_norm: bool = True
+    ) -> StepGradNorms | None:
         """Finish the step and return its norms (one host sync); ``None`` with fewer than
         ``min_micro_batches`` micro-batches (with one, no small batch is smaller than the step).
 
@@ -187,6 +189,9 @@ class MicroBatchGradNorms:
                 and before clipping.
             min_micro_batches: fewest micro-batches that give a result. Data-parallel training
                 passes 1: every rank's local gradient is then one small batch of the global step.
+            big_norm: read ``|G_B|^2`` from ``.grad`` (one pass over the gradients); False
+                leaves ``big_sq_norm`` NaN, for callers that measure the big gradient
+                elsewhere (data-parallel training reads it after the all-reduce).
 
         Raises:
             RuntimeError: if :meth:`begin_step` was not called, or a backward ran after the
@@ -214,8 +219,9 @@ class MicroBatchGradNorms:
         ]
         _check_proportional(per_mean, self._sizes)
         total = sum(per_mean)  # .grad = grad_scale * total * G_B
-        raw = torch.stack(self._micro_sq + [grad_sq_norm(self._params).to(self._micro_sq[0].device)])
-        values = raw.double().cpu().tolist()  # the one host sync of the step
+        device = self._micro_sq[0].device
+        big = grad_sq_norm(self._params).to(device) if big_norm else torch.full((), math.nan, device=device)
+        values = torch.stack(self._micro_sq + [big]).double().cpu().tolist()  # the step's one host sync
         smalls = [v / (u * grad_scale) ** 2 for v, u in zip(values[:-1], per_mean)]
         return StepGradNorms(
             small_sq_norms=smalls,

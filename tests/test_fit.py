@@ -259,3 +259,13 @@ def test_the_in_loop_estimate_matches_the_exact_noise_scale(method: str) -> None
     assert last.accum_steps == (1 if method == "per_example" else 2)
     assert last.noise_scale == pytest.approx(exact, rel=0.10)
     assert abs(last.noise_scale - exact) <= 3 * last.noise_stderr
+
+
+def test_estimator_off_runs_fixed_and_refuses_noise_driven_settings() -> None:
+    x, y = _regression(n=256)
+    res = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, max_steps=5, policy="fixed",
+                        lr_scaling="none", gns_method="off", progress=False)
+    assert all(math.isnan(r.noise_scale) for r in res.history) and res.steps == 5
+    with pytest.raises(ValueError, match="gns_method='off' leaves policy='gns'"):
+        autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, max_steps=5,
+                      gns_method="off", progress=False)

@@ -1,0 +1,107 @@
+"""Data-parallel step time with the noise-scale estimator over time without it, 2 ranks.
+
+Run as a plain script: it relaunches itself under ``torchrun --nproc-per-node=2`` (gloo on
+CPU). In one torchrun session the two variants alternate round by round, each round a short
+``autobatch.fit`` of the same model and data:
+
+- ``off``: ``gns_method="off"`` (no hooks, no norm all-reduce);
+- ``micro``: ``gns_method="micro"``: each rank's local gradient is a small batch of the
+  estimator (hooks on the parameters, one 3-scalar all-reduce and the global norm per step).
+
+Both use the fixed policy (the same B every step) and no LR scaling, so the two variants do
+the same optimisation work. The per-step time of a round is the median of the step-to-step
+wall-time differences after a warm-up; the reported ratio is the median over rounds of
+(micro / off) in the same round, for a few model sizes.
+
+    python benchmarks/ddp_overhead.py            # about 2-3 minutes on this 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ddp_overhead.json"
+
+# name -> (input width, hidden width, depth); global batch 256 = 128 per rank
+MODELS = {"mlp-small": (64, 256, 2), "mlp-medium": (256, 1024, 3), "mlp-large": (512, 2048, 3)}
+BATCH = 256
+
+
+def _model(width: int, hidden: int, depth: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, 10))
+
+
+def _step_time(method: str, spec: tuple[int, int, int], steps: int) -> float:
+    import autobatch
+
+    width = spec[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH * steps, width, generator=g)
+    y = torch.randint(0, 10, (BATCH * steps,), generator=g)
+    torch.manual_seed(0)
+    res = autobatch.fit(_model(*spec), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01,
+                        max_steps=steps, initial_batch_size=BATCH, policy="fixed", lr_scaling="none",
+                        gns_method=method, shuffle=False, progress=False)
+    times = [b.wall_time_s - a.wall_time_s for a, b in zip(res.history, res.history[1:])]
+    return statistics.median(times[3:])
+
+
+def worker(rounds: int, steps: int) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    rows = {}
+    for name, spec in MODELS.items():
+        ratios, off_ms, on_ms = [], [], []
+        for r in range(rounds):
+            order = ("off", "micro") if r % 2 == 0 else ("micro", "off")  # rotate the position
+            t = {m: _step_time(m, spec, steps) for m in order}
+            ratios.append(t["micro"] / t["off"])
+            off_ms.append(t["off"] * 1e3)
+            on_ms.append(t["micro"] * 1e3)
+        rows[name] = {
+            "params": sum(p.numel() for p in _model(*spec).parameters()),
+            "step_ms_off": statistics.median(off_ms),
+            "step_ms_micro": statistics.median(on_ms),
+            "ratio_median": statistics.median(ratios),
+            "ratios": ratios,
+        }
+    if rank == 0:
+        out = {"world_size": int(os.environ["WORLD_SIZE"]), "backend": "gloo", "device": "cpu",
+               "global_batch": BATCH, "rounds": rounds, "steps_per_run": steps,
+               "torch": torch.__version__, "target_ratio": 1.03, "models": rows}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=1))
+        print(f"{'model':<12} {'params':>9} {'off ms':>8} {'micro ms':>9} {'ratio':>7}")
+        for name, row in rows.items():
+            print(f"{name:<12} {row['params']:>9,} {row['step_ms_off']:>8.2f} "
+                  f"{row['step_ms_micro']:>9.2f} {row['ratio_median']:>7.3f}")
+        print(f"target: <= 1.03x; written {RESULTS}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    if "RANK" in os.environ:
+        worker(args.rounds, args.steps)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           __file__, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+    sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+
+
+if __name__ == "__main__":
+    main()
