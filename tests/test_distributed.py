@@ -71,3 +71,41 @@ def test_an_oom_on_one_rank_makes_every_rank_back_off_together(tmp_path) -> None
     assert len(set(r0["micro"])) == 1  # backed off once, in the first step, then kept
     assert r0["batch_sizes"] == [128] * 6 and r0["samples"] == 6 * 128
     assert r0["weights"] == r1["weights"]
+
+
+def test_local_shares_cover_every_index_once() -> None:
+    import torch
+
+    from autobatch.distributed import DistInfo, local_share
+
+    idx = torch.arange(11)
+    shares = [local_share(idx, DistInfo(r, 4)) for r in range(4)]
+    assert [len(s) for s in shares] == [3, 3, 3, 2]
+    assert torch.equal(torch.cat(shares), idx)
+    tail = [local_share(torch.arange(1), DistInfo(r, 2)) for r in range(2)]
+    assert [len(s) for s in tail] == [1, 0]  # nothing dropped, a rank may get nothing
+
+
+def test_combine_norms_uses_every_small_batch() -> None:
+    import torch
+
+    from autobatch.distributed import DistInfo, combine_norms
+    from autobatch.grad_norms import StepGradNorms
+
+    local = StepGradNorms(small_sq_norms=[2.0, 4.0, 6.0], small_batch_size=0.0, big_sq_norm=1.0,
+                          big_batch_size=7, micro_batch_sizes=[2, 2, 3])
+    norms, total = combine_norms(local, 1.5, 7, DistInfo(), torch.device("cpu"), also_sum=9.0)
+    assert norms.small_sq_norms == [4.0] and norms.big_sq_norm == 1.5 and total == 9.0
+    assert norms.small_batch_size == pytest.approx(3 / (1 / 2 + 1 / 2 + 1 / 3))
+
+
+def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
+    import torch
+
+    from autobatch.distributed import setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_gloo_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no 'gloo' process-group backend; install a torch build"):
+        setup_distributed(torch.device("cpu"))
