@@ -269,3 +269,21 @@ def test_estimator_off_runs_fixed_and_refuses_noise_driven_settings() -> None:
     with pytest.raises(ValueError, match="gns_method='off' leaves policy='gns'"):
         autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, max_steps=5,
                       gns_method="off", progress=False)
+
+
+def test_torch_compile_gives_the_same_losses_and_norms_as_eager() -> None:
+    # aot_eager runs dynamo + AOTAutograd (where parameter hooks could be lost) without a C
+    # compiler, so the test stays seconds long.
+    x, y = _regression(n=256)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        net = torch.compile(model, backend="aot_eager") if compiled else model
+        res = autobatch.fit(net, (x, y), loss_fn=_mse, lr=0.01, max_steps=6, initial_batch_size=32,
+                            policy="fixed", lr_scaling="none", progress=False)
+        runs.append(res.history)
+    eager, comp = runs
+    assert [r.train_loss for r in comp] == pytest.approx([r.train_loss for r in eager], rel=1e-5)
+    assert comp[-1].grad_sq == pytest.approx(eager[-1].grad_sq, rel=1e-4)
+    assert comp[-1].trace_cov == pytest.approx(eager[-1].trace_cov, rel=1e-4)
