@@ -134,12 +134,18 @@ class LRConfig(_Section):
             policy grows the batch by ``1/lr_decay`` instead.
         lr_decay: factor in (0, 1] applied at each milestone.
         warmup_steps: optimizer steps of linear LR warm-up from 0 at the start.
+        max_lr_factor: the scaling rule's factor never exceeds this (``None``: no cap). A
+            base LR tuned at ``B0`` is often close to the largest stable LR; on MNIST-1D with
+            plain SGD the best LR was 0.2 at B=16 and 0.4 from B=64 up, and 0.8 diverged at
+            every B (design note benchmarking.md), while the AdaScale gain kept growing with
+            the noise scale and reached 3x. The default 2.0 keeps that headroom.
     """
 
     lr_scaling: str | InstanceOf[LRScaling] | None = None
     lr_milestones: list[int] = Field(default_factory=list)
     lr_decay: float = Field(0.1, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
+    max_lr_factor: float | None = Field(2.0, gt=0.0)
 
     @field_validator("lr_scaling")
     @classmethod

@@ -39,6 +39,7 @@ class BatchSizeController:
             probe's answer); None means no cap.
         min_micro_batches: micro-batches per step when B allows (2 gives the estimator its two
             batch sizes at no extra cost).
+        max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
 
     Attributes:
         batch_size: the current global batch size B.
@@ -57,6 +58,7 @@ class BatchSizeController:
         decide_every: int = 10,
         max_micro_batch_size: int | None = None,
         min_micro_batches: int = 2,
+        max_lr_factor: float | None = None,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -75,6 +77,7 @@ class BatchSizeController:
         self.decide_every = decide_every
         self.max_micro_batch_size = max_micro_batch_size
         self.min_micro_batches = min_micro_batches
+        self.max_lr_factor = max_lr_factor
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
@@ -144,8 +147,8 @@ class BatchSizeController:
         )
 
     def lr_factor(self) -> float:
-        """LR(B) / base LR for the current B: the scaling rule times the policy's own factor
-        (the ramp policy decays the LR once B is capped)."""
+        """LR(B) / base LR for the current B: the scaling rule (capped at ``max_lr_factor``)
+        times the policy's own factor (the ramp policy decays the LR once B is capped)."""
         est = self.estimator
         ready = est.ready
         factor = self.scaling.factor(
@@ -154,6 +157,8 @@ class BatchSizeController:
             grad_sq=est.grad_sq if ready else math.nan,
             trace_cov=est.trace_cov if ready else math.nan,
         )
+        if self.max_lr_factor is not None:
+            factor = min(factor, self.max_lr_factor)
         return factor * self.policy.lr_factor(self.context())
 
     def maybe_decide(self) -> int | None:

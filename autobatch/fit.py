@@ -144,7 +144,7 @@ def fit(
     per_example = cfg.estimator.gns_method == "per_example"
     scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
     if cfg.estimator.gns_method == "off" and (
-        cfg.batch.policy in ("gns", "goodput") or scaling_name in ("adascale", "optimal")
+        cfg.batch.policy in ("gns", "goodput") or scaling_name == "adascale"
     ):
         raise ValueError(
             f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
@@ -163,6 +163,7 @@ def fit(
         # Two micro-batches give the estimator its small batches; per-example norms or other
         # ranks' gradients already do, so one micro-batch per rank is enough there.
         min_micro_batches=1 if per_example or info.enabled else 2,
+        max_lr_factor=cfg.lr.max_lr_factor,
     )
     stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
     loader = _MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")

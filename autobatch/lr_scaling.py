@@ -12,13 +12,6 @@ The rules:
 - ``adascale`` (Johnson et al. 2020): the gain ``r = (s2 + m2) / (s2/S + m2)`` with
   ``s2 = tr(Sigma)/B0``, ``m2 = |G|^2``, ``S = B/B0``. It lies between 1 and ``S`` and equals
   ``eps_opt(B) / eps_opt(B0)`` in McCandlish et al.'s (2018) model.
-- ``optimal``: McCandlish et al.'s ``eps_opt(B) = eps_max / (1 + B_noise/B)`` with the
-  ceiling ``eps_max`` anchored once, from the base LR and the first ready noise estimate:
-  ``eps_max = base_lr * (1 + B_noise_0/B0)``, so the factor is
-  ``(1 + B_noise_0/B0) / (1 + B_noise/B)``. Unlike the AdaScale gain, which keeps the base
-  LR optimal at ``B0`` for the *current* noise (and so lets the LR keep growing as the noise
-  scale grows), it never exceeds ``eps_max``, and it lowers the LR when the noise scale grows
-  faster than the batch: the annealing a step-decay schedule would do.
 - ``none``: 1.
 
 The LR cannot keep growing past the critical batch size: ``eps_opt(B)`` saturates at
@@ -43,13 +36,11 @@ __all__ = [
     "LinearScaling",
     "NoScaling",
     "SqrtScaling",
-    "OptimalScaling",
     "adascale_gain",
     "default_scaling",
     "linear_factor",
     "make_scaling",
     "noise_cap",
-    "optimal_factor",
     "sqrt_factor",
 ]
 
@@ -107,20 +98,6 @@ def adascale_gain(
     s2 = max(trace_cov, 0.0) / base_batch_size
     gain = (s2 + grad_sq) / (s2 / scale + grad_sq)
     return min(max(gain, lo), hi)  # only rounding can take it outside; keep the bound exact
-
-
-def optimal_factor(batch_size: int, base_batch_size: int, noise_scale: float, anchor_noise_scale: float) -> float:
-    """``eps_opt(B) / base_lr = (1 + Bn0/B0) / (1 + Bn/B)`` (McCandlish et al. 2018, eq. 2.6
-    with ``eps_max = base_lr * (1 + Bn0/B0)``): ``Bn`` is the current noise scale, ``Bn0`` the
-    one at which the ceiling was anchored. Equals 1 at ``B = B0`` when ``Bn = Bn0``, and never
-    exceeds ``1 + Bn0/B0``."""
-    _check_sizes(batch_size, base_batch_size)
-    if not (noise_scale >= 0.0 and anchor_noise_scale >= 0.0):
-        raise ValueError(
-            "optimal_factor needs noise scales >= 0 (got noise_scale="
-            f"{noise_scale}, anchor_noise_scale={anchor_noise_scale})"
-        )
-    return (1.0 + anchor_noise_scale / base_batch_size) / (1.0 + noise_scale / batch_size)
 
 
 # -- the plug-in family ------------------------------------------------------------------------
@@ -207,37 +184,6 @@ class AdaScaleScaling(LRScaling):
         return adascale_gain(batch_size, base_batch_size, grad_sq, trace_cov)
 
 
-class OptimalScaling(LRScaling):
-    """:func:`optimal_factor`, with the ceiling anchored at the first known noise scale.
-
-    Until the noise is known it follows ``min(1, B/B0)`` (never raises the LR blind).
-    """
-
-    def __init__(self) -> None:
-        self.anchor_noise_scale = math.nan
-
-    def factor(
-        self,
-        batch_size: int,
-        base_batch_size: int,
-        *,
-        grad_sq: float = math.nan,
-        trace_cov: float = math.nan,
-    ) -> float:
-        if not _noise_known(grad_sq, trace_cov):
-            return min(1.0, _check_sizes(batch_size, base_batch_size))
-        noise = max(trace_cov, 0.0) / grad_sq
-        if math.isnan(self.anchor_noise_scale):
-            self.anchor_noise_scale = noise
-        return optimal_factor(batch_size, base_batch_size, noise, self.anchor_noise_scale)
-
-    def state_dict(self) -> dict:
-        return {"anchor_noise_scale": self.anchor_noise_scale}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.anchor_noise_scale = float(state["anchor_noise_scale"])
-
-
 class NoScaling(LRScaling):
     """The LR does not depend on the batch size."""
 
@@ -257,7 +203,6 @@ SCALINGS: dict[str, type[LRScaling]] = {
     "linear": LinearScaling,
     "sqrt": SqrtScaling,
     "adascale": AdaScaleScaling,
-    "optimal": OptimalScaling,
     "none": NoScaling,
 }
 

@@ -287,3 +287,16 @@ def test_torch_compile_gives_the_same_losses_and_norms_as_eager() -> None:
     assert [r.train_loss for r in comp] == pytest.approx([r.train_loss for r in eager], rel=1e-5)
     assert comp[-1].grad_sq == pytest.approx(eager[-1].grad_sq, rel=1e-4)
     assert comp[-1].trace_cov == pytest.approx(eager[-1].trace_cov, rel=1e-4)
+
+
+def test_lr_factor_is_capped_at_max_lr_factor() -> None:
+    x, y = _regression(n=2048, noise=3.0)
+    runs = {}
+    for cap in (None, 1.5):
+        torch.manual_seed(0)
+        res = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, epochs=2,
+                            initial_batch_size=16, decide_every=5, lr_scaling="linear",
+                            max_lr_factor=cap, progress=False)
+        runs[cap] = max(r.lr for r in res.history)
+    assert runs[None] > 0.015  # the linear rule alone goes past the cap here
+    assert runs[1.5] == pytest.approx(0.015)

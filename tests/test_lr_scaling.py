@@ -109,7 +109,7 @@ def test_make_scaling() -> None:
     assert isinstance(make_scaling("adascale"), AdaScaleScaling)
     rule = SqrtScaling(cap_at_noise_scale=False)
     assert make_scaling(rule) is rule
-    with pytest.raises(ValueError, match="unknown lr_scaling 'cubic'; allowed: adascale, linear, none, optimal, sqrt"):
+    with pytest.raises(ValueError, match="unknown lr_scaling 'cubic'; allowed: adascale, linear, none, sqrt"):
         make_scaling("cubic")
 
 
@@ -123,19 +123,3 @@ def test_default_scaling_by_optimizer_family() -> None:
     assert default_scaling(torch.optim.AdamW) == "sqrt"
     assert default_scaling("adam") == "sqrt"
 
-
-def test_optimal_rule_anchors_the_ceiling_once() -> None:
-    from autobatch.lr_scaling import OptimalScaling, optimal_factor
-
-    # hand values: (1 + 32/16) / (1 + 96/64) = 3 / 2.5
-    assert optimal_factor(64, 16, 96.0, 32.0) == pytest.approx(1.2)
-    rule = OptimalScaling()
-    assert rule.factor(64, 16) == 1.0 and rule.factor(8, 16) == 0.5  # noise unknown
-    assert rule.factor(16, 16, grad_sq=2.0, trace_cov=64.0) == pytest.approx(1.0)  # anchors 32
-    # the noise grows to 96 with B at 64: same value as the hand computation above
-    assert rule.factor(64, 16, grad_sq=1.0, trace_cov=96.0) == pytest.approx(1.2)
-    # never above eps_max / base_lr = 1 + 32/16, however large B gets
-    assert rule.factor(10**9, 16, grad_sq=1.0, trace_cov=96.0) <= 3.0
-    copy = OptimalScaling()
-    copy.load_state_dict(rule.state_dict())
-    assert copy.factor(64, 16, grad_sq=1.0, trace_cov=96.0) == rule.factor(64, 16, grad_sq=1.0, trace_cov=96.0)
