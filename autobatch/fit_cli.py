@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="base batch B0 (default: the example's)")
     p.add_argument("--max-batch-size", type=int, default=None, help="upper bound on B")
     p.add_argument("--lr-scaling", default=None, help="linear, sqrt, adascale or none (default: by optimizer)")
+    p.add_argument("--max-lr-factor", default=None,
+                   help="cap on the LR scaling factor (default 2; 'none' removes the cap)")
     p.add_argument("--epochs", type=float, default=None, help="epochs to train (default: the example's)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="model init and shuffling seed")
@@ -49,6 +51,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.max_batch_size is not None:
         overrides["max_batch_size"] = args.max_batch_size
+    if args.max_lr_factor is not None:
+        overrides["max_lr_factor"] = None if args.max_lr_factor.lower() == "none" else float(args.max_lr_factor)
     if args.budget is not None:
         overrides["memory_budget"] = args.budget
     if args.no_progress:
