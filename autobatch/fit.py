@@ -314,7 +314,8 @@ def fit(
                 step=step, epoch=stream.epochs_done, samples=samples,
                 batch_size=controller.batch_size, examples=step_b, micro_batch_size=max(sizes), accum_steps=len(sizes), lr=opt.param_groups[0]["lr"],
                 train_loss=train_loss, grad_sq=est.grad_sq, trace_cov=est.trace_cov,
-                noise_scale=est.noise_scale, noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
+                noise_scale=est.noise_scale if est.ready else math.nan,
+                noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
                 skipped=not finite,
             )
             result.history.append(record)
@@ -326,7 +327,7 @@ def fit(
                 if step % cfg.log.log_every == 0:
                     bar.set_postfix_str(
                         f"step={step} ep={stream.epochs_done:.2f} B={record.micro_batch_size}x"
-                        f"{record.accum_steps} gns={est.noise_scale:.3g} lr={record.lr:.3g} "
+                        f"{record.accum_steps} gns={record.noise_scale:.3g} lr={record.lr:.3g} "
                         f"loss={train_loss:.4g}", refresh=False)
             for cb in callbacks:
                 cb.on_step_end(record)

@@ -20,8 +20,8 @@ class StepRecord(BaseModel):
     Sizes are global (all ranks) and in examples: ``batch_size`` is the chosen B,
     ``examples`` what the step held (fewer for the last step of an epoch); ``lr`` is the first parameter group's LR
     used for this step; ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
-    smoothed values after this step (NaN until it has data) and ``noise_stderr`` the noise
-    scale's standard error; ``wall_time_s`` is seconds since
+    smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
+    the estimator is ready) and ``noise_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
     the fit started (evaluation included).
     """
 
