@@ -8,7 +8,8 @@ from __future__ import annotations
 from autobatch._version import __version__
 from autobatch.callbacks import Callback, StopAtTarget, StopTraining
 from autobatch.config import FitConfig
-from autobatch.fit import evaluate, fit
+from autobatch.evaluate import evaluate
+from autobatch.fit import fit
 from autobatch.gns import GradientNoiseScale, two_batch_estimates
 from autobatch.grad_norms import MicroBatchGradNorms
 from autobatch.lr_scaling import AdaScaleScaling, LinearScaling, LRScaling, NoScaling, SqrtScaling

@@ -22,9 +22,7 @@ order) and a :class:`~autobatch.grad_norms.MicroBatchGradNorms` (the norms);
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,7 +35,7 @@ from autobatch.callbacks import Callback, StopTraining
 from autobatch.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from autobatch.config import FitConfig
 from autobatch.controller import BatchSizeController
-from autobatch.data import BatchSource, as_batch_source, batch_size_of, move_to
+from autobatch.data import as_batch_source, move_to
 from autobatch.gns import GradientNoiseScale
 from autobatch.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
                                    combine_norms, local_share, setup_distributed)
@@ -46,10 +44,13 @@ from autobatch.lr_scaling import default_scaling, make_scaling
 from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
 from autobatch.per_example import PerExampleGradNorms
 from autobatch.policies import make_policy
+from autobatch._fit_setup import (MicroBatchLoader, build_optimizer, precision_setup, probe_micro_cap,
+                                  progress_bar, resolve_device, should_probe, total_samples, wrap_ddp)
+from autobatch.evaluate import evaluate
 from autobatch.results import FitResult, StepRecord
 from autobatch.sampler import SampleStream
 
-__all__ = ["evaluate", "fit"]
+__all__ = ["fit"]
 
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] | torch.optim.Optimizer
 
@@ -122,7 +123,7 @@ def fit(
         )
     source = as_batch_source(data)
     val_source = as_batch_source(val_data, name="val_data") if val_data is not None else None
-    device = _resolve_device(model, source, device)
+    device = resolve_device(model, source, device)
     model.to(device)
     info = setup_distributed(device)
     n = len(source)
@@ -133,14 +134,14 @@ def fit(
             f"pass initial_batch_size <= {n}"
         )
     max_b = min(cfg.batch.max_batch_size or n, n)
-    opt = _build_optimizer(optimizer, model, lr)
+    opt = build_optimizer(optimizer, model, lr)
     base_lrs = [group["lr"] for group in opt.param_groups]
-    amp_dtype, scaler = _precision(precision, device)
+    amp_dtype, scaler = precision_setup(precision, device)
 
     budget = cfg.memory.memory_budget
     max_micro = cfg.memory.max_micro_batch_size
-    if _should_probe(cfg, device):
-        max_micro = _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
+    if should_probe(cfg, device):
+        max_micro = probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
     per_example = cfg.estimator.gns_method == "per_example"
     scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
     if cfg.estimator.gns_method == "off" and (
@@ -166,7 +167,7 @@ def fit(
         max_lr_factor=cfg.lr.max_lr_factor,
     )
     stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
-    loader = _MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
+    loader = MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
     callbacks = list(callbacks)
     result = FitResult(model=model)
     step = samples = nonfinite_in_row = 0
@@ -223,11 +224,11 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed by
     # one all-reduce after all micro-batches (see autobatch.distributed for why).
-    forward_model = _wrap_ddp(model, device) if info.enabled else model
+    forward_model = wrap_ddp(model, device) if info.enabled else model
     # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
     # uses), so OOM handling is exercised where no device limit exists.
     guard_budget = budget is not None and device.type == "cpu"
-    bar = _progress_bar(cfg, total_samples=_total_samples(epochs, max_samples, n)) if info.is_main else None
+    bar = progress_bar(cfg, total_samples=total_samples(epochs, max_samples, n)) if info.is_main else None
     has_eval = val_source is not None or eval_fn is not None
     start = time.perf_counter() - elapsed_before
     model.train()
@@ -412,199 +413,6 @@ def _per_example_norms(per_example: list[torch.Tensor], micro: StepGradNorms | N
     values = torch.cat(per_example).double().cpu().tolist()
     return StepGradNorms(small_sq_norms=values, small_batch_size=1.0, big_sq_norm=micro.big_sq_norm,
                          big_batch_size=micro.big_batch_size, micro_batch_sizes=[1] * len(values))
-
-
-def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    # Buffers are broadcast once per step after the optimizer step, not in every forward:
-    # a collective inside forward would hang ranks that run different micro-batch counts.
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
-class _MicroBatchLoader:
-    """Collates a step's micro-batches, in the main process or with DataLoader workers.
-
-    With workers, one persistent DataLoader serves every step: its batch sampler is pointed
-    at the step's micro-batch index lists, so workers collate them in parallel while the
-    order stays exactly the stream's.
-    """
-
-    def __init__(self, source: BatchSource, num_workers: int, *, pin: bool) -> None:
-        self.source = source
-        self._plan: list[list[int]] = []
-        self._loader = None
-        if num_workers > 0:
-            self._loader = torch.utils.data.DataLoader(
-                source.dataset, batch_sampler=_PlanSampler(self), num_workers=num_workers,
-                collate_fn=source.collate_fn, persistent_workers=True, pin_memory=pin,
-            )
-
-    def micro_batches(self, indices: torch.Tensor, sizes: list[int]):
-        chunks = torch.split(indices, sizes)
-        if self._loader is None:
-            for chunk in chunks:
-                yield len(chunk), self.source.batch(chunk)
-            return
-        self._plan = [c.tolist() for c in chunks]
-        yield from zip(sizes, self._loader)
-
-    def close(self) -> None:
-        if self._loader is not None and self._loader._iterator is not None:
-            self._loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
-
-
-class _PlanSampler:
-    def __init__(self, owner: _MicroBatchLoader) -> None:
-        self.owner = owner
-
-    def __iter__(self):
-        return iter(self.owner._plan)
-
-    def __len__(self) -> int:
-        return len(self.owner._plan)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: Any,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
-    *,
-    device: torch.device | str | None = None,
-    batch_size: int = 1024,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Mean loss (and accuracy for class logits) of ``model`` over ``data``, in eval mode.
-
-    Returns:
-        ``{"val_loss": ...}`` weighted by batch size, plus ``"val_accuracy"`` (a fraction in
-        [0, 1]) when the output has one more dimension than an integer target (class logits
-        along the last dimension). The model's train/eval mode is restored.
-    """
-    source = as_batch_source(data, name="val_data")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_total, correct, count, tokens = 0.0, 0, 0, 0
-    classify = True
-    try:
-        for start in range(0, len(source), batch_size):
-            batch = source.batch(range(start, min(start + batch_size, len(source))))
-            inputs, targets = move_to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(inputs)
-                loss = loss_fn(out, targets)
-            b = batch_size_of(targets)
-            loss_total += float(loss) * b
-            count += b
-            classify = classify and isinstance(out, torch.Tensor) and not targets.is_floating_point() \
-                and out.ndim == targets.ndim + 1
-            if classify:
-                correct += int((out.argmax(-1) == targets).sum())
-                tokens += targets.numel()
-    finally:
-        model.train(was_training)
-    metrics = {"val_loss": loss_total / count}
-    if classify and tokens:
-        metrics["val_accuracy"] = correct / tokens
-    return metrics
-
-
-# -- setup helpers -------------------------------------------------------------------------------
-def _resolve_device(model: nn.Module, source: BatchSource, device: torch.device | str | None) -> torch.device:
-    params = list(model.parameters())
-    if not any(p.requires_grad for p in params):
-        raise ValueError(
-            f"model {type(model).__name__} has no trainable parameters (requires_grad=True); "
-            "unfreeze at least one parameter"
-        )
-    model_device = params[0].device
-    if device is not None:
-        return torch.device(device)
-    ds = source.dataset
-    tensors = getattr(ds, "tensors", None)
-    if tensors and tensors[0].device != model_device:
-        raise ValueError(
-            f"model is on {model_device} but the data tensors are on {tensors[0].device}; pass "
-            f"device='{model_device}' (fit moves each batch there) or move the data"
-        )
-    return model_device
-
-
-def _build_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float | None) -> torch.optim.Optimizer:
-    if isinstance(spec, torch.optim.Optimizer):
-        if lr is not None:
-            for group in spec.param_groups:
-                group["lr"] = lr
-        return spec
-    if lr is None:
-        raise ValueError(
-            "lr is required: the base learning rate at initial_batch_size (e.g. lr=0.1 for "
-            "SGD, lr=1e-3 for Adam); autobatch.tune_lr can find it"
-        )
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0 (got lr={lr})")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(spec, type):
-        return spec(params, lr=lr)
-    return spec(params, lr)
-
-
-def _precision(precision: str, device: torch.device):
-    if precision == "fp32":
-        return None, None
-    if precision == "bf16":
-        return torch.bfloat16, None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(
-                f"precision='fp16' needs a CUDA device (got device={device}); use "
-                "precision='bf16' on CPU"
-            )
-        return torch.float16, torch.amp.GradScaler("cuda")
-    raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16' (got precision={precision!r})")
-
-
-def _should_probe(cfg: FitConfig, device: torch.device) -> bool:
-    if cfg.memory.probe_memory is not None:
-        return cfg.memory.probe_memory
-    return device.type != "cpu" or cfg.memory.memory_budget is not None
-
-
-def _probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro) -> int:
-    from autobatch.memory import probe_memory
-
-    factory = optimizer if not isinstance(optimizer, torch.optim.Optimizer) else (
-        lambda params, lr: type(opt)(params, **{**opt.defaults, "lr": lr})
-    )
-    if isinstance(factory, type):
-        cls = factory
-        factory = lambda params, lr: cls(params, lr=lr)  # noqa: E731
-    lr0 = opt.param_groups[0]["lr"]
-    probe = probe_memory(
-        model, source, loss_fn, optimizer=lambda params: factory(params, lr0), device=device,
-        budget_bytes=cfg.memory.memory_budget, max_batch_size=max_b, margin=cfg.memory.memory_margin,
-    )
-    cap = probe.max_batch_size
-    return min(cap, max_micro) if max_micro is not None else cap
-
-
-def _total_samples(epochs: float | None, max_samples: int | None, n: int) -> int | None:
-    limits = [x for x in (epochs * n if epochs is not None else None, max_samples) if x is not None]
-    return int(min(limits)) if limits else None
-
-
-def _progress_bar(cfg: FitConfig, total_samples: int | None):
-    show = cfg.log.progress if cfg.log.progress is not None else sys.stderr.isatty()
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_samples, unit="ex", dynamic_ncols=True, file=sys.stderr)
 
 
 def _update_totals(result: FitResult, step, samples, stream, controller, start) -> None:

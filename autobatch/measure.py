@@ -18,7 +18,6 @@ which no training loop does.
 
 from __future__ import annotations
 
-import math
 import random
 import secrets
 from collections.abc import Callable
