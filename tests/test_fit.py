@@ -300,3 +300,15 @@ def test_lr_factor_is_capped_at_max_lr_factor() -> None:
         runs[cap] = max(r.lr for r in res.history)
     assert runs[None] > 0.015  # the linear rule alone goes past the cap here
     assert runs[1.5] == pytest.approx(0.015)
+
+
+def test_a_budget_on_cpu_probes_the_micro_batch_first_and_nothing_runs_out() -> None:
+    x, y = _regression(n=512, d=64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1))
+    res = autobatch.fit(model, (x, y), loss_fn=_mse, lr=0.01, max_steps=3, initial_batch_size=256,
+                        policy="fixed", memory_budget=500_000, memory_margin=0.0, progress=False)
+    # measured peaks (test above): 415 kB at 64 examples, 628 kB at 128
+    assert res.oom_retries == 0
+    assert 64 <= res.max_micro_batch_size < 128
+    assert all(r.micro_batch_size <= res.max_micro_batch_size for r in res.history)
