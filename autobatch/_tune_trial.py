@@ -182,17 +182,22 @@ def with_kwargs(optimizer: Any, kwargs: dict[str, Any]) -> Any:
     return lambda params, lr: optimizer(params, lr, **kwargs)
 
 
+OBJECTIVES = ("final", "best")
+
+
 class TrialReporter(Callback):
     """Evaluates at fixed sample counts, reports ``val_loss`` to the trial, prunes.
 
     The reports are indexed 1..n by evaluation (not by optimizer step), at the same numbers
     of examples processed in every trial, so a pruner compares trials at equal cost however
-    their batch sizes evolved.
+    their batch sizes evolved. With ``objective="best"`` each report is the lowest loss so
+    far (what early stopping would keep), else the loss just measured.
     """
 
     def __init__(self, trial: optuna.Trial, val: BatchSource, loss_fn: Callable, marks: list[int],
-                 device: Any) -> None:
+                 device: Any, objective: str = "final") -> None:
         self.trial, self.val, self.loss_fn, self.marks, self.device = trial, val, loss_fn, marks, device
+        self.objective = objective
         self.model: nn.Module | None = None
         self.next = 0  # index into marks of the next evaluation
         self.samples = self.steps = self.batch_size = 0
@@ -213,14 +218,14 @@ class TrialReporter(Callback):
         """Evaluate, report as evaluation ``index`` (1-based) and let the pruner decide."""
         assert self.model is not None
         value = evaluate(self.model, self.val, self.loss_fn, device=self.device)["val_loss"]
-        self.value = value
         if not math.isfinite(value):
             raise Diverged(f"val_loss={value} at evaluation {index} ({self.samples} examples)")
-        self.trial.report(value, index)
+        self.value = min(value, self.value) if self.objective == "best" and self.reported else value
+        self.trial.report(self.value, index)
         self.reported = index
         if self.trial.should_prune():
             self.trial.set_user_attr(
-                "reason", f"pruned at evaluation {index}/{len(self.marks)} (val_loss={value:.4g})"
+                "reason", f"pruned at evaluation {index}/{len(self.marks)} (val_loss={self.value:.4g})"
             )
             raise optuna.TrialPruned()
 
@@ -232,9 +237,9 @@ class Diverged(Exception):
 def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, Any]],
               make_model: ModelFactory, data: Any, val: BatchSource, loss_fn: Callable,
               optimizer: Any, config: FitConfig, total_samples: int, n_evals: int,
-              device: Any) -> float:
+              device: Any, objective: str = "final") -> float:
     """The objective: one adaptive-batch fit of ``total_samples`` examples; returns the last
-    ``val_loss``. Divergence ends the trial as pruned, its reason in the ``reason`` user attr,
+    ``val_loss`` (``objective="final"``) or the lowest of its evaluations (``"best"``). Divergence ends the trial as pruned, its reason in the ``reason`` user attr,
     with a NaN report after the last good one (TPE then ranks it below every trial that
     reached as far)."""
     fit_kw, settings, optim_kw = split_overrides(space(trial))
@@ -244,7 +249,7 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
             "add e.g. 'lr': trial.suggest_float('lr', 1e-4, 1.0, log=True)"
         )
     marks = [math.ceil(total_samples * k / n_evals) for k in range(1, n_evals + 1)]
-    reporter = TrialReporter(trial, val, loss_fn, marks, device)
+    reporter = TrialReporter(trial, val, loss_fn, marks, device, objective)
     reporter.model = model = make_model()
     cfg = FitConfig.from_any(config, **settings)
     start = time.perf_counter()

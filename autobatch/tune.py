@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import torch
 from torch import nn
 
-from autobatch._tune_trial import ModelFactory, make_pruner, open_storage, run_trial
+from autobatch._tune_trial import OBJECTIVES, ModelFactory, make_pruner, open_storage, run_trial
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 
@@ -166,6 +166,7 @@ def tune_lr(
     config: FitConfig | dict[str, Any] | None = None,
     seed: int | None = None,
     n_evals: int = 8,
+    objective: Literal["final", "best"] = "final",
     device: Any = None,
     verbose: bool = False,
 ) -> TuneResult:
@@ -199,11 +200,15 @@ def tune_lr(
             ``initial_batch_size`` there is the batch the LR is tuned for.
         seed: seeds the default sampler (not the model: ``model_fn`` owns its init).
         n_evals: validation evaluations per trial, at equal fractions of the budget.
+        objective: what a trial scores: ``"final"``, the validation loss at the end of its
+            budget, or ``"best"``, the lowest over its ``n_evals`` evaluations (what early
+            stopping would keep; steadier where the loss swings between evaluations).
         device: passed to :func:`autobatch.fit`.
         verbose: keep Optuna's per-trial log lines (silenced by default).
 
     Returns:
-        A :class:`TuneResult`; ``best_lr`` is None if no trial completed (all diverged or
+        A :class:`TuneResult`; ``best_value`` is in ``objective``'s sense, and ``best_lr``
+        is None if no trial completed (all diverged or
         were pruned), with a warning.
 
     Raises:
@@ -229,7 +234,7 @@ def tune_lr(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
         budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
         study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
-        n_evals=n_evals, device=device, verbose=verbose, problems=problems,
+        n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=problems,
     )
 
 
@@ -251,6 +256,7 @@ def search(
     config: FitConfig | dict[str, Any] | None = None,
     seed: int | None = None,
     n_evals: int = 8,
+    objective: Literal["final", "best"] = "final",
     device: Any = None,
     verbose: bool = False,
 ) -> TuneResult:
@@ -275,13 +281,13 @@ def search(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
         budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
         study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
-        n_evals=n_evals, device=device, verbose=verbose, problems=[],
+        n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=[],
     )
 
 
 def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
-           storage, study_name, sampler, pruner, config, seed, n_evals, device, verbose,
-           problems: list[str]) -> TuneResult:
+           storage, study_name, sampler, pruner, config, seed, n_evals, objective, device,
+           verbose, problems: list[str]) -> TuneResult:
     """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
     if not callable(model_fn):
         problems.append(f"model_fn must be a function that builds a model (got {type(model_fn).__name__})")
@@ -291,6 +297,8 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
         problems.append(f"n_trials must be an integer >= 1 (got n_trials={n_trials!r})")
     if isinstance(n_evals, bool) or not isinstance(n_evals, int) or n_evals < 1:
         problems.append(f"n_evals must be an integer >= 1 (got n_evals={n_evals!r})")
+    if objective not in OBJECTIVES:
+        problems.append(f"objective must be one of {OBJECTIVES} (got objective={objective!r})")
     if budget_unit not in BUDGET_UNITS:
         problems.append(f"budget_unit must be one of {BUDGET_UNITS} (got budget_unit={budget_unit!r})")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0):
@@ -312,7 +320,7 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=pruner, load_if_exists=True)
-        _check_same_budget(study, total, n_evals)
+        _check_same_budget(study, total, n_evals, objective)
         # Offset the seed by the trials already there, so a resumed study does not replay
         # the random start-up points of the first call.
         study.sampler = sampler or optuna.samplers.TPESampler(
@@ -321,12 +329,12 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
         )
         make_model = ModelFactory(model_fn)
 
-        def objective(trial: optuna.Trial) -> float:
+        def one_trial(trial: optuna.Trial) -> float:
             return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
                              loss_fn=loss_fn, optimizer=optimizer, config=cfg,
-                             total_samples=total, n_evals=n_evals, device=device)
+                             total_samples=total, n_evals=n_evals, device=device, objective=objective)
 
-        study.optimize(objective, n_trials=n_trials)
+        study.optimize(one_trial, n_trials=n_trials)
     finally:
         optuna.logging.set_verbosity(level)
     return _summarise(study)
@@ -341,16 +349,17 @@ def _pair(lr_range: Any, problems: list[str]) -> tuple[float | None, float | Non
     return low, high
 
 
-def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int) -> None:
+def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int, objective: str) -> None:
     """Refuse to mix trials of different budgets in one study: their losses do not compare."""
-    want = {"autobatch_budget_samples": total_samples, "autobatch_n_evals": n_evals}
+    want = {"autobatch_budget_samples": total_samples, "autobatch_n_evals": n_evals,
+            "autobatch_objective": objective}
     have = {k: study.user_attrs[k] for k in want if k in study.user_attrs}
     clash = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
     if clash:
         detail = ", ".join(f"{k.removeprefix('autobatch_')}: study has {a}, this call {b}" for k, (a, b) in clash.items())
         raise ValueError(
             f"study {study.study_name!r} was run with another budget ({detail}); losses after "
-            "different budgets do not compare: use the same budget and n_evals, or a new study_name"
+            "different budgets do not compare: use the same budget, n_evals and objective, or a new study_name"
         )
     for key, value in want.items():
         if key not in have:

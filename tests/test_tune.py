@@ -170,6 +170,19 @@ def test_search_routes_each_key_to_fit_config_or_optimizer(ex):
                storage=optuna.storages.InMemoryStorage())
 
 
+def test_best_objective_scores_the_lowest_evaluation(ex):
+    final = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4)
+    best = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4, objective="best")
+    for f, b in zip(final.study.trials, best.study.trials):
+        assert f.params == b.params  # same seed, same LRs, same training
+        raw = [f.intermediate_values[k] for k in range(1, 5)]
+        assert f.value == raw[-1]
+        assert b.value == min(raw)
+        assert [b.intermediate_values[k] for k in range(1, 5)] == list(np.minimum.accumulate(raw))
+    with pytest.raises(ValueError, match=r"objective must be one of \('final', 'best'\) \(got objective='last'\)"):
+        _tune(ex, n_trials=1, objective="last")
+
+
 def test_hyperband_pruner_and_plot(ex, tmp_path):
     result = _tune(ex, n_trials=5, lr_range=(1e-3, 0.5), pruner="hyperband", budget=2)
     assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
