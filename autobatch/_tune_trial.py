@@ -49,7 +49,9 @@ PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
 }
 
 
-def make_pruner(pruner: str | optuna.pruners.BasePruner | None, n_evals: int) -> optuna.pruners.BasePruner:
+def make_pruner(
+    pruner: str | optuna.pruners.BasePruner | None, n_evals: int
+) -> optuna.pruners.BasePruner:
     """A pruner from a name in :data:`PRUNERS`, an instance (returned as is) or None (median)."""
     if pruner is None:
         return _median(n_evals)
@@ -238,14 +240,17 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
               make_model: ModelFactory, data: Any, val: BatchSource, loss_fn: Callable,
               optimizer: Any, config: FitConfig, total_samples: int, n_evals: int,
               device: Any, objective: str = "final") -> float:
-    """The objective: one adaptive-batch fit of ``total_samples`` examples; returns the last
-    ``val_loss`` (``objective="final"``) or the lowest of its evaluations (``"best"``). Divergence ends the trial as pruned, its reason in the ``reason`` user attr,
-    with a NaN report after the last good one (TPE then ranks it below every trial that
-    reached as far)."""
+    """The objective: one adaptive-batch fit of ``total_samples`` examples.
+
+    Returns the last ``val_loss`` (``objective="final"``) or the lowest of the trial's
+    evaluations (``"best"``). Divergence ends the trial as pruned, its reason in the
+    ``reason`` user attr, with a NaN report after the last good one (TPE then ranks it below
+    every trial that reached as far).
+    """
     fit_kw, settings, optim_kw = split_overrides(space(trial))
     if "lr" not in fit_kw:
         raise ValueError(
-            f"space(trial) must set 'lr' (got keys {sorted(fit_kw) + sorted(settings) + sorted(optim_kw)}); "
+            f"space(trial) must set 'lr' (got keys {sorted([*fit_kw, *settings, *optim_kw])}); "
             "add e.g. 'lr': trial.suggest_float('lr', 1e-4, 1.0, log=True)"
         )
     marks = [math.ceil(total_samples * k / n_evals) for k in range(1, n_evals + 1)]
@@ -254,7 +259,8 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
     cfg = FitConfig.from_any(config, **settings)
     start = time.perf_counter()
     try:
-        fit(model, data, loss_fn=loss_fn, optimizer=with_kwargs(fit_kw.get("optimizer", optimizer), optim_kw),
+        opt = with_kwargs(fit_kw.get("optimizer", optimizer), optim_kw)
+        fit(model, data, loss_fn=loss_fn, optimizer=opt,
             lr=fit_kw["lr"], max_samples=total_samples, config=cfg, callbacks=[reporter], device=device)
         if reporter.reported < n_evals:  # a fit that stopped short of the last mark
             reporter.report(n_evals)

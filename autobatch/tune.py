@@ -220,7 +220,10 @@ def tune_lr(
     low, high = _pair(lr_range, problems)
     if low is not None and high is not None:
         if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high > 0):
-            problems.append(f"lr_range must hold two positive finite LRs (got lr_range={tuple(lr_range)}); e.g. (1e-5, 1.0)")
+            problems.append(
+                f"lr_range must hold two positive finite LRs (got lr_range={tuple(lr_range)}); "
+                "e.g. (1e-5, 1.0)"
+            )
         elif low >= high:
             problems.append(
                 f"lr_range must be (low, high) with low < high (got lr_range={tuple(lr_range)}); "
@@ -301,7 +304,8 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
         problems.append(f"objective must be one of {OBJECTIVES} (got objective={objective!r})")
     if budget_unit not in BUDGET_UNITS:
         problems.append(f"budget_unit must be one of {BUDGET_UNITS} (got budget_unit={budget_unit!r})")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0):
+    numeric = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+    if not (numeric and math.isfinite(budget) and budget > 0):
         problems.append(f"budget must be a positive number of {budget_unit} (got budget={budget!r})")
     if val_data is None:
         problems.append("val_data is required: the validation loss is what the study minimises")
@@ -356,7 +360,9 @@ def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int, ob
     have = {k: study.user_attrs[k] for k in want if k in study.user_attrs}
     clash = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
     if clash:
-        detail = ", ".join(f"{k.removeprefix('autobatch_')}: study has {a}, this call {b}" for k, (a, b) in clash.items())
+        detail = ", ".join(
+            f"{k.removeprefix('autobatch_')}: study has {a}, this call {b}" for k, (a, b) in clash.items()
+        )
         raise ValueError(
             f"study {study.study_name!r} was run with another budget ({detail}); losses after "
             "different budgets do not compare: use the same budget, n_evals and objective, or a new study_name"
@@ -377,7 +383,8 @@ def _summarise(study: optuna.Study) -> TuneResult:
         )
         for t in sorted(trials, key=lambda t: t.number)
     ]
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    done = [t for t in trials
+            if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     if not done:
         warnings.warn(
             f"no trial of study {study.study_name!r} completed ({len(trials)} trials: "
