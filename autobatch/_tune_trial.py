@@ -20,7 +20,8 @@ from torch import nn
 from autobatch.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
-from autobatch.fit import evaluate, fit
+from autobatch.evaluate import evaluate
+from autobatch.fit import fit
 
 # Keyword arguments of autobatch.fit a search space may set; every other key is either a
 # FitConfig setting or an optimizer argument.
