@@ -34,6 +34,7 @@ import fcntl
 import json
 import math
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ from autobatch.callbacks import Callback, StopTraining
 from autobatch.examples import Example, get_example
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COMMIT = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                        cwd=RESULTS.parent).stdout.strip()  # the code each run used
 SUSTAIN = 2  # a target counts as reached at the first of this many consecutive evaluations meeting it
 
 
@@ -63,6 +66,8 @@ class TaskSpec:
     long_slack: float  # the long target is the best fixed median relaxed by this
     adaptive: tuple[tuple[str, dict[str, Any]], ...]  # (label, fit overrides)
     step_decay: bool = True  # include fixed B0 with step LR decay
+    ramp: bool = True  # include the Smith et al. ramp
+    widen: bool = True  # widen the LR grid until the best LR is interior (else 3 points)
     quick_sizes: tuple[int, ...] = ()
     quick_adaptive: tuple[str, ...] = ()
 
@@ -74,17 +79,17 @@ TASKS: dict[str, TaskSpec] = {
         adaptive=(
             ("gns/adascale", {"policy": "gns", "lr_scaling": "adascale"}),
             ("gns/linear", {"policy": "gns", "lr_scaling": "linear"}),
-            ("gns/optimal", {"policy": "gns", "lr_scaling": "optimal"}),
+            ("gns/adascale x0.5", {"policy": "gns", "lr_scaling": "adascale", "noise_multiplier": 0.5}),
             ("gns/adascale x2", {"policy": "gns", "lr_scaling": "adascale", "noise_multiplier": 2.0}),
             ("goodput/adascale", {"policy": "goodput", "lr_scaling": "adascale"}),
         ),
         quick_sizes=(16, 64, 256), quick_adaptive=("gns/adascale",),
     ),
-    "charlm": TaskSpec(
-        sizes=(32, 64, 128), budget_epochs=5, cap_epochs=20, max_batch_size=512,
+    "charlm": TaskSpec(  # slimmed to fit a contended 2-core CPU: 2 sizes, 3-point grid, no ramp
+        sizes=(32, 128), budget_epochs=7, cap_epochs=20, max_batch_size=512,
         milestones=(1, 2, 4), decay=0.5, long_slack=0.02,
         adaptive=(("gns/sqrt", {"policy": "gns", "lr_scaling": "sqrt"}),),
-        step_decay=False,
+        step_decay=False, ramp=False, widen=False,
         quick_sizes=(32, 128), quick_adaptive=("gns/sqrt",),
     ),
 }
@@ -209,7 +214,9 @@ def run_one(ex: Example, spec: TaskSpec, *, label: str, batch_size: int, lr: flo
     try:
         result = autobatch.fit(model, ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer, lr=lr,
                                max_samples=int(spec.cap_epochs * n), callbacks=[tracker], **settings)
-        steps, samples, trajectory = result.steps, result.samples, result.batch_size_trajectory()
+        steps, samples = result.steps, result.samples
+        trajectory = [(r.step, r.batch_size, round(r.lr, 6)) for i, r in enumerate(result.history)
+                      if i == 0 or (r.batch_size, r.lr) != (result.history[i - 1].batch_size, result.history[i - 1].lr)]
     except FloatingPointError:
         diverged, steps, samples, trajectory = True, None, None, []
     reach = first_reach(tracker.curve, ex.target, ex.higher_is_better)
@@ -217,13 +224,13 @@ def run_one(ex: Example, spec: TaskSpec, *, label: str, batch_size: int, lr: flo
         "label": label, "batch_size": batch_size, "lr": lr, "seed": seed,
         "overrides": overrides, "diverged": diverged,
         "reached": reach, "final": tracker.final, "steps": steps, "samples": samples,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - t0, 2), "autobatch_commit": COMMIT,
         "trajectory": _thin(trajectory), "curve": tracker.curve,
     }
 
 
-def _thin(trajectory: list[tuple[int, int]], keep: int = 60) -> list[tuple[int, int]]:
-    """At most ``keep`` (step, B) change points, evenly picked, first and last kept."""
+def _thin(trajectory: list[tuple], keep: int = 80) -> list[tuple]:
+    """At most ``keep`` (step, B, lr) change points, evenly picked, first and last kept."""
     if len(trajectory) <= keep:
         return trajectory
     idx = np.unique(np.linspace(0, len(trajectory) - 1, keep).round().astype(int))
@@ -268,8 +275,13 @@ def tune_lr(ex: Example, spec: TaskSpec, batch_size: int, start_lr: float, *, qu
     return start_lr * 2.0 ** min(finite, key=finite.get) if finite else None
 
 
-def run_task(name: str, seeds: list[int], quick: bool) -> dict:
-    """Tune, then run every configuration over ``seeds``; returns the task's JSON record."""
+def run_task(name: str, seeds: list[int], quick: bool, previous: dict | None = None,
+             only: set[str] | None = None) -> dict:
+    """Tune, then run every configuration over ``seeds``; returns the task's JSON record.
+
+    With ``previous`` (the task's record from the JSON) and ``only`` (labels), nothing is
+    tuned: the previous tuned LRs are reused, only the ``only`` configurations run, and their
+    runs replace the previous ones of the same labels."""
     spec = TASKS[name]
     ex = get_example(name, seed=0)
     sizes = spec.sizes if not quick else spec.quick_sizes
@@ -279,8 +291,11 @@ def run_task(name: str, seeds: list[int], quick: bool) -> dict:
     tuning_log: list[dict] = []
     tuned: dict[int, float | None] = {}
     lr = ex.default_lr
-    for b in sizes:
-        tuned[b] = tune_lr(ex, spec, b, lr, quick=quick, log=tuning_log)
+    if previous is not None:
+        tuning_log = previous["tuning"]
+        tuned = {int(b): v for b, v in previous["tuned_lr"].items()}
+    for b in sizes if previous is None else ():
+        tuned[b] = tune_lr(ex, spec, b, lr, quick=quick or not spec.widen, log=tuning_log)
         lr = tuned[b] or lr
     b0 = ex.default_batch_size
     base_lr = tuned.get(b0) or ex.default_lr
@@ -291,12 +306,19 @@ def run_task(name: str, seeds: list[int], quick: bool) -> dict:
     if spec.step_decay:
         configs.append((f"fixed B={b0} step decay", b0, base_lr,
                         {"policy": "fixed", "lr_milestones": milestones, "lr_decay": spec.decay}))
-    configs.append((f"ramp B0={b0}", b0, base_lr,
-                    {"policy": "ramp", "lr_milestones": milestones, "lr_decay": spec.decay}))
+    if spec.ramp:
+        configs.append((f"ramp B0={b0}", b0, base_lr,
+                        {"policy": "ramp", "lr_milestones": milestones, "lr_decay": spec.decay}))
     for label, overrides in spec.adaptive:
         if not quick or label in spec.quick_adaptive:
             configs.append((label, b0, base_lr, overrides))
-    runs = []
+    known = {c[0] for c in configs}
+    if only is not None:
+        unknown = only - known
+        if unknown:
+            raise ValueError(f"--only names unknown runs {sorted(unknown)}; known: {[c[0] for c in configs]}")
+        configs = [c for c in configs if c[0] in only]
+    runs = [r for r in previous["runs"] if r["label"] in known - only] if previous is not None else []
     for seed in seeds:
         seeded = get_example(name, seed=seed)
         for label, b, lr_b, overrides in configs:
@@ -312,7 +334,8 @@ def run_task(name: str, seeds: list[int], quick: bool) -> dict:
         "base_batch_size": b0, "seeds": seeds, "quick": quick,
         "spec": {k: v for k, v in spec.__dict__.items() if k not in ("quick_sizes", "quick_adaptive")},
         "tuned_lr": {str(b): v for b, v in tuned.items()}, "tuning": tuning_log, "runs": runs,
-        "minutes": round((time.perf_counter() - start) / 60, 2),
+        "minutes": round((time.perf_counter() - start) / 60, 2)
+        + (previous["minutes"] if previous is not None else 0.0),
     }
     return record
 
@@ -338,7 +361,8 @@ def summarise(task: dict) -> dict:
     fixed = [lab for lab in labels if lab.startswith("fixed B=") and "decay" not in lab]
     best_fixed_final = (max if higher else min)(finals[lab] for lab in fixed if finals[lab] is not None)
     long_target = best_fixed_final - task["spec"]["long_slack"] * (1 if higher else -1)
-    out: dict[str, Any] = {"best_fixed_final": best_fixed_final, "targets": {}}
+    out: dict[str, Any] = {"best_fixed_final": best_fixed_final, "tuning": _tuning_summary(task["tuning"]),
+                           "targets": {}}
     for tname, target in (("target", task["target"]), ("long", round(long_target, 4))):
         rows = {}
         for lab, rs in by_label.items():
@@ -365,6 +389,19 @@ def summarise(task: dict) -> dict:
     return out
 
 
+def _tuning_summary(log: list[dict]) -> dict[str, dict]:
+    """Per batch size: the LRs tried with their steps to target (None: not reached within the
+    best's steps, or diverged), the best LR, and whether it is interior to the grid."""
+    out = {}
+    for b in sorted({e["batch_size"] for e in log}):
+        tried = sorted((e["lr"], e["steps_to_target"]) for e in log if e["batch_size"] == b)
+        reached = [(lr, s) for lr, s in tried if s is not None]
+        best = min(reached, key=lambda x: x[1])[0] if reached else None
+        out[str(b)] = {"tried": tried, "best_lr": best,
+                       "interior": best is not None and tried[0][0] < best < tried[-1][0]}
+    return out
+
+
 def _criterion(row: dict, fixed_rows: dict, best_final: float, higher: bool) -> dict:
     """The issue's test: steps <= 0.5x those of the best (fewest-steps) fixed B that reached the
     target with no more samples than this run, and final metric within 0.5 points (accuracy)
@@ -383,6 +420,10 @@ def print_tables(name: str, task: dict) -> None:
     summary = task["summary"]
     print(f"\n== {name}: metric {task['metric']}, seeds {task['seeds']}, "
           f"budget {task['spec']['budget_epochs']} epochs, {task['minutes']} min")
+    print("tuned LR (steps to target per LR tried; '-' = not reached within the best's steps):")
+    for b, t in summary["tuning"].items():
+        tried = ", ".join(f"{lr:g}:{'-' if st is None else st}" for lr, st in t["tried"])
+        print(f"  B={b:<5s} best {t['best_lr']} ({'interior' if t['interior'] else 'AT GRID EDGE'}); {tried}")
     for tname, t in summary["targets"].items():
         print(f"-- target {t['value']} ({tname}); fit S_min={_fmt(t['s_min'])} E_min={_fmt(t['e_min'])}")
         print(f"{'run':<26s}{'lr':>8s}{'hit':>5s}{'steps':>8s}{'samples':>9s}{'wall s':>8s}"
@@ -459,6 +500,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per configuration (default: 2 for mnist1d, 1 for charlm; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few sizes, no grid widening, one adaptive run")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated run labels to (re)run with the tuned LRs already in the "
+                             "JSON, replacing their previous runs (e.g. 'gns/adascale,goodput/adascale')")
     parser.add_argument("--resummarise", action="store_true",
                         help="recompute summaries, tables and the plot from the JSON, train nothing")
     parser.add_argument("--out", default=None, help="JSON path (default results/time_to_target.json; "
@@ -483,7 +527,12 @@ def main() -> None:
     for name in names:
         n_seeds = args.seeds or (1 if args.quick or name == "charlm" else 2)
         print(f"== {name}", flush=True)
-        record = run_task(name, list(range(n_seeds)), args.quick)
+        previous = None
+        if args.only:
+            previous = json.loads(out.read_text())[name]
+            n_seeds = args.seeds or len(previous["seeds"])
+        only = set(args.only.split(",")) if args.only else None
+        record = run_task(name, list(range(n_seeds)), args.quick, previous, only)
         raw = out.with_name(f"{out.stem}_{name}_raw.json")  # kept only if the summary fails
         raw.write_text(json.dumps(_clean(record)))
         record["summary"] = summarise(record)
