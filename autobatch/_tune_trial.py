@@ -15,11 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import torch
 from torch import nn
 
 from autobatch.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
+from autobatch.distributed import DistInfo, broadcast_int
 from autobatch.evaluate import evaluate
 from autobatch.fit import fit
 
@@ -276,3 +278,55 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
         trial.set_user_attr("final_batch_size", reporter.batch_size)
         trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
     return reporter.value
+
+
+# -- data-parallel studies -------------------------------------------------------------------
+# Under torchrun, rank 0 owns the study (its storage, sampler and pruner); every trial is one
+# data-parallel fit on all ranks. Rank 0 sends each trial's parameters to the others before
+# the fit, and its pruner's decision at every report, so all ranks stop a trial together.
+
+
+class FollowerTrial(optuna.trial.FixedTrial):
+    """A non-zero rank's view of rank 0's trial: the same parameters (a search space called
+    with it suggests exactly rank 0's values) and rank 0's prune decisions."""
+
+    def __init__(self, params: dict[str, Any], info: DistInfo, device: torch.device) -> None:
+        super().__init__(params)
+        self._info, self._device = info, device
+
+    def should_prune(self) -> bool:
+        return bool(broadcast_int(0, self._info, self._device))
+
+
+def lead_trial(trial: optuna.Trial, space: Callable, info: DistInfo, device: torch.device) -> None:
+    """On rank 0: draw the trial's parameters, send them to every rank, and make the trial's
+    prune decisions reach them too."""
+    space(trial)  # suggests the parameters; run_trial's second call gets the same values
+    torch.distributed.broadcast_object_list([dict(trial.params)], src=0)
+    decide = trial.should_prune
+    trial.should_prune = lambda: bool(broadcast_int(int(decide()), info, device))  # type: ignore[method-assign]
+
+
+def follow_trials(run: Callable[[optuna.Trial], float], info: DistInfo, device: torch.device) -> int:
+    """On ranks other than 0: run every trial rank 0 announces until it announces the end.
+
+    Returns:
+        The number of trials this rank took part in.
+    """
+    count = 0
+    while True:
+        box: list[Any] = [None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return count
+        count += 1
+        try:
+            run(FollowerTrial(box[0], info, device))
+        except optuna.TrialPruned:
+            pass  # rank 0 records the outcome; this rank only took part
+
+
+def end_trials(info: DistInfo) -> None:
+    """On rank 0: tell the other ranks the study is over."""
+    if info.enabled:
+        torch.distributed.broadcast_object_list([None], src=0)

@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 import torch
 from torch import nn
 
-from autobatch._tune_trial import OBJECTIVES, ModelFactory, make_pruner, open_storage, run_trial
+from autobatch._tune_trial import (OBJECTIVES, ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
+                                  open_storage, run_trial)
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
+from autobatch.distributed import setup_distributed
 
 __all__ = ["DEFAULT_STORAGE", "TrialRow", "TuneResult", "search", "tune_lr"]
 
@@ -169,7 +171,7 @@ def tune_lr(
     objective: Literal["final", "best"] = "final",
     device: Any = None,
     verbose: bool = False,
-) -> TuneResult:
+) -> TuneResult | None:
     """Find the base learning rate (at ``initial_batch_size``) with an Optuna study.
 
     The LR is sampled log-uniformly from ``lr_range`` (TPE by default). Each trial runs
@@ -209,7 +211,9 @@ def tune_lr(
     Returns:
         A :class:`TuneResult`; ``best_value`` is in ``objective``'s sense, and ``best_lr``
         is None if no trial completed (all diverged or
-        were pruned), with a warning.
+        were pruned), with a warning. Under torchrun, rank 0 owns the study and returns the
+        result; every trial is a data-parallel fit on all ranks (rank 0 sends the trial's
+        parameters and its pruner's decisions), and the other ranks return None.
 
     Raises:
         ValueError: for invalid arguments (every one named at once, with the fix), a
@@ -262,7 +266,7 @@ def search(
     objective: Literal["final", "best"] = "final",
     device: Any = None,
     verbose: bool = False,
-) -> TuneResult:
+) -> TuneResult | None:
     """Search a user-given space of fit settings with the machinery of :func:`tune_lr`.
 
     ``space(trial)`` returns a dict; each key goes where its name says: ``"lr"`` (required)
@@ -290,7 +294,7 @@ def search(
 
 def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
            storage, study_name, sampler, pruner, config, seed, n_evals, objective, device,
-           verbose, problems: list[str]) -> TuneResult:
+           verbose, problems: list[str]) -> TuneResult | None:
     """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
     if not callable(model_fn):
         problems.append(f"model_fn must be a function that builds a model (got {type(model_fn).__name__})")
@@ -316,6 +320,21 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     val = as_batch_source(val_data, name="val_data")
     total = max(1, round(budget * n)) if budget_unit == "epochs" else int(budget)
     pruner = make_pruner(pruner, n_evals)
+    comm_device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    info = setup_distributed(comm_device)
+    make_model = ModelFactory(model_fn)
+
+    def one_trial(trial: optuna.Trial) -> float:
+        if info.enabled and info.is_main:
+            lead_trial(trial, space, info, comm_device)
+        return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
+                         loss_fn=loss_fn, optimizer=optimizer, config=cfg,
+                         total_samples=total, n_evals=n_evals, device=device, objective=objective)
+
+    if not info.is_main:  # under torchrun: rank 0 owns the study, this rank follows its trials
+        follow_trials(one_trial, info, comm_device)
+        return None
     storage = open_storage(storage)
 
     level = optuna.logging.get_verbosity()
@@ -331,14 +350,10 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
             seed=None if seed is None else seed + len(study.trials), n_startup_trials=5,
             multivariate=True,
         )
-        make_model = ModelFactory(model_fn)
-
-        def one_trial(trial: optuna.Trial) -> float:
-            return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
-                             loss_fn=loss_fn, optimizer=optimizer, config=cfg,
-                             total_samples=total, n_evals=n_evals, device=device, objective=objective)
-
-        study.optimize(one_trial, n_trials=n_trials)
+        try:
+            study.optimize(one_trial, n_trials=n_trials)
+        finally:
+            end_trials(info)
     finally:
         optuna.logging.set_verbosity(level)
     return _summarise(study)

@@ -109,3 +109,17 @@ def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
     monkeypatch.setattr(dist, "is_gloo_available", lambda: False)
     with pytest.raises(RuntimeError, match="no 'gloo' process-group backend; install a torch build"):
         setup_distributed(torch.device("cpu"))
+
+
+def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path) -> None:
+    worker = str(Path(__file__).parent / "helpers" / "ddp_tune_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           worker, str(tmp_path), str(tmp_path / "study.db")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["returned"] and not r1["returned"]
+    assert len(r0["trials"]) == 4  # one study, four trials, written by rank 0 only
+    lrs = sorted(t["lr"] for t in r0["trials"])
+    assert r1["seen"] == pytest.approx(lrs) and r0["seen"] == pytest.approx(lrs)
