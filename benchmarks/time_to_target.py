@@ -35,6 +35,7 @@ import json
 import math
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,7 @@ def _tuning_summary(log: list[dict]) -> dict[str, dict]:
     """Per batch size: the LRs tried with their steps to target (None: not reached within the
     best's steps, or diverged), the best LR, and whether it is interior to the grid."""
     out = {}
+    log = [e for e in log if "lr" in e]  # (an earlier version also logged a per-size verdict)
     for b in sorted({e["batch_size"] for e in log}):
         tried = sorted((e["lr"], e["steps_to_target"]) for e in log if e["batch_size"] == b)
         reached = [(lr, s) for lr, s in tried if s is not None]
@@ -450,24 +452,26 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(name, tname) for name in results for tname in ("target", "long")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    names = list(results)
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 4.6 * len(names)), squeeze=False)
     markers = "*^vDPXsph<>"
-    for ax, (name, tname) in zip(axes[0], panels):
+    panels = [(name, tname) for name in names for tname in ("target", "long")]
+    for ax, (name, tname) in zip(axes.flat, panels):
         task = results[name]
         t = task["summary"]["targets"][tname]
-        others = 0
+        others = [lab for lab in t["rows"] if not (lab.startswith("fixed B=") and "decay" not in lab)]
         for lab, r in t["rows"].items():
             pts = [p for p in r["per_seed"] if p is not None]
             if not pts:
                 continue
-            if lab.startswith("fixed B=") and "decay" not in lab:
+            if lab not in others:
                 ax.scatter([p[1] for p in pts], [p[0] for p in pts], c="0.6", s=10, zorder=2)
                 ax.scatter([r["samples"]], [r["steps"]], c="k", s=30, zorder=3)
                 ax.annotate(lab[6:], (r["samples"], r["steps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             else:
-                ax.scatter([r["samples"]], [r["steps"]], marker=markers[others % len(markers)], s=70, zorder=4, label=lab)
-                others += 1
+                i = others.index(lab)
+                ax.scatter([r["samples"]], [r["steps"]], marker=markers[i % len(markers)], color=f"C{i}",
+                           s=70, zorder=4, label=lab)
         if t["s_min"]:
             lo = t["e_min"] * 1.05
             hi = max(r["samples"] for r in t["rows"].values() if r["samples"]) * 1.5
@@ -537,7 +541,7 @@ def main() -> None:
         raw.write_text(json.dumps(_clean(record)))
         record["summary"] = summarise(record)
         print_tables(name, record)
-        with open(out.with_suffix(".lock"), "w") as lock:  # another task may be writing
+        with open(Path(tempfile.gettempdir()) / f"{out.stem}.lock", "w") as lock:  # another task may be writing
             fcntl.flock(lock, fcntl.LOCK_EX)
             results = json.loads(out.read_text()) if out.exists() else {}
             results[name] = _clean(record)
