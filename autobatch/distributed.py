@@ -17,6 +17,7 @@ memory can tell the others before anyone blocks in a gradient all-reduce:
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -51,8 +52,9 @@ def setup_distributed(device: torch.device) -> DistInfo:
     """Join the process group if there is one.
 
     Uses an initialized group as it is; otherwise, when torchrun's environment is present
-    (``WORLD_SIZE`` > 1), initializes one with ``nccl`` for CUDA devices and ``gloo`` for CPU.
-    Without either, training runs on this process alone.
+    (``WORLD_SIZE`` > 1), initializes one with ``nccl`` for CUDA devices and ``gloo`` for CPU,
+    and destroys it when the process exits. Without either, training runs on this process
+    alone.
 
     Raises:
         RuntimeError: if the backend for ``device`` is not available in this torch build,
@@ -74,7 +76,16 @@ def setup_distributed(device: torch.device) -> DistInfo:
             "before autobatch.fit"
         )
     dist.init_process_group(backend=backend)
+    # The group is ours: tear it down before the interpreter does. Left to interpreter
+    # shutdown, the backend's threads can outlive it and abort the process (seen with gloo:
+    # "terminate called without an active exception", exit -6).
+    atexit.register(_destroy_if_initialized)
     return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_share(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:

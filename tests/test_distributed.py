@@ -19,7 +19,7 @@ WORKER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
 
 
 def _run(out: Path, *args: str, ranks: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={ranks}", WORKER, str(out), *args]
