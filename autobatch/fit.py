@@ -22,6 +22,7 @@ order) and a :class:`~autobatch.grad_norms.MicroBatchGradNorms` (the norms);
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -352,6 +353,12 @@ def fit(
         if pe_collector is not None:
             pe_collector.remove()
         loader.close()
+        if forward_model is not model:
+            # Free the DDP wrapper (and its reducer) now, while the process group is alive:
+            # it sits in reference cycles that the collector might only reach after the
+            # group is destroyed at exit.
+            forward_model = None
+            gc.collect()
         if bar is not None:
             bar.close()
     if has_eval and (not result.evals or result.evals[-1]["step"] != step):
