@@ -65,6 +65,8 @@ class BatchConfig(_Section):
         hysteresis: the batch changes only if the proposal differs from the current size
             by more than this fraction of it (0.05: 5%), so it does not thrash.
         noise_multiplier: the ``gns`` policy targets ``noise_multiplier x B_simple``.
+        noise_confidence: the ``gns`` policy moves only when B lies outside the noise
+            scale's interval of this many standard errors (0: follow the average).
         round_to: batch sizes above ``round_to`` are rounded to a multiple of it.
     """
 
@@ -76,6 +78,7 @@ class BatchConfig(_Section):
     max_growth: float = Field(2.0, gt=1.0)
     hysteresis: float = Field(0.05, ge=0.0, lt=1.0)
     noise_multiplier: float = Field(1.0, gt=0.0)
+    noise_confidence: float = Field(1.0, ge=0.0)
     round_to: int = Field(8, ge=1)
 
     @field_validator("policy")

@@ -277,6 +277,7 @@ class GNSPolicy(BatchSizePolicy):
     def from_config(cls, batch: BatchConfig, lr: LRConfig) -> GNSPolicy:
         return cls(
             noise_multiplier=batch.noise_multiplier,
+            confidence=batch.noise_confidence,
             max_growth=batch.max_growth,
             hysteresis=batch.hysteresis,
             round_to=batch.round_to,

@@ -321,3 +321,16 @@ def test_gns_moves_only_on_significant_evidence() -> None:
     assert policy.propose(_ctx(noise_scale=1e4, noise_stderr=math.inf, **ready)) == 32
     with pytest.raises(ValueError, match="confidence=-1"):
         GNSPolicy(confidence=-1)
+
+
+def test_noise_confidence_reaches_the_gns_policy_from_the_config() -> None:
+    from autobatch.config import FitConfig
+    from autobatch.policies import make_policy
+
+    cfg = FitConfig.from_any(None, noise_confidence=0.0, round_to=1)
+    policy = make_policy(cfg.batch.policy, cfg.batch, cfg.lr)
+    # With confidence 0 the policy follows the average even inside a wide error band.
+    ctx = _ctx(batch_size=32, noise_scale=40.0, noise_stderr=30.0, noise_ready=True)
+    assert policy.propose(ctx) == 40
+    strict = make_policy("gns", FitConfig.from_any(None, round_to=1).batch, cfg.lr)
+    assert strict.propose(ctx) == 32
