@@ -111,10 +111,11 @@ def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
         setup_distributed(torch.device("cpu"))
 
 
-def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path) -> None:
+@pytest.mark.parametrize("prune", [False, True])
+def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path, prune) -> None:
     worker = str(Path(__file__).parent / "helpers" / "ddp_tune_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           worker, str(tmp_path), str(tmp_path / "study.db")]
+           worker, str(tmp_path), str(tmp_path / "study.db"), *(["--prune"] if prune else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,3 +124,6 @@ def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tm
     assert len(r0["trials"]) == 4  # one study, four trials, written by rank 0 only
     lrs = sorted(t["lr"] for t in r0["trials"])
     assert r1["seen"] == pytest.approx(lrs) and r0["seen"] == pytest.approx(lrs)
+    if prune:  # rank 0's pruner stopped trials 1-3 on both ranks (no hang, same trials after)
+        states = [t["state"] for t in r0["trials"]]
+        assert states[1:] == ["PRUNED"] * 3, states
