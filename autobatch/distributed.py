@@ -118,29 +118,38 @@ def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_gradients(params: list[nn.Parameter], info: DistInfo, *, sq_norm: bool = False) -> float:
+def all_reduce_gradients(
+    params: list[nn.Parameter], info: DistInfo, *, sq_norms: bool = False
+) -> tuple[float, float]:
     """SUM every parameter's ``.grad`` over ranks in one flat all-reduce. A parameter with no
     gradient on this rank (no example reached it) takes part as zeros.
 
     Returns:
-        With ``sq_norm``, the squared L2 norm of the reduced gradient, read from the flat
-        buffer the all-reduce already filled (no second pass over the parameters); else NaN.
-        NaN on one process, where nothing is reduced.
+        With ``sq_norms``, the squared L2 norms of this rank's gradient before the reduction
+        and of the reduced one, both read from the contiguous flat buffer the all-reduce
+        needs anyway (no extra pass over the parameters); else ``(nan, nan)``. ``(nan, nan)``
+        on one process, where nothing is reduced.
     """
+    nan = float("nan")
     if not info.enabled:
-        return float("nan")
+        return nan, nan
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
+    local_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square() if sq_norms else None
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
-    return float(torch.linalg.vector_norm(flat, dtype=torch.float32).square()) if sq_norm else float("nan")
+    if local_sq is None:
+        return nan, nan
+    global_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+    local_value, global_value = torch.stack([local_sq, global_sq]).tolist()
+    return local_value, global_value
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:

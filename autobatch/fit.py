@@ -250,12 +250,16 @@ def fit(
             t0 = time.perf_counter()
             while True:
                 sizes = controller.micro_sizes(len(local)) if len(local) else []
+                # A rank whose share is one micro-batch needs no hooks: its local gradient,
+                # read from the all-reduce buffer, is its small batch.
+                use_hooks = measure and (per_example or not info.enabled or len(sizes) > 1)
                 failed = 0
                 try:
                     guard = MemoryBudget(budget, baseline=(model, opt)) if guard_budget else contextlib.nullcontext()
                     with guard:
                         loss_sum, pe_norms = _accumulate(forward_model, loss_fn, loader, local, sizes, step_b,
-                                                         device, collector, pe_collector, opt, amp_dtype, scaler)
+                                                         device, collector if use_hooks else None,
+                                                         pe_collector, opt, amp_dtype, scaler)
                 except Exception as err:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
                     if not is_oom_error(err):
                         raise
@@ -269,10 +273,12 @@ def fit(
                 result.oom_retries += 1
             grad_scale = scaler.get_scale() if scaler is not None else 1.0
             local_norms = (collector.end_step(grad_scale=grad_scale, min_micro_batches=1,
-                                              big_norm=not info.enabled) if measure else None)
+                                              big_norm=not info.enabled) if use_hooks else None)
             if pe_norms is not None:
                 local_norms = _per_example_norms(pe_norms, local_norms)
-            reduced_sq = all_reduce_gradients(params, info, sq_norm=measure)
+            local_sq, reduced_sq = all_reduce_gradients(params, info, sq_norms=measure)
+            if measure and not use_hooks and len(local):
+                local_norms = _whole_share_norms(local_sq, len(local), step_b, grad_scale)
             # One CPU-GPU sync per step: the loss value (and the norms, read with it).
             loss_total = loss_sum.item()
             if info.enabled:
@@ -411,6 +417,15 @@ def _accumulate(model, loss_fn, loader, indices, sizes, total, device, collector
                 per_example.append(pe_collector.sq_norms(loss_weight=weight, grad_scale=scale))
             loss_sum += loss.detach().float() * chunk
     return loss_sum, per_example
+
+
+def _whole_share_norms(local_sq: float, local_b: int, total: int, grad_scale: float) -> StepGradNorms:
+    """This rank's whole share as one small batch: its ``.grad`` before the all-reduce is
+    ``grad_scale * (b/B) * G_b`` (the loss weight of a single micro-batch), so
+    ``|G_b|^2 = local_sq / (grad_scale * b/B)^2``."""
+    weight = grad_scale * local_b / total
+    return StepGradNorms(small_sq_norms=[local_sq / weight**2], small_batch_size=float(local_b),
+                         big_sq_norm=math.nan, big_batch_size=local_b, micro_batch_sizes=[local_b])
 
 
 def _per_example_norms(per_example: list[torch.Tensor], micro: StepGradNorms | None) -> StepGradNorms | None:
