@@ -37,6 +37,7 @@ def main(epochs: float = 4.0) -> None:
         scaling=make_scaling("adascale"),
         estimator=GradientNoiseScale(smoothing=0.95),
         base_batch_size=b0, min_batch_size=b0, max_batch_size=1024, decide_every=10,
+        max_lr_factor=2.0,  # fit's default: the LR never exceeds 2x the base LR
     )
     step = samples = 0
     with MicroBatchGradNorms(model) as norms:
