@@ -235,11 +235,15 @@ class LogConfig(_Section):
         eval_every: optimizer steps between evaluations on ``val_data``; ``None`` means
             once per epoch.
         log_every: optimizer steps between progress-bar refreshes.
+        checkpoint_every: optimizer steps between checkpoints (with ``checkpoint_dir``), on
+            top of those written at every evaluation, at the end and on KeyboardInterrupt;
+            ``None``: only those.
     """
 
     progress: bool | None = None
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
 
 
 class FitConfig(BaseModel):

@@ -98,8 +98,8 @@ def fit(
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
         callbacks: :class:`~autobatch.callbacks.Callback` instances.
         device: where to train; the model is moved there. None: the model's device.
-        checkpoint_dir: write ``last.pt`` there at every evaluation, at the end, and on
-            KeyboardInterrupt.
+        checkpoint_dir: write ``last.pt`` there at every evaluation, every
+            ``checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
         resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
             same sample order, same weights as a run that was never stopped.
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
@@ -344,6 +344,7 @@ def fit(
             due = (step % every == 0) if every else stream.epoch > epoch_before
             if has_eval and due:
                 run_eval()
+            if (has_eval and due) or (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0):
                 _update_totals(result, step, samples, stream, controller, start)
                 checkpoint()
         stopped_by = reason

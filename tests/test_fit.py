@@ -312,3 +312,29 @@ def test_a_budget_on_cpu_probes_the_micro_batch_first_and_nothing_runs_out() -> 
     assert res.oom_retries == 0
     assert 64 <= res.max_micro_batch_size < 128
     assert all(r.micro_batch_size <= res.max_micro_batch_size for r in res.history)
+
+
+def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path) -> None:
+    x, y = _regression(n=600, noise=2.0)
+
+    class Crash(Callback):
+        def on_step_end(self, record):
+            if record.step == 17:
+                raise RuntimeError("simulated crash")
+
+    def run(ckpt, callbacks=(), resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+        res = autobatch.fit(model, (x, y), loss_fn=_mse, lr=0.02, max_steps=40,
+                            initial_batch_size=16, decide_every=3, checkpoint_dir=ckpt,
+                            checkpoint_every=5, resume=resume, callbacks=callbacks, progress=False)
+        return model, res
+
+    full_model, full = run(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crash", callbacks=[Crash()])
+    resumed_model, resumed = run(tmp_path / "crash", resume=True)  # continues from step 15
+    assert resumed.history[14].step == 15 and len(resumed.history) == 40
+    assert [r.batch_size for r in resumed.history] == [r.batch_size for r in full.history]
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
