@@ -85,6 +85,9 @@ def setup_distributed(device: torch.device) -> DistInfo:
 
 def _destroy_if_initialized() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches the end before any tears its connections down: a rank that
+        # destroys the group while a peer still talks to it can abort the peer.
+        dist.barrier()
         dist.destroy_process_group()
 
 
