@@ -12,17 +12,12 @@ from torch import nn
 
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource
+from autobatch.grad_norms import trainable_parameters
 
 
 
 def resolve_device(model: nn.Module, source: BatchSource, device: torch.device | str | None) -> torch.device:
-    params = list(model.parameters())
-    if not any(p.requires_grad for p in params):
-        raise ValueError(
-            f"model {type(model).__name__} has no trainable parameters (requires_grad=True); "
-            "unfreeze at least one parameter"
-        )
-    model_device = params[0].device
+    model_device = trainable_parameters(model)[0].device  # raises if nothing is trainable
     if device is not None:
         return torch.device(device)
     ds = source.dataset
@@ -48,7 +43,7 @@ def build_optimizer(spec: Any, model: nn.Module, lr: float | None) -> torch.opti
         )
     if not lr > 0:
         raise ValueError(f"lr must be > 0 (got lr={lr})")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     if isinstance(spec, type):
         return spec(params, lr=lr)
     return spec(params, lr)

@@ -40,7 +40,7 @@ from autobatch.data import as_batch_source, move_to
 from autobatch.gns import GradientNoiseScale
 from autobatch.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
                                    combine_norms, local_share, setup_distributed)
-from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms
+from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms, trainable_parameters
 from autobatch.lr_scaling import default_scaling, make_scaling
 from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
 from autobatch.per_example import PerExampleGradNorms
@@ -222,7 +222,7 @@ def fit(
     measure = cfg.estimator.gns_method != "off"
     collector = MicroBatchGradNorms(model, loss_reduction="mean") if measure else None
     pe_collector = PerExampleGradNorms(model) if per_example else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed by
     # one all-reduce after all micro-batches (see autobatch.distributed for why).
     forward_model = wrap_ddp(model, device) if info.enabled else model
