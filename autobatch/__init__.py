@@ -1,54 +1,78 @@
 """autobatch: pick the batch size of a PyTorch training run automatically, and keep re-picking it.
 
-The public surface is small; everything else lives in private or submodule-level names.
+The top level holds the entry points, their configs and results. The parts live in
+subpackages: :mod:`autobatch.noise` (the noise-scale estimator and collectors),
+:mod:`autobatch.policies` (batch-size policies), :mod:`autobatch.scaling` (LR rules),
+:mod:`autobatch.memory` (the probe and OOM handling), :mod:`autobatch.train` (the loop and the
+custom-loop kit), :mod:`autobatch.tune` (Optuna studies), :mod:`autobatch.problems` (built-in
+problems). The study entry points are imported on first use, so ``import autobatch`` does not
+import optuna.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from autobatch._version import __version__
-from autobatch.callbacks import Callback, StopAtTarget, StopTraining
 from autobatch.config import FitConfig
-from autobatch.evaluate import evaluate
-from autobatch.fit import fit
-from autobatch.gns import GradientNoiseScale, two_batch_estimates
-from autobatch.grad_norms import MicroBatchGradNorms
-from autobatch.lr_scaling import AdaScaleScaling, LinearScaling, LRScaling, NoScaling, SqrtScaling
-from autobatch.measure import NoiseScaleEstimate, measure_noise_scale
-from autobatch.memory import MemoryProbe, probe_memory
-from autobatch.per_example import PerExampleGradNorms
-from autobatch.policies import BatchSizePolicy, FixedPolicy, GNSPolicy, GoodputPolicy, RampPolicy
-from autobatch.results import FitResult, StepRecord
-from autobatch.tune import TuneResult, search, tune_lr
+from autobatch.memory.probe import MemoryProbe, probe_memory
+from autobatch.noise.estimator import GradientNoiseScale
+from autobatch.noise.measure import NoiseScaleEstimate, measure_noise_scale
+from autobatch.train.callbacks import Callback, StopAtTarget, StopTraining
+from autobatch.train.fit import fit
+from autobatch.train.results import FitResult, StepRecord
+
+if TYPE_CHECKING:
+    from autobatch.tune.study import TuneResult, search, tune_lr
+
+# name -> module, imported when the name is first used (optuna is heavy; most runs never tune)
+_LAZY = {"tune_lr": "autobatch.tune.study", "search": "autobatch.tune.study", "TuneResult": "autobatch.tune.study"}
 
 __all__ = [
-    "AdaScaleScaling",
-    "BatchSizePolicy",
     "Callback",
     "FitConfig",
     "FitResult",
-    "FixedPolicy",
-    "GNSPolicy",
-    "GoodputPolicy",
     "GradientNoiseScale",
-    "LRScaling",
-    "LinearScaling",
     "MemoryProbe",
-    "MicroBatchGradNorms",
-    "NoScaling",
     "NoiseScaleEstimate",
-    "PerExampleGradNorms",
-    "RampPolicy",
-    "SqrtScaling",
     "StepRecord",
     "StopAtTarget",
     "StopTraining",
     "TuneResult",
     "__version__",
-    "evaluate",
     "fit",
     "measure_noise_scale",
     "probe_memory",
     "search",
     "tune_lr",
-    "two_batch_estimates",
 ]
+
+
+# Names exported at the top level before 0.2, now in their subpackages; they keep working
+# for one release with a DeprecationWarning naming the new home.
+_MOVED = {
+    "two_batch_estimates": "autobatch.noise", "MicroBatchGradNorms": "autobatch.noise",
+    "PerExampleGradNorms": "autobatch.noise", "evaluate": "autobatch.train",
+    "LRScaling": "autobatch.scaling", "LinearScaling": "autobatch.scaling",
+    "SqrtScaling": "autobatch.scaling", "AdaScaleScaling": "autobatch.scaling",
+    "NoScaling": "autobatch.scaling", "BatchSizePolicy": "autobatch.policies",
+    "FixedPolicy": "autobatch.policies", "GNSPolicy": "autobatch.policies",
+    "GoodputPolicy": "autobatch.policies", "RampPolicy": "autobatch.policies",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MOVED:
+        import warnings
+
+        warnings.warn(
+            f"autobatch.{name} moved to {_MOVED[name]}.{name}; import it from there "
+            "(the top-level name goes away in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'autobatch' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from autobatch.lr_scaling import SCALINGS, LRScaling
+from autobatch.scaling import SCALINGS, LRScaling
 from autobatch.policies import POLICIES, BatchSizePolicy, RampPolicy
 
 __all__ = [
@@ -125,10 +125,10 @@ class LRConfig(_Section):
 
     Attributes:
         lr_scaling: rule mapping the base LR (tuned at ``initial_batch_size``) to the LR at
-            the current batch size: a name from :data:`autobatch.lr_scaling.SCALINGS`
+            the current batch size: a name from :data:`autobatch.scaling.SCALINGS`
             (``"linear"``, ``"sqrt"``, ``"adascale"``, ``"none"``), an
-            :class:`~autobatch.lr_scaling.LRScaling` instance, or ``None`` for the default
-            of the optimizer family (:func:`autobatch.lr_scaling.default_scaling`:
+            :class:`~autobatch.scaling.LRScaling` instance, or ``None`` for the default
+            of the optimizer family (:func:`autobatch.scaling.default_scaling`:
             ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others). With the
             ``ramp`` policy ``None`` becomes ``"none"``: the ramp's batch growth stands in
             for LR decay, so the LR must not grow with the batch.
@@ -172,7 +172,7 @@ class LRConfig(_Section):
 
 
 class EstimatorConfig(_Section):
-    """How the gradient noise scale is measured (see :mod:`autobatch.gns`).
+    """How the gradient noise scale is measured (see :mod:`autobatch.noise.estimator`).
 
     Attributes:
         gns_method: ``"micro"`` takes the small-batch gradients from the micro-batches of

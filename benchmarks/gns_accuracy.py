@@ -1,6 +1,6 @@
 """Accuracy of measure_noise_scale against the exact B_simple, as B_simple/B grows.
 
-For each problem of tests/_problems.py (a whole 16,384-example data set, fixed parameters),
+For each problem of autobatch/testing.py (a whole 16,384-example data set, fixed parameters),
 the exact population B_simple comes from every example's gradient (torch.func). Then, for
 batch sizes B = B_simple / ratio, measure_noise_scale runs ``--batches`` batches per repeat
 with both methods ("micro": about 8 micro-batches per batch; "per_example": b = 1), over
@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _problems import PROBLEMS, exact_noise_scale  # noqa: E402
+from autobatch.testing import PROBLEMS, exact_noise_scale  # noqa: E402
 
 from autobatch import measure_noise_scale  # noqa: E402
 

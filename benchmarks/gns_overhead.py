@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _problems import TinyTransformer  # noqa: E402
+from autobatch.testing import TinyTransformer  # noqa: E402
 
-from autobatch import GradientNoiseScale, MicroBatchGradNorms, PerExampleGradNorms  # noqa: E402
-from autobatch.grad_norms import grad_sq_norm  # noqa: E402
+from autobatch.noise import GradientNoiseScale, MicroBatchGradNorms, PerExampleGradNorms  # noqa: E402
+from autobatch.noise.micro_batch import grad_sq_norm  # noqa: E402
 
 
 def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

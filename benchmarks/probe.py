@@ -12,7 +12,7 @@ training step fits:
 - ``truth``: the largest size whose real steps succeed, i.e. the baseline's answer,
   checked by running it and the size above it once more.
 
-The OOM signal for real steps is ``autobatch.oom.MemoryBudget(budget)`` (live storage bytes
+The OOM signal for real steps is ``autobatch.memory.oom.MemoryBudget(budget)`` (live storage bytes
 of the step, as a full device would fail). As an independent check, the found size's peak is
 also counted from the torch profiler's CPU allocator events (``profiler peak``).
 
@@ -39,7 +39,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from autobatch import probe_memory
-from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
+from autobatch.memory.oom import MemoryBudget, is_oom_error, release_after_oom
 
 MiB = 2**20
 CAP = 16_384  # the largest batch either search may return

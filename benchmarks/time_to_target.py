@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 import autobatch
-from autobatch.callbacks import Callback, StopTraining
-from autobatch.examples import Example, get_example
+from autobatch.train.callbacks import Callback, StopTraining
+from autobatch.problems import Example, get_example
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMIT = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,

@@ -42,7 +42,7 @@ import optuna
 import torch
 
 import autobatch
-from autobatch.examples import get_example
+from autobatch.problems import get_example
 
 OBJECTIVES = ("final", "best")
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from autobatch import GradientNoiseScale
-from autobatch.controller import BatchSizeController
+from autobatch.train.controller import BatchSizeController
 from autobatch.data import as_batch_source
-from autobatch.examples import get_example
-from autobatch.grad_norms import MicroBatchGradNorms
-from autobatch.lr_scaling import make_scaling
+from autobatch.problems import get_example
+from autobatch.noise.micro_batch import MicroBatchGradNorms
+from autobatch.scaling import make_scaling
 from autobatch.policies import GNSPolicy
-from autobatch.sampler import SampleStream
+from autobatch.train.sampler import SampleStream
 
 
 def main(epochs: float = 4.0) -> None:

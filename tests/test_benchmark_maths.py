@@ -1,13 +1,10 @@
 """The plain maths of benchmarks/time_to_target.py against hand-computed answers."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import time_to_target as ttt  # noqa: E402
+from benchmarks import time_to_target as ttt
 
 
 def test_fit_tradeoff_recovers_an_exact_curve() -> None:

@@ -13,7 +13,7 @@ from autobatch.config import (
     MemoryConfig,
     parse_bytes,
 )
-from autobatch.lr_scaling import SCALINGS, SqrtScaling
+from autobatch.scaling import SCALINGS, SqrtScaling
 from autobatch.policies import POLICIES, GNSPolicy, RampPolicy
 
 

@@ -76,7 +76,7 @@ def test_an_oom_on_one_rank_makes_every_rank_back_off_together(tmp_path) -> None
 def test_local_shares_cover_every_index_once() -> None:
     import torch
 
-    from autobatch.distributed import DistInfo, local_share
+    from autobatch.train.distributed import DistInfo, local_share
 
     idx = torch.arange(11)
     shares = [local_share(idx, DistInfo(r, 4)) for r in range(4)]
@@ -89,8 +89,8 @@ def test_local_shares_cover_every_index_once() -> None:
 def test_combine_norms_uses_every_small_batch() -> None:
     import torch
 
-    from autobatch.distributed import DistInfo, combine_norms
-    from autobatch.grad_norms import StepGradNorms
+    from autobatch.train.distributed import DistInfo, combine_norms
+    from autobatch.noise.micro_batch import StepGradNorms
 
     local = StepGradNorms(small_sq_norms=[2.0, 4.0, 6.0], small_batch_size=0.0, big_sq_norm=1.0,
                           big_batch_size=7, micro_batch_sizes=[2, 2, 3])
@@ -102,7 +102,7 @@ def test_combine_norms_uses_every_small_batch() -> None:
 def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
     import torch
 
-    from autobatch.distributed import setup_distributed
+    from autobatch.train.distributed import setup_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from autobatch.examples import EXAMPLES, Example, get_example
-from autobatch.examples import charlm as charlm_module
-from autobatch.examples.synthetic import gradient_moments
+from autobatch.problems import EXAMPLES, Example, get_example
+from autobatch.problems import charlm as charlm_module
+from autobatch.problems.synthetic import gradient_moments
 
 # Small but real settings per example, so each test builds in well under a second after the
 # first (data is cached per process).
@@ -136,7 +136,7 @@ def test_reached_follows_the_metric_direction() -> None:
 
 
 def test_mnist1d_sizes_and_generator_leaves_global_rngs_alone() -> None:
-    from autobatch.examples.mnist1d import make_data
+    from autobatch.problems.mnist1d import make_data
 
     np.random.seed(7)
     random.seed(7)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import autobatch
-from autobatch.callbacks import Callback, StopAtTarget
+from autobatch.train.callbacks import Callback, StopAtTarget
 from autobatch.policies import BatchSizePolicy, PolicyContext
 
 
@@ -248,7 +248,7 @@ def test_frozen_model_is_rejected() -> None:
 def test_the_in_loop_estimate_matches_the_exact_noise_scale(method: str) -> None:
     # Parameters held still (lr 1e-12): the estimator's average over three epochs must land
     # on the population B_simple computed from brute-force per-example gradients.
-    from _problems import exact_noise_scale, mlp
+    from autobatch.testing import exact_noise_scale, mlp
 
     prob = mlp()
     exact = exact_noise_scale(prob).noise_scale  # ~102, so B_simple <= 4B at B=64

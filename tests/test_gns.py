@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from autobatch import GradientNoiseScale, two_batch_estimates
+from autobatch.noise import GradientNoiseScale, two_batch_estimates
 
 
 def test_two_batch_estimates_recover_exact_expectations() -> None:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch import MicroBatchGradNorms, two_batch_estimates
-from autobatch._effective_batch import harmonic_batch_size
+from autobatch.noise import MicroBatchGradNorms, two_batch_estimates
+from autobatch.noise._effective_batch import harmonic_batch_size
 
 
 def _model() -> nn.Module:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from autobatch.lr_scaling import (
+from autobatch.scaling import (
     SCALINGS,
     AdaScaleScaling,
     LinearScaling,

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _problems import PROBLEMS, Exact, Problem, exact_noise_scale
-from autobatch import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
-from autobatch._effective_batch import without_replacement_batch_size
+from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
+from autobatch.noise import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
+from autobatch.noise._effective_batch import without_replacement_batch_size
 
 # Parameters are the problems' initial ones, except the sequence model, whose initial noise
 # scale is tiny (about 5); 20 full-batch steps bring it to about 150.

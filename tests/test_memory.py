@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import autobatch
 from autobatch.cli import main
-from autobatch.memory import MemoryProbe, largest_fitting, probe_memory
+from autobatch.memory.probe import MemoryProbe, largest_fitting, probe_memory
 
 # ---------------------------------------------------------------------------- models
 
@@ -405,7 +405,7 @@ def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
 
 
 def test_cli_probes_a_built_in_example(capsys) -> None:
-    from autobatch.examples import get_example
+    from autobatch.problems import get_example
 
     ex = get_example("synthetic")
     expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,

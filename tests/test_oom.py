@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
+from autobatch.memory.oom import MemoryBudget, is_oom_error, release_after_oom
 
 
 @pytest.mark.parametrize(

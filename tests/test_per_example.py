@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _problems import PROBLEMS, per_example_sq_norms_loop
-from autobatch import PerExampleGradNorms
+from autobatch.testing import PROBLEMS, per_example_sq_norms_loop
+from autobatch.noise import PerExampleGradNorms
 
 
 def _measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, **kwargs) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from autobatch.sampler import SampleStream, split_sizes
+from autobatch.train.sampler import SampleStream, split_sizes
 
 
 def test_every_example_once_per_epoch_whatever_the_batch_sizes() -> None:

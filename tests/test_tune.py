@@ -13,8 +13,8 @@ import torch
 
 import autobatch
 from autobatch.cli import main
-from autobatch.examples import get_example
-from autobatch.tune import search, tune_lr
+from autobatch.problems import get_example
+from autobatch.tune.study import search, tune_lr
 
 B0 = 16
 

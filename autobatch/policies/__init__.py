@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autobatch.gns import noise_scale_interval
+from autobatch.noise.estimator import noise_scale_interval
 
 if TYPE_CHECKING:
     from autobatch.config import BatchConfig, LRConfig
@@ -249,7 +249,7 @@ class GNSPolicy(BatchSizePolicy):
 
     The estimate is noisy (a single step's relative spread grows as ``B_simple/B``), so the
     policy only moves when the current size lies outside the interval
-    :func:`autobatch.gns.noise_scale_interval` at ``confidence`` standard errors, and then only
+    :func:`autobatch.noise.estimator.noise_scale_interval` at ``confidence`` standard errors, and then only
     to the interval's nearer edge: B grows when the noise scale is significantly above it and
     shrinks when it is significantly below, instead of following every wobble of the average.
     When the context carries no interval statistics, ``noise_scale +- confidence x

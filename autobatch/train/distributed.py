@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autobatch.grad_norms import StepGradNorms
-from autobatch.sampler import split_sizes
+from autobatch.noise.micro_batch import StepGradNorms
+from autobatch.train.sampler import split_sizes
 
 __all__ = ["DistInfo", "agree_max", "all_reduce_gradients", "broadcast_buffers", "broadcast_int",
            "combine_norms", "local_share", "setup_distributed"]

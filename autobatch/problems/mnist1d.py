@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autobatch.examples import Example, _plain_sgd, _seeded_model
+from autobatch.problems import Example, _plain_sgd, _seeded_model
 
 __all__ = ["build", "make_cnn", "make_data"]
 

@@ -3,7 +3,7 @@
 A rule returns a factor, and the training loop uses ``LR(B) = base_lr * factor``. Batch sizes
 are global (examples per optimizer step); ``grad_sq = |G|^2`` and ``trace_cov = tr(Sigma)``
 are the gradient noise scale estimator's averages for a *mean-reduced* loss (see
-:mod:`autobatch.gns`), ``B_noise = trace_cov / grad_sq``.
+:mod:`autobatch.noise.estimator`), ``B_noise = trace_cov / grad_sq``.
 
 The rules:
 

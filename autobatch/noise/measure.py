@@ -28,11 +28,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from autobatch._effective_batch import without_replacement_batch_size
+from autobatch.noise._effective_batch import without_replacement_batch_size
 from autobatch.data import as_batch_source, move_to, split_batch
-from autobatch.gns import GradientNoiseScale
-from autobatch.grad_norms import MicroBatchGradNorms, grad_sq_norm, trainable_parameters
-from autobatch.per_example import PerExampleGradNorms
+from autobatch.noise.estimator import GradientNoiseScale
+from autobatch.noise.micro_batch import MicroBatchGradNorms, grad_sq_norm, trainable_parameters
+from autobatch.noise.per_example import PerExampleGradNorms
 
 __all__ = ["NoiseScaleEstimate", "measure_noise_scale"]
 

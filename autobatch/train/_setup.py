@@ -12,7 +12,7 @@ from torch import nn
 
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource
-from autobatch.grad_norms import trainable_parameters
+from autobatch.noise.micro_batch import trainable_parameters
 
 
 
@@ -71,7 +71,7 @@ def should_probe(cfg: FitConfig, device: torch.device) -> bool:
 
 
 def probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro) -> int:
-    from autobatch.memory import probe_memory
+    from autobatch.memory.probe import probe_memory
 
     factory = optimizer if not isinstance(optimizer, torch.optim.Optimizer) else (
         lambda params, lr: type(opt)(params, **{**opt.defaults, "lr": lr})

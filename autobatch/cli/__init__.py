@@ -16,9 +16,9 @@ from autobatch._version import __version__
 
 # subcommand name -> module defining add_parser(subparsers)
 _SUBCOMMANDS: dict[str, str] = {
-    "fit": "autobatch.fit_cli",
-    "probe": "autobatch.memory_cli",
-    "tune": "autobatch.tune_cli",
+    "fit": "autobatch.cli.fit",
+    "probe": "autobatch.cli.probe",
+    "tune": "autobatch.cli.tune",
 }
 
 

@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from autobatch.results import FitResult, StepRecord
+    from autobatch.train.results import FitResult, StepRecord
 
 __all__ = ["Callback", "StopAtTarget", "StopTraining"]
 

@@ -26,9 +26,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autobatch import _per_example_math as pm
+from autobatch.noise import _per_example_math as pm
 from autobatch.data import batch_size_of
-from autobatch.grad_norms import LossReduction, trainable_parameters
+from autobatch.noise.micro_batch import LossReduction, trainable_parameters
 
 __all__ = ["PerExampleGradNorms"]
 

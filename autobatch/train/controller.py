@@ -15,10 +15,10 @@ import statistics
 from collections import deque
 from typing import Any
 
-from autobatch.gns import GradientNoiseScale
-from autobatch.lr_scaling import LRScaling
+from autobatch.noise.estimator import GradientNoiseScale
+from autobatch.scaling import LRScaling
 from autobatch.policies import BatchSizePolicy, PolicyContext
-from autobatch.sampler import split_sizes
+from autobatch.train.sampler import split_sizes
 
 __all__ = ["BatchSizeController"]
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from autobatch import _memory_step as step
-from autobatch.oom import release_after_oom
+from autobatch.memory import _step as step
+from autobatch.memory.oom import release_after_oom
 
 __all__ = ["MemoryProbe", "largest_fitting", "probe_memory"]
 
@@ -278,7 +278,7 @@ def probe_memory(
             counted, and longer batches may come later.
         mode: "estimate" (fake tensors only; any machine; no real step), "real" (the estimate
             confirmed by two real steps, backing off after an out-of-memory error; on CPU
-            the steps run under ``autobatch.oom.MemoryBudget(limit)``, so the OOM path is
+            the steps run under ``autobatch.memory.oom.MemoryBudget(limit)``, so the OOM path is
             testable), or "auto": "real" on an accelerator, "estimate" on CPU.
 
     Returns:

@@ -2,7 +2,7 @@
 
 The loop in :func:`fit` is meant to be read top to bottom, and copied. Per optimizer step:
 
-1. take the next B indices of the epoch's seeded order (:class:`~autobatch.sampler.SampleStream`);
+1. take the next B indices of the epoch's seeded order (:class:`~autobatch.train.sampler.SampleStream`);
 2. set the LR: base LR x scaling rule at B (x the policy's own factor, x warm-up);
 3. split the step into micro-batches no larger than the memory cap, run forward/backward on
    each with its loss weighted by ``b_i / B`` (so the accumulated gradient is the mean over
@@ -13,9 +13,9 @@ The loop in :func:`fit` is meant to be read top to bottom, and copied. Per optim
    the policy pick the next B;
 6. evaluate, checkpoint and call the callbacks when due.
 
-A custom loop needs the same pieces: a :class:`~autobatch.controller.BatchSizeController`
-(micro-batch split, LR factor, decisions), a :class:`~autobatch.sampler.SampleStream` (the
-order) and a :class:`~autobatch.grad_norms.MicroBatchGradNorms` (the norms);
+A custom loop needs the same pieces: a :class:`~autobatch.train.controller.BatchSizeController`
+(micro-batch split, LR factor, decisions), a :class:`~autobatch.train.sampler.SampleStream` (the
+order) and a :class:`~autobatch.noise.micro_batch.MicroBatchGradNorms` (the norms);
 ``examples/custom_loop.py`` shows the minimum.
 """
 
@@ -32,24 +32,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.callbacks import Callback, StopTraining
-from autobatch.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from autobatch.train.callbacks import Callback, StopTraining
+from autobatch.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from autobatch.config import FitConfig
-from autobatch.controller import BatchSizeController
+from autobatch.train.controller import BatchSizeController
 from autobatch.data import as_batch_source, move_to
-from autobatch.gns import GradientNoiseScale
-from autobatch.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
+from autobatch.noise.estimator import GradientNoiseScale
+from autobatch.train.distributed import (agree_max, all_reduce_gradients, broadcast_buffers, broadcast_int,
                                    combine_norms, local_share, setup_distributed)
-from autobatch.grad_norms import MicroBatchGradNorms, StepGradNorms, trainable_parameters
-from autobatch.lr_scaling import default_scaling, make_scaling
-from autobatch.oom import MemoryBudget, is_oom_error, release_after_oom
-from autobatch.per_example import PerExampleGradNorms
+from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms, trainable_parameters
+from autobatch.scaling import default_scaling, make_scaling
+from autobatch.memory.oom import MemoryBudget, is_oom_error, release_after_oom
+from autobatch.noise.per_example import PerExampleGradNorms
 from autobatch.policies import make_policy
-from autobatch._fit_setup import (MicroBatchLoader, build_optimizer, precision_setup, probe_micro_cap,
+from autobatch.train._setup import (MicroBatchLoader, build_optimizer, precision_setup, probe_micro_cap,
                                   progress_bar, resolve_device, should_probe, total_samples, wrap_ddp)
-from autobatch.evaluate import evaluate
-from autobatch.results import FitResult, StepRecord
-from autobatch.sampler import SampleStream
+from autobatch.train.evaluate import evaluate
+from autobatch.train.results import FitResult, StepRecord
+from autobatch.train.sampler import SampleStream
 
 __all__ = ["fit"]
 
@@ -96,7 +96,7 @@ def fit(
         epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
             ``epochs`` may be fractional. ``max_samples`` counts examples processed.
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
-        callbacks: :class:`~autobatch.callbacks.Callback` instances.
+        callbacks: :class:`~autobatch.train.callbacks.Callback` instances.
         device: where to train; the model is moved there. None: the model's device.
         checkpoint_dir: write ``last.pt`` there at every evaluation, every
             ``checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
@@ -110,7 +110,7 @@ def fit(
             ``policy="goodput"``, ``max_batch_size=1024``.
 
     Returns:
-        A :class:`~autobatch.results.FitResult` with the model, metrics and history.
+        A :class:`~autobatch.train.results.FitResult` with the model, metrics and history.
 
     Raises:
         ValueError: for bad settings (every one named, with the fix), empty data, a base
@@ -224,7 +224,7 @@ def fit(
     pe_collector = PerExampleGradNorms(model) if per_example else None
     params = trainable_parameters(model)
     # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed by
-    # one all-reduce after all micro-batches (see autobatch.distributed for why).
+    # one all-reduce after all micro-batches (see autobatch.train.distributed for why).
     forward_model = wrap_ddp(model, device) if info.enabled else model
     # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
     # uses), so OOM handling is exercised where no device limit exists.

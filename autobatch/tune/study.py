@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 import torch
 from torch import nn
 
-from autobatch._tune_trial import (OBJECTIVES, ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
+from autobatch.tune._trial import (OBJECTIVES, ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
                                   open_storage, run_trial)
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
-from autobatch.distributed import setup_distributed
+from autobatch.train.distributed import setup_distributed
 
 __all__ = ["DEFAULT_STORAGE", "TrialRow", "TuneResult", "search", "tune_lr"]
 

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from autobatch.examples import Example, _plain_sgd, _seeded_model
+from autobatch.problems import Example, _plain_sgd, _seeded_model
 
 __all__ = ["SyntheticExample", "build", "gradient_moments", "population"]
 

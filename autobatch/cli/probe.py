@@ -76,13 +76,13 @@ def _load_factory(spec: str) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from autobatch.config import parse_bytes
-    from autobatch.memory import probe_memory
+    from autobatch.memory.probe import probe_memory
 
     try:
         budget = parse_bytes(args.budget) if args.budget is not None else None
         optimizer = _OPTIMIZERS[args.optimizer] if args.optimizer else None
         if args.example is not None:
-            from autobatch.examples import get_example
+            from autobatch.problems import get_example
 
             ex = get_example(args.example)
             model, example, loss_fn = ex.model_fn(), ex.train_data, ex.loss_fn

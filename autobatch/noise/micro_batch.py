@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from autobatch._effective_batch import harmonic_batch_size
+from autobatch.noise._effective_batch import harmonic_batch_size
 
 __all__ = ["MicroBatchGradNorms", "StepGradNorms", "grad_sq_norm", "trainable_parameters"]
 

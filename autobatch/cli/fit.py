@@ -10,7 +10,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.examples import EXAMPLES
+    from autobatch.problems import EXAMPLES
     from autobatch.policies import POLICIES
 
     p = subparsers.add_parser(
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     import autobatch
-    from autobatch.examples import get_example
+    from autobatch.problems import get_example
 
     ex = get_example(args.example, seed=args.seed)
     overrides = {

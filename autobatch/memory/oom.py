@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from autobatch._memory_count import LiveStorageBytes
+from autobatch.memory._count import LiveStorageBytes
 
 __all__ = ["MemoryBudget", "is_oom_error", "release_after_oom"]
 
@@ -145,6 +145,6 @@ class MemoryBudget(LiveStorageBytes):
         if self.current_bytes > self.budget_bytes:
             raise torch.OutOfMemoryError(
                 f"out of memory under MemoryBudget: {self.current_bytes:,} bytes live, budget "
-                f"{self.budget_bytes:,} bytes (autobatch.oom.MemoryBudget simulates a full "
+                f"{self.budget_bytes:,} bytes (autobatch.memory.oom.MemoryBudget simulates a full "
                 "device; use a smaller batch or a larger budget)"
             )

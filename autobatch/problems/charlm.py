@@ -21,7 +21,7 @@ import sysconfig
 import torch
 from torch import nn
 
-from autobatch.examples import Example, _seeded_model
+from autobatch.problems import Example, _seeded_model
 
 __all__ = ["STDLIB_MODULES", "CharTransformer", "build", "load_text"]
 

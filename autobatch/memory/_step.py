@@ -16,9 +16,9 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset
 
-from autobatch._memory_count import LiveStorageBytes
+from autobatch.memory._count import LiveStorageBytes
 from autobatch.data import BatchSource, as_batch_source, move_to
-from autobatch.oom import MemoryBudget, is_oom_error
+from autobatch.memory.oom import MemoryBudget, is_oom_error
 
 OptimizerSpec = type | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 # builds an optimizer over stand-ins of the model's parameters: real param -> stand-in
@@ -328,7 +328,7 @@ def real_peak(
 ) -> int | None:
     """Peak bytes of :func:`run_steps` run for real, or ``None`` if it ran out of memory.
 
-    On CPU the steps run under :class:`~autobatch.oom.MemoryBudget` (``limit_bytes``); on an
+    On CPU the steps run under :class:`~autobatch.memory.oom.MemoryBudget` (``limit_bytes``); on an
     accelerator the device allocator is the limit and the peak comes from its statistics.
     Either way the peak counts the same things as :func:`fake_peak`: parameters, buffers,
     optimizer state, the batch and everything the steps allocate. Errors other than

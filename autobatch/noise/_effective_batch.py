@@ -1,6 +1,6 @@
 """Effective batch sizes that keep the two-batch estimator unbiased (plain maths).
 
-The estimator in :mod:`autobatch.gns` assumes ``E|G_b|^2 = |G|^2 + tr(Sigma)/b``. Two common
+The estimator in :mod:`autobatch.noise.estimator` assumes ``E|G_b|^2 = |G|^2 + tr(Sigma)/b``. Two common
 departures keep that form exactly once ``b`` is replaced by an effective (non-integer) size:
 
 - micro-batches of unequal sizes ``b_i``: the mean of their squared norms has expectation

@@ -18,12 +18,12 @@ import optuna
 import torch
 from torch import nn
 
-from autobatch.callbacks import Callback
+from autobatch.train.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
-from autobatch.distributed import DistInfo, broadcast_int
-from autobatch.evaluate import evaluate
-from autobatch.fit import fit
+from autobatch.train.distributed import DistInfo, broadcast_int
+from autobatch.train.evaluate import evaluate
+from autobatch.train.fit import fit
 
 # Keyword arguments of autobatch.fit a search space may set; every other key is either a
 # FitConfig setting or an optimizer argument.

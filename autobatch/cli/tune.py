@@ -10,10 +10,10 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch tune``."""
-    from autobatch._tune_trial import PRUNERS
-    from autobatch.examples import EXAMPLES
+    from autobatch.tune._trial import PRUNERS
+    from autobatch.problems import EXAMPLES
     from autobatch.policies import POLICIES
-    from autobatch.tune import DEFAULT_STORAGE
+    from autobatch.tune.study import DEFAULT_STORAGE
 
     p = subparsers.add_parser(
         "tune",
@@ -43,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from autobatch.examples import get_example
-    from autobatch.tune import tune_lr
+    from autobatch.problems import get_example
+    from autobatch.tune.study import tune_lr
 
     ex = get_example(args.example, seed=args.seed)
     b0 = args.batch_size or ex.default_batch_size

@@ -3,7 +3,7 @@
 Each example generates or ships its data (nothing is downloaded) and is cheap to build, so
 the CLI (``autobatch fit --example mnist1d``), the tests and the benchmarks can share them::
 
-    from autobatch.examples import get_example
+    from autobatch.problems import get_example
     ex = get_example("mnist1d", seed=0)
     model = ex.model_fn()
     opt = ex.optimizer(model.parameters(), ex.default_lr)   # lr is meant for ex.default_batch_size
@@ -158,9 +158,9 @@ def _lazy(module: str) -> Callable[..., Example]:
 
 # example name -> builder(seed=0, **options) -> Example
 EXAMPLES: dict[str, Callable[..., Example]] = {
-    "mnist1d": _lazy("autobatch.examples.mnist1d"),
-    "synthetic": _lazy("autobatch.examples.synthetic"),
-    "charlm": _lazy("autobatch.examples.charlm"),
+    "mnist1d": _lazy("autobatch.problems.mnist1d"),
+    "synthetic": _lazy("autobatch.problems.synthetic"),
+    "charlm": _lazy("autobatch.problems.charlm"),
 }
 
 
