@@ -7,12 +7,10 @@ import random
 import pytest
 import torch
 
+from autobatch.registry import LR_SCALINGS
 from autobatch.scaling import (
-    SCALINGS,
     AdaScaleScaling,
     LinearScaling,
-    LRScaling,
-    NoScaling,
     SqrtScaling,
     adascale_gain,
     default_scaling,
@@ -85,10 +83,11 @@ def test_linear_and_sqrt_are_capped_at_the_noise_bound() -> None:
     assert LinearScaling().factor(16, 32, **known) == 0.5  # the cap only limits growth
 
 
-@pytest.mark.parametrize("name", sorted(SCALINGS))
+# -- the shared suite: every rule in the registry -----------------------------------------------
+@pytest.mark.parametrize("name", sorted(LR_SCALINGS))
 def test_every_rule_is_one_at_the_base_and_monotone(name: str) -> None:
     for noise in [(math.nan, math.nan), (1.0, 64.0), (1e-3, 50.0)]:
-        rule = make_scaling(name)  # fresh: a stateful rule anchors at the first noise it sees
+        rule = make_scaling(name)  # fresh: a rule that reads the noise holds what it saw
         kw = {"grad_sq": noise[0], "trace_cov": noise[1]}
         assert rule.factor(32, 32, **kw) == pytest.approx(1.0)
         values = [rule.factor(b, 32, **kw) for b in range(1, 2000, 7)]
@@ -99,10 +98,10 @@ def test_every_rule_is_one_at_the_base_and_monotone(name: str) -> None:
             assert (f <= b / 32 + 1e-12) if b >= 32 else (f >= b / 32 - 1e-12)
 
 
-@pytest.mark.parametrize("rule", [LinearScaling(), SqrtScaling(), AdaScaleScaling(), NoScaling()])
-def test_bad_batch_sizes_are_rejected(rule: LRScaling) -> None:
+@pytest.mark.parametrize("name", sorted(LR_SCALINGS))
+def test_bad_batch_sizes_are_rejected(name: str) -> None:
     with pytest.raises(ValueError, match=r"batch sizes must be >= 1 \(got batch_size=0, base_batch_size=32\)"):
-        rule.factor(0, 32)
+        make_scaling(name).factor(0, 32)
 
 
 def test_make_scaling() -> None:
@@ -111,6 +110,8 @@ def test_make_scaling() -> None:
     assert make_scaling(rule) is rule
     with pytest.raises(ValueError, match="unknown lr_scaling 'cubic'; allowed: adascale, linear, none, sqrt"):
         make_scaling("cubic")
+    with pytest.raises(ValueError, match=r"unknown lr_scaling 'sqr'; .*LRScaling instance; did you mean 'sqrt'\?"):
+        make_scaling("sqr")
 
 
 def test_default_scaling_by_optimizer_family() -> None:
