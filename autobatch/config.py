@@ -9,6 +9,9 @@ pydantic reports every invalid field of one call at once.
 Conventions: batch sizes are *global* (examples per optimizer step, all micro-batches of the
 step together) unless the name says ``micro``; memory sizes are bytes; ``lr_milestones`` are
 epochs; ``decide_every``, ``warmup_steps`` and ``eval_every`` count optimizer steps.
+
+Plug-ins are named through :mod:`autobatch.registry`, which this module asks for the allowed
+names and for what a named plug-in needs of the other settings; it imports no plug-in.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    InstanceOf,
+    ModelWrapValidatorHandler,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from autobatch.scaling import SCALINGS, LRScaling
-from autobatch.policies import POLICIES, BatchSizePolicy, RampPolicy
+from autobatch.registry import check_spec, config_problems, default_lr_scaling
 
 __all__ = [
     "BatchConfig",
@@ -57,9 +61,10 @@ class BatchConfig(_Section):
             ``initial_batch_size``.
         max_batch_size: largest global batch a policy may pick; ``None`` means the size of
             the training set (resolved by ``fit``).
-        policy: the batch-size policy, a name from :data:`autobatch.policies.POLICIES`
+        policy: the batch-size policy, a name from :data:`autobatch.registry.POLICIES`
             (``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
             :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
+            A named policy may need other settings (``"ramp"`` needs ``lr_milestones``).
         decide_every: optimizer steps between two batch-size decisions.
         max_growth: largest factor by which one decision may grow (or shrink) the batch.
         hysteresis: the batch changes only if the proposal differs from the current size
@@ -73,7 +78,8 @@ class BatchConfig(_Section):
     initial_batch_size: int = Field(32, ge=1)
     min_batch_size: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1, validate_default=True)
-    policy: str | InstanceOf[BatchSizePolicy] = "gns"
+    # Any: the registry checks names and instances, so this module imports no plug-in.
+    policy: Any = "gns"
     decide_every: int = Field(10, ge=1)
     max_growth: float = Field(2.0, gt=1.0)
     hysteresis: float = Field(0.05, ge=0.0, lt=1.0)
@@ -83,13 +89,8 @@ class BatchConfig(_Section):
 
     @field_validator("policy")
     @classmethod
-    def _known_policy(cls, value: str | BatchSizePolicy) -> str | BatchSizePolicy:
-        if isinstance(value, str) and value not in POLICIES:
-            raise ValueError(
-                f"unknown policy {value!r}; allowed: {', '.join(sorted(POLICIES))} "
-                "(or pass a BatchSizePolicy instance)"
-            )
-        return value
+    def _known_policy(cls, value: Any) -> Any:
+        return check_spec("policy", value)
 
     # A field validator rather than a model validator, so that bad bounds are reported
     # together with every other invalid field. It runs last of the three (declaration order,
@@ -125,13 +126,13 @@ class LRConfig(_Section):
 
     Attributes:
         lr_scaling: rule mapping the base LR (tuned at ``initial_batch_size``) to the LR at
-            the current batch size: a name from :data:`autobatch.scaling.SCALINGS`
+            the current batch size: a name from :data:`autobatch.registry.LR_SCALINGS`
             (``"linear"``, ``"sqrt"``, ``"adascale"``, ``"none"``), an
             :class:`~autobatch.scaling.LRScaling` instance, or ``None`` for the default
             of the optimizer family (:func:`autobatch.scaling.default_scaling`:
-            ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others). With the
-            ``ramp`` policy ``None`` becomes ``"none"``: the ramp's batch growth stands in
-            for LR decay, so the LR must not grow with the batch.
+            ``"adascale"`` for SGD, ``"sqrt"`` for Adam-family and others). A policy may
+            ask for another default: with ``ramp`` ``None`` becomes ``"none"`` (the ramp's
+            batch growth stands in for LR decay, so the LR must not grow with the batch).
         lr_milestones: epochs (strictly increasing, >= 0) at which the step schedule acts.
             The ``fixed`` policy multiplies the LR by ``lr_decay`` at each; the ``ramp``
             policy grows the batch by ``1/lr_decay`` instead.
@@ -144,7 +145,7 @@ class LRConfig(_Section):
             the noise scale and reached 3x. The default 2.0 keeps that headroom.
     """
 
-    lr_scaling: str | InstanceOf[LRScaling] | None = None
+    lr_scaling: Any = None  # a name, an LRScaling instance or None (see _known_scaling)
     lr_milestones: list[int] = Field(default_factory=list)
     lr_decay: float = Field(0.1, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
@@ -152,13 +153,8 @@ class LRConfig(_Section):
 
     @field_validator("lr_scaling")
     @classmethod
-    def _known_scaling(cls, value: str | LRScaling | None) -> str | LRScaling | None:
-        if isinstance(value, str) and value not in SCALINGS:
-            raise ValueError(
-                f"unknown lr_scaling {value!r}; allowed: {', '.join(sorted(SCALINGS))}, "
-                "None (the optimizer family's default), or an LRScaling instance"
-            )
-        return value
+    def _known_scaling(cls, value: Any) -> Any:
+        return None if value is None else check_spec("lr_scaling", value)
 
     @field_validator("lr_milestones")
     @classmethod
@@ -270,27 +266,34 @@ class FitConfig(BaseModel):
     log: LogConfig = Field(default_factory=LogConfig)
     max_nonfinite_steps: int = Field(5, ge=1)
 
-    @model_validator(mode="after")
-    def _ramp_needs_a_schedule(self) -> FitConfig:
-        policy = self.batch.policy
-        problems = []
-        if policy == "ramp" and not self.lr.lr_milestones:
-            problems.append(
-                "policy='ramp' needs lr_milestones (got lr_milestones=[]); give the epochs at "
-                "which a step schedule would decay the LR, e.g. lr_milestones=[30, 60]"
-            )
-        if policy == "ramp" and self.lr.lr_decay >= 1.0:
-            problems.append(
-                f"policy='ramp' needs lr_decay < 1 (got lr_decay={self.lr.lr_decay}); the "
-                "batch grows by 1/lr_decay at each milestone, e.g. lr_decay=0.1"
-            )
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plugin_needs(cls, data: Any, handler: ModelWrapValidatorHandler[FitConfig]) -> FitConfig:
+        """Check what the named policy and LR rule need of the other settings (the registry
+        asks the plug-in), reported with every other invalid field; then let the policy pick
+        the default LR rule."""
+        try:
+            cfg = handler(data)
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+            problems = _plugin_problems(_settings_of_valid_fields(data, errors))
+            if not problems:
+                raise
+            raise ValidationError.from_exception_data(err.title, [*errors, *problems]) from None
+        problems = _plugin_problems(cfg.settings())
         if problems:
-            raise ValueError("; ".join(problems))
-        if (policy == "ramp" or isinstance(policy, RampPolicy)) and self.lr.lr_scaling is None:
-            # The ramp replaces LR decay by batch growth (Smith et al. 2017): the LR must not
-            # also grow with B, or the noise LR/B would not fall. An explicit rule is kept.
-            self.lr.lr_scaling = "none"
-        return self
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        if cfg.lr.lr_scaling is None:
+            cfg.lr.lr_scaling = default_lr_scaling(cfg.batch.policy)
+        return cfg
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by its flat name (``{"policy": "gns", "lr_milestones": [], ...}``),
+        the values themselves (plug-in instances are not copied)."""
+        flat = {name: value for name, value in vars(self).items() if name not in _sections()}
+        for name in _sections():
+            flat.update(vars(getattr(self, name)))
+        return flat
 
     @classmethod
     def from_any(cls, config: FitConfig | dict[str, Any] | None = None, **overrides: Any) -> FitConfig:
@@ -334,6 +337,43 @@ def _sections() -> dict[str, type[BaseModel]]:
         for name, field in FitConfig.model_fields.items()
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
     }
+
+
+def _settings_of_valid_fields(data: Any, errors: list[Any]) -> dict[str, Any]:
+    """The flat settings of raw ``data`` that validate, leaving out every field with an error
+    (so that a plug-in needing one of them is not judged on a stand-in default)."""
+    if not isinstance(data, dict):
+        return {}
+    bad = {tuple(e["loc"][:2]) for e in errors}
+    flat: dict[str, Any] = {}
+    for name, model in _sections().items():
+        raw = data.get(name, {})
+        raw = vars(raw) if isinstance(raw, BaseModel) else raw
+        if not isinstance(raw, dict) or (name,) in bad:
+            continue
+        try:
+            section = model.model_validate({k: v for k, v in raw.items() if (name, k) not in bad})
+        except ValidationError:  # a check across fields that needs a dropped one
+            continue
+        flat.update({k: v for k, v in vars(section).items() if (name, k) not in bad})
+    return flat
+
+
+def _plugin_problems(settings: dict[str, Any]) -> list[InitErrorDetails]:
+    """Pydantic errors, one per setting, for what the named plug-ins need (see
+    :func:`autobatch.registry.config_problems`)."""
+    sections = _flat_keys()
+    found: dict[str, str] = {}
+    for family in ("policy", "lr_scaling"):  # the families' setting names
+        found.update(config_problems(family, settings.get(family), settings))
+    return [
+        InitErrorDetails(
+            type=PydanticCustomError("plugin_settings", "{message}", {"message": message}),
+            loc=(sections[name], name),
+            input=settings.get(name),
+        )
+        for name, message in found.items()
+    ]
 
 
 def _flat_keys() -> dict[str, str]:

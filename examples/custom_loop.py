@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from autobatch import GradientNoiseScale
-from autobatch.train.controller import BatchSizeController
-from autobatch.data import as_batch_source
-from autobatch.problems import get_example
-from autobatch.noise.micro_batch import MicroBatchGradNorms
-from autobatch.scaling import make_scaling
+from autobatch.noise import GradientNoiseScale, MicroBatchGradNorms
 from autobatch.policies import GNSPolicy
-from autobatch.train.sampler import SampleStream
+from autobatch.problems import get_example
+from autobatch.scaling import AdaScaleScaling
+from autobatch.train import BatchSizeController, SampleStream
 
 
 def main(epochs: float = 4.0) -> None:
@@ -30,11 +27,11 @@ def main(epochs: float = 4.0) -> None:
     model = ex.model_fn()
     base_lr, b0 = ex.default_lr, ex.default_batch_size
     opt = torch.optim.SGD(model.parameters(), lr=base_lr)
-    source = as_batch_source(ex.train_data)
-    stream = SampleStream(len(source), seed=0)
+    inputs, targets = ex.train_data
+    stream = SampleStream(len(targets), seed=0)
     controller = BatchSizeController(
         policy=GNSPolicy(max_growth=2.0, hysteresis=0.05),
-        scaling=make_scaling("adascale"),
+        scaling=AdaScaleScaling(),
         estimator=GradientNoiseScale(smoothing=0.95),
         base_batch_size=b0, min_batch_size=b0, max_batch_size=1024, decide_every=10,
         max_lr_factor=2.0,  # fit's default: the LR never exceeds 2x the base LR
@@ -48,7 +45,7 @@ def main(epochs: float = 4.0) -> None:
             opt.zero_grad(set_to_none=True)
             norms.begin_step()
             for chunk in torch.split(indices, controller.micro_sizes(len(indices))):
-                x, y = source.batch(chunk)
+                x, y = inputs[chunk], targets[chunk]
                 weight = len(chunk) / len(indices)                 # mean over the whole step
                 (ex.loss_fn(model(x), y) * weight).backward()
                 norms.after_backward(batch_size=len(chunk), loss_weight=weight)

@@ -1,10 +1,13 @@
 import subprocess
 import sys
 
+import pytest
+
 import autobatch
 from autobatch.cli import main
 
 
+@pytest.mark.slow
 def test_version_and_help_from_the_console_script() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "autobatch", "--version"], capture_output=True, text=True, check=True
@@ -21,6 +24,7 @@ def test_main_without_a_command_prints_help(capsys) -> None:
     assert "usage: autobatch" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fit_command_trains_a_built_in_example_and_writes_plot_and_history(tmp_path, capsys) -> None:
     import json
 

@@ -13,8 +13,9 @@ from autobatch.config import (
     MemoryConfig,
     parse_bytes,
 )
-from autobatch.scaling import SCALINGS, SqrtScaling
-from autobatch.policies import POLICIES, GNSPolicy, RampPolicy
+from autobatch.policies import GNSPolicy, RampPolicy
+from autobatch.registry import LR_SCALINGS, POLICIES
+from autobatch.scaling import SqrtScaling
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -123,11 +124,17 @@ def test_every_violated_bound_is_reported_with_values_and_fix(
 
 def test_unknown_names_list_the_registries() -> None:
     allowed_policies = ", ".join(sorted(POLICIES))
-    with pytest.raises(ValidationError, match=f"unknown policy 'gnss'; allowed: {allowed_policies}"):
+    with pytest.raises(ValidationError, match=f"unknown policy 'gnss'; allowed: {allowed_policies}, or a "
+                                              r"BatchSizePolicy instance; did you mean 'gns'\?"):
         FitConfig.from_any(None, policy="gnss")
-    allowed_scalings = ", ".join(sorted(SCALINGS))
-    with pytest.raises(ValidationError, match=f"unknown lr_scaling 'lin'; allowed: {allowed_scalings}"):
+    allowed_scalings = ", ".join(sorted(LR_SCALINGS))
+    with pytest.raises(ValidationError, match=f"unknown lr_scaling 'lin'; allowed: {allowed_scalings}, None"):
         FitConfig.from_any(None, lr_scaling="lin")
+    # Neither a name nor an instance of the family's base class.
+    with pytest.raises(ValidationError, match=r"unknown policy 3; allowed: .*BatchSizePolicy instance \["):
+        FitConfig.from_any(None, policy=3)
+    with pytest.raises(ValidationError, match=r"unknown lr_scaling GNSPolicy\(noise_multiplier=1.0, .*LRScaling instance \["):
+        FitConfig.from_any(None, lr_scaling=GNSPolicy())
 
 
 def test_assignment_is_validated() -> None:
@@ -138,8 +145,13 @@ def test_assignment_is_validated() -> None:
 
 
 def test_ramp_needs_milestones_and_a_decay() -> None:
-    with pytest.raises(ValidationError, match=r"needs lr_milestones \(got lr_milestones=\[\]\).*lr_decay < 1 \(got lr_decay=1.0\)"):
+    with pytest.raises(ValidationError) as info:
         FitConfig.from_any(None, policy="ramp", lr_decay=1.0)
+    errors = {err["loc"]: err["msg"] for err in info.value.errors()}
+    assert set(errors) == {("lr", "lr_milestones"), ("lr", "lr_decay")}
+    assert errors[("lr", "lr_milestones")].startswith(
+        "policy='ramp': RampPolicy needs lr_milestones (got lr_milestones=[]); give the epochs")
+    assert errors[("lr", "lr_decay")].startswith("policy='ramp': RampPolicy needs 0 < lr_decay < 1 (got lr_decay=1.0)")
     cfg = FitConfig.from_any(None, policy="ramp", lr_milestones=[3, 6])
     assert cfg.lr.lr_milestones == [3, 6]
     # The ramp grows B in place of decaying the LR, so the default rule does not scale the LR.
@@ -147,6 +159,36 @@ def test_ramp_needs_milestones_and_a_decay() -> None:
     assert FitConfig.from_any(None, policy="ramp", lr_milestones=[3], lr_scaling="sqrt").lr.lr_scaling == "sqrt"
     assert FitConfig.from_any(None, policy="gns").lr.lr_scaling is None
     assert FitConfig.from_any(None, policy=RampPolicy(lr_milestones=[2])).lr.lr_scaling == "none"
+
+
+def test_what_a_policy_needs_is_reported_with_every_other_invalid_field() -> None:
+    bad = {"policy": "ramp", "decide_every": 0, "memory_budget": "3 parsecs", "lr_decay": 1.0}
+    with pytest.raises(ValidationError) as info:
+        FitConfig.from_any(bad)
+    assert {err["loc"] for err in info.value.errors()} == {
+        ("batch", "decide_every"),
+        ("memory", "memory_budget"),
+        ("lr", "lr_milestones"),  # the ramp's needs, though other fields of batch are invalid
+        ("lr", "lr_decay"),
+    }
+    # A setting that is itself invalid is reported once, for its own rule: the ramp is not
+    # judged on a stand-in default.
+    with pytest.raises(ValidationError) as info:
+        FitConfig.from_any(None, policy="ramp", lr_milestones=[3, 1], lr_decay=0.5)
+    assert [(err["loc"], err["type"]) for err in info.value.errors()] == [(("lr", "lr_milestones"), "value_error")]
+    # Assigning a section runs the same check.
+    cfg = FitConfig.from_any(None, lr_milestones=[2])
+    cfg.batch = BatchConfig(policy="ramp")
+    assert cfg.lr.lr_scaling == "none"
+    with pytest.raises(ValidationError, match="RampPolicy needs lr_milestones"):
+        FitConfig().batch = BatchConfig(policy="ramp")
+
+
+def test_settings_are_flat_and_keep_instances() -> None:
+    policy = GNSPolicy()
+    settings = FitConfig.from_any(None, policy=policy, seed=4).settings()
+    assert settings["policy"] is policy and settings["seed"] == 4 and settings["max_nonfinite_steps"] == 5
+    assert "batch" not in settings and len(settings) == len(set(settings))
 
 
 @pytest.mark.parametrize("milestones", [[5, 3], [2, 2], [-1, 4]])

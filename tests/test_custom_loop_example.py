@@ -3,7 +3,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_custom_loop_example_runs_and_beats_chance(capsys) -> None:
     path = Path(__file__).resolve().parents[1] / "examples" / "custom_loop.py"
     spec = importlib.util.spec_from_file_location("custom_loop", path)

@@ -47,8 +47,8 @@ def test_registry_lists_the_three_examples() -> None:
 
 
 def test_unknown_example_names_the_allowed_ones() -> None:
-    allowed = r"\['charlm', 'mnist1d', 'synthetic'\]"
-    with pytest.raises(ValueError, match=r"unknown example 'mnist2d'.*" + allowed):
+    allowed = r"allowed: charlm, mnist1d, synthetic, or build your own .*; did you mean 'mnist1d'\?"
+    with pytest.raises(ValueError, match=r"unknown example 'mnist2d'; " + allowed):
         get_example("mnist2d")
 
 

@@ -29,6 +29,7 @@ def _problem_and_exact(name: str) -> tuple[Problem, Exact]:
     return problem, exact_noise_scale(problem)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["micro", "per_example"])
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_estimate_within_10_percent_of_exact(name: str, method: str) -> None:

@@ -176,6 +176,7 @@ class ScratchInRealRuns(nn.Module):
         return out
 
 
+@pytest.mark.slow
 def test_real_mode_backs_off_after_an_oom_and_ends_inside_the_budget() -> None:
     model = ScratchInRealRuns()
     batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from autobatch.config import FitConfig
 from autobatch.policies import (
-    POLICIES,
     BatchSizePolicy,
     FixedPolicy,
     GNSPolicy,
@@ -19,6 +21,7 @@ from autobatch.policies import (
     make_policy,
     round_batch_size,
 )
+from autobatch.registry import POLICIES
 
 
 def _ctx(**kw: object) -> PolicyContext:
@@ -222,9 +225,14 @@ def test_ramp_keeps_the_step_schedule_noise(decay: float, cap: int) -> None:
         assert policy.lr_factor(ctx) / b == pytest.approx(fixed.lr_factor(ctx) / 32, rel=1e-12)
 
 
-def test_ramp_needs_a_decay_below_one() -> None:
+def test_ramp_needs_milestones_and_a_decay_below_one() -> None:
     with pytest.raises(ValueError, match=r"0 < lr_decay < 1 \(got lr_decay=1.0\)"):
         RampPolicy(lr_milestones=[1], lr_decay=1.0)
+    with pytest.raises(ValueError, match=r"needs lr_milestones \(got lr_milestones=\[\]\).*; .*lr_decay=0.0\)"):
+        RampPolicy(lr_milestones=[], lr_decay=0.0)
+    # The constructor and a config share one check (the registry asks the class).
+    assert set(RampPolicy.check_settings(lr_milestones=[], lr_decay=2.0)) == {"lr_milestones", "lr_decay"}
+    assert RampPolicy.check_settings(lr_milestones=[3], lr_decay=0.5) == {}
 
 
 def test_fixed_keeps_b0_and_steps_the_lr() -> None:
@@ -251,8 +259,11 @@ def test_make_policy_reads_the_config() -> None:
     assert isinstance(goodput, GoodputPolicy) and goodput.max_growth == 3.0
     mine = GNSPolicy()
     assert make_policy(mine, cfg.batch, cfg.lr) is mine
-    with pytest.raises(ValueError, match="unknown policy 'gnss'; allowed: fixed, gns, goodput, ramp"):
+    with pytest.raises(ValueError, match=r"unknown policy 'gnss'; allowed: fixed, gns, goodput, ramp, or a "
+                                         r"BatchSizePolicy instance; did you mean 'gns'\?"):
         make_policy("gnss", cfg.batch, cfg.lr)
+    with pytest.raises(ValueError, match=r"unknown policy 3; allowed: fixed, gns"):
+        make_policy(3, cfg.batch, cfg.lr)  # type: ignore[arg-type]
 
 
 def _random_contexts(n: int) -> list[PolicyContext]:
@@ -278,23 +289,100 @@ def _random_contexts(n: int) -> list[PolicyContext]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_every_policy_proposes_an_allowed_size_and_round_trips_its_state(name: str) -> None:
-    cfg = FitConfig.from_any(None, lr_milestones=[2, 4], lr_decay=0.5)
-    policy = make_policy(name, cfg.batch, cfg.lr)
-    restored = make_policy(name, cfg.batch, cfg.lr)
-    restored.load_state_dict(policy.state_dict())
-    assert restored.state_dict() == policy.state_dict()
+# -- the shared suite: every policy in the registry ---------------------------------------------
+_SUITE_CONFIG = FitConfig.from_any(None, lr_milestones=[2, 4], lr_decay=0.5)
+
+
+@pytest.fixture(params=sorted(POLICIES))
+def make(request: pytest.FixtureRequest) -> Callable[[], BatchSizePolicy]:
+    """Builds a fresh policy of one registered name from the same config each call."""
+    return lambda: make_policy(request.param, _SUITE_CONFIG.batch, _SUITE_CONFIG.lr)
+
+
+def test_every_policy_proposes_an_allowed_size(make: Callable[[], BatchSizePolicy]) -> None:
+    policy, round_to = make(), _SUITE_CONFIG.batch.round_to
     for ctx in _random_contexts(200):
         b = policy.propose(ctx)
         assert ctx.min_batch_size <= b <= ctx.max_batch_size
         # Sizes are rounded; only the current size and B0 (the user's choice) may be kept as is.
-        rounded = round_batch_size(b, cfg.batch.round_to, ctx.min_batch_size, ctx.max_batch_size)
+        rounded = round_batch_size(b, round_to, ctx.min_batch_size, ctx.max_batch_size)
         assert b == rounded or b in {ctx.batch_size, ctx.base_batch_size}
-        if name in {"gns", "goodput"}:
+        if isinstance(policy, (GNSPolicy, GoodputPolicy)):
             assert ctx.batch_size / 2.0 <= b <= ctx.batch_size * 2.0
         assert 0.0 < policy.lr_factor(ctx) <= 1.0
-        assert (restored.propose(ctx), restored.lr_factor(ctx)) == (b, policy.lr_factor(ctx))
+
+
+def _run(policy: BatchSizePolicy, contexts: list[PolicyContext], b: int) -> list[tuple[int, float]]:
+    """Feed ``contexts`` in order as a loop would, each at the batch size the policy chose last;
+    returns every (proposal, lr_factor)."""
+    out = []
+    for ctx in contexts:
+        ctx = replace(ctx, batch_size=min(max(b, ctx.min_batch_size), ctx.max_batch_size))
+        b = policy.propose(ctx)
+        out.append((b, policy.lr_factor(ctx)))
+    return out
+
+
+def _decision_contexts(n: int) -> list[PolicyContext]:
+    """One run's contexts: the epoch advances, the noise estimate and step times drift."""
+    rng = random.Random(5)
+    return [
+        _ctx(
+            step=10 * (i + 1), epoch=0.1 * i, batch_size=32, base_batch_size=32, min_batch_size=8,
+            max_batch_size=2048, noise_scale=50.0 * 1.05**i * rng.uniform(0.8, 1.25),
+            noise_ready=i > 2, noise_stderr=rng.uniform(1.0, 30.0),
+            step_time_s={32: 0.02, 64: 0.03, 128: 0.05},
+        )
+        for i in range(n)
+    ]
+
+
+def assert_resumes_identically(make: Callable[[], BatchSizePolicy]) -> None:
+    """A policy's decisions after a checkpoint equal those of a fresh policy that loaded the
+    checkpoint (state pickled, as the checkpoint file stores it)."""
+    contexts = _decision_contexts(60)
+    original = make()
+    first = _run(original, contexts[:31], 32)
+    state = pickle.loads(pickle.dumps(original.state_dict()))
+    restored = make()
+    restored.load_state_dict(state)
+    assert restored.state_dict() == original.state_dict()
+    b = first[-1][0]
+    assert _run(restored, contexts[31:], b) == _run(original, contexts[31:], b)
+
+
+def test_every_policy_resumes_from_its_state(make: Callable[[], BatchSizePolicy]) -> None:
+    assert_resumes_identically(make)
+
+
+class _Streak(BatchSizePolicy):
+    """A policy with state: grows B by 8 after every third decision that saw a ready noise
+    estimate (a stand-in for any policy that remembers its past)."""
+
+    def __init__(self, *, save_state: bool = True) -> None:
+        self.save_state = save_state
+        self._streak = 0
+
+    def propose(self, ctx: PolicyContext) -> int:
+        self._streak += ctx.noise_ready
+        if self._streak < 3:
+            return ctx.batch_size
+        self._streak = 0
+        return min(ctx.batch_size + 8, ctx.max_batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self._streak} if self.save_state else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._streak = state.get("streak", 0)
+
+
+def test_the_resume_check_catches_a_policy_that_loses_its_state() -> None:
+    # The check above is real: a policy that forgets its streak on checkpoint decides
+    # differently after a restore, and the check says so.
+    assert_resumes_identically(_Streak)
+    with pytest.raises(AssertionError):
+        assert_resumes_identically(lambda: _Streak(save_state=False))
 
 
 def test_a_user_policy_needs_only_propose() -> None:

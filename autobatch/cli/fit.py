@@ -10,8 +10,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.problems import EXAMPLES
-    from autobatch.policies import POLICIES
+    from autobatch.registry import EXAMPLES, POLICIES
 
     p = subparsers.add_parser(
         "fit",

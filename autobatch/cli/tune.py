@@ -10,9 +10,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch tune``."""
-    from autobatch.tune._trial import PRUNERS
-    from autobatch.problems import EXAMPLES
-    from autobatch.policies import POLICIES
+    from autobatch.registry import EXAMPLES, POLICIES, PRUNERS
     from autobatch.tune.study import DEFAULT_STORAGE
 
     p = subparsers.add_parser(

@@ -21,13 +21,13 @@ Conventions shared by every example:
 - ``default_lr`` is tuned for ``default_batch_size`` (B0) with ``optimizer``.
 
 Data sets are generated once per process and per option set (``functools.lru_cache`` in
-each module); every :func:`get_example` call returns fresh copies of the tensors.
+each module); every :func:`get_example` call returns fresh copies of the tensors. The names
+live in :data:`autobatch.registry.EXAMPLES`; each module is imported on first use (mnist1d
+pulls in matplotlib, which costs a second or more).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from autobatch.data import as_batch_source, move_to
+from autobatch.registry import EXAMPLES, get_example
 
 __all__ = ["EXAMPLES", "Example", "get_example"]
 
@@ -143,50 +144,3 @@ def _seeded_model(build: Callable[[], nn.Module], seed: int) -> nn.Module:
 def _plain_sgd(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """SGD without momentum or weight decay (a module-level function, so examples pickle)."""
     return torch.optim.SGD(params, lr=lr)
-
-
-def _lazy(module: str) -> Callable[..., Example]:
-    # Import on first use: mnist1d pulls in matplotlib, which costs a second or more.
-    def builder(seed: int = 0, **options: Any) -> Example:
-        return importlib.import_module(module).build(seed=seed, **options)
-
-    builder.__qualname__ = builder.__name__ = f"build_{module.rsplit('.', 1)[1]}"
-    builder.__doc__ = f"Build the example defined in :mod:`{module}` (see its ``build``)."
-    builder.module = module  # type: ignore[attr-defined]
-    return builder
-
-
-# example name -> builder(seed=0, **options) -> Example
-EXAMPLES: dict[str, Callable[..., Example]] = {
-    "mnist1d": _lazy("autobatch.problems.mnist1d"),
-    "synthetic": _lazy("autobatch.problems.synthetic"),
-    "charlm": _lazy("autobatch.problems.charlm"),
-}
-
-
-def get_example(name: str, seed: int = 0, **options: Any) -> Example:
-    """Build the example registered as ``name``.
-
-    Args:
-        name: one of :data:`EXAMPLES`.
-        seed: seeds the model initialisation (not the data).
-        **options: the example's own keyword options (see each module's ``build``).
-
-    Raises:
-        ValueError: for an unknown name or option, listing the allowed ones.
-    """
-    if name not in EXAMPLES:
-        raise ValueError(
-            f"unknown example {name!r}; choose one of {sorted(EXAMPLES)} "
-            "(or build your own model and data and call autobatch.fit directly)"
-        )
-    builder = EXAMPLES[name]
-    module = getattr(builder, "module", None)
-    build = importlib.import_module(module).build if module else builder
-    allowed = [p for p in inspect.signature(build).parameters if p != "seed"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for example {name!r}; allowed options: {allowed}"
-        )
-    return builder(seed=seed, **options)

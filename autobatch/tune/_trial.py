@@ -1,7 +1,7 @@
 """The plumbing behind :mod:`autobatch.tune`: one Optuna trial as one ``autobatch.fit`` run.
 
 Kept apart from the public functions so :mod:`autobatch.tune` reads as the API and its
-checks. Here: opening a storage, the named pruners, the model factory guard, and the
+checks. Here: opening a storage, the model factory guard, and the
 objective with its reporting callback.
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 from autobatch.train.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
+from autobatch.registry import make_pruner  # noqa: F401  (study.py imports it from here)
 from autobatch.train.distributed import DistInfo, broadcast_int
 from autobatch.train.evaluate import evaluate
 from autobatch.train.fit import fit
@@ -28,44 +29,6 @@ from autobatch.train.fit import fit
 # Keyword arguments of autobatch.fit a search space may set; every other key is either a
 # FitConfig setting or an optimizer argument.
 FIT_KEYS = ("lr", "optimizer")
-
-
-def _median(n_evals: int) -> optuna.pruners.BasePruner:
-    # Warm-up: the first quarter of the budget is never judged (early losses rank LRs badly:
-    # a small LR looks fine before a large one has had time to pass it).
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, n_evals // 4))
-
-
-def _hyperband(n_evals: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
-
-
-def _no_pruning(n_evals: int) -> optuna.pruners.BasePruner:
-    return optuna.pruners.NopPruner()
-
-
-# pruner name -> builder(n_evals), where n_evals is the number of reports per trial
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    "median": _median,
-    "hyperband": _hyperband,
-    "none": _no_pruning,
-}
-
-
-def make_pruner(
-    pruner: str | optuna.pruners.BasePruner | None, n_evals: int
-) -> optuna.pruners.BasePruner:
-    """A pruner from a name in :data:`PRUNERS`, an instance (returned as is) or None (median)."""
-    if pruner is None:
-        return _median(n_evals)
-    if isinstance(pruner, optuna.pruners.BasePruner):
-        return pruner
-    if isinstance(pruner, str) and pruner in PRUNERS:
-        return PRUNERS[pruner](n_evals)
-    raise ValueError(
-        f"unknown pruner {pruner!r}; allowed: {', '.join(sorted(PRUNERS))}, None (median), "
-        "or an optuna.pruners.BasePruner instance"
-    )
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
