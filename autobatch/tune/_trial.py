@@ -115,10 +115,10 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.st
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     # In-memory SQLite is one database per connection, and the heartbeat thread has its own.
-    heartbeat = {} if is_in_memory(storage) else dict(
-        heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-        heartbeat_stale_trial_callback=_note_stale_trial,
-    )
+    heartbeat = {} if is_in_memory(storage) else {
+        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": GRACE_PERIOD_S,
+        "heartbeat_stale_trial_callback": _note_stale_trial,
+    }
     for attempt in range(5):
         try:
             with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
