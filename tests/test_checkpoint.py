@@ -24,7 +24,13 @@ from torch import nn
 
 import autobatch
 from autobatch.train import checkpoint as ckpt_mod
-from autobatch.train.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from autobatch.train.checkpoint import (
+    CHECKPOINT_NAME,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 
 
 def _draws() -> tuple:
