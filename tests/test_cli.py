@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -36,3 +37,124 @@ def test_fit_command_trains_a_built_in_example_and_writes_plot_and_history(tmp_p
     history = json.loads((tmp_path / "synthetic-gns.json").read_text())
     assert len(history["history"]) == 40 and history["steps"] == 40
     assert (tmp_path / "synthetic-gns.png").stat().st_size > 10_000
+
+
+# -- bad settings: one line on stderr, exit status 2, nothing replaced ---------------------------
+def _run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """main's exit status (argparse's own errors exit through SystemExit) and its stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+FIT = ["fit", "--example", "synthetic", "--max-steps", "2", "--no-progress"]
+# the synthetic example's linear model trains at batch 9 in 921 bytes; the CNN needs 95,744 at 1
+FIT_CNN = ["fit", "--example", "mnist1d", "--max-steps", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*FIT, "--lr", "0"], r"autobatch fit: error: argument --lr: must be > 0 \(got '0'\)"),
+        ([*FIT, "--lr", "-1"], r"argument --lr: must be > 0 \(got '-1'\)"),
+        ([*FIT, "--lr", "inf"], r"argument --lr: must be a finite number \(got 'inf'\)"),
+        ([*FIT, "--batch-size", "0"], r"argument --batch-size: must be an integer >= 1 \(got '0'\)"),
+        ([*FIT, "--batch-size", "8.5"], r"argument --batch-size: must be an integer \(got '8.5'\)"),
+        ([*FIT, "--epochs", "-1"], r"argument --epochs: must be > 0 \(got '-1'\)"),
+        ([*FIT, "--max-steps", "0"], r"argument --max-steps: must be an integer >= 1 \(got '0'\)"),
+        ([*FIT, "--max-lr-factor", "abc"],
+         r"argument --max-lr-factor: must be a number > 0, or 'none' for no cap \(got 'abc'\)"),
+        ([*FIT, "--max-lr-factor", "0"], r"argument --max-lr-factor: must be a number > 0, or 'none' .*\(got '0'\)"),
+        ([*FIT, "--lr-scaling", "bogus"], (r"argument --lr-scaling: invalid choice: 'bogus' \(choose from "
+                                            r"'?adascale'?, '?linear'?, '?none'?, '?sqrt'?\)")),
+        ([*FIT, "--budget", "4 GiBs"], r"argument --budget: cannot read memory size '4 GiBs'"),
+        ([*FIT_CNN, "--budget", "1KiB"], (r"autobatch fit: error: .*budget too small: a training step at batch "
+                                          r"size 1 needs [\d,]+ bytes .* raise budget_bytes to at least")),
+        ([*FIT, "--resume"], r"autobatch fit: error: --resume needs --checkpoint-dir"),
+        (["probe", "--example", "mnist1d", "--budget", "1KiB"],
+         r"autobatch probe: error: budget too small: a training step at batch size 1 needs"),
+        (["probe", "--example", "synthetic", "--margin", "1"], r"argument --margin: must be in \[0, 1\)"),
+        (["probe", "--example", "synthetic", "--max-batch-size", "-4"], r"must be an integer >= 1 \(got '-4'\)"),
+        (["tune", "--example", "synthetic", "--trials", "0"], r"argument --trials: must be an integer >= 1"),
+        (["tune", "--example", "synthetic", "--lr-min", "1", "--lr-max", "0.1"],
+         r"autobatch tune: error: --lr-min must be below --lr-max \(got --lr-min 1, --lr-max 0.1\)"),
+        (["tune", "--example", "synthetic", "--storage", "nosuchdb://x/y"],
+         r"autobatch tune: error: cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"),
+        (["tune", "--example", "synthetic", "--storage", "studies.db"],
+         r"autobatch tune: error: storage 'studies.db' is not a URL"),
+        (["fit", "--example", "nosuch"], r"argument --example: invalid choice: 'nosuch'"),
+    ],
+)
+def test_a_bad_setting_prints_one_line_and_exits_2(argv, message, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing written where the tests run
+    code, err = _run_main(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not list(tmp_path.iterdir())  # it stopped before writing anything
+
+
+@pytest.mark.parametrize("argv", [
+    [*FIT, "--lr", "0"],
+    pytest.param([*FIT_CNN, "--budget", "1KiB"], marks=pytest.mark.slow),  # builds the CNN's data set
+])
+def test_the_console_command_fails_with_one_line_and_status_2(argv, tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "autobatch", *argv, "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("autobatch fit: error: ") and out.stdout == ""
+
+
+def test_given_values_are_used_not_replaced_by_the_example_defaults(tmp_path, capsys) -> None:
+    import json
+
+    code = main([*FIT, "--max-steps", "3", "--lr", "0.001", "--batch-size", "5", "--policy", "fixed",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    history = json.loads((tmp_path / "synthetic-fixed.json").read_text())["history"]
+    assert [r["batch_size"] for r in history] == [5, 5, 5]
+    assert history[0]["lr"] == pytest.approx(0.001)
+
+
+def test_checkpoint_dir_and_resume_continue_a_run_exactly(tmp_path, capsys) -> None:
+    import json
+
+    def history(name: str) -> list[dict]:
+        return json.loads((tmp_path / name / "synthetic-gns.json").read_text())["history"]
+
+    base = ["fit", "--example", "synthetic", "--no-progress", "--max-lr-factor", "none"]
+    assert main([*base, "--max-steps", "30", "--out", str(tmp_path / "full")]) == 0
+    ckpt = str(tmp_path / "ckpt")
+    assert main([*base, "--max-steps", "12", "--checkpoint-dir", ckpt, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+    assert main([*base, "--max-steps", "30", "--checkpoint-dir", ckpt, "--resume",
+                 "--out", str(tmp_path / "b")]) == 0
+    full, resumed = history("full"), history("b")
+    assert len(resumed) == 30 and resumed[12]["step"] == 13
+    # the same steps, bit for bit: batch sizes, LRs and training losses
+    assert [(r["batch_size"], r["lr"], r["train_loss"]) for r in resumed] == \
+        [(r["batch_size"], r["lr"], r["train_loss"]) for r in full]
+
+
+def test_byte_strings_are_read_alike_by_the_cli_fit_config_and_probe_memory() -> None:
+    import torch
+
+    from autobatch.cli._args import byte_size
+    from autobatch.config import FitConfig
+    from autobatch.memory.probe import probe_memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    batch = (torch.randn(8, 32), torch.randint(0, 4, (8,)))
+    loss = torch.nn.functional.cross_entropy
+    as_int = probe_memory(model, batch, loss, budget_bytes=150_000, mode="estimate", max_batch_size=4096)
+    as_text = probe_memory(model, batch, loss, budget_bytes="150KB", mode="estimate", max_batch_size=4096)
+    assert as_text.budget_bytes == 150_000 and as_text.max_batch_size == as_int.max_batch_size
+    assert 1 < as_int.max_batch_size < 4096  # the budget binds
+    assert byte_size("4GiB") == FitConfig.from_any(memory_budget="4GiB").memory.memory_budget == 4 * 2**30
+    assert probe_memory(model, batch, loss, budget_bytes="4GiB", mode="estimate").budget_bytes == 4 * 2**30
+    with pytest.raises(ValueError, match=r"budget_bytes: cannot read memory size '4 GiBs'"):
+        probe_memory(model, batch, loss, budget_bytes="4 GiBs")

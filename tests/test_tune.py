@@ -230,3 +230,74 @@ def test_cli_prints_the_table_and_best_lr_and_writes_the_plot(tmp_path, capsys):
     assert len(lrs) == 2 and all(0.01 <= lr <= 0.3 for lr in lrs)
     assert (tmp_path / "tune-synthetic.png").exists()
     assert len(optuna.load_study(study_name="cli", storage=url).trials) == 2
+
+
+_KILLED_WORKER = """
+import sys, time
+import autobatch.tune._trial as trial_mod
+trial_mod.HEARTBEAT_INTERVAL_S, trial_mod.GRACE_PERIOD_S = 1, 2
+from autobatch.problems import get_example
+from autobatch.tune.study import search
+ex = get_example("synthetic", num_train=64, num_val=64)
+
+def space(trial):
+    lr = trial.suggest_float("lr", 0.01, 0.1, log=True)
+    print("trial running", flush=True)
+    time.sleep(600)  # killed here, mid-trial
+    return {"lr": lr}
+
+search(ex.model_fn, ex.train_data, space=space, loss_fn=ex.loss_fn, val_data=ex.val_data,
+       n_trials=1, budget=1, optimizer=ex.optimizer, storage=sys.argv[1], study_name="killed",
+       n_evals=2, seed=0)
+"""
+
+
+@pytest.mark.slow  # ~7 s: a subprocess, then waiting out a 2 s heartbeat grace period
+def test_a_trial_of_a_killed_process_is_marked_failed_when_the_study_resumes(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from autobatch.tune import _trial
+
+    ex = get_example("synthetic", num_train=64, num_val=64)  # as in the worker
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "trial running"
+        time.sleep(1.5)  # at least one heartbeat written by the trial's thread
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    before = optuna.load_study(study_name="killed", storage=url).trials
+    assert [t.state.name for t in before] == ["RUNNING"]  # what a dead process leaves behind
+    time.sleep(3.5)  # past the 2 s grace period (SQLite timestamps are whole seconds)
+
+    monkeypatch.setattr(_trial, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(_trial, "GRACE_PERIOD_S", 2)
+    resumed = search(ex.model_fn, ex.train_data, space=lambda t: {"lr": t.suggest_float("lr", 0.01, 0.1, log=True)},
+                     loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, budget=1, optimizer=ex.optimizer,
+                     storage=url, study_name="killed", n_evals=2, seed=0)
+    assert [(row.number, row.state) for row in resumed.trials] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert resumed.trials[0].reason.startswith("stale: process died (no heartbeat for > 2 s)")
+    assert resumed.trials[0].params == {"lr": before[0].params["lr"]}
+    print(resumed.table())
+    dead_line = resumed.table().splitlines()[1]
+    assert dead_line.split()[:2] == ["0", "fail"] and "stale: process died" in dead_line
+    stored = optuna.load_study(study_name="killed", storage=url).trials
+    assert not [t for t in stored if t.state.name == "RUNNING"]
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite://", "sqlite:///:memory:", "in-memory-object"])
+def test_naming_a_study_in_an_in_memory_storage_warns(ex, storage):
+    storage = optuna.storages.InMemoryStorage() if storage == "in-memory-object" else storage
+    with pytest.warns(UserWarning, match=r"keeps study 'mine' in this process's memory: .* cannot be resumed"):
+        result = _tune(ex, n_trials=1, storage=storage, study_name="mine", lr_range=(0.05, 0.5), budget=1)
+    assert [row.state for row in result.trials] == ["COMPLETE"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unnamed: a throwaway study, no warning
+        _tune(ex, n_trials=1, storage=storage, lr_range=(0.05, 0.5), budget=1)

@@ -3,6 +3,9 @@
 Each capability keeps its subcommand next to its code: a module listed in ``_SUBCOMMANDS``
 defines ``add_parser(subparsers)``, which registers the subcommand and sets ``func`` (taking
 the parsed ``argparse.Namespace`` and returning an exit code) as its default.
+
+Errors follow one convention (:mod:`autobatch.cli._args`): a bad flag value, or a setting
+the library refuses before doing any work, prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from autobatch._version import __version__
+from autobatch.cli._args import Parser
 
 # subcommand name -> module defining add_parser(subparsers)
 _SUBCOMMANDS: dict[str, str] = {
@@ -24,7 +28,7 @@ _SUBCOMMANDS: dict[str, str] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="autobatch",
         description=(
             "Adaptive batch size for PyTorch: measure the gradient noise scale while training, "

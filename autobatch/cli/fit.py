@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autobatch.cli._args import byte_size, fail, non_negative_int, positive_float, positive_int
+
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.registry import EXAMPLES, POLICIES
+    from autobatch.registry import EXAMPLES, LR_SCALINGS, POLICIES
 
     p = subparsers.add_parser(
         "fit",
@@ -22,53 +24,78 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
     p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
-    p.add_argument("--lr", type=float, default=None, help="base LR at the base batch (default: the example's)")
-    p.add_argument("--batch-size", type=int, default=None, help="base batch B0 (default: the example's)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="upper bound on B")
-    p.add_argument("--lr-scaling", default=None, help="linear, sqrt, adascale or none (default: by optimizer)")
-    p.add_argument("--max-lr-factor", default=None,
-                   help="cap on the LR scaling factor (default 2; 'none' removes the cap)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs to train (default: the example's)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--seed", type=int, default=0, help="model init and shuffling seed")
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 2GiB (probes the micro-batch)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="base LR at the base batch, > 0 (default: the example's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="base batch B0 (default: the example's)")
+    p.add_argument("--max-batch-size", type=positive_int, default=None, help="upper bound on B")
+    p.add_argument("--lr-scaling", default=None, choices=sorted(LR_SCALINGS),
+                   help="LR rule between batch sizes (default: by optimizer)")
+    p.add_argument("--max-lr-factor", type=_lr_factor, default=None,
+                   help="cap on the LR scaling factor, > 0 (default 2; 'none' removes the cap)")
+    p.add_argument("--epochs", type=positive_float, default=None, help="epochs to train (default: the example's)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="model init and shuffling seed")
+    p.add_argument("--budget", type=byte_size, default=None,
+                   help="memory budget, e.g. 2GiB (probes the micro-batch)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="write last.pt there at every evaluation, at the end and on Ctrl-C")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint-dir's last.pt if there is one")
     p.add_argument("--out", default="autobatch_runs", help="folder for the plot and history")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run)
+
+
+def _lr_factor(text: str) -> float | str:
+    """``--max-lr-factor``: a number > 0, or ``none`` for no cap."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, or 'none' for no cap (got {text!r})") from None
 
 
 def _run(args: argparse.Namespace) -> int:
     import autobatch
     from autobatch.problems import get_example
 
+    prog = "autobatch fit"
+    if args.resume and args.checkpoint_dir is None:
+        return fail(prog, ValueError("--resume needs --checkpoint-dir (the folder holding last.pt)"))
     ex = get_example(args.example, seed=args.seed)
     overrides = {
         "policy": args.policy,
-        "initial_batch_size": args.batch_size or ex.default_batch_size,
+        "initial_batch_size": args.batch_size if args.batch_size is not None else ex.default_batch_size,
         "seed": args.seed,
         "lr_scaling": args.lr_scaling,
     }
     if args.max_batch_size is not None:
         overrides["max_batch_size"] = args.max_batch_size
     if args.max_lr_factor is not None:
-        overrides["max_lr_factor"] = None if args.max_lr_factor.lower() == "none" else float(args.max_lr_factor)
+        overrides["max_lr_factor"] = None if args.max_lr_factor == "none" else args.max_lr_factor
     if args.budget is not None:
         overrides["memory_budget"] = args.budget
     if args.no_progress:
         overrides["progress"] = False
     epochs = args.epochs if args.epochs is not None or args.max_steps is not None else ex.default_epochs
-    result = autobatch.fit(
-        ex.model_fn(),
-        ex.train_data,
-        loss_fn=ex.loss_fn,
-        val_data=ex.val_data,
-        optimizer=ex.optimizer,
-        lr=args.lr or ex.default_lr,
-        epochs=epochs,
-        max_steps=args.max_steps,
-        eval_fn=lambda model: ex.evaluate(model, ex.val_data),
-        **overrides,
-    )
+    try:
+        result = autobatch.fit(
+            ex.model_fn(),
+            ex.train_data,
+            loss_fn=ex.loss_fn,
+            val_data=ex.val_data,
+            optimizer=ex.optimizer,
+            lr=args.lr if args.lr is not None else ex.default_lr,
+            epochs=epochs,
+            max_steps=args.max_steps,
+            eval_fn=lambda model: ex.evaluate(model, ex.val_data),
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            **overrides,
+        )
+    except ValueError as err:  # settings fit refuses (e.g. a budget too small for one step)
+        return fail(prog, err)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.example}-{args.policy}"

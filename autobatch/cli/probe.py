@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from autobatch.cli._args import byte_size, device, fail, fraction, positive_int
+
 __all__ = ["add_parser"]
 
 # --optimizer name -> factory params -> Optimizer (the state size is what matters here)
@@ -46,15 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--example", help="a built-in example: mnist1d, synthetic, charlm")
     source.add_argument("--model", metavar="MODULE:FACTORY",
                         help="a factory returning (model, example_batch, loss_fn)")
-    p.add_argument("--budget", default=None,
+    p.add_argument("--budget", type=byte_size, default=None,
                    help="memory the step may use, e.g. 4GiB or 500MB (default: the device's free)")
-    p.add_argument("--margin", type=float, default=0.1,
-                   help="fraction of the budget kept free (default 0.1)")
-    p.add_argument("--max-batch-size", type=int, default=65_536, help="cap on the answer")
+    p.add_argument("--margin", type=fraction, default=0.1,
+                   help="fraction of the budget kept free, in [0, 1) (default 0.1)")
+    p.add_argument("--max-batch-size", type=positive_int, default=65_536, help="cap on the answer")
     p.add_argument("--mode", default="auto", choices=["auto", "estimate", "real"],
                    help="estimate: fake tensors only; real: confirm with real steps "
                         "(default auto: real on an accelerator, estimate on CPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the model's)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1, ... (default: the model's)")
     p.add_argument("--optimizer", default=None, choices=sorted(_OPTIMIZERS),
                    help="optimizer whose state to count (default: the example's, else adam)")
     p.add_argument("--plot", default=None, help="write peak vs batch size to this PNG")
@@ -75,11 +77,10 @@ def _load_factory(spec: str) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from autobatch.config import parse_bytes
     from autobatch.memory.probe import probe_memory
 
+    prog = "autobatch probe"
     try:
-        budget = parse_bytes(args.budget) if args.budget is not None else None
         optimizer = _OPTIMIZERS[args.optimizer] if args.optimizer else None
         if args.example is not None:
             from autobatch.problems import get_example
@@ -99,13 +100,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.device is not None:
             model = model.to(args.device)
     except (ValueError, ImportError) as err:
-        print(f"autobatch probe: error: {err}", file=sys.stderr)
-        return 2
-    probe = probe_memory(
-        model, example, loss_fn, optimizer or torch.optim.Adam, device=args.device,
-        budget_bytes=budget, max_batch_size=args.max_batch_size, margin=args.margin,
-        mode=args.mode,
-    )
+        return fail(prog, err)
+    try:
+        probe = probe_memory(
+            model, example, loss_fn, optimizer or torch.optim.Adam, device=args.device,
+            budget_bytes=args.budget, max_batch_size=args.max_batch_size, margin=args.margin,
+            mode=args.mode,
+        )
+    except ValueError as err:  # a budget too small for one step, an example without a batch...
+        return fail(prog, err)
     print(probe.table())
     if args.plot:
         print(f"plot: {probe.plot(Path(args.plot))}")

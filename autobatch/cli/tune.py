@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autobatch.cli._args import fail, non_negative_int, positive_float, positive_int
+
 __all__ = ["add_parser"]
 
 
@@ -24,17 +26,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
-    p.add_argument("--trials", type=int, default=20, help="trials to add to the study (default: 20)")
-    p.add_argument("--epochs", type=float, default=3.0, help="training budget of every trial, in epochs (default: 3)")
-    p.add_argument("--evals", type=int, default=8, help="validation evaluations per trial, for the pruner (default: 8)")
-    p.add_argument("--lr-min", type=float, default=1e-4, help="lower end of the LR range (default: 1e-4)")
-    p.add_argument("--lr-max", type=float, default=3.0, help="upper end of the LR range (default: 3)")
+    p.add_argument("--trials", type=positive_int, default=20, help="trials to add to the study (default: 20)")
+    p.add_argument("--epochs", type=positive_float, default=3.0,
+                   help="training budget of every trial, in epochs (default: 3)")
+    p.add_argument("--evals", type=positive_int, default=8,
+                   help="validation evaluations per trial, for the pruner (default: 8)")
+    p.add_argument("--lr-min", type=positive_float, default=1e-4, help="lower end of the LR range (default: 1e-4)")
+    p.add_argument("--lr-max", type=positive_float, default=3.0, help="upper end of the LR range (default: 3)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
     p.add_argument("--study", default=None, help="study name (default: tune-<example>); reuse it to resume")
     p.add_argument("--pruner", default="median", choices=sorted(PRUNERS), help="trial pruner (default: median)")
     p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
-    p.add_argument("--batch-size", type=int, default=None, help="base batch B0 the LR is for (default: the example's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the model init and the data order")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="base batch B0 the LR is for (default: the example's)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the sampler, the model init and the data order")
     p.add_argument("--out", default="autobatch_runs", help="folder for the plot (default: autobatch_runs)")
     p.add_argument("--verbose", action="store_true", help="show Optuna's per-trial log lines")
     p.set_defaults(func=_run)
@@ -44,26 +50,32 @@ def _run(args: argparse.Namespace) -> int:
     from autobatch.problems import get_example
     from autobatch.tune.study import tune_lr
 
+    if args.lr_min >= args.lr_max:
+        return fail("autobatch tune", ValueError(
+            f"--lr-min must be below --lr-max (got --lr-min {args.lr_min:g}, --lr-max {args.lr_max:g})"))
     ex = get_example(args.example, seed=args.seed)
-    b0 = args.batch_size or ex.default_batch_size
+    b0 = args.batch_size if args.batch_size is not None else ex.default_batch_size
     study = args.study or f"tune-{args.example}"
-    result = tune_lr(
-        ex.model_fn,
-        ex.train_data,
-        loss_fn=ex.loss_fn,
-        val_data=ex.val_data,
-        n_trials=args.trials,
-        budget=args.epochs,
-        lr_range=(args.lr_min, args.lr_max),
-        optimizer=ex.optimizer,
-        storage=args.storage,
-        study_name=study,
-        pruner=args.pruner,
-        config={"initial_batch_size": b0, "policy": args.policy, "seed": args.seed},
-        seed=args.seed,
-        n_evals=args.evals,
-        verbose=args.verbose,
-    )
+    try:
+        result = tune_lr(
+            ex.model_fn,
+            ex.train_data,
+            loss_fn=ex.loss_fn,
+            val_data=ex.val_data,
+            n_trials=args.trials,
+            budget=args.epochs,
+            lr_range=(args.lr_min, args.lr_max),
+            optimizer=ex.optimizer,
+            storage=args.storage,
+            study_name=study,
+            pruner=args.pruner,
+            config={"initial_batch_size": b0, "policy": args.policy, "seed": args.seed},
+            seed=args.seed,
+            n_evals=args.evals,
+            verbose=args.verbose,
+        )
+    except ValueError as err:  # an LR range the wrong way round, a malformed storage URL...
+        return fail("autobatch tune", err)
     print(f"autobatch tune --example {args.example}: study {study!r} in {args.storage}")
     print(result.table())
     if result.best_lr is None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from autobatch.config import parse_bytes
 from autobatch.memory import _step as step
 from autobatch.memory.oom import release_after_oom
 
@@ -186,10 +187,17 @@ class MemoryProbe(BaseModel):
         return path
 
 
-def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: Any) -> None:
+def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: Any) -> int | None:
+    """Report every invalid argument at once; return the budget in bytes (None: unset)."""
     problems = []
-    if budget_bytes is not None and not budget_bytes > 0:
-        problems.append(f"budget_bytes must be > 0 bytes (got budget_bytes={budget_bytes})")
+    budget = None
+    if budget_bytes is not None:
+        try:
+            budget = parse_bytes(budget_bytes)  # an int, or a string such as "4GiB"
+        except (TypeError, ValueError) as err:
+            numeric = isinstance(budget_bytes, (int, float)) and not isinstance(budget_bytes, bool)
+            problems.append(f"budget_bytes must be > 0 bytes (got budget_bytes={budget_bytes!r})" if numeric
+                            else f"budget_bytes: {err}")
     if not (isinstance(max_batch_size, int) and max_batch_size >= 1):
         problems.append(f"max_batch_size must be an integer >= 1 (got max_batch_size="
                         f"{max_batch_size!r})")
@@ -199,6 +207,7 @@ def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: 
         problems.append(f"mode must be one of {', '.join(map(repr, _MODES))} (got mode={mode!r})")
     if problems:
         raise ValueError("invalid probe_memory arguments: " + "; ".join(problems))
+    return budget
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -236,7 +245,7 @@ def probe_memory(
     optimizer: step.OptimizerSpec | None = torch.optim.Adam,
     *,
     device: torch.device | str | None = None,
-    budget_bytes: int | None = None,
+    budget_bytes: int | str | None = None,
     max_batch_size: int = 65_536,
     margin: float = 0.1,
     mode: Mode = "auto",
@@ -268,9 +277,11 @@ def probe_memory(
         device: where the step runs; defaults to the device of the model's parameters. In
             "estimate" mode it may differ from the model's (e.g. estimate for "cuda" with the
             model still on the CPU), where that device is available.
-        budget_bytes: memory in bytes the step may use (parameters, gradients, optimizer
-            state, batch and activations included). Defaults to the device's free memory plus
-            what the model and optimizer already hold there.
+        budget_bytes: memory the step may use (parameters, gradients, optimizer state, batch
+            and activations included): bytes, or a string such as ``"4GiB"`` or ``"500MB"``
+            (read by :func:`autobatch.config.parse_bytes`, as fit's ``memory_budget``).
+            Defaults to the device's free memory plus what the model and optimizer already
+            hold there.
         max_batch_size: the cap on the answer (>= 1).
         margin: fraction of the budget left unused, in [0, 1): the search targets
             ``budget_bytes * (1 - margin)``. Fake-tensor counts are exact on CPU; on an
@@ -292,7 +303,7 @@ def probe_memory(
             memory, re-raised unchanged with a note saying where the probe was.
     """
     started = time.perf_counter()
-    _check_arguments(budget_bytes, max_batch_size, margin, mode)
+    budget_bytes = _check_arguments(budget_bytes, max_batch_size, margin, mode)
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type != "cpu":
         backend = getattr(torch, device.type, None)

@@ -1,34 +1,56 @@
 """Checkpoints of a fit: everything needed to continue bit-for-bit where it stopped.
 
-One file, ``<checkpoint_dir>/last.pt``, written atomically (temp file + rename) so that a run
-killed while saving still has the previous checkpoint. It holds the model and optimizer
-state, the controller (batch size, micro-batch cap, estimator averages, policy state), the
-sample stream position, every RNG the step uses (torch CPU and CUDA, numpy, Python), the
-counters and the history so far.
+One file, ``<checkpoint_dir>/last.pt``, written atomically: to a temporary file, flushed and
+fsynced, renamed over the old one, and the directory fsynced (POSIX), so that a run killed
+or a machine losing power while saving still has the previous checkpoint, never an empty
+or half-written one. It holds the model and optimizer state, the controller (batch size,
+micro-batch cap, estimator averages, policy state), the sample stream position, every RNG
+the step uses (torch CPU and CUDA, numpy, Python), the counters and the history so far.
+
+The file holds tensors and plain Python data only (dicts, lists, tuples, numbers, strings),
+so it is read with ``torch.load(weights_only=True)``: a file planted in a shared checkpoint
+directory cannot run code in the training process. Saving converts numpy scalars to Python
+numbers and pydantic models to dicts; any other object in the state (a custom policy's
+state, say) is refused when saving, naming where it is, unless its type was allowed with
+``torch.serialization.add_safe_globals`` (which ``torch.load`` then accepts too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 __all__ = ["CHECKPOINT_NAME", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 
 CHECKPOINT_NAME = "last.pt"
-_FORMAT_VERSION = 1
+# 2: RNG states as tensors and plain types, read with weights_only=True (1 pickled numpy's).
+_FORMAT_VERSION = 2
 
 
 def capture_rng() -> dict[str, Any]:
-    """The state of every random generator a training step may draw from."""
+    """The state of every random generator a training step may draw from, as tensors and
+    plain Python types (so a checkpoint holding it loads with ``weights_only=True``)."""
+    np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(np_state["bit_generator"]),
+            # MT19937's 624 uint32 words; int64 keeps them exact in a tensor
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next): plain already
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -38,38 +60,119 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Put back a :func:`capture_rng` state."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``directory/last.pt`` atomically and return the path."""
+    """Write ``state`` to ``directory/last.pt`` atomically and durably; return the path.
+
+    Raises:
+        TypeError: for an object in ``state`` that a ``weights_only`` load would refuse
+            (the message says where it is and how to store it instead); nothing is written.
+    """
     directory = Path(directory)
+    payload = _plain({"format_version": _FORMAT_VERSION, **state}, "state")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_NAME
     tmp = path.with_suffix(".tmp")
-    torch.save({"format_version": _FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
     return path
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
-    """Read ``directory/last.pt``; None if there is none yet.
+    """Read ``directory/last.pt`` with ``torch.load(weights_only=True)``; None if there is
+    none yet. Tensors are loaded on the CPU.
 
     Raises:
-        ValueError: if the file was written by an incompatible autobatch version.
+        ValueError: for a file holding anything but tensors and plain data (refused
+            unread: unpickling it could run code), a damaged file, or one written by an
+            incompatible autobatch version; each message names the file and what to do.
     """
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    # weights_only=False: the file holds numpy/python RNG states, and it is our own file.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    version = state.get("format_version")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
+                      str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise ValueError(
+            f"refusing to resume from checkpoint {path}: it holds objects other than tensors and "
+            f"plain data ({reason}), and unpickling them could run code planted in the file. "
+            "autobatch writes only tensors and plain data (files of autobatch versions before "
+            f"checkpoint format {_FORMAT_VERSION} are refused too); if you did not put the file "
+            "there, treat the directory as tampered with. Move or delete it to start fresh, or "
+            "resume with the version that wrote it"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {err}); the file is damaged "
+            "or not a checkpoint: move or delete it to start fresh"
+        ) from err
+    version = state.get("format_version") if isinstance(state, dict) else None
     if version != _FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {path} has format_version={version}, this autobatch reads "
             f"{_FORMAT_VERSION}; resume with the autobatch version that wrote it or start fresh"
         )
     return state
+
+
+# Types a weights_only load accepts as they are (tensors are checked apart, subclasses too).
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Size, torch.dtype,
+          torch.device)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` with numpy scalars as Python numbers and pydantic models as dicts; TypeError
+    for anything else a weights_only load would refuse. ``where`` names obj in messages."""
+    if type(obj) in _ATOMS or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.generic):  # np.float64 is a float subclass, but pickles as numpy's
+        return obj.item()
+    if isinstance(obj, BaseModel):
+        return _plain(obj.model_dump(), where)
+    if type(obj) in (dict, OrderedDict, Counter):
+        return type(obj)((_plain(k, f"{where} key {k!r}"), _plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if type(obj) in (list, tuple, set):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    allowed = {g[0] if isinstance(g, tuple) else g for g in torch.serialization.get_safe_globals()}
+    if type(obj) in allowed:
+        return obj
+    raise TypeError(
+        f"cannot checkpoint {where}: it is a {type(obj).__module__}.{type(obj).__qualname__}, and "
+        "checkpoints hold only tensors and plain Python data (dict, list, tuple, numbers, str) so "
+        "that resuming never unpickles code; store it as a tensor or plain data (e.g. in the "
+        "state_dict() that returns it), or allow its type with torch.serialization.add_safe_globals"
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX keeps directory entries apart from file data)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -31,13 +32,36 @@ from autobatch.train.fit import fit
 FIT_KEYS = ("lr", "optimizer")
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a database URL or a storage object (returned as is).
+# Heartbeat of trials in database storages: a running trial's process writes a timestamp
+# every HEARTBEAT_INTERVAL_S seconds (from a thread, so a long step does not delay it), and a
+# RUNNING trial whose last one is older than GRACE_PERIOD_S belongs to a dead process: the next
+# process to start a trial of the study marks it FAIL. The grace period covers a live process
+# whose write waits on another's SQLite lock; it is how long a killed trial may still show as
+# running. Integers: Optuna counts both in whole seconds.
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 60
+
+# Study user attribute naming a trial marked FAIL for a stale heartbeat (a finished trial's
+# own attributes can no longer be written, the study's can).
+_STALE_KEY = "autobatch_stale_trial_{number}"
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a database URL, a storage object (returned as is) or None
+    (a fresh in-memory storage).
+
+    A database URL opens with the trial heartbeat on (:data:`HEARTBEAT_INTERVAL_S`,
+    :data:`GRACE_PERIOD_S`), so the trials of a process that died are marked FAIL when the
+    study resumes; an in-memory SQLite URL (``sqlite://``) opens without it (nothing can
+    resume it). A storage object keeps its own heartbeat settings: pass
+    ``optuna.storages.RDBStorage(url, heartbeat_interval=..., grace_period=...)`` to have one.
 
     Raises:
         ValueError: for a string that is not a URL Optuna can open, naming the fix.
         TypeError: for anything else.
     """
+    if storage is None:
+        return optuna.storages.InMemoryStorage()
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     if not isinstance(storage, str):
@@ -53,9 +77,16 @@ def open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.
         raise ValueError(f"storage {storage!r} is not a URL (no '://'); {hint}")
     from sqlalchemy.exc import IntegrityError, OperationalError
 
+    # In-memory SQLite is one database per connection, and the heartbeat thread has its own.
+    heartbeat = {} if is_in_memory(storage) else {
+        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "grace_period": GRACE_PERIOD_S,
+        "heartbeat_stale_trial_callback": _note_stale_trial,
+    }
     for attempt in range(5):
         try:
-            return optuna.storages.get_storage(storage)
+            with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, **heartbeat)
         except (IntegrityError, OperationalError) as err:
             # Two processes opening a new database at once race to create its tables; the
             # loser sees "table ... already exists" and succeeds on a second try.
@@ -65,6 +96,36 @@ def open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.
             last = err
             break
     raise ValueError(f"cannot open storage {storage!r} ({type(last).__name__}: {last}); {hint}") from last
+
+
+def is_in_memory(storage: str | optuna.storages.BaseStorage | None) -> bool:
+    """Whether ``storage`` keeps its studies in this process's memory only: None, an
+    ``InMemoryStorage``, or an in-memory SQLite URL (``sqlite://``, ``sqlite:///:memory:``)."""
+    if storage is None or isinstance(storage, optuna.storages.InMemoryStorage):
+        return True
+    if not isinstance(storage, str):
+        return False
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError):
+        return False  # malformed: open_storage says so
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _note_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's callback for a trial it just marked FAIL because its heartbeat stopped."""
+    study.set_user_attr(
+        _STALE_KEY.format(number=trial.number),
+        f"stale: process died (no heartbeat for > {GRACE_PERIOD_S} s); marked FAIL on resume",
+    )
+
+
+def stale_reason(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why ``trial`` failed as stale (its process died mid-trial), or None if it did not."""
+    return study.user_attrs.get(_STALE_KEY.format(number=trial.number))
 
 
 class ModelFactory:

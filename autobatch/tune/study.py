@@ -17,6 +17,12 @@ working directory: a second call with the same ``study_name`` resumes the study 
 ``n_trials`` more. Several processes may work on one study at once (give each its own
 ``seed``, or they propose the same first points); for many workers on one machine a
 ``optuna.storages.JournalStorage`` file avoids SQLite's write locks.
+
+A trial whose process dies (killed, out of memory, power loss) would stay RUNNING forever;
+trials opened from a database URL send a heartbeat, and when the study resumes the trials
+whose heartbeat stopped more than ``GRACE_PERIOD_S`` (60 s) ago are marked FAIL, the table
+noting ``stale: process died``. An in-memory storage (None, ``InMemoryStorage``,
+``sqlite://``) cannot be resumed: naming the study there warns.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from autobatch.tune._trial import (OBJECTIVES, ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
                                   open_storage, run_trial)
+from autobatch.tune._trial import is_in_memory, stale_reason
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.train.distributed import setup_distributed
@@ -51,13 +58,15 @@ class TrialRow(BaseModel):
 
     Attributes:
         number: Optuna's trial number (unique within the study, across processes).
-        state: ``"COMPLETE"``, ``"PRUNED"`` (by the pruner, or diverged), ``"FAIL"``, ``"RUNNING"``...
+        state: ``"COMPLETE"``, ``"PRUNED"`` (by the pruner, or diverged), ``"FAIL"`` (an error,
+            or its process died: see ``reason``), ``"RUNNING"``...
         value: the final validation loss (None unless complete).
         params: the sampled parameters, e.g. ``{"lr": 0.12}``.
         samples: examples the trial trained on before it ended (its cost).
         steps: optimizer steps it took.
         final_batch_size: the global batch size when it ended.
-        reason: why it ended early (pruned at evaluation k, or diverged: ...), else None.
+        reason: why it ended early (pruned at evaluation k, diverged: ..., or stale: process
+            died), else None.
         wall_time_s: seconds its fit took.
     """
 
@@ -161,8 +170,8 @@ def tune_lr(
     budget_unit: Literal["epochs", "samples"] = "epochs",
     lr_range: tuple[float, float] = (1e-5, 1.0),
     optimizer: Any = torch.optim.SGD,
-    storage: str | optuna.storages.BaseStorage = DEFAULT_STORAGE,
-    study_name: str = "autobatch-tune-lr",
+    storage: str | optuna.storages.BaseStorage | None = DEFAULT_STORAGE,
+    study_name: str | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: str | optuna.pruners.BasePruner | None = None,
     config: FitConfig | dict[str, Any] | None = None,
@@ -191,9 +200,13 @@ def tune_lr(
         budget_unit: ``"epochs"`` or ``"samples"``.
         lr_range: ``(low, high)``, ``0 < low < high``: where the base LR is searched.
         optimizer: as for :func:`autobatch.fit`: a class or a factory ``f(params, lr)``.
-        storage: an Optuna storage URL or object. The default is a SQLite file in the
-            working directory, so the study outlives the process.
-        study_name: a second call with the same name (and storage) resumes the study.
+        storage: an Optuna storage URL or object, or None (in memory). The default is a
+            SQLite file in the working directory, so the study outlives the process; a
+            database URL opens with the trial heartbeat, so trials of a dead process are
+            marked FAIL on resume.
+        study_name: a second call with the same name (and storage) resumes the study;
+            None: ``"autobatch-tune-lr"`` (``"autobatch-search"`` for :func:`search`).
+            Naming a study in an in-memory storage warns (it cannot be resumed).
         sampler: an Optuna sampler; None: TPE seeded by ``seed`` and the trials so far.
         pruner: ``"median"`` (the default: MedianPruner, 4 startup trials, warm-up over
             the first quarter of the evaluations), ``"hyperband"``, ``"none"``, or an
@@ -240,7 +253,8 @@ def tune_lr(
     return _study(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
         budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
-        study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
+        study_name=study_name or "autobatch-tune-lr", named=study_name is not None,
+        sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=problems,
     )
 
@@ -256,8 +270,8 @@ def search(
     budget: float,
     budget_unit: Literal["epochs", "samples"] = "epochs",
     optimizer: Any = torch.optim.SGD,
-    storage: str | optuna.storages.BaseStorage = DEFAULT_STORAGE,
-    study_name: str = "autobatch-search",
+    storage: str | optuna.storages.BaseStorage | None = DEFAULT_STORAGE,
+    study_name: str | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: str | optuna.pruners.BasePruner | None = None,
     config: FitConfig | dict[str, Any] | None = None,
@@ -287,13 +301,14 @@ def search(
     return _study(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
         budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
-        study_name=study_name, sampler=sampler, pruner=pruner, config=config, seed=seed,
+        study_name=study_name or "autobatch-search", named=study_name is not None,
+        sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=[],
     )
 
 
 def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
-           storage, study_name, sampler, pruner, config, seed, n_evals, objective, device,
+           storage, study_name, named, sampler, pruner, config, seed, n_evals, objective, device,
            verbose, problems: list[str]) -> TuneResult | None:
     """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
     if not callable(model_fn):
@@ -335,6 +350,13 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     if not info.is_main:  # under torchrun: rank 0 owns the study, this rank follows its trials
         follow_trials(one_trial, info, comm_device)
         return None
+    if named and is_in_memory(storage):
+        warnings.warn(
+            f"storage {storage!r} keeps study {study_name!r} in this process's memory: it is lost "
+            "when the process ends and cannot be resumed; pass a database file such as "
+            f"storage={DEFAULT_STORAGE!r} to keep it",
+            stacklevel=3,
+        )
     storage = open_storage(storage)
 
     level = optuna.logging.get_verbosity()
@@ -344,6 +366,9 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=pruner, load_if_exists=True)
         _check_same_budget(study, total, n_evals, objective)
+        # Optuna also does this before each trial; here too, so that the start-up seed
+        # offset below and a table printed after n_trials already count the dead trials.
+        _fail_stale_trials(study)
         # Offset the seed by the trials already there, so a resumed study does not replay
         # the random start-up points of the first call.
         study.sampler = sampler or optuna.samplers.TPESampler(
@@ -387,13 +412,21 @@ def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int, ob
             study.set_user_attr(key, value)
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose heartbeat stopped (no-op without a heartbeat)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def _summarise(study: optuna.Study) -> TuneResult:
     trials = study.get_trials(deepcopy=False)
     rows = [
         TrialRow(
             number=t.number, state=t.state.name, value=t.value if t.state.name == "COMPLETE" else None,
             params=dict(t.params), samples=t.user_attrs.get("samples"), steps=t.user_attrs.get("steps"),
-            final_batch_size=t.user_attrs.get("final_batch_size"), reason=t.user_attrs.get("reason"),
+            final_batch_size=t.user_attrs.get("final_batch_size"),
+            reason=t.user_attrs.get("reason") or (stale_reason(study, t) if t.state.name == "FAIL" else None),
             wall_time_s=t.user_attrs.get("wall_time_s"),
         )
         for t in sorted(trials, key=lambda t: t.number)

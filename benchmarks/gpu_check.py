@@ -1,0 +1,309 @@
+"""Every CUDA code path of autobatch, exercised once, in under two minutes on one GPU.
+
+The test suite runs on CPU; this script is the check to run on a CUDA machine (after a
+change to the probe, the training loop, mixed precision or the data path):
+
+- ``probe_real_oom``: ``probe_memory(mode="real")`` on a device made small with
+  ``torch.cuda.set_per_process_memory_fraction`` and a budget twice that size, so the
+  estimate overshoots, the first real step runs out of memory for real, and the probe
+  backs off to a size whose real steps fit under the device limit.
+- ``fp16_inf_skip``: ``fit(precision="fp16")`` (GradScaler) with an inf injected into a
+  gradient on chosen steps: those steps leave the weights untouched, the others update
+  them, and GradScaler never raises "No inf checks were recorded prior to update".
+- ``bf16_autocast``: ``fit(precision="bf16")``: layers run in bfloat16, the loss falls.
+- ``pinned_workers``: ``fit`` with DataLoader workers and pinned host memory (num_workers=2
+  on CUDA) against the same fit loading in the main process: the same weights.
+- ``nccl_one_process``: a one-process ``nccl`` group (world_size 1, in a subprocess): an
+  all-reduce, then ``fit`` under the initialised group.
+- ``checkpoint_resume``: a fit with dropout stopped and resumed from its checkpoint (CUDA
+  RNG states, ``weights_only`` load) against one uninterrupted run: the same weights.
+
+It prints a pass/fail table and writes ``benchmarks/results/gpu_check.json``. Without CUDA it
+says it needs a GPU, marks every check "skipped (no CUDA)" and exits 0 (writing JSON only
+with an explicit ``--out``). Exit status 1 if a check failed.
+
+    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --smoke-cpu   # the same code on CPU (fp32, gloo, no probe)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
+MiB = 2**20
+SKIPPED = "skipped (no CUDA)"
+
+
+def _problem(n: int = 4096, width: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, width, generator=g)
+    y = (x[:, :10] + 0.5 * torch.randn(n, 10, generator=g)).argmax(1)  # learnable labels
+    return x, y
+
+
+def _mlp(width: int = 256, hidden: int = 512, dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10))
+
+
+def _fit(model: nn.Module, data, device: torch.device, **kw):
+    import autobatch
+
+    args = {"loss_fn": nn.functional.cross_entropy, "lr": 0.05, "max_steps": 12, "policy": "fixed",
+            "initial_batch_size": 256, "device": device, "progress": False}
+    args.update(kw)
+    return autobatch.fit(model.to(device), data, **args)
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((x.float() - y.float()).abs().max().item()
+               for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p).all().item() for p in model.parameters())
+
+
+# -- the checks: each returns (passed, detail) ----------------------------------------------------
+def check_probe_real_oom(device: torch.device) -> tuple[bool, str]:
+    from autobatch import probe_memory
+
+    if device.type != "cuda":
+        return True, "skipped on CPU (the device limit is what this exercises)"
+    limit = 512 * MiB
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                              nn.Linear(1024, 10)).to(device)
+        example = (torch.randn(4, 1024), torch.randint(0, 10, (4,)))
+        # The budget claims twice what the allocator allows: the estimate overshoots.
+        probe = probe_memory(model, example, nn.functional.cross_entropy, torch.optim.Adam, device=device,
+                             budget_bytes=2 * limit, margin=0.1, max_batch_size=2**17, mode="real")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    ooms = sorted(b for b, peak in probe.measured.items() if peak is None)
+    best = probe.max_batch_size
+    peak = probe.measured.get(best)
+    ok = bool(ooms) and peak is not None and peak <= limit and best < min(ooms)
+    return ok, (f"real OOM at batch {ooms}, backed off to {best} "
+                f"(peak {(peak or 0) / MiB:.0f} MiB, device limit {limit / MiB:.0f} MiB, {probe.real_steps} real steps)")
+
+
+def check_fp16_inf_skip(device: torch.device) -> tuple[bool, str]:
+    import autobatch
+
+    precision = "fp16" if device.type == "cuda" else "fp32"  # fp16 needs CUDA (GradScaler)
+    inject = {3, 7}  # not adjacent: a run of non-finite steps is an error of its own
+    done, injected, unchanged, changed = [0], set(), set(), set()
+    torch.manual_seed(0)
+    model = _mlp().to(device)
+    last = [[p.detach().clone() for p in model.parameters()]]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        if done[0] + 1 in inject:
+            injected.add(done[0] + 1)
+            return torch.full_like(grad, math.inf)
+        return grad
+
+    class Watch(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            now = [p.detach().clone() for p in model.parameters()]
+            same = all(torch.equal(a, b) for a, b in zip(last[0], now))
+            (unchanged if same else changed).add(record.step)
+            last[0], done[0] = now, record.step
+
+    model[0].weight.register_hook(poison)
+    result = _fit(model, _problem(), device, precision=precision, callbacks=[Watch()])
+    ok = injected == inject and inject <= unchanged and len(changed) >= 8 and _finite(model)
+    return ok, (f"{precision}: inf injected at steps {sorted(injected)}, weights unchanged at "
+                f"{sorted(unchanged)}, updated at {len(changed)} steps; skipped_steps={result.skipped_steps}")
+
+
+def check_bf16_autocast(device: torch.device) -> tuple[bool, str]:
+    torch.manual_seed(0)
+    model = _mlp()
+    dtypes = set()
+    model[0].register_forward_hook(lambda module, inputs, out: dtypes.add(out.dtype))
+    result = _fit(model, _problem(), device, precision="bf16", max_steps=30, lr=0.1)
+    first, final = result.history[0].train_loss, result.history[-1].train_loss
+    ok = dtypes == {torch.bfloat16} and final < first and _finite(model)
+    return ok, f"layer outputs {sorted(map(str, dtypes))}, train loss {first:.3f} -> {final:.3f}"
+
+
+def _pinned_handouts() -> int | None:
+    """Blocks the pinned host allocator has handed out so far (None: not observable)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.host_memory_stats().get("active_requests.allocated")
+
+
+def check_pinned_workers(device: torch.device) -> tuple[bool, str]:
+    models = {}
+    pinned = None
+    for workers in (0, 2):
+        before = _pinned_handouts()
+        torch.manual_seed(0)
+        models[workers] = model = _mlp()
+        _fit(model, _problem(), device, num_workers=workers)
+        after = _pinned_handouts()
+        if workers and device.type == "cuda" and before is not None and after is not None:
+            pinned = after - before
+    diff = _max_diff(models[0], models[2])
+    ok = diff == 0.0 and (pinned is None or pinned > 0)
+    where = (f"{pinned} pinned host blocks handed out" if pinned is not None
+             else "pinning not observable" if device.type == "cuda" else "no pinning on CPU")
+    return ok, f"num_workers=2 vs 0: max weight difference {diff:.3g}; {where}"
+
+
+def check_nccl_one_process(device: torch.device) -> tuple[bool, str]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--nccl-worker", device.type], capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"worker exit {out.returncode}: {tail}"
+    report = json.loads(lines[-1])
+    ok = report["all_reduce"] == 1.0 and report["world_size"] == 1 and report["finite"]
+    return ok, (f"backend {report['backend']}, world_size {report['world_size']}: all_reduce ok, fit of "
+                f"{report['steps']} steps under the group (world_size 1: fit runs without DDP)")
+
+
+def _nccl_worker(device_type: str) -> None:
+    import torch.distributed as dist
+
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        t = torch.ones(4, device=device)
+        dist.all_reduce(t)
+        torch.manual_seed(0)
+        model = _mlp()
+        result = _fit(model, _problem(), device)
+        dist.barrier()
+        print(json.dumps({"backend": dist.get_backend(), "world_size": dist.get_world_size(),
+                          "all_reduce": t.max().item(), "steps": result.steps, "finite": _finite(model)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_checkpoint_resume(device: torch.device) -> tuple[bool, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(max_steps: int, directory: str) -> nn.Module:
+            torch.manual_seed(0)
+            model = _mlp(dropout=0.2)
+            _fit(model, _problem(), device, max_steps=max_steps, checkpoint_dir=directory, resume=True,
+                 policy="gns", initial_batch_size=64, decide_every=2)
+            return model
+
+        full = run(20, os.path.join(tmp, "full"))
+        run(9, os.path.join(tmp, "part"))
+        torch.manual_seed(123)  # the resumed run must restore every RNG, CUDA's included
+        resumed = run(20, os.path.join(tmp, "part"))
+    diff = _max_diff(full, resumed)
+    return diff == 0.0, f"stopped at 9 of 20 steps, resumed: max weight difference {diff:.3g}"
+
+
+CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
+    "probe_real_oom": check_probe_real_oom,
+    "fp16_inf_skip": check_fp16_inf_skip,
+    "bf16_autocast": check_bf16_autocast,
+    "pinned_workers": check_pinned_workers,
+    "nccl_one_process": check_nccl_one_process,
+    "checkpoint_resume": check_checkpoint_resume,
+}
+
+
+def run_checks(device: torch.device) -> list[dict]:
+    """Run every check on ``device``; a check that raises fails with the error's last line."""
+    rows = []
+    for name, check in CHECKS.items():
+        start = time.perf_counter()
+        try:
+            ok, detail = check(device)
+            status = "pass" if ok else "FAIL"
+        except Exception as err:  # noqa: BLE001 - a check's error is its result
+            lines = str(err).strip().splitlines()
+            status, detail = "FAIL", f"{type(err).__name__}: {lines[0] if lines else ''}"
+            traceback.print_exc(file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        rows.append({"check": name, "status": status, "seconds": round(time.perf_counter() - start, 2),
+                     "detail": detail})
+        print(f"  {name}: {status} ({rows[-1]['seconds']} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a fixed-width text table."""
+    head = ["check", "status", "seconds", "detail"]
+    cells = [[r["check"], r["status"], f"{r['seconds']:.1f}", r["detail"]] for r in rows]
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(3)]
+    return "\n".join("  ".join([*(c[i].ljust(widths[i]) for i in range(3)), c[3]]).rstrip() for c in [head, *cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="JSON results (default with CUDA: benchmarks/results/gpu_check.json; none without)")
+    parser.add_argument("--smoke-cpu", action="store_true",
+                        help="run the checks' code on CPU (fp32 instead of fp16, gloo instead of nccl)")
+    parser.add_argument("--nccl-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.nccl_worker:
+        _nccl_worker(args.nccl_worker)
+        return 0
+    report = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    if torch.cuda.is_available() or args.smoke_cpu:
+        device = torch.device("cuda" if not args.smoke_cpu else "cpu")
+        report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+        print(f"gpu_check on {report['device']} (torch {torch.__version__})", file=sys.stderr)
+        start = time.perf_counter()
+        rows = run_checks(device)
+        report["total_seconds"] = round(time.perf_counter() - start, 1)
+        out = args.out or (RESULTS if device.type == "cuda" else None)
+    else:
+        print("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False here): every check skipped")
+        report["device"] = None
+        rows = [{"check": name, "status": SKIPPED, "seconds": 0.0, "detail": ""} for name in CHECKS]
+        out = args.out
+    report["rows"] = rows
+    report["passed"] = all(r["status"] in ("pass", SKIPPED) for r in rows)
+    print(table(rows))
+    if "total_seconds" in report:
+        print(f"total: {report['total_seconds']} s")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results: {out}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
