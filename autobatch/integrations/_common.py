@@ -30,7 +30,7 @@ _TRAINER_OWNED = {
 def build_controller(
     cfg: FitConfig,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | str,
     base_batch_size: int,
     max_batch_size: int,
     micro_batch_size: int | None,
@@ -40,7 +40,8 @@ def build_controller(
 
     Args:
         cfg: the settings (policy, LR rule, estimator, bounds).
-        optimizer: the optimizer whose family picks the default LR rule.
+        optimizer: the optimizer (or its family's name, e.g. ``"sgd"``) whose family picks
+            the default LR rule.
         base_batch_size: B0, global examples per optimizer step at the start.
         max_batch_size: the largest global B allowed (already clipped to the data set).
         micro_batch_size: the micro-batch cap (per process), or None for none.
