@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -254,3 +255,22 @@ def test_two_ddp_ranks_agree_on_b_and_match_one_process(tmp_path) -> None:
     # Each rank's micro-batch of 8 is one of the single process's: same steps, same decisions.
     assert r0["batch_sizes"] == one["batch_sizes"]
     assert r0["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_the_example_script_runs_and_learns(capsys) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_example.py"
+    spec = importlib.util.spec_from_file_location("lightning_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    adaptive = module.main(epochs=2)
+    out = capsys.readouterr().out
+    assert "steps; B (step, size)" in out
+    assert float(out.rsplit("val_accuracy ", 1)[1]) > 0.3  # chance is 0.1 on MNIST-1D's ten classes
+    assert len({r.batch_size for r in adaptive.history}) > 1
+
+
+def test_import_autobatch_imports_neither_trainer() -> None:
+    code = ("import sys, autobatch, autobatch.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
