@@ -225,6 +225,8 @@ def test_unsupported_setups_are_refused_with_the_fix() -> None:
 
     with pytest.raises(ValueError, match="automatic_optimization=False"):
         _fit(Manual(), loader(x, y), AdaptiveBatchSize(), max_epochs=1)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        _fit(Regression(), loader(x, y), AdaptiveBatchSize(), max_epochs=1, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match="num_workers is not used"):
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(num_workers=2), max_epochs=1)
 

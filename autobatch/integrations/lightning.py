@@ -186,6 +186,12 @@ class AdaptiveBatchSize(pl.Callback):
                 "AdaptiveBatchSize sets the accumulation itself; remove GradientAccumulationScheduler "
                 "(and pass accumulate_grad_batches as an int)"
             )
+        if trainer.reload_dataloaders_every_n_epochs:
+            raise ValueError(
+                "AdaptiveBatchSize installs its sampler in the train DataLoader once; a reloaded "
+                f"DataLoader would lose it (got reload_dataloaders_every_n_epochs="
+                f"{trainer.reload_dataloaders_every_n_epochs}); set it to 0"
+            )
         if trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
             raise ValueError(
                 "AdaptiveBatchSize needs whole epochs (got limit_train_batches="

@@ -200,7 +200,8 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             collate = self._get_collator_with_removed_columns(collate, description="training")
         micro = self._train_batch_size
         accumulation = self.args.gradient_accumulation_steps
-        self.args.gradient_accumulation_steps = 1  # the loop sees whole steps from here on
+        if self.is_in_train:  # train() puts the user's value back at the end
+            self.args.gradient_accumulation_steps = 1  # the loop sees whole steps from here on
         cfg = self.autobatch_config
         defaults = {key: value for key, value in (("initial_batch_size", micro * accumulation),
                                                    ("max_micro_batch_size", micro),
