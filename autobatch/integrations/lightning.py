@@ -169,7 +169,6 @@ class AdaptiveBatchSize(pl.Callback):
         self._plan: dict[str, Any] | None = None
         self._steps = self._samples = 0
         self._elapsed = 0.0
-        self._hooks: list[Any] = []
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
