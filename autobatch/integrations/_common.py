@@ -1,0 +1,166 @@
+"""What the trainer integrations share: the controller built from a FitConfig (as ``fit``
+builds it), the batch-size factor applied to the LR around ``optimizer.step()``, and rounding B
+to whole micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from autobatch.config import FitConfig
+from autobatch.noise.estimator import GradientNoiseScale
+from autobatch.policies import make_policy
+from autobatch.scaling import default_scaling, make_scaling
+from autobatch.train.controller import BatchSizeController
+
+__all__ = ["LRFactor", "build_controller", "explicit_settings", "round_to_multiple"]
+
+# FitConfig sections that describe fit's own loop; the integrations leave these to the trainer.
+_TRAINER_OWNED = {
+    "num_workers": "the DataLoader's / TrainingArguments' num_workers",
+    "eval_every": "the trainer's evaluation schedule",
+    "checkpoint_every": "the trainer's checkpointing",
+    "progress": "the trainer's progress bar",
+}
+
+
+def build_controller(
+    cfg: FitConfig,
+    *,
+    optimizer: torch.optim.Optimizer | str,
+    base_batch_size: int,
+    max_batch_size: int,
+    micro_batch_size: int | None,
+    min_micro_batches: int,
+) -> BatchSizeController:
+    """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes.
+
+    Args:
+        cfg: the settings (policy, LR rule, estimator, bounds).
+        optimizer: the optimizer (or its family's name, e.g. ``"sgd"``) whose family picks
+            the default LR rule.
+        base_batch_size: B0, global examples per optimizer step at the start.
+        max_batch_size: the largest global B allowed (already clipped to the data set).
+        micro_batch_size: the micro-batch cap (per process), or None for none.
+        min_micro_batches: micro-batches per step and process when B allows.
+
+    Raises:
+        ValueError: for settings the integrations do not use (named with what replaces them)
+            or a policy / LR rule that needs the noise scale while ``gns_method="off"``.
+    """
+    for key, owner in _TRAINER_OWNED.items():
+        section = next(s for s in (cfg.data, cfg.log) if key in type(s).model_fields)
+        if getattr(section, key) != type(section).model_fields[key].default:
+            raise ValueError(f"{key} is not used by the trainer integrations; set {owner} instead")
+    if cfg.estimator.gns_method == "per_example":
+        raise ValueError(
+            "gns_method='per_example' is not supported by the trainer integrations; use "
+            "gns_method='micro' (micro-batch norms, free) or 'off'"
+        )
+    scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
+    if cfg.estimator.gns_method == "off" and (cfg.batch.policy in ("gns", "goodput") or scaling_name == "adascale"):
+        raise ValueError(
+            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
+            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
+            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
+        )
+    return BatchSizeController(
+        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
+        scaling=make_scaling(scaling_name),
+        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
+        base_batch_size=base_batch_size,
+        min_batch_size=min(cfg.batch.min_batch_size or base_batch_size, base_batch_size),
+        max_batch_size=max_batch_size,
+        decide_every=cfg.batch.decide_every,
+        max_micro_batch_size=micro_batch_size,
+        min_micro_batches=min_micro_batches,
+        max_lr_factor=cfg.lr.max_lr_factor,
+    )
+
+
+def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:
+    """Flat names of the settings the user gave (in ``config`` or ``overrides``), as opposed to
+    defaults, so that a trainer-derived default (e.g. B0 from the DataLoader) can apply."""
+    keys: set[str] = set()
+    for source in (config, overrides):
+        if isinstance(source, FitConfig):
+            for name in type(source).model_fields:
+                value = getattr(source, name)
+                keys |= set(value.model_fields_set) if hasattr(value, "model_fields_set") else {name}
+        elif isinstance(source, dict):
+            for key, value in source.items():
+                keys |= set(value) if isinstance(value, dict) else {key}
+    return keys
+
+
+def round_to_multiple(value: int, unit: int, lo: int, hi: int) -> int:
+    """The multiple of ``unit`` nearest ``value`` within ``[lo, hi]`` (ties round up); ``lo``
+    and ``hi`` are first moved inwards to multiples of ``unit``."""
+    lo_m = max(unit, math.ceil(lo / unit) * unit)
+    hi_m = max(lo_m, (hi // unit) * unit)
+    return int(min(max(unit * math.floor(value / unit + 0.5), lo_m), hi_m))
+
+
+class LRFactor:
+    """Multiplies every param group's LR by :attr:`factor` while ``optimizer.step()`` runs,
+    then puts the LR back.
+
+    The trainer's LR scheduler therefore only ever sees (and steps from) its own values, chained
+    or closed-form alike, and the LR the update uses is ``scheduled LR x factor``: the batch-size
+    factor composes with any schedule instead of overwriting it. Uses torch's per-optimizer
+    step hooks, which also fire when a GradScaler or a wrapper calls ``step()``; a step the
+    scaler skips touches nothing.
+
+    Args:
+        optimizers: the torch optimizers to rescale (wrappers exposing ``.optimizer``, as
+            accelerate's and Lightning's do, are unwrapped).
+
+    Attributes:
+        factor: the multiplier for the next ``step()`` calls (1.0 at first).
+        last_lrs: the first param group's LR as used by the last step, per optimizer.
+    """
+
+    def __init__(self, optimizers: Iterable[Any]) -> None:
+        self.factor = 1.0
+        self._optimizers = [_unwrap(o) for o in optimizers]
+        self.last_lrs = [opt.param_groups[0]["lr"] for opt in self._optimizers]
+        self._saved: dict[int, list[Any]] = {}
+        self._handles = []
+        for i, opt in enumerate(self._optimizers):
+            self._handles.append(opt.register_step_pre_hook(self._pre(i)))
+            self._handles.append(opt.register_step_post_hook(self._post(i)))
+
+    def _pre(self, i: int):
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._saved[i] = [group["lr"] for group in opt.param_groups]
+            for group, lr in zip(opt.param_groups, self._saved[i]):
+                group["lr"] = lr * self.factor
+            self.last_lrs[i] = float(opt.param_groups[0]["lr"])
+
+        return hook
+
+    def _post(self, i: int):
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for group, lr in zip(opt.param_groups, self._saved.pop(i, [])):
+                group["lr"] = lr
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks (the LRs are left as the scheduler set them)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer (itself an Optimizer) and similar wrappers step the
+    # optimizer they hold; the hooks must sit on that one, whose step() really runs.
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (got {type(optimizer).__name__})")
+    return optimizer

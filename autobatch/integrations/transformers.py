@@ -1,0 +1,443 @@
+"""``AdaptiveBatchTrainer``: a drop-in subclass of the Hugging Face ``transformers.Trainer``.
+
+Swap the class; the constructor, the TrainingArguments, datasets, collator, callbacks and
+``hyperparameter_search`` stay as they are::
+
+    trainer = AdaptiveBatchTrainer(model=model, args=TrainingArguments(..., per_device_train_batch_size=16),
+                                   train_dataset=train, data_collator=collate,
+                                   autobatch_config={"max_batch_size": 1024})
+    trainer.train()
+
+How it works (an optimizer step holds one global batch of B examples):
+
+- **Batches**: ``per_device_train_batch_size x gradient_accumulation_steps`` becomes B0; the
+  micro-batch is at most ``per_device_train_batch_size`` (the size known to fit;
+  ``max_micro_batch_size`` in the config overrides it) and a step has at least two, which give
+  the noise estimate. To the Trainer's loop each optimizer step is one "batch" (its gradient
+  accumulation is 1): the train loader yields a :class:`StepBatch` per step, the step's next B
+  indices of the epoch's :class:`~autobatch.train.sampler.SampleStream` order, each micro-batch
+  collated (padded) by the data collator on its own.
+- **Loss normalisation**: :meth:`AdaptiveBatchTrainer.training_step` runs the micro-batches.
+  When the model (or ``compute_loss_func``) takes ``num_items_in_batch``, every micro-batch gets
+  the step's count of loss tokens (the Trainer's own count: shifted labels != -100 for causal
+  LMs), so each loss is a sum over its tokens divided by the step's total and the accumulated
+  gradient is the token mean over the whole step. Otherwise each mean loss is weighted by its
+  share of the step's examples.
+- **Noise scale**: micro-batch norms from the backward passes (before clipping, AMP scale
+  divided out). With token-normalised losses the small batches are measured in tokens and
+  reported in examples (tokens / mean tokens per example of the step), the unit of B.
+- **LR**: the batch-size factor multiplies the scheduled LR only while ``optimizer.step()``
+  runs; the scheduler keeps its own values. In an epoch-based run the schedule is laid out
+  in steps of the smallest allowed batch (``len(train_dataloader)`` steps per epoch), and its
+  clock advances by ``B / B_min`` steps per optimizer step (one per ``B_min`` examples), so
+  warm-up and decay end where the epochs do whatever B becomes. With ``max_steps`` the
+  schedule counts optimizer steps, as the run does.
+- **State**: the controller, the data position and the history go into ``trainer_state.json``
+  (``stateful_callbacks["AdaptiveBatchTrainer"]``); ``resume_from_checkpoint`` continues with the
+  same B and order. ``state.log_history`` carries ``batch_size``, ``noise_scale`` and
+  ``lr_factor`` with every training log; ``state.epoch`` counts examples seen.
+
+Limits: one process (no DDP / FSDP / DeepSpeed yet); no memory probe (pick
+``per_device_train_batch_size`` with :func:`autobatch.probe_memory`, see docs/integrations.md);
+an out-of-memory micro-batch halves the micro-batch and the step is redone. Collation runs in
+the main process (``dataloader_num_workers`` is not used for training); the Trainer's
+sampler options (``group_by_length``, ``dataloader_drop_last``) do not apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from autobatch.config import FitConfig
+from autobatch.integrations._common import LRFactor, build_controller, explicit_settings
+from autobatch.memory.oom import is_oom_error, release_after_oom
+from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms
+from autobatch.train.results import StepRecord
+from autobatch.train.sampler import SampleStream
+
+__all__ = ["AdaptiveBatchTrainer", "StepBatch"]
+
+_STATE_KEY = "AdaptiveBatchTrainer"
+
+
+class StepBatch:
+    """One optimizer step's examples: dataset indices, their micro-batch split and the
+    collated micro-batches (each padded on its own by the data collator).
+
+    Attributes:
+        indices: dataset indices of the step, in order.
+        sizes: examples per micro-batch (sum ``len(indices)``).
+        micro_batches: the collated micro-batches.
+    """
+
+    def __init__(self, indices: list[int], sizes: list[int], fetch: Callable[[list[int]], Any]) -> None:
+        self.indices, self._fetch = indices, fetch
+        self.split(sizes)
+
+    def split(self, sizes: list[int]) -> None:
+        """(Re)collate the micro-batches for a new split of the same examples."""
+        if sum(sizes) != len(self.indices):
+            raise ValueError(f"micro-batch sizes {sizes} do not add up to the step's {len(self.indices)} examples")
+        self.sizes = list(sizes)
+        bounds = [0, *itertools.accumulate(sizes)]
+        self.micro_batches = [self._fetch(self.indices[a:b]) for a, b in itertools.pairwise(bounds)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _StepLoader:
+    """The train "dataloader" the Trainer's loop iterates: one :class:`StepBatch` per
+    optimizer step, one stream epoch per iteration. Its length (steps per epoch at the
+    smallest allowed batch) is an upper bound; the epoch simply ends earlier when B grew."""
+
+    def __init__(self, trainer: AdaptiveBatchTrainer, dataset: Any, collate: Callable[[list[Any]], Any]) -> None:
+        self.trainer, self.dataset, self.collate = trainer, dataset, collate
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.trainer.batch_controller.min_batch_size)
+
+    def _fetch(self, indices: list[int]) -> Any:
+        return self.collate([self.dataset[i] for i in indices])
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        stream, controller = self.trainer._stream, self.trainer.batch_controller
+        epoch = stream.epoch
+        while stream.epoch == epoch:
+            # B is read when the Trainer asks for the step: after the previous step's decision.
+            indices = stream.take(controller.batch_size).tolist()
+            yield StepBatch(indices, controller.micro_sizes(len(indices)), self._fetch)
+
+
+class _Bookkeeping(TrainerCallback):
+    """Installs the hooks when training starts, records each finished step, decides B."""
+
+    def __init__(self, trainer: AdaptiveBatchTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_training()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._end_step(control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._end_training()
+
+
+class AdaptiveBatchTrainer(transformers.Trainer):
+    """``transformers.Trainer`` with a batch size chosen, and re-chosen, by autobatch.
+
+    Takes every argument ``Trainer`` takes, plus:
+
+    Args:
+        autobatch_config: a :class:`~autobatch.config.FitConfig`, a dict or None: the settings
+            of :func:`autobatch.fit` (policy, LR rule, estimator, bounds, seed). Batch sizes are
+            global examples per optimizer step; ``initial_batch_size`` defaults to
+            ``per_device_train_batch_size x gradient_accumulation_steps`` and
+            ``max_micro_batch_size`` to ``per_device_train_batch_size``. ``seed`` defaults to
+            ``TrainingArguments.seed``.
+
+    Attributes:
+        batch_controller: the :class:`~autobatch.train.controller.BatchSizeController` of the
+            current (or last) run.
+        history: one :class:`~autobatch.train.results.StepRecord` per optimizer step.
+        oom_retries: steps redone with a smaller micro-batch after running out of memory.
+    """
+
+    def __init__(self, *args: Any, autobatch_config: FitConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.autobatch_config = FitConfig.from_any(autobatch_config)
+        self._explicit = explicit_settings(autobatch_config, {})
+        self.batch_controller = None
+        self.history: list[StepRecord] = []
+        self.oom_retries = 0
+        self._saved_accumulation: int | None = None
+        self._collector: MicroBatchGradNorms | None = None
+        self._lr: LRFactor | None = None
+        self._pending: dict[str, Any] = {}
+        self.add_callback(_Bookkeeping(self))
+
+    # -- the run -----------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the Trainer's own gradient accumulation is 1 while it runs (each
+        of its "batches" is a whole step) and is put back afterwards."""
+        self._saved_accumulation = self.args.gradient_accumulation_steps
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.gradient_accumulation_steps = self._saved_accumulation
+            self._end_training()
+
+    def get_train_dataloader(self) -> _StepLoader:
+        """Start a run: build the controller and the sample stream, and return the step loader."""
+        if self.args.world_size > 1:
+            raise ValueError(
+                f"AdaptiveBatchTrainer runs on one process for now (got world_size={self.args.world_size}); "
+                "use autobatch.fit under torchrun, or the Lightning callback with the DDP strategy"
+            )
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        dataset, collate = self.train_dataset, self.data_collator
+        if transformers.utils.is_datasets_available():
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collate = self._get_collator_with_removed_columns(collate, description="training")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="training")
+        micro = self._train_batch_size
+        accumulation = self.args.gradient_accumulation_steps
+        if self.is_in_train:  # train() puts the user's value back at the end
+            self.args.gradient_accumulation_steps = 1  # the loop sees whole steps from here on
+        cfg = self.autobatch_config
+        defaults = {key: value for key, value in (("initial_batch_size", micro * accumulation),
+                                                   ("max_micro_batch_size", micro),
+                                                   ("seed", self.args.seed)) if key not in self._explicit}
+        cfg = FitConfig.from_any(cfg, **defaults)
+        n = len(dataset)
+        b0 = cfg.batch.initial_batch_size
+        if b0 > n:
+            raise ValueError(f"initial_batch_size={b0} is larger than the training set ({n} examples)")
+        # The optimizer is built later in the run; until then its family is TrainingArguments.optim.
+        family = self.optimizer if self.optimizer is not None else str(getattr(self.args.optim, "value", self.args.optim))
+        self.batch_controller = build_controller(
+            cfg, optimizer=family,
+            base_batch_size=b0, max_batch_size=min(cfg.batch.max_batch_size or n, n),
+            micro_batch_size=cfg.memory.max_micro_batch_size, min_micro_batches=2,
+        )
+        self._cfg = cfg
+        self._stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        self._steps = self._samples = 0
+        self._samples_at_start = 0
+        self._start = time.perf_counter()
+        self.history, self.oom_retries = [], 0
+        return _StepLoader(self, dataset, collate)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """One :class:`StepBatch` per optimizer step; token counts are taken in
+        :meth:`training_step`, per micro-batch."""
+        if self.batch_controller is None:  # not our loader: plain Trainer behaviour
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        try:
+            return [next(epoch_iterator)], None
+        except StopIteration:
+            return [], None
+
+    def set_initial_training_values(self, args, dataloader):
+        """The Trainer's plan, with enough epochs for ``max_steps`` however large B grows."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if args.max_steps > 0 and isinstance(dataloader, _StepLoader):
+            values[0] = sys.maxsize  # the run stops at max_steps; epochs hold fewer steps as B grows
+        return tuple(values)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs,
+                             resume_from_checkpoint, trial):
+        epochs_trained, skip = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        saved = self.state.stateful_callbacks.get(_STATE_KEY) if resume_from_checkpoint else None
+        if saved and self.batch_controller is not None:
+            self.batch_controller.load_state_dict(saved["controller"])
+            self._stream.load_state_dict(saved["stream"])
+            self._steps, self._samples = saved["steps"], saved["samples"]
+            self.history = [StepRecord(**row) for row in saved["history"]]
+            self.oom_retries = saved["oom_retries"]
+            # The stream knows where the data stands; the Trainer must not skip batches itself.
+            return self._stream.epoch, 0
+        return epochs_trained, skip
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.batch_controller is not None:
+            self.state.stateful_callbacks[_STATE_KEY] = {
+                "controller": self.batch_controller.state_dict(),
+                "stream": self._stream.state_dict(),
+                "steps": self._steps,
+                "samples": self._samples,
+                "oom_retries": self.oom_retries,
+                "history": [rec.model_dump() for rec in self.history],
+            }
+        super()._save_checkpoint(model, trial)
+
+    def _begin_training(self) -> None:
+        if self.batch_controller is None:
+            return
+        self._samples_at_start = self._samples
+        self._start = time.perf_counter() - (self.history[-1].wall_time_s if self.history else 0.0)
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        self._shifts_labels = getattr(self, "_loss_shifts_labels", False) or (
+            getattr(model, "loss_function", None) is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False))
+        if self._cfg.estimator.gns_method != "off":
+            self._collector = MicroBatchGradNorms(self.model)
+        self._lr = LRFactor([self.optimizer])
+
+    def _end_training(self) -> None:
+        for name in ("_collector", "_lr"):
+            hooks = getattr(self, name)
+            if hooks is not None:
+                hooks.remove()
+                setattr(self, name, None)
+
+    # -- one step ----------------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward and backward over every micro-batch of a :class:`StepBatch`; returns the
+        step's mean loss (token mean for token-normalised losses), detached.
+
+        Anything else is handed to ``Trainer.training_step`` unchanged.
+        """
+        if not isinstance(inputs, StepBatch):
+            return super().training_step(model, inputs, num_items_in_batch)
+        controller = self.batch_controller
+        warmup = self._cfg.lr.warmup_steps
+        if self._lr is not None:
+            self._lr.factor = controller.lr_factor() * (min(1.0, (self._steps + 1) / warmup) if warmup else 1.0)
+        self._pending = {"t0": time.perf_counter()}
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        while True:
+            try:
+                return self._accumulate(model, inputs)
+            except Exception as err:  # only OOMs are handled, the rest re-raised
+                if not is_oom_error(err):
+                    raise
+                del err  # the traceback holds the failed step's tensors
+            release_after_oom(model, None, self.args.device)
+            controller.on_oom(max(inputs.sizes))
+            self.oom_retries += 1
+            inputs.split(controller.micro_sizes(len(inputs)))
+
+    def _accumulate(self, model: torch.nn.Module, step: StepBatch) -> torch.Tensor:
+        device = self.args.device
+        micro = [self._prepare_inputs(mb) for mb in step.micro_batches]
+        counts = [self._loss_tokens(mb) for mb in micro]
+        by_tokens = counts[0] is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        if by_tokens:
+            tokens = [int(c) for c in torch.stack(counts).tolist()]
+            total = sum(tokens)
+            num_items = torch.tensor(total, device=device)
+        model.zero_grad(set_to_none=True)
+        collector = self._collector
+        if collector is not None:
+            collector.begin_step()
+        loss_sum = torch.zeros((), device=device)
+        for batch, size, unit in zip(micro, step.sizes, tokens if by_tokens else step.sizes):
+            if unit == 0:  # no loss token here: no gradient to add
+                continue
+            with self.compute_loss_context_manager():
+                if by_tokens:  # loss = (sum over this micro-batch's tokens) / (the step's tokens)
+                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                    weight = unit / total
+                else:  # a mean over the micro-batch, weighted by its share of the step
+                    weight = size / len(step)
+                    loss = self.compute_loss(model, batch) * weight
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            self.accelerator.backward(loss)
+            if collector is not None:
+                collector.after_backward(batch_size=unit, loss_weight=weight)
+            loss_sum += loss.detach().float()
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        norms = collector.end_step(grad_scale=scale) if collector is not None else None
+        if norms is not None and by_tokens:
+            # Small and big batches were counted in tokens; B is counted in examples.
+            per_token = len(step) / total
+            norms = StepGradNorms(norms.small_sq_norms, norms.small_batch_size * per_token, norms.big_sq_norm,
+                                  len(step), step.sizes)
+        self._pending.update(norms=norms, loss=loss_sum, step=step)
+        return loss_sum.detach()
+
+    def _loss_tokens(self, batch: Any) -> torch.Tensor | None:
+        """The loss elements of a micro-batch: labels != -100, without each row's first label
+        when the model's loss shifts them (causal LMs; the Trainer's own check reads
+        ``model.loss_type``, which GPT-2 leaves None while its loss is ``ForCausalLMLoss``)."""
+        if not isinstance(batch, Mapping) or ("labels" not in batch and "shift_labels" not in batch):
+            return None
+        if "shift_labels" in batch:
+            labels = batch["shift_labels"]
+        elif self._shifts_labels:
+            labels = batch["labels"][..., 1:]
+        else:
+            labels = batch["labels"]
+        return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
+
+    def _end_step(self, control) -> None:
+        pending, self._pending = self._pending, {}
+        if self.batch_controller is None or "step" not in pending:
+            return
+        controller, step = self.batch_controller, pending["step"]
+        self._steps += 1
+        self._samples += len(step)
+        loss = float(pending["loss"])
+        norms = pending["norms"]
+        finite = math.isfinite(loss) and (norms is None or math.isfinite(norms.big_sq_norm))
+        stream = self._stream
+        controller.observe(step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=len(step),
+                           step_time_s=time.perf_counter() - pending["t0"], norms=norms if finite else None)
+        est = controller.estimator
+        self.history.append(StepRecord(
+            step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=controller.batch_size,
+            examples=len(step), micro_batch_size=max(step.sizes), accum_steps=len(step.sizes),
+            lr=self._lr.last_lrs[0] if self._lr is not None else math.nan, train_loss=loss,
+            grad_sq=est.grad_sq, trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
+            noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
+            skipped=not finite,
+        ))
+        controller.maybe_decide()
+        self.state.epoch = stream.epochs_done  # the Trainer's own figure counts steps at B_min
+        if self.args.max_steps <= 0:
+            self._advance_schedule(control)
+
+    def _advance_schedule(self, control) -> None:
+        """Epoch-based runs: the schedule's clock is examples / B_min (the unit its length was
+        planned in); stop once it has run its course (fractional num_train_epochs)."""
+        clock = self._samples // self.batch_controller.min_batch_size
+        scheduler = self.lr_scheduler
+        if scheduler is not None and hasattr(scheduler, "last_epoch"):
+            while scheduler.last_epoch < min(clock, self.state.max_steps):
+                scheduler.step()
+        if clock >= self.state.max_steps:
+            control.should_training_stop = True
+
+    # -- figures -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log``; training logs also carry ``batch_size``, ``noise_scale`` (once the
+        estimate is ready) and ``lr_factor``."""
+        if "loss" in logs and self.history and self.batch_controller is not None:
+            last = self.history[-1]
+            logs = {**logs, "batch_size": last.batch_size}
+            if math.isfinite(last.noise_scale):
+                logs["noise_scale"] = last.noise_scale
+            if self._lr is not None:
+                logs["lr_factor"] = self._lr.factor
+        super().log(logs, start_time)
+
+    def floating_point_ops(self, inputs: Any) -> int:
+        if isinstance(inputs, StepBatch):
+            return sum(super(AdaptiveBatchTrainer, self).floating_point_ops(mb) for mb in inputs.micro_batches)
+        return super().floating_point_ops(inputs)
+
+    def _track_num_input_tokens(self, inputs: Any) -> None:
+        for batch in inputs.micro_batches if isinstance(inputs, StepBatch) else [inputs]:
+            super()._track_num_input_tokens(batch)
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # The Trainer reports num_train_samples x steps run / max_steps as the examples seen;
+        # with a growing B only the examples actually processed are right.
+        if self.batch_controller is not None:
+            steps_run = max(self.state.global_step - self._initial_global_step, 1)
+            num_train_samples = (self._samples - self._samples_at_start) * max(self.state.max_steps, 1) / steps_run
+        return super()._finalize_training(trial, num_train_samples, start_time)

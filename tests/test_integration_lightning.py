@@ -1,0 +1,278 @@
+"""AdaptiveBatchSize, the Lightning callback, on an unchanged LightningModule and DataLoader."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+import autobatch
+from autobatch.integrations.lightning import AdaptiveBatchSize, accumulation_setting
+from autobatch.policies import BatchSizePolicy
+from autobatch.train.results import StepRecord
+from tests.helpers.lightning_regression import (
+    Regression,
+    loader,
+    loss_fn,
+    quiet_trainer,
+    regression_data,
+)
+
+WORKER = str(Path(__file__).parent / "helpers" / "lightning_ddp_worker.py")
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    # Lightning's tips about workers, loggers and resumable loaders are not under test.
+    warnings.filterwarnings("ignore", module="lightning")
+
+
+def _fit(model, data, cb, ckpt_path=None, **trainer_kwargs) -> pl.Trainer:
+    trainer = quiet_trainer(callbacks=[cb, *trainer_kwargs.pop("callbacks", [])], **trainer_kwargs)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_accumulation_setting_makes_lightning_zero_and_step_exactly_at_the_step_ends() -> None:
+    # Lightning's rules (training_epoch_loop / automatic optimization), simulated for every
+    # step layout an epoch can hold: zero_grad where batch_idx % a == 0, step where
+    # (batch_idx + 1) % a == 0.
+    for start in range(40):
+        for k in range(1, 9):
+            for j in range(k):
+                i = start + j
+                a, zero_yourself = accumulation_setting(i, j, k)
+                zeroes = i % a == 0 or zero_yourself
+                steps = (i + 1) % a == 0
+                assert zeroes == (j == 0), (start, k, j, a)
+                assert steps == (j == k - 1), (start, k, j, a)
+                assert not (zero_yourself and i % a == 0)
+
+
+def test_b_grows_and_follows_fit_on_the_same_model_data_and_seed() -> None:
+    x, y = regression_data()
+    torch.manual_seed(0)
+    module = Regression()
+    torch.manual_seed(0)
+    reference = Regression()
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=1024)
+    _fit(module, loader(x, y, batch_size=16), cb, max_epochs=2)
+    # fit with the callback's layout: micro-batches of 16 (the DataLoader's), B0 = 2 x 16,
+    # B a multiple of 16.
+    res = autobatch.fit(reference.net, (x, y), loss_fn=loss_fn, lr=0.05, epochs=2, initial_batch_size=32,
+                        max_micro_batch_size=16, round_to=16, decide_every=5, max_batch_size=1024)
+    ours, theirs = cb.history, res.history
+    assert all(isinstance(r, StepRecord) for r in ours)
+    assert max(r.batch_size for r in ours) >= 4 * 32  # B grew as the noise scale did
+    # Through the first epoch the runs take the same steps on the same examples: same B, same
+    # micro-batches, same loss (up to float rounding of the loss weights).
+    first_epoch = [r.step for r in theirs if r.epoch < 1.0]
+    assert len(first_epoch) > 100 and len({r.batch_size for r in theirs[: len(first_epoch)]}) >= 3
+    for a, b in zip(ours[: len(first_epoch)], theirs[: len(first_epoch)]):
+        assert (a.batch_size, a.examples, a.accum_steps) == (b.batch_size, b.examples, b.accum_steps)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.noise_scale == pytest.approx(b.noise_scale, rel=1e-4, nan_ok=True)
+    # At an epoch's end fit splits a short last step into two micro-batches (16 -> 8 + 8)
+    # where Lightning's DataLoader holds one micro-batch of 16, which then gives no estimate;
+    # from there the estimates differ a little and B may change one decision earlier or later.
+    window = cb.controller.decide_every
+    fit_b = [r.batch_size for r in theirs]
+    compared = [r for r in ours if r.step + window <= len(fit_b)]
+    assert len(compared) > len(first_epoch) + 20
+    for r in compared:
+        near = fit_b[max(0, r.step - 1 - window) : r.step + window]  # steps s - w .. s + w
+        assert min(near) <= r.batch_size <= max(near), (r.step, r.batch_size, near)
+
+
+class _Alternating(BatchSizePolicy):
+    """Proposes 32, 48, 80, 16, ... in turn: steps that start off Lightning's accumulation
+    grid and odd micro-batch counts."""
+
+    def __init__(self) -> None:
+        self.sizes, self.calls = [48, 80, 16, 64, 32], 0
+
+    def propose(self, ctx):
+        self.calls += 1
+        return self.sizes[self.calls % len(self.sizes)]
+
+
+class _StepGradients(pl.Callback):
+    """Per optimizer step: the examples of its micro-batches, the parameters before the step
+    and the gradient the optimizer gets."""
+
+    def __init__(self) -> None:
+        self.steps, self._batches = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batches.append([t.clone() for t in batch])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+        x = torch.cat([b[0] for b in self._batches])
+        y = torch.cat([b[1] for b in self._batches])
+        self.steps.append((params, grads, x, y, [len(b[0]) for b in self._batches]))
+        self._batches = []
+
+
+def test_the_accumulated_gradient_is_the_global_batch_mean_on_and_off_the_grid() -> None:
+    # 1000 examples in micro-batches of 16: the epoch ends with a micro-batch of 8, and the
+    # policy jumps between 1, 2, 3, 4 and 5 micro-batches per step.
+    x, y = regression_data(n=1000)
+    module = Regression()
+    probe = _StepGradients()
+    cb = AdaptiveBatchSize(policy=_Alternating(), decide_every=1, min_batch_size=16, max_batch_size=80,
+                           initial_batch_size=32, lr_scaling="none")
+    _fit(module, loader(x, y, batch_size=16), cb, max_epochs=2, callbacks=[probe])
+    assert {len(s[4]) for s in probe.steps} >= {1, 2, 3, 4, 5}
+    assert any(sizes[-1] == 8 for *_, sizes in probe.steps)  # the epoch's short tail
+    reference = Regression()
+    for params, grads, x_step, y_step, _ in probe.steps:
+        reference.load_state_dict(params)
+        reference.zero_grad()
+        loss_fn(reference.net(x_step), y_step).backward()  # one backward over the whole step
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7)
+    assert [r.examples for r in cb.history] == [len(s[2]) for s in probe.steps]
+
+
+def test_resuming_from_a_lightning_checkpoint_continues_the_same_run(tmp_path) -> None:
+    x, y = regression_data(n=2048, noise=2.0)  # noisier labels: B grows within the first epoch
+
+    def run(max_steps: int = -1, ckpt_path=None, checkpoints=None) -> AdaptiveBatchSize:
+        torch.manual_seed(0)
+        cb = AdaptiveBatchSize(decide_every=5, max_batch_size=512)
+        extra = {"callbacks": [checkpoints], "enable_checkpointing": True} if checkpoints else {}
+        _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=2, max_steps=max_steps,
+             ckpt_path=ckpt_path, **extra)
+        return cb
+
+    full = run()
+    run(max_steps=65, checkpoints=ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=60, save_top_k=-1))
+    (ckpt,) = tmp_path.glob("*step=60*")
+    assert torch.load(ckpt, weights_only=False)["callbacks"]["AdaptiveBatchSize"]["cursor"]
+    resumed = run(ckpt_path=str(ckpt))
+    assert full.history[59].batch_size != full.history[0].batch_size  # B had moved by then
+    assert [r.batch_size for r in resumed.history] == [r.batch_size for r in full.history]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+
+
+class _Recorder(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    name, version = "recorder", "0"
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class _Decay(Regression):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8 ** (s // 20))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_the_lr_factor_multiplies_the_users_schedule_and_reaches_the_loggers() -> None:
+    x, y = regression_data(n=2048, noise=2.0)
+    module, logger = _Decay(), _Recorder()
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=512)
+    trainer = _fit(module, loader(x, y, batch_size=16), cb, max_epochs=2, logger=logger, log_every_n_steps=1)
+    factors = [row["lr_factor"] for row in logger.rows if "lr_factor" in row]
+    assert len(factors) == len(cb.history) and max(factors) > 1.0  # AdaScale's gain once B grew
+    for rec, factor in zip(cb.history, factors):
+        scheduled = 0.05 * 0.8 ** ((rec.step - 1) // 20)  # LambdaLR's own value at this step
+        assert rec.lr == pytest.approx(scheduled * factor, rel=1e-6)
+    # the scheduler kept its own values: the factor never compounded into them
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.8 ** (len(cb.history) // 20))
+    logged_b = [row["batch_size"] for row in logger.rows if "batch_size" in row]
+    assert logged_b == [float(r.batch_size) for r in cb.history]
+    assert any("noise_scale" in row for row in logger.rows)
+
+
+def test_unsupported_setups_are_refused_with_the_fix() -> None:
+    x, y = regression_data(n=256)
+    weighted = DataLoader(TensorDataset(x, y), batch_size=16,
+                          sampler=WeightedRandomSampler(torch.ones(256), num_samples=256))
+    with pytest.raises(ValueError, match="WeightedRandomSampler cannot be carried over"):
+        _fit(Regression(), weighted, AdaptiveBatchSize(), max_epochs=1)
+    with pytest.raises(ValueError, match="must be a multiple of world_size x micro-batch"):
+        _fit(Regression(), loader(x, y, batch_size=16), AdaptiveBatchSize(initial_batch_size=40), max_epochs=1)
+
+    class Manual(Regression):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic_optimization=False"):
+        _fit(Manual(), loader(x, y), AdaptiveBatchSize(), max_epochs=1)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        _fit(Regression(), loader(x, y), AdaptiveBatchSize(), max_epochs=1, reload_dataloaders_every_n_epochs=1)
+    with pytest.raises(ValueError, match="num_workers is not used"):
+        _fit(Regression(), loader(x, y), AdaptiveBatchSize(num_workers=2), max_epochs=1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ddp_ranks_agree_on_b_and_match_one_process(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir()
+    single.mkdir()
+    # both runs at once: the machine's second core would otherwise sit out the single process
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          WORKER, str(ddp)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+        subprocess.Popen([sys.executable, WORKER, str(single)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}),
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    r0, r1 = (json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2))
+    (one,) = [json.loads((single / "rank0.json").read_text())]
+    assert r0["world_size"] == 2 and one["world_size"] == 1
+    assert r0["batch_sizes"] == r1["batch_sizes"]
+    assert r0["weights"] == r1["weights"]
+    assert max(r0["batch_sizes"]) >= 4 * r0["batch_sizes"][0]
+    # Each rank's micro-batch of 8 is one of the single process's: same steps, same decisions.
+    assert r0["batch_sizes"] == one["batch_sizes"]
+    assert r0["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_the_example_script_runs_and_learns(capsys) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_example.py"
+    spec = importlib.util.spec_from_file_location("lightning_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    adaptive = module.main(epochs=2)
+    out = capsys.readouterr().out
+    assert "steps; B (step, size)" in out
+    assert float(out.rsplit("val_accuracy ", 1)[1]) > 0.3  # chance is 0.1 on MNIST-1D's ten classes
+    assert len({r.batch_size for r in adaptive.history}) > 1
+
+
+def test_import_autobatch_imports_neither_trainer() -> None:
+    code = ("import sys, autobatch, autobatch.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
