@@ -99,7 +99,7 @@ def test_estimated_peak_matches_the_profiler_within_2_percent(case: str, opt_nam
     model, make_optimizer = make_model(), OPTIMIZERS[opt_name]
     for batch_size in (1, 24, 160):
         probe = probe_memory(model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**40,
-                             max_batch_size=batch_size, margin=0, mode="estimate")
+                             max_micro_batch_size=batch_size, margin=0, mode="estimate")
         assert probe.max_batch_size == batch_size and probe.capped
         reference = profiled_peak(model, make_batch(batch_size), loss_fn, make_optimizer)
         assert probe.peak_bytes_at_max == pytest.approx(reference, rel=0.02), batch_size
@@ -250,13 +250,13 @@ def test_a_dataset_example_is_probed_at_its_longest_item() -> None:
     data = VariableLength()
     longest = max(data.lengths)
     model = TinyLM(context=64)
-    from_data = probe_memory(model, data, lm_loss, budget_bytes=2**40, max_batch_size=64,
+    from_data = probe_memory(model, data, lm_loss, budget_bytes=2**40, max_micro_batch_size=64,
                              mode="estimate")
     batch = (torch.randint(0, 50, (1, longest)), torch.randint(0, 50, (1, longest)))
-    from_batch = probe_memory(model, batch, lm_loss, budget_bytes=2**40, max_batch_size=64,
+    from_batch = probe_memory(model, batch, lm_loss, budget_bytes=2**40, max_micro_batch_size=64,
                               mode="estimate")
     shorter = (batch[0][:, :20], batch[1][:, :20])
-    from_short = probe_memory(model, shorter, lm_loss, budget_bytes=2**40, max_batch_size=64,
+    from_short = probe_memory(model, shorter, lm_loss, budget_bytes=2**40, max_micro_batch_size=64,
                               mode="estimate")
     assert from_data.peak_bytes_at_max == from_batch.peak_bytes_at_max
     assert from_short.peak_bytes_at_max < from_batch.peak_bytes_at_max
@@ -273,7 +273,7 @@ def test_dict_batches_follow_the_loss_convention() -> None:
 
     probe = probe_memory(Net(), {"x": torch.randn(4, 8), "y": torch.randint(0, 2, (4,))},
                          lambda out, batch: nn.functional.cross_entropy(out, batch["y"]),
-                         budget_bytes=2**40, max_batch_size=32, mode="estimate")
+                         budget_bytes=2**40, max_micro_batch_size=32, mode="estimate")
     assert probe.max_batch_size == 32
 
 
@@ -285,7 +285,7 @@ def mlp_and_batch():
 
 def test_a_budget_below_one_step_says_how_many_bytes_are_needed() -> None:
     model, batch, loss_fn = mlp_and_batch()
-    needed = probe_memory(model, batch, loss_fn, budget_bytes=2**40, max_batch_size=1,
+    needed = probe_memory(model, batch, loss_fn, budget_bytes=2**40, max_micro_batch_size=1,
                           margin=0, mode="estimate").peak_bytes_at_max
     with pytest.raises(ValueError, match=rf"budget too small: a training step at batch size 1 "
                        rf"needs {needed:,} bytes .* raise budget_bytes to at least {needed:,}"):
@@ -319,9 +319,9 @@ def test_an_example_without_a_batch_dimension_is_rejected(example, message: str)
 
 def test_invalid_arguments_are_all_reported_at_once() -> None:
     model, batch, loss_fn = mlp_and_batch()
-    with pytest.raises(ValueError, match=r"max_batch_size must be an integer >= 1 "
-                       r"\(got max_batch_size=0\)"):
-        probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_batch_size=0)
+    with pytest.raises(ValueError, match=r"max_micro_batch_size must be an integer >= 1 "
+                       r"\(got max_micro_batch_size=0\)"):
+        probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_micro_batch_size=0)
     with pytest.raises(ValueError, match=r"budget_bytes must be > 0 bytes \(got budget_bytes=-1\)"
                        r".*margin must be in \[0, 1\) \(got margin=1.5\).*mode must be one of "
                        r"'auto', 'estimate', 'real' \(got mode='fast'\)"):
@@ -330,7 +330,7 @@ def test_invalid_arguments_are_all_reported_at_once() -> None:
 
 def test_a_non_scalar_loss_and_a_missing_device_are_rejected() -> None:
     model, batch, _ = mlp_and_batch()
-    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor \(got \(1,\)\)"):
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor \(got a tensor of shape \(1,\)\)"):
         probe_memory(model, batch, lambda out, y: nn.functional.cross_entropy(
             out, y, reduction="none"), budget_bytes=2**30)
     if not torch.cuda.is_available():
@@ -410,7 +410,7 @@ def test_cli_probes_a_built_in_example(capsys) -> None:
     ex = get_example("synthetic")
     expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,
                             lambda params: ex.optimizer(params, ex.default_lr),
-                            budget_bytes=2**20, margin=0.1, max_batch_size=4096)
+                            budget_bytes=2**20, margin=0.1, max_micro_batch_size=4096)
     assert main(["probe", "--example", "synthetic", "--budget", "1MiB",
                  "--max-batch-size", "4096"]) == 0
     out = capsys.readouterr().out
