@@ -160,6 +160,23 @@ def per_example_sq_norms_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return torch.tensor(out, dtype=torch.float64)
 
 
+def per_example_sq_norms_same_forward(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_example_loss: LossFn, seed: int = 0
+) -> torch.Tensor:
+    """Squared norms of every example's gradient from one batched forward (run after
+    ``torch.manual_seed(seed)``, so dropout draws the masks a seeded batched forward draws),
+    one backward per example of its own loss; ``per_example_loss`` returns shape ``(n,)``.
+    Valid when examples do not interact (no BatchNorm in train mode)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    losses = per_example_loss(model(x), y)
+    out = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        out.append(sum(float(g.double().square().sum()) for g in grads if g is not None))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 @dataclass
 class Exact:
     noise_scale: float
