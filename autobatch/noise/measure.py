@@ -113,7 +113,11 @@ def measure_noise_scale(
         forward_loss: ``forward_loss(model, batch) -> loss`` for batches of other forms.
         loss_items: what each micro-batch's mean loss is over (:mod:`autobatch.accumulate`):
             micro-batches are weighted by it, so each batch's gradient is its mean-loss
-            gradient (e.g. the token mean of a padded LM batch). Batch sizes stay in examples.
+            gradient (e.g. the token mean of a padded LM batch). Batch sizes, and the noise
+            scale, stay in examples: a batch's token-mean gradient is taken as the mean of its
+            examples' gradients, each example's token sum divided by the mean tokens per
+            example (exact as the batch grows); multiply by the mean tokens per example for
+            the noise scale in tokens.
 
     Returns:
         The estimate, from equally weighted batches.
@@ -242,7 +246,9 @@ def _run(
 
     def after_backward(m: MicroStep) -> None:
         if micro_hooks is not None:
-            micro_hooks.after_backward(batch_size=m.examples, loss_weight=m.weight)
+            # The collector's sizes are in loss items (its weights must be proportional to
+            # them); the estimator below gets example counts (see the loss_items argument).
+            micro_hooks.after_backward(batch_size=m.items, loss_weight=m.weight)
         else:
             smalls.append(per_example.sq_norms(loss_weight=m.weight))
 
