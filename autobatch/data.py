@@ -21,14 +21,22 @@ batches (:meth:`BatchSource.batch`) and moves, splits and measures them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler,
-                              SequentialSampler, TensorDataset)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torch.utils.data._utils.collate import default_collate
 
 __all__ = ["BatchSource", "TensorDictDataset", "as_batch_source", "batch_size_of", "move_to",
@@ -272,8 +280,8 @@ def split_batch(batch: Any, sizes: Sequence[int]) -> list[Any]:
             if len(batch) != sum(sizes):
                 raise TypeError(f"cannot split a {type(batch).__name__} of {len(batch)} "
                                 f"values into pieces of {list(sizes)}")
-            bounds = np.cumsum([0, *sizes])
-            return [batch[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            bounds = np.cumsum([0, *sizes]).tolist()
+            return [batch[a:b] for a, b in itertools.pairwise(bounds)]
         columns = [split_batch(v, sizes) for v in batch]
         return [type(batch)(col[i] for col in columns) for i in range(len(sizes))]
     return [batch] * len(sizes)

@@ -11,8 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler,
-                              TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from autobatch._state import preserved_state
 from autobatch.accumulate import accumulate_gradients, count_loss_items
@@ -325,7 +332,7 @@ def test_preserved_state_restores_everything_a_measurement_touches() -> None:
             random.random(), np.random.rand()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         assert [m.training for m in model] == [True, False, True, True]
-        assert [s["exp_avg"] for s in opt.state.values()][0].equal(opt_state[0])
+        assert next(iter(opt.state.values()))["exp_avg"].equal(opt_state[0])
         assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
         assert np.array_equal(np.random.get_state()[1], rng[2])
         if not offload:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
 from autobatch.noise import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
 from autobatch.noise._effective_batch import without_replacement_batch_size
+from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
 
 # Parameters are the problems' initial ones, except the sequence model, whose initial noise
 # scale is tiny (about 5); 20 full-batch steps bring it to about 150.
@@ -169,3 +169,15 @@ def test_passes_are_disjoint_batches_of_fresh_shuffles() -> None:
         flat = [i for b in one_pass for i in b]
         assert len(set(flat)) == 9
     assert passes[0] != passes[1]  # reshuffled
+
+
+def test_a_dataloader_sampler_draws_the_batches_as_independent_draws() -> None:
+    # Uniform draws with replacement: unbiased with the nominal sizes (no finite-population
+    # correction), so the estimate converges to the data set's exact value all the same.
+    problem = PROBLEMS["mlp"](n=2048, steps=20)
+    exact = exact_noise_scale(problem)
+    sampler = torch.utils.data.RandomSampler(TensorDataset(problem.x), replacement=True)
+    loader = DataLoader(TensorDataset(problem.x, problem.y), batch_size=1, sampler=sampler)
+    est = measure_noise_scale(problem.model, loader, problem.loss_fn, batch_size=128,
+                              num_batches=300, seed=0)
+    assert est.noise_scale == pytest.approx(exact.noise_scale, rel=0.10)

@@ -11,7 +11,11 @@ from torch import nn
 
 from autobatch.noise import PerExampleGradNorms
 from autobatch.noise.per_example import UnsupportedForPerExample, per_example_supported
-from autobatch.testing import PROBLEMS, per_example_sq_norms_loop, per_example_sq_norms_same_forward
+from autobatch.testing import (
+    PROBLEMS,
+    per_example_sq_norms_loop,
+    per_example_sq_norms_same_forward,
+)
 
 
 def _measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, **kwargs) -> torch.Tensor:

@@ -398,7 +398,7 @@ def _smallest_batch(work: step.Workload, estimate: Callable[[int], int], cap: in
         try:
             estimate(size)
             return size
-        except Exception as exc:  # noqa: BLE001 - re-raised below, as the real step's error
+        except Exception as exc:  # re-raised below, as the real step's error
             if is_oom_error(exc):
                 raise
             first_error = first_error or exc

@@ -131,7 +131,7 @@ class BroadcastTracker(TorchFunctionMode):
         return out
 
     @staticmethod
-    def _make_hook(op: _Op, index: int):  # noqa: ANN205
+    def _make_hook(op: _Op, index: int):
         def hook(g: torch.Tensor) -> None:
             op.grads[index] = g.detach()
 

@@ -11,8 +11,14 @@ from torch import nn
 
 from autobatch._state import train_modes
 from autobatch.accumulate import IGNORE_INDEX, LossItems, count_loss_items
-from autobatch.batch import (ForwardLoss, LossFn, forward_and_loss, is_causal_lm, output_logits,
-                             target_of)
+from autobatch.batch import (
+    ForwardLoss,
+    LossFn,
+    forward_and_loss,
+    is_causal_lm,
+    output_logits,
+    target_of,
+)
 from autobatch.data import as_batch_source, move_to
 
 __all__ = ["evaluate"]
