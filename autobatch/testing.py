@@ -241,6 +241,13 @@ def pad_pairs(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return xs, ys
 
 
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` with the torch RNG seeded by ``seed``; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[Any]) -> None:
         self.items = items
@@ -274,9 +281,7 @@ def tiny_gpt2(n: int = 96, vocab: int = 48, max_len: int = 16, seed: int = 0) ->
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=32,
                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, loss_type="ForCausalLM",
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+    model = _seeded(lambda: GPT2LMHeadModel(config), seed)
     items = [{"input_ids": s, "labels": s} for s in _sequences(n, vocab, 4, max_len, seed)]
     loader = torch.utils.data.DataLoader(_ListDataset(items), batch_size=8, collate_fn=pad_collate)
     return UserCase("gpt2", model, loader)
@@ -290,9 +295,7 @@ def tiny_bert_mlm(n: int = 96, vocab: int = 48, max_len: int = 16, seed: int = 0
     config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertForMaskedLM(config)
+    model = _seeded(lambda: BertForMaskedLM(config), seed)
     gen = torch.Generator().manual_seed(seed + 1)
     items = []
     for seq in _sequences(n, vocab - 1, 4, max_len, seed):
@@ -323,9 +326,7 @@ def two_input(n: int = 256, seed: int = 0) -> UserCase:
     gen = torch.Generator().manual_seed(seed)
     x1, x2 = torch.randn(n, 12, generator=gen), torch.randn(n, 5, generator=gen)
     y = (x1[:, :3] + x2[:, :3]).argmax(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = TwoInputNet()
+    model = _seeded(TwoInputNet, seed)
     return UserCase("two_input", model, (x1, x2, y), F.cross_entropy)
 
 
@@ -359,9 +360,7 @@ def padded_lm(n: int = 128, vocab: int = 32, max_len: int = 16, seed: int = 0) -
     ``(tokens, next_tokens)`` pairs, a collate_fn padding targets with -100, and a
     token-mean loss (``loss_items="tokens"``: micro-batches weighted by real tokens)."""
     items = [(s[:-1], s[1:]) for s in _sequences(n, vocab, 5, max_len + 1, seed)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = TiedLM(vocab, 24, max_len)
+    model = _seeded(lambda: TiedLM(vocab, 24, max_len), seed)
     loader = torch.utils.data.DataLoader(_ListDataset(items), batch_size=8, collate_fn=pad_pairs)
     return UserCase("padded_lm", model, loader, token_loss, loss_items="tokens")
 
@@ -392,9 +391,7 @@ def batchnorm_cnn(n: int = 256, seed: int = 0) -> UserCase:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 8, 8, generator=gen)
     y = (x.mean(dim=(2, 3)) @ torch.randn(3, 4, generator=gen)).argmax(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallResNet()
+    model = _seeded(SmallResNet, seed)
     return UserCase("batchnorm_cnn", model, (x, y), F.cross_entropy)
 
 
@@ -416,9 +413,7 @@ def gru(n: int = 256, seed: int = 0) -> UserCase:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 10, 6, generator=gen)
     y = x[:, -3:, :3].sum(1).argmax(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GRUClassifier()
+    model = _seeded(GRUClassifier, seed)
     return UserCase("gru", model, (x, y), F.cross_entropy)
 
 
