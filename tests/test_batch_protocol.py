@@ -338,3 +338,29 @@ def test_preserved_state_restores_everything_a_measurement_touches() -> None:
         if not offload:
             assert all(p.grad is g for p, g in zip(model.parameters(), grads))
         assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_streaming_and_data_parallel_denominators() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(12, 4), torch.randint(3, (12,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    reference = _flat_grad(model)
+    pulled = []
+
+    def lazily():  # examples mode with the step size known: collated one at a time
+        for chunk in torch.arange(12).split(5):
+            pulled.append(len(chunk))
+            yield x[chunk], y[chunk]
+
+    model.zero_grad()
+    done = accumulate_gradients(model, lazily(), loss_fn=F.cross_entropy, step_examples=12,
+                                after_backward=lambda m: pulled.append(("backward", m.index)))
+    assert pulled == [5, ("backward", 0), 5, ("backward", 1), 2, ("backward", 2)]
+    assert torch.allclose(_flat_grad(model), reference) and done.total_items == 12
+    # Two ranks holding the same data: each rank's share weighs half of the global mean.
+    model.zero_grad()
+    tokens = accumulate_gradients(model, [(x[:6], y[:6]), (x[6:], y[6:])], loss_fn=F.cross_entropy,
+                                  loss_items="tokens", all_reduce_items=lambda n: 2 * n)
+    assert tokens.total_items == 24 and torch.allclose(_flat_grad(model), reference / 2)
