@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,55 +35,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autobatch.data import batch_size_of
 from autobatch.noise import _per_example_math as pm
 from autobatch.noise._broadcast import BroadcastTracker
+from autobatch.noise._per_example_plan import (
+    HINT,
+    Call,
+    Layer,
+    UnsupportedForPerExample,
+    batchnorm_reason,
+    structure,
+)
 from autobatch.noise.micro_batch import LossReduction, trainable_parameters
 
 __all__ = ["PerExampleGradNorms", "UnsupportedForPerExample", "per_example_supported"]
-
-_HINT = ("measure with micro-batches instead (gns_method='micro' in fit, method='micro' in "
-         "measure_noise_scale)")
-# torch.func's vmap cannot run these (in-place ops on the hidden state inside aten::gru).
-_NO_VMAP = (nn.GRU, nn.RNN)
-
-
-class UnsupportedForPerExample(ValueError):
-    """The model has a layer whose per-example gradient norms cannot be measured; the
-    message names it. Callers can fall back to micro-batch norms."""
-
-# Layers whose per-example norms have a closed form; a subclass counts only if it keeps the
-# base class's forward.
-_CLOSED_FORM: dict[type[nn.Module], str] = {
-    nn.Linear: "linear",
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.Embedding: "embedding",
-    nn.LayerNorm: "layer_norm",
-}
-
-
-@dataclass
-class _Call:
-    """One forward call of a layer: its inputs and, once backward reaches them, the
-    gradients of its outputs (by position among its tensor outputs)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    outputs: list[torch.Tensor]  # detached, for shapes of missing gradients
-    waiting: int  # outputs that require grad and have not received it yet
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)
-    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None  # CPU, CUDA states before it ran
-    shared_output: torch.Tensor | None = None  # a call without the batch: its live output
-
-
-@dataclass
-class _Layer:
-    name: str
-    module: nn.Module
-    kind: str  # a value of _CLOSED_FORM or "func"
-    params: dict[str, nn.Parameter]  # trainable parameters it covers, by name in module
-    calls: list[_Call] = field(default_factory=list)
-    called: bool = False
-    deferred: bool = False  # has a call without the batch: finished in sq_norms, all together
-    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None  # state at its forward pre-hook
 
 
 class PerExampleGradNorms:
@@ -129,7 +90,7 @@ class PerExampleGradNorms:
             )
         self.loss_reduction = loss_reduction
         trainable_parameters(model)  # raises if there is none
-        self._layers, self._root_params, owner = _structure(model, train=None)
+        self._layers, self._root_params, owner = structure(model, train=None)
         self._handles: list[Any] = []
         self._got_grad: set[int] = set()
         for layer in self._layers:
@@ -181,7 +142,7 @@ class PerExampleGradNorms:
     def _paused(self):  # noqa: ANN202
         return self._tracker.paused() if self._tracking else contextlib.nullcontext()
 
-    def _make_rng_hook(self, layer: _Layer):  # noqa: ANN202
+    def _make_rng_hook(self, layer: Layer):  # noqa: ANN202
         def save(module: nn.Module, args: tuple) -> None:
             # The RNG state before the layer runs, so that its re-run under vmap draws the
             # same dropout masks (vmap's randomness="different" draws the batch's in one go).
@@ -194,7 +155,7 @@ class PerExampleGradNorms:
     def _make_batchnorm_check(self, name: str):  # noqa: ANN202
         def check(module: nn.Module, args: tuple) -> None:
             if module.training and torch.is_grad_enabled() and not self._recomputing:
-                raise UnsupportedForPerExample(_batchnorm_reason(name, module))
+                raise UnsupportedForPerExample(batchnorm_reason(name, module))
 
         return check
 
@@ -204,7 +165,7 @@ class PerExampleGradNorms:
 
         return flag
 
-    def _make_forward_hook(self, layer: _Layer):  # noqa: ANN202
+    def _make_forward_hook(self, layer: Layer):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._recomputing or not torch.is_grad_enabled() or self._batch is None:
                 return
@@ -216,7 +177,7 @@ class PerExampleGradNorms:
     def _shared(self, t: Any) -> bool:
         return self._tracker is not None and self._tracker.is_shared(t)
 
-    def _without_batch(self, layer: _Layer, x: Any) -> bool:
+    def _without_batch(self, layer: Layer, x: Any) -> bool:
         """Whether a closed-form layer's input is shared by the examples (no batch dim)."""
         if not isinstance(x, torch.Tensor):
             return False
@@ -226,7 +187,7 @@ class PerExampleGradNorms:
         return (layer.kind == "embedding" and x.ndim == 1
                 and torch.equal(x, torch.arange(x.shape[0], device=x.device, dtype=x.dtype)))
 
-    def _record_call(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _record_call(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         outputs = _tensor_outputs(output)
         if not any(o.requires_grad for o in outputs):
             return
@@ -236,7 +197,7 @@ class PerExampleGradNorms:
             out = outputs[0]
             self._track().add_source(out)
             layer.deferred = layer.called = True
-            layer.calls.append(_Call(args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            layer.calls.append(Call(args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                                      kwargs={}, outputs=[out.detach()], waiting=0, shared_output=out))
             return
         for t in (*args, *outputs):
@@ -245,9 +206,9 @@ class PerExampleGradNorms:
                     f"layer '{layer.name}' ({type(module).__name__}) has a tensor of shape "
                     f"{tuple(t.shape)} whose dimension 0 is not the batch ({self._batch} "
                     "examples); per-example norms need the batch along dimension 0 of "
-                    f"every layer's inputs and outputs (e.g. batch_first=True), or {_HINT}"
+                    f"every layer's inputs and outputs (e.g. batch_first=True), or {HINT}"
                 )
-        call = _Call(
+        call = Call(
             args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
             kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
             outputs=[o.detach() for o in outputs],
@@ -260,7 +221,7 @@ class PerExampleGradNorms:
             if out.requires_grad:
                 out.register_hook(self._make_output_hook(layer, call, i))
 
-    def _make_output_hook(self, layer: _Layer, call: _Call, index: int):  # noqa: ANN202
+    def _make_output_hook(self, layer: Layer, call: Call, index: int):  # noqa: ANN202
         def hook(g: torch.Tensor) -> None:
             call.grads[index] = g.detach()
             call.waiting -= 1
@@ -273,7 +234,7 @@ class PerExampleGradNorms:
         return hook
 
     # -- results -----------------------------------------------------------------------------
-    def _finish(self, layer: _Layer) -> None:
+    def _finish(self, layer: Layer) -> None:
         calls = [c for c in layer.calls if c.grads]
         layer.calls = []
         if not calls:
@@ -285,7 +246,7 @@ class PerExampleGradNorms:
                 raise
             raise UnsupportedForPerExample(
                 f"torch.func cannot compute the per-example gradients of layer '{layer.name}' "
-                f"({type(layer.module).__name__}): {type(err).__name__}: {err}; {_HINT}"
+                f"({type(layer.module).__name__}): {type(err).__name__}: {err}; {HINT}"
             ) from err
         self._add(sq)
 
@@ -302,7 +263,7 @@ class PerExampleGradNorms:
             raise UnsupportedForPerExample(
                 f"cannot follow a tensor shared by the examples (a root-owned parameter or a "
                 f"layer called without the batch) to where it meets the batch: "
-                f"{type(err).__name__}: {err}; {_HINT}"
+                f"{type(err).__name__}: {err}; {HINT}"
             ) from err
         for name, param in self._root_params.items():
             g = rows.get(id(param))
@@ -310,7 +271,7 @@ class PerExampleGradNorms:
                 if id(param) in self._got_grad:
                     raise UnsupportedForPerExample(
                         f"parameter '{name}' of the root module reaches the loss without meeting "
-                        f"the batch (used only in ops without batched inputs); {_HINT}")
+                        f"the batch (used only in ops without batched inputs); {HINT}")
                 continue
             self._add(_wide(g).reshape(self._batch, -1).square().sum(dim=1))
         for layer in self._layers:
@@ -353,7 +314,7 @@ class PerExampleGradNorms:
                         f"a parameter of layer '{layer.name}' ({type(layer.module).__name__}) got a "
                         "gradient but the layer's forward never ran: the parameter is used "
                         "outside it (e.g. F.linear(x, layer.weight)); per-example norms cannot "
-                        f"see that use, {_HINT}"
+                        f"see that use, {HINT}"
                     )
             batch, total = self._batch, self._total
         finally:
@@ -386,84 +347,6 @@ class PerExampleGradNorms:
         self.remove()
 
 
-# -- planning --------------------------------------------------------------------------------
-def _closed_form_kind(module: nn.Module) -> str | None:
-    for base, kind in _CLOSED_FORM.items():
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return kind
-    return None
-
-
-def _batchnorm_reason(name: str, module: nn.Module) -> str:
-    return (f"layer '{name}' ({type(module).__name__}) mixes the examples of a batch in train "
-            "mode (it normalises with batch statistics), so per-example gradients are not "
-            "defined; put it in eval mode, replace it with GroupNorm or LayerNorm, or " + _HINT)
-
-
-def _plan(module: nn.Module, name: str, layers: list[_Layer], root_params: dict[str, nn.Parameter]) -> None:
-    """Assign every trainable parameter to one layer: a closed-form layer covers its own
-    parameters; another module with parameters of its own covers its whole subtree (its
-    children may use their parameters outside their forward, as MultiheadAttention does);
-    the root module's own parameters (a user's model, not a torch.nn layer) are followed
-    through the ops that use them, and its children planned as usual."""
-    kind = _closed_form_kind(module)
-    own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    if kind == "embedding" and own and module.scale_grad_by_freq:
-        raise UnsupportedForPerExample(
-            f"layer '{name or '<model>'}' (Embedding) has scale_grad_by_freq=True, which scales "
-            "gradients by token counts over the whole batch, so per-example gradients are not "
-            f"defined; {_HINT}"
-        )
-    if kind is not None:
-        if own:
-            layers.append(_Layer(name or "<model>", module, kind, own))
-        return
-    if own and (name or type(module).__module__.startswith("torch.nn")):
-        subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        for sub_name, sub in module.named_modules(prefix=name):
-            if isinstance(sub, _NO_VMAP):
-                raise UnsupportedForPerExample(
-                    f"layer '{sub_name or '<model>'}' ({type(sub).__name__}) cannot run under "
-                    f"torch.func's vmap, which per-example norms of its parameters need; {_HINT}"
-                    " (nn.LSTM is supported)"
-                )
-        layers.append(_Layer(name or "<model>", module, "func", subtree))
-        return
-    root_params.update(own)
-    for child_name, child in module.named_children():
-        _plan(child, f"{name}.{child_name}" if name else child_name, layers, root_params)
-
-
-def _structure(
-    model: nn.Module, train: bool | None
-) -> tuple[list[_Layer], dict[str, nn.Parameter], dict[nn.Parameter, str]]:
-    """The layers, the root's own parameters and each parameter's owner.
-
-    Raises:
-        UnsupportedForPerExample: for anything the structure shows cannot be measured;
-            BatchNorm counts when it would use batch statistics in mode ``train`` (None: each
-            module's current mode).
-    """
-    layers: list[_Layer] = []
-    root_params: dict[str, nn.Parameter] = {}
-    _plan(model, "", layers, root_params)
-    owner: dict[nn.Parameter, str] = {p: "<model>" for p in root_params.values()}
-    for layer in layers:
-        for param in layer.params.values():
-            if param in owner:
-                raise UnsupportedForPerExample(
-                    f"a parameter is shared by layers '{owner[param]}' and '{layer.name}' (tied "
-                    f"weights); per-example norms need each parameter in one layer; {_HINT}"
-                )
-            owner[param] = layer.name
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
-            training = module.training if train is None else train
-            if training or module.running_mean is None:
-                raise UnsupportedForPerExample(_batchnorm_reason(name, module))
-    return layers, root_params, owner
-
-
 def per_example_supported(model: nn.Module, *, train: bool | None = True) -> str | None:
     """Why per-example norms cannot be measured on ``model`` (the message
     :class:`UnsupportedForPerExample` would carry), or None if its structure allows them.
@@ -477,13 +360,13 @@ def per_example_supported(model: nn.Module, *, train: bool | None = True) -> str
     """
     try:
         trainable_parameters(model)
-        _structure(model, train)
+        structure(model, train)
     except ValueError as err:  # UnsupportedForPerExample, or no trainable parameter
         return str(err)
     return None
 
 
-def _expanded(call: _Call, g: torch.Tensor, batch: int) -> _Call:
+def _expanded(call: Call, g: torch.Tensor, batch: int) -> Call:
     """A call without the batch as a call over the batch: its input repeated for every
     example, its output gradient per example (``g``, shape ``(B, *output.shape)``)."""
     x, out = call.args[0], call.outputs[0]
@@ -491,7 +374,7 @@ def _expanded(call: _Call, g: torch.Tensor, batch: int) -> _Call:
         x, g = x.expand(batch, *x.shape[1:]), g.reshape(batch, *out.shape[1:])
     else:
         x = x.unsqueeze(0).expand(batch, *x.shape)
-    return _Call(args=(x, *call.args[1:]), kwargs=call.kwargs, outputs=[g], waiting=0, grads={0: g})
+    return Call(args=(x, *call.args[1:]), kwargs=call.kwargs, outputs=[g], waiting=0, grads={0: g})
 
 
 # -- per-layer maths dispatch ------------------------------------------------------------------
@@ -508,7 +391,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _layer_sq_norms(layer: _Layer, calls: list[_Call], collector: PerExampleGradNorms) -> torch.Tensor:
+def _layer_sq_norms(layer: Layer, calls: list[Call], collector: PerExampleGradNorms) -> torch.Tensor:
     """Squared norms of one layer's per-example gradient contributions, summed over calls
     (calls of the same layer are extra positions of the same sum, so they concatenate)."""
     module, batch = layer.module, calls[0].outputs[0].shape[0]
@@ -546,7 +429,7 @@ def _layer_sq_norms(layer: _Layer, calls: list[_Call], collector: PerExampleGrad
     return sum(_wide(v).reshape(batch, -1).square().sum(dim=1) for v in summed.values())
 
 
-def _func_per_example_grads(layer: _Layer, call: _Call, batch: int) -> dict[str, torch.Tensor]:
+def _func_per_example_grads(layer: Layer, call: Call, batch: int) -> dict[str, torch.Tensor]:
     """``torch.func`` fallback: per-example gradients of ``<module(x_i), g_i>`` with respect to
     the layer's parameters, one example at a time under ``vmap``."""
     module = layer.module
