@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
 from autobatch.noise import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
 from autobatch.noise._effective_batch import without_replacement_batch_size
+from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
 
 # Parameters are the problems' initial ones, except the sequence model, whose initial noise
 # scale is tiny (about 5); 20 full-batch steps bring it to about 150.
@@ -128,17 +128,57 @@ def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it() -> None:
     data = (x, y)
     cases = [
         (dict(model=nn.Linear(4, 3).requires_grad_(False)), ValueError, "no trainable parameters"),
-        (dict(loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none")), ValueError, r"scalar tensor.*\(got \(2,\)\)"),
+        (dict(loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none")), ValueError, r"loss_fn must return a scalar tensor \(got a tensor of shape \(2,\)\); reduce it with .mean\(\)"),
         (dict(batch_size=1), ValueError, r"batch_size must be >= 2 \(got batch_size=1\)"),
         (dict(micro_batch_size=3), ValueError, r"must divide batch_size .* micro_batch_size=3, batch_size=16"),
         (dict(micro_batch_size=32), ValueError, r"at most batch_size \(got micro_batch_size=32"),
         (dict(micro_batch_size=16), ValueError, "at least 2 micro-batches"),
-        (dict(num_batches=5), ValueError, r"num_batches=5, batch_size=16: 80 examples.*num_batches <= 4"),
-        (dict(data=(x, y, y)), TypeError, r"\(inputs, targets\)"),
-        (dict(data=TensorDataset(x)), TypeError, r"\(input, target\) pairs"),
+        (dict(num_batches=0), ValueError, r"num_batches must be >= 1 \(got num_batches=0\).*4 of batch_size=16"),
+        (dict(batch_size=128), ValueError, r"batch_size=128 is larger than one pass over the data \(64 examples\)"),
+        (dict(data=(x,)), TypeError, r"\(inputs, targets\) or \(x1, ..., xk, targets\), got a tuple of length 1"),
+        (dict(data=TensorDataset(x)), TypeError, r"\(input, target\) pairs.*forward_loss"),
         (dict(method="exact"), ValueError, "method must be one of"),
     ]
     for change, error, pattern in cases:
         args = {"model": model, "data": data, "loss_fn": F.cross_entropy, "batch_size": 16, **change}
         with pytest.raises(error, match=pattern):
             measure_noise_scale(args.pop("model"), args.pop("data"), args.pop("loss_fn"), **args)
+
+
+def test_more_batches_than_one_pass_reshuffle_each_pass_and_stay_exact() -> None:
+    # Must show (issue 10): 500 batches of B = 256 from 6,000 examples (23 passes) within 10%
+    # of the exact B_simple. One pass (23 batches) was all the old code allowed.
+    problem = PROBLEMS["mlp"](n=6000, steps=20)
+    exact = exact_noise_scale(problem)
+    assert 256 <= exact.noise_scale <= 1000
+    est = measure_noise_scale(problem.model, (problem.x, problem.y), problem.loss_fn,
+                              batch_size=256, num_batches=500, seed=0)
+    assert est.num_batches == 500 and est.samples_used == 500 * 256
+    assert est.noise_scale == pytest.approx(exact.noise_scale, rel=0.10)
+    assert est.trace_cov == pytest.approx(exact.trace_cov, rel=0.10)
+
+
+def test_passes_are_disjoint_batches_of_fresh_shuffles() -> None:
+    from autobatch.data import as_batch_source
+    from autobatch.noise.measure import _batches
+
+    source = as_batch_source((torch.zeros(10, 1), torch.zeros(10)))
+    batches = [b.tolist() for b in _batches(source, 3, 7, seed=1)]
+    assert len(batches) == 7 and all(len(b) == 3 for b in batches)
+    passes = [batches[0:3], batches[3:6]]
+    for one_pass in passes:  # 3 full batches per pass of 10, disjoint; the tail is left out
+        flat = [i for b in one_pass for i in b]
+        assert len(set(flat)) == 9
+    assert passes[0] != passes[1]  # reshuffled
+
+
+def test_a_dataloader_sampler_draws_the_batches_as_independent_draws() -> None:
+    # Uniform draws with replacement: unbiased with the nominal sizes (no finite-population
+    # correction), so the estimate converges to the data set's exact value all the same.
+    problem = PROBLEMS["mlp"](n=2048, steps=20)
+    exact = exact_noise_scale(problem)
+    sampler = torch.utils.data.RandomSampler(TensorDataset(problem.x), replacement=True)
+    loader = DataLoader(TensorDataset(problem.x, problem.y), batch_size=1, sampler=sampler)
+    est = measure_noise_scale(problem.model, loader, problem.loss_fn, batch_size=128,
+                              num_batches=300, seed=0)
+    assert est.noise_scale == pytest.approx(exact.noise_scale, rel=0.10)

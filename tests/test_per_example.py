@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch.testing import PROBLEMS, per_example_sq_norms_loop
 from autobatch.noise import PerExampleGradNorms
+from autobatch.noise.per_example import UnsupportedForPerExample, per_example_supported
+from autobatch.testing import (
+    PROBLEMS,
+    per_example_sq_norms_loop,
+    per_example_sq_norms_same_forward,
+)
 
 
 def _measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, **kwargs) -> torch.Tensor:
@@ -123,19 +130,25 @@ def test_scaling_conventions() -> None:
 def test_layers_that_mix_examples_or_hide_parameters_raise() -> None:
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     x, y = torch.randn(8, 4), torch.randint(2, (8,))
-    with PerExampleGradNorms(bn), pytest.raises(ValueError, match=r"layer '1' \(BatchNorm1d\) mixes the examples"):
-        bn(x)
+    mixes = r"layer '1' \(BatchNorm1d\) mixes the examples.*gns_method='micro' in fit"
+    assert re.search(mixes, per_example_supported(bn))
+    with pytest.raises(UnsupportedForPerExample, match=mixes):  # before any work
+        PerExampleGradNorms(bn)
     bn.eval()  # running statistics: examples are independent again
+    assert per_example_supported(bn, train=None) is None and per_example_supported(bn) is not None
     _assert_matches_loop(bn, x, y, F.cross_entropy)
+    with PerExampleGradNorms(bn), pytest.raises(UnsupportedForPerExample, match=mixes):
+        bn.train()(x)  # put back in train mode after the collector was made
 
     tied = nn.Sequential(nn.Embedding(5, 5), nn.Linear(5, 5))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="shared by layers '0' and '1'"):
+    with pytest.raises(UnsupportedForPerExample, match="shared by layers '0' and '1'"):
         PerExampleGradNorms(tied)
-    with pytest.raises(ValueError, match=r"layer '0' \(Embedding\) has scale_grad_by_freq"):
+    with pytest.raises(UnsupportedForPerExample, match=r"layer '0' \(Embedding\) has scale_grad_by_freq"):
         PerExampleGradNorms(nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True)))
     with pytest.raises(ValueError, match="no trainable parameters"):
         PerExampleGradNorms(nn.Linear(2, 2).requires_grad_(False))
+    assert "no trainable parameters" in per_example_supported(nn.Linear(2, 2).requires_grad_(False))
 
     class Sneaky(nn.Module):
         def __init__(self) -> None:
@@ -149,11 +162,11 @@ def test_layers_that_mix_examples_or_hide_parameters_raise() -> None:
     sneaky = Sneaky()
     with PerExampleGradNorms(sneaky) as per_example:
         F.cross_entropy(sneaky(x), y).backward()
-        with pytest.raises(RuntimeError, match=r"layer 'b' \(Linear\) got a gradient .* never ran"):
+        with pytest.raises(UnsupportedForPerExample, match=r"layer 'b' \(Linear\) got a gradient .* never ran"):
             per_example.sq_norms()
 
     seq_first = nn.MultiheadAttention(4, 1)  # batch_first=False: dimension 0 is the sequence
-    with PerExampleGradNorms(seq_first), pytest.raises(ValueError, match="dimension 0 is not the batch"):
+    with PerExampleGradNorms(seq_first), pytest.raises(UnsupportedForPerExample, match="dimension 0 is not the batch"):
         seq_first(torch.randn(3, 8, 4), torch.randn(3, 8, 4), torch.randn(3, 8, 4))
 
 
@@ -165,3 +178,102 @@ def test_one_forward_per_measurement() -> None:
         model(torch.randn(4, 3)).sum().backward()
         with pytest.raises(RuntimeError, match="second forward before sq_norms"):
             model(torch.randn(4, 3))
+
+
+# ---------------------------------------------------------------------------- issue 10
+class _ViT(nn.Module):
+    """Patch embedding, then parameters owned by the root module (cls token, position
+    embedding), a transformer block with dropout (MultiheadAttention runs under torch.func)
+    and a head on the cls token."""
+
+    def __init__(self, width: int = 8, patches: int = 4, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, width, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, width) * 0.1)
+        self.block = nn.TransformerEncoderLayer(width, 2, 16, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)  # (B, patches, width)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), h], dim=1)
+        h = self.block(h + self.pos_embed[:, : h.shape[1]])
+        return self.head(h[:, 0])
+
+
+class _PositionsLM(nn.Module):
+    """Position embeddings looked up without the batch: ``pos(arange(T))`` (T, D) or, as
+    Hugging Face does, ``pos(arange(T)[None])`` (1, T, D); both broadcast over the batch."""
+
+    def __init__(self, vocab: int = 11, width: int = 6, hf_style: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(16, width)
+        self.mix = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+        self.hf_style = hf_style
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1])
+        pos = self.pos(positions[None] if self.hf_style else positions)
+        h = self.tok(tokens) + self.ln(pos)  # a layer on the shared positions, too
+        return self.out(torch.tanh(self.mix(h)))
+
+
+def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def _per_example_token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("length", [5, 6])  # 6: the sequence length equals the batch
+@pytest.mark.parametrize("hf_style", [False, True])
+def test_broadcast_position_embeddings_match_brute_force(length: int, hf_style: bool) -> None:
+    torch.manual_seed(0)
+    model = _PositionsLM(hf_style=hf_style)
+    x, y = torch.randint(11, (6, length)), torch.randint(11, (6, length))
+    _assert_matches_loop(model, x, y, _token_ce)
+
+
+def test_root_owned_parameters_and_dropout_in_torch_func_match_brute_force() -> None:
+    torch.manual_seed(0)
+    model = _ViT().train()
+    assert per_example_supported(model) is None
+    x, y = torch.randn(5, 1, 4, 4), torch.randint(3, (5,))
+    expected = per_example_sq_norms_same_forward(
+        model, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"), seed=3)
+    with PerExampleGradNorms(model) as per_example:
+        torch.manual_seed(3)  # the same dropout masks as the reference's forward
+        F.cross_entropy(model(x), y).backward()
+        got = per_example.sq_norms().double()
+    assert float(((got - expected).abs() / expected).max()) <= 1e-4
+    # Only the root's own parameters are followed op by op; the root is not run under vmap.
+    layers = {layer.name: layer.kind for layer in PerExampleGradNorms(model)._layers}
+    assert "<model>" not in layers and layers["block.self_attn"] == "func"
+
+
+def test_rnns_give_a_clean_unsupported_error_before_any_work_and_lstm_works() -> None:
+    from autobatch.testing import GRUClassifier
+
+    reason = per_example_supported(GRUClassifier())
+    assert re.search(r"layer 'gru' \(GRU\) cannot run under torch.func's vmap.*gns_method='micro'", reason)
+    with pytest.raises(UnsupportedForPerExample, match=re.escape(reason)):
+        PerExampleGradNorms(GRUClassifier())
+
+    class LSTMClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0][:, -1])
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # vmap's "performance drop" for LSTM
+        _assert_matches_loop(LSTMClassifier(), torch.randn(4, 5, 3), torch.randint(2, (4,)), F.cross_entropy)

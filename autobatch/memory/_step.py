@@ -1,26 +1,27 @@
 """The torch plumbing under the memory probe: batches of any size, the probed training step,
-the optimizer it builds, the model state it must leave untouched, and the two ways of
-measuring a step's peak (fake tensors, or real steps on the device).
+the optimizer it builds, and the two ways of measuring a step's peak (fake tensors, or real
+steps on the device).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset
 
-from autobatch.memory._count import LiveStorageBytes
+from autobatch._state import preserved_state
+from autobatch.batch import ForwardLoss, LossFn, forward_and_loss
 from autobatch.data import BatchSource, as_batch_source, move_to
+from autobatch.memory._count import LiveStorageBytes
 from autobatch.memory.oom import MemoryBudget, is_oom_error
+from autobatch.optimizers import OptimizerSpec, copy_for
 
-OptimizerSpec = type | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer]
 # builds an optimizer over stand-ins of the model's parameters: real param -> stand-in
 OptimizerMaker = Callable[[dict[torch.Tensor, torch.Tensor]], torch.optim.Optimizer]
 
@@ -62,14 +63,23 @@ def _item_size(item: Any) -> int:
         return item.numel()
     if hasattr(item, "size") and hasattr(item, "shape"):  # numpy arrays
         return int(item.size)
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         return sum(_item_size(v) for v in item.values())
     if isinstance(item, (list, tuple)):
         return sum(_item_size(v) for v in item)
     return 1
 
 
-def template_batch(example: Any, max_scan: int = 10_000) -> Any:
+def _plain(batch: Any) -> Any:
+    """Mappings (e.g. a Hugging Face ``BatchEncoding``) as dicts, so pytrees see inside."""
+    if isinstance(batch, Mapping):
+        return {k: _plain(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_plain(v) for v in batch)
+    return batch
+
+
+def template_batch(example: Any, *, check_items: bool = True, max_scan: int = 10_000) -> Any:
     """The batch that batches of every size are built from, by repeating its rows.
 
     A batch is validated and used as it is. A map-style Dataset (or DataLoader, BatchSource)
@@ -78,10 +88,11 @@ def template_batch(example: Any, max_scan: int = 10_000) -> Any:
     example, the worst case a padded batch can reach.
     """
     if isinstance(example, (Dataset, DataLoader, BatchSource)):
-        source = as_batch_source(example, name="example")
+        source = as_batch_source(example, name="example", check_items=check_items)
         stride = max(1, len(source) // max_scan)
         longest = max(range(0, len(source), stride), key=lambda i: _item_size(source.dataset[i]))
         example = source.batch([longest])
+    example = _plain(example)
     check_batch(example)
     return example
 
@@ -105,26 +116,27 @@ def fake_resized(template: Any, batch_size: int, device: torch.device) -> Any:
 
 
 # ---------------------------------------------------------------------------- the step
-def batch_loss(forward: Callable[..., Any], batch: Any, loss_fn: Callable[..., Any]) -> Any:
-    """The loss of one batch, by the convention every autobatch entry point uses.
+@dataclass(frozen=True)
+class Workload:
+    """What the probe runs: the model, the batch it repeats, the loss by the batch protocol
+    (:func:`autobatch.batch.forward_and_loss`), and the user's optimizer spec with its
+    builder over stand-in parameters."""
 
-    - tuple/list ``(inputs..., target)``: ``loss_fn(model(*inputs), target)``;
-    - dict: ``loss_fn(model(**batch), batch)``;
-    - a single tensor: ``loss_fn(model(batch), batch)``.
-    """
-    if isinstance(batch, dict):
-        return loss_fn(forward(**batch), batch)
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return loss_fn(forward(*batch[:-1]), batch[-1])
-    return loss_fn(forward(batch), batch)
+    model: torch.nn.Module
+    template: Any
+    loss_fn: LossFn | None
+    forward_loss: ForwardLoss | None
+    optimizer: Any
+    make_optimizer: OptimizerMaker
+
+    def real_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer real steps use: the user's instance itself, or one over the model."""
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            return self.optimizer
+        return self.make_optimizer({p: p for p in self.model.parameters()})
 
 
-def run_steps(
-    forward: Callable[..., Any],
-    optimizer: torch.optim.Optimizer,
-    batch: Any,
-    loss_fn: Callable[..., Any],
-) -> None:
+def run_steps(work: Workload, optimizer: torch.optim.Optimizer, batch: Any) -> None:
     """The probed workload: two forward/backward passes on ``batch``, each followed by an
     optimizer step, with the gradients set to ``None`` only at the end.
 
@@ -135,13 +147,8 @@ def run_steps(
     step of a training loop peaks higher for the same batch.
     """
     for _ in range(2):
-        loss = batch_loss(forward, batch, loss_fn)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (got {shape}); reduce the loss, "
-                "e.g. with reduction='mean'"
-            )
+        loss, output = forward_and_loss(work.model, batch, work.loss_fn, work.forward_loss)
+        del output
         loss.backward()
         del loss
         optimizer.step()
@@ -149,107 +156,30 @@ def run_steps(
 
 
 def optimizer_maker(optimizer: OptimizerSpec | None, model: torch.nn.Module) -> OptimizerMaker:
-    """Turn what the user passed as ``optimizer`` into a builder over stand-in parameters.
+    """Turn the user's optimizer spec into a builder over stand-ins of the model's parameters.
 
-    ``None`` means ``torch.optim.Adam`` (the largest state of the common optimizers). A class
-    is called with the parameters alone; a callable is called as ``factory(params)`` with the
-    model's parameters in ``model.parameters()`` order; an optimizer instance is rebuilt with
-    the same class and the same per-group hyperparameters.
+    ``None`` means ``torch.optim.Adam`` (the largest state of the common optimizers).
+    Classes, factories and instances are rebuilt by :func:`autobatch.optimizers.copy_for` (an
+    instance faithfully: its class with every param group's hyperparameters). The spec is
+    built once over the real parameters here (nothing is stepped), so that a bad spec fails
+    before any probing.
     """
-    if optimizer is None:
-        optimizer = torch.optim.Adam
-    if isinstance(optimizer, torch.optim.Optimizer):
-        instance = optimizer
-        in_model = {p for p in model.parameters()}
-        for group in instance.param_groups:
-            if any(p not in in_model for p in group["params"]):
-                raise ValueError(
-                    "optimizer holds parameters that are not the model's; pass the optimizer "
-                    "built over model.parameters(), or a factory such as "
-                    "functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)"
-                )
-
-        def rebuild(stand_in: dict[torch.Tensor, torch.Tensor]) -> torch.optim.Optimizer:
-            groups = [
-                {**{k: v for k, v in g.items() if k != "params"},
-                 "params": [stand_in[p] for p in g["params"]]}
-                for g in instance.param_groups
-            ]
-            return type(instance)(groups)
-
-        return rebuild
-    if not callable(optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer class, an instance, or a factory "
-            f"params -> Optimizer (got {type(optimizer).__name__})"
-        )
-    factory = optimizer
-    return lambda stand_in: factory([stand_in[p] for p in model.parameters()])
-
-
-# ---------------------------------------------------------------------------- state
-@contextmanager
-def preserved_state(
-    model: torch.nn.Module, optimizer: Any, *, real: bool
-) -> Iterator[None]:
-    """Leave the model, the optimizer and the RNG as they were, whatever runs inside.
-
-    Always: every module's train/eval flag, and the CPU and CUDA RNG states. With ``real``
-    (steps run on the real parameters): parameters, buffers and gradients (copied to the CPU
-    so that the copies take no device memory), and an optimizer instance's state dict.
-    The model is put in train mode inside, since the probed step is a training step.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    tensors, grads, opt_state = [], [], None
-    if real:
-        with torch.no_grad():
-            tensors = [(t, t.detach().to("cpu", copy=True))
-                       for t in (*model.parameters(), *model.buffers())]
-        grads = [(p, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
-                 for p in model.parameters()]
-        if isinstance(optimizer, torch.optim.Optimizer):
-            opt_state = tree_map(
-                lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v,
-                copy.deepcopy(optimizer.state_dict()),
-            )
-        model.zero_grad(set_to_none=True)  # the copies are kept; the step starts from None
-    if not model.training:
-        model.train()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        with torch.no_grad():
-            for t, saved in tensors:
-                t.copy_(saved)
-        for p, g in grads:
-            p.grad = None if g is None else g.to(p.device)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
+    spec = torch.optim.Adam if optimizer is None else optimizer
+    copy_for(spec, {p: p for p in model.parameters()})
+    return lambda stand_in: copy_for(spec, stand_in)
 
 
 # ---------------------------------------------------------------------------- measuring
-def fake_peak(
-    model: torch.nn.Module,
-    template: Any,
-    loss_fn: Callable[..., Any],
-    make_optimizer: OptimizerMaker,
-    batch_size: int,
-    device: torch.device,
-) -> int:
+def fake_peak(work: Workload, batch_size: int, device: torch.device) -> int:
     """Peak live bytes of :func:`run_steps` at ``batch_size`` on ``device``, allocating nothing.
 
-    The parameters, buffers and batch are fake tensors (shapes, dtypes and devices only); the
-    model runs through ``torch.func.functional_call``, so its own tensors are never touched.
+    The parameters, buffers and batch are fake tensors (shapes, dtypes and devices only),
+    swapped into the model for the duration of the steps (as ``torch.func.functional_call``
+    does), so its own tensors are never touched and a ``forward_loss`` sees the model itself.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    model = work.model
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     counter = LiveStorageBytes(device)
     with fake_mode:
@@ -259,55 +189,38 @@ def fake_peak(
         state.update({name: fake_mode.from_tensor(b).to(device).detach()
                       for name, b in model.named_buffers()})
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(model, state, args, kwargs, tie_weights=True)
-
     # FakeTensorMode logs every exception an op raises; the caller reports it once, better.
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level, log.level = log.level, logging.CRITICAL
     try:
-        with fake_mode, counter:
+        with fake_mode, counter, _reparametrize_module(model, state, tie_weights=True):
             counter.track(state)
-            batch = fake_resized(template, batch_size, device)
+            batch = fake_resized(work.template, batch_size, device)
             counter.track(batch)
-            run_steps(forward, make_optimizer(params), batch, loss_fn)
+            run_steps(work, work.make_optimizer(params), batch)
     finally:
         log.setLevel(level)
     return counter.peak_bytes
 
 
-def real_optimizer(
-    optimizer: Any, make_optimizer: OptimizerMaker, model: torch.nn.Module
-) -> torch.optim.Optimizer:
-    """The optimizer real steps use: the user's instance itself, or a new one over the model."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    return make_optimizer({p: p for p in model.parameters()})
+def raise_real_error(work: Workload, batch_size: int, fake_error: Exception) -> NoReturn:
+    """After a step on fake tensors failed at every small batch size, raise the error the
+    user would see.
 
-
-def raise_real_error(
-    model: torch.nn.Module,
-    template: Any,
-    loss_fn: Callable[..., Any],
-    optimizer: Any,
-    make_optimizer: OptimizerMaker,
-    fake_error: Exception,
-) -> NoReturn:
-    """After a step on fake tensors failed at batch size 1, raise the error the user would see.
-
-    Runs the step for real at batch size 1 on the model's own device (state restored): its
+    Runs the step for real at ``batch_size`` on the model's own device (state restored): its
     exception is the genuine one (fake tensors word some errors differently). If the real
     step succeeds, fake tensors cannot run this model, and that is what is raised.
     """
+    model = work.model
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    with preserved_state(model, optimizer, real=True):
-        batch = move_to(resized(template, 1), device)
+    with preserved_state(model, work.optimizer, weights=True, offload=True, train=True):
+        batch = move_to(resized(work.template, batch_size), device)
         try:
-            run_steps(model, real_optimizer(optimizer, make_optimizer, model), batch, loss_fn)
+            run_steps(work, work.real_optimizer(), batch)
         except Exception as exc:
             if not is_oom_error(exc):
-                exc.add_note("(raised by a real training step at batch size 1 that "
+                exc.add_note(f"(raised by a real training step at batch size {batch_size} that "
                              "autobatch.probe_memory ran: not an out-of-memory error)")
             raise
     raise RuntimeError(
@@ -318,9 +231,7 @@ def raise_real_error(
 
 
 def real_peak(
-    model: torch.nn.Module,
-    template: Any,
-    loss_fn: Callable[..., Any],
+    work: Workload,
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     device: torch.device,
@@ -334,20 +245,21 @@ def real_peak(
     optimizer state, the batch and everything the steps allocate. Errors other than
     out-of-memory propagate. The caller must call ``release_after_oom`` on ``None``.
     """
-    batch = move_to(resized(template, batch_size), device)
+    model = work.model
+    batch = move_to(resized(work.template, batch_size), device)
     model.zero_grad(set_to_none=True)
     try:
         if device.type == "cpu":
             guard = MemoryBudget(limit_bytes, baseline=(model, optimizer, batch), device="cpu")
             with guard:
-                run_steps(model, optimizer, batch, loss_fn)
+                run_steps(work, optimizer, batch)
             return guard.peak_bytes
         resident = LiveStorageBytes(device).track(model, optimizer, batch)  # already allocated
         accel = torch.cuda if device.type == "cuda" else torch.accelerator
         accel.synchronize(device)
         accel.reset_peak_memory_stats(device)
         before = accel.memory_allocated(device)
-        run_steps(model, optimizer, batch, loss_fn)
+        run_steps(work, optimizer, batch)
         accel.synchronize(device)
         return accel.max_memory_allocated(device) - before + resident
     except Exception as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +22,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from autobatch.config import parse_bytes
+from autobatch._state import preserved_state
+from autobatch.batch import ForwardLoss, LossFn
 from autobatch.memory import _step as step
-from autobatch.memory.oom import release_after_oom
+from autobatch.memory.oom import is_oom_error, release_after_oom
+from autobatch.optimizers import OptimizerSpec
 
 __all__ = ["MemoryProbe", "largest_fitting", "probe_memory"]
 
@@ -31,10 +35,13 @@ _MODES = ("auto", "estimate", "real")
 # Back-off factor after a real step ran out of memory (the estimate cannot say by how much).
 _OOM_SHRINK = 0.9
 _MAX_REAL_ATTEMPTS = 8
+# Batch sizes tried, in order, for the smallest one the model trains on (BatchNorm needs 2
+# values per channel, so batch size 1 fails on a BatchNorm1d, or on 1x1 feature maps).
+_SMALLEST_CANDIDATES = (1, 2, 4, 8)
 
 
-def largest_fitting(peak: Callable[[int], int], limit: int, upper: int) -> int:
-    """Largest ``b`` in ``[1, upper]`` with ``peak(b) <= limit``, for a non-decreasing ``peak``.
+def largest_fitting(peak: Callable[[int], int], limit: int, upper: int, lower: int = 1) -> int:
+    """Largest ``b`` in ``[lower, upper]`` with ``peak(b) <= limit``, for a non-decreasing ``peak``.
 
     Interpolation search on a bracket ``lo`` (fits) < ``hi`` (does not): on a linear piece of
     ``peak`` the interpolated guess is exact, so a piecewise linear peak needs a few calls per
@@ -42,13 +49,13 @@ def largest_fitting(peak: Callable[[int], int], limit: int, upper: int) -> int:
     bounds the calls by about ``2 * log2(upper)``.
 
     Raises:
-        ValueError: if even ``peak(1)`` exceeds ``limit``.
+        ValueError: if even ``peak(lower)`` exceeds ``limit``.
     """
-    if peak(1) > limit:
-        raise ValueError(f"peak(1)={peak(1)} exceeds limit={limit}")
+    if peak(lower) > limit:
+        raise ValueError(f"peak({lower})={peak(lower)} exceeds limit={limit}")
     if peak(upper) <= limit:
         return upper
-    lo, hi = 1, upper
+    lo, hi = lower, upper
     last_side, repeats = "", 0
     while hi - lo > 1:
         p_lo, p_hi = peak(lo), peak(hi)
@@ -69,10 +76,13 @@ class MemoryProbe(BaseModel):
 
     Attributes:
         max_batch_size: the largest micro-batch whose training step peaks within
-            ``limit_bytes``, or the ``max_batch_size`` cap the probe was given.
+            ``limit_bytes``, or the ``max_micro_batch_size`` cap the probe was given.
+        min_batch_size: the smallest micro-batch the model trains on (2 for a model with
+            BatchNorm that sees one value per channel at batch size 1); a training loop must
+            not run a smaller one.
         peak_bytes_at_max: the step's peak at ``max_batch_size``: measured by real steps in
             "real" mode, estimated in "estimate" mode.
-        fixed_bytes: intercept of the chord through the estimated peaks at batch size 1 and
+        fixed_bytes: intercept of the chord through the estimated peaks at the smallest size and
             at the estimated size nearest ``max_batch_size`` (parameters, gradients,
             optimizer state, ...).
         bytes_per_sample: slope of that chord: the average growth per example up to the answer.
@@ -90,6 +100,7 @@ class MemoryProbe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_batch_size: int
+    min_batch_size: int = 1
     peak_bytes_at_max: int
     fixed_bytes: int
     bytes_per_sample: float
@@ -199,8 +210,8 @@ def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: 
             problems.append(f"budget_bytes must be > 0 bytes (got budget_bytes={budget_bytes!r})" if numeric
                             else f"budget_bytes: {err}")
     if not (isinstance(max_batch_size, int) and max_batch_size >= 1):
-        problems.append(f"max_batch_size must be an integer >= 1 (got max_batch_size="
-                        f"{max_batch_size!r})")
+        problems.append(f"max_micro_batch_size must be an integer >= 1 (got "
+                        f"max_micro_batch_size={max_batch_size!r})")
     if not 0 <= margin < 1:
         problems.append(f"margin must be in [0, 1) (got margin={margin})")
     if mode not in _MODES:
@@ -241,24 +252,29 @@ def default_budget_bytes(device: torch.device, resident_bytes: int) -> int:
 def probe_memory(
     model: torch.nn.Module,
     example: Any,
-    loss_fn: Callable[..., torch.Tensor],
-    optimizer: step.OptimizerSpec | None = torch.optim.Adam,
+    loss_fn: LossFn | None = None,
+    optimizer: OptimizerSpec | None = torch.optim.Adam,
     *,
+    forward_loss: ForwardLoss | None = None,
     device: torch.device | str | None = None,
     budget_bytes: int | str | None = None,
-    max_batch_size: int = 65_536,
+    max_micro_batch_size: int | None = None,
     margin: float = 0.1,
     mode: Mode = "auto",
+    max_batch_size: int | None = None,
 ) -> MemoryProbe:
     """Find the largest micro-batch whose training step fits in ``budget_bytes``.
 
     The probed workload is two training steps on one batch (forward, loss, backward,
     optimizer step), the gradients zeroed only after the second, so the peak includes the
     optimizer state, which is created lazily in the first step, and the gradients alive
-    during a later micro-batch of gradient accumulation. The loss is computed as
-    ``loss_fn(model(*inputs), target)`` for a batch ``(inputs..., target)``,
-    ``loss_fn(model(**batch), batch)`` for a dict and ``loss_fn(model(batch), batch)`` for a
-    tensor; it must be a scalar. The model runs in train mode during the probe.
+    during a later micro-batch of gradient accumulation. The loss follows the batch protocol
+    of every entry point (:mod:`autobatch.batch`): ``loss_fn(model(x1, ..., xk), target)``
+    for a tuple batch, ``model(**batch).loss`` (or ``loss_fn(model(**batch), batch)``) for a
+    dict, ``forward_loss(model, batch)`` for anything else; it must be a scalar. The model
+    runs in train mode during the probe. The search starts at the smallest batch the model
+    trains on: 1, or 2 (then 4, 8) when a step at 1 fails, as BatchNorm does with one value
+    per channel (:attr:`MemoryProbe.min_batch_size`).
 
     Nothing of the caller's is changed: weights, gradients, buffers (BatchNorm running stats),
     each module's train/eval flag, an optimizer instance's state and the RNG are as before.
@@ -269,11 +285,15 @@ def probe_memory(
             dimension 0), whose rows are repeated to build batches of any size; or a map-style
             Dataset (or DataLoader) whose longest item is repeated (the worst case for
             variable-length data).
-        loss_fn: see above; mean- or sum-reduced makes no difference to memory.
-        optimizer: a torch.optim class (called with the parameters alone), a factory
-            ``params -> Optimizer`` (e.g. ``functools.partial(SGD, lr=0.1, momentum=0.9)``),
-            or an optimizer instance (its class and per-group hyperparameters are used; in
-            "real" mode it takes the real steps, and its state is restored afterwards).
+        loss_fn: see above; mean- or sum-reduced makes no difference to memory. Optional
+            for dict batches whose model output carries ``.loss`` (Hugging Face).
+        optimizer: the optimizer spec of every entry point (:mod:`autobatch.optimizers`): a
+            torch.optim class (called with the parameters alone), a factory ``params ->
+            Optimizer`` (e.g. ``functools.partial(SGD, lr=0.1, momentum=0.9)``), or an
+            optimizer instance (rebuilt faithfully over stand-in parameters; in "real" mode it
+            takes the real steps itself, and its state is restored afterwards).
+        forward_loss: ``forward_loss(model, batch) -> scalar loss`` for batches of any
+            other form (then ``loss_fn`` is not used).
         device: where the step runs; defaults to the device of the model's parameters. In
             "estimate" mode it may differ from the model's (e.g. estimate for "cuda" with the
             model still on the CPU), where that device is available.
@@ -282,7 +302,8 @@ def probe_memory(
             (read by :func:`autobatch.config.parse_bytes`, as fit's ``memory_budget``).
             Defaults to the device's free memory plus what the model and optimizer already
             hold there.
-        max_batch_size: the cap on the answer (>= 1).
+        max_micro_batch_size: the cap on the answer (>= 1; default 65,536), a micro-batch
+            size like the answer.
         margin: fraction of the budget left unused, in [0, 1): the search targets
             ``budget_bytes * (1 - margin)``. Fake-tensor counts are exact on CPU; on an
             accelerator allocator caching, fragmentation and library workspaces are not
@@ -291,6 +312,7 @@ def probe_memory(
             confirmed by two real steps, backing off after an out-of-memory error; on CPU
             the steps run under ``autobatch.memory.oom.MemoryBudget(limit)``, so the OOM path is
             testable), or "auto": "real" on an accelerator, "estimate" on CPU.
+        max_batch_size: deprecated name of ``max_micro_batch_size`` (a DeprecationWarning).
 
     Returns:
         A :class:`MemoryProbe`.
@@ -303,7 +325,8 @@ def probe_memory(
             memory, re-raised unchanged with a note saying where the probe was.
     """
     started = time.perf_counter()
-    budget_bytes = _check_arguments(budget_bytes, max_batch_size, margin, mode)
+    max_micro_batch_size = _micro_cap(max_micro_batch_size, max_batch_size)
+    budget_bytes = _check_arguments(budget_bytes, max_micro_batch_size, margin, mode)
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type != "cpu":
         backend = getattr(torch, device.type, None)
@@ -318,8 +341,9 @@ def probe_memory(
             f"mode='real' runs real steps, so the model must be on {device} (it is on "
             f"{_model_device(model)}); call model.to({str(device)!r}) first or use mode='estimate'"
         )
-    template = step.template_batch(example)
-    make_optimizer = step.optimizer_maker(optimizer, model)
+    template = step.template_batch(example, check_items=forward_loss is None)
+    work = step.Workload(model, template, loss_fn, forward_loss, optimizer,
+                         step.optimizer_maker(optimizer, model))
     if budget_bytes is None:
         resident = step.LiveStorageBytes(device).track(model, optimizer)
         budget_bytes = default_budget_bytes(device, resident)
@@ -331,55 +355,92 @@ def probe_memory(
     def estimate(batch_size: int) -> int:
         if batch_size not in estimated:
             try:
-                estimated[batch_size] = step.fake_peak(
-                    model, template, loss_fn, make_optimizer, batch_size, device)
+                estimated[batch_size] = step.fake_peak(work, batch_size, device)
             except Exception as exc:
-                if batch_size == 1:  # the real step's error is the one the user should see
-                    step.raise_real_error(model, template, loss_fn, optimizer, make_optimizer, exc)
                 exc.add_note(f"(raised while autobatch.probe_memory ran a training step at batch "
                              f"size {batch_size} on fake tensors; not an out-of-memory error)")
                 raise
         return estimated[batch_size]
 
-    with step.preserved_state(model, optimizer, real=real):
-        if estimate(1) > limit:
+    with preserved_state(model, optimizer, weights=real, offload=True, train=True):
+        smallest = _smallest_batch(work, estimate, max_micro_batch_size)
+        if estimate(smallest) > limit:
+            need = estimated[smallest]
+            whose = "one example's" if smallest == 1 else f"{smallest} examples'"
             raise ValueError(
-                f"budget too small: a training step at batch size 1 needs {estimated[1]:,} bytes "
-                f"({estimated[1] / 2**20:.1f} MiB: parameters, gradients, optimizer state and "
-                f"one example's activations), but budget_bytes={budget_bytes:,} with "
-                f"margin={margin} allows {limit:,}; raise budget_bytes to at least "
-                f"{math.ceil(estimated[1] / (1 - margin)):,}"
+                f"budget too small: a training step at batch size {smallest} needs {need:,} bytes "
+                f"({need / 2**20:.1f} MiB: parameters, gradients, optimizer state and "
+                f"{whose} activations), "
+                f"but budget_bytes={budget_bytes:,} with margin={margin} allows {limit:,}; raise "
+                f"budget_bytes to at least {math.ceil(need / (1 - margin)):,}"
             )
-        best = largest_fitting(estimate, limit, max_batch_size)
+        best = largest_fitting(estimate, limit, max_micro_batch_size, lower=smallest)
         if real:
-            best = _confirm(model, template, loss_fn, optimizer, make_optimizer, best, device,
-                            limit, estimate, measured)
+            best = _confirm(work, best, smallest, device, limit, estimate, measured)
     real_steps = 2 * len(measured)  # each attempt runs two optimizer steps (or fails in them)
-    return _result(best, max_batch_size, estimated, measured, budget_bytes, margin, device,
-                   real, real_steps, time.perf_counter() - started)
+    return _result(best, smallest, max_micro_batch_size, estimated, measured, budget_bytes,
+                   margin, device, real, real_steps, time.perf_counter() - started)
+
+
+def _micro_cap(max_micro_batch_size: int | None, max_batch_size: int | None) -> int:
+    """The cap, from the new name or the deprecated one."""
+    if max_batch_size is None:
+        return 65_536 if max_micro_batch_size is None else max_micro_batch_size
+    if max_micro_batch_size is not None:
+        raise ValueError(
+            f"pass max_micro_batch_size only (got max_micro_batch_size={max_micro_batch_size} "
+            f"and its deprecated name max_batch_size={max_batch_size})"
+        )
+    warnings.warn(
+        "probe_memory(max_batch_size=...) is now max_micro_batch_size=... (the cap is a "
+        "micro-batch size); the old name goes away in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return max_batch_size
+
+
+def _smallest_batch(work: step.Workload, estimate: Callable[[int], int], cap: int) -> int:
+    """The smallest batch size whose step runs on fake tensors: 1, else 2, 4, 8 (BatchNorm
+    with one value per channel fails at 1). If all fail, the real step's error at batch
+    size 1 is raised: the one the user would see in training."""
+    first_error: Exception | None = None
+    for size in (b for b in _SMALLEST_CANDIDATES if b <= cap):
+        try:
+            estimate(size)
+            return size
+        except Exception as exc:  # re-raised below, as the real step's error
+            if is_oom_error(exc):
+                raise
+            first_error = first_error or exc
+    assert first_error is not None
+    step.raise_real_error(work, 1, first_error)
 
 
 def _confirm(
-    model: torch.nn.Module, template: Any, loss_fn: Callable[..., Any], optimizer: Any,
-    make_optimizer: step.OptimizerMaker, candidate: int, device: torch.device, limit: int,
+    work: step.Workload, candidate: int, smallest: int, device: torch.device, limit: int,
     estimate: Callable[[int], int], measured: dict[int, int | None],
 ) -> int:
     """Run real steps at ``candidate``, backing off until they fit; return the size that did."""
+    optimizer = work.optimizer
     for attempt in range(1, _MAX_REAL_ATTEMPTS + 1):
-        opt = step.real_optimizer(optimizer, make_optimizer, model)
-        peak = step.real_peak(model, template, loss_fn, opt, candidate, device, limit)
+        opt = work.real_optimizer()
+        peak = step.real_peak(work, opt, candidate, device, limit)
         del opt
         measured[candidate] = peak
         if peak is not None and peak <= limit:
             return candidate
         if peak is None:  # out of memory by an unknown amount: shrink 10%, then 19%, 27%, ...
-            release_after_oom(model, optimizer if isinstance(optimizer, torch.optim.Optimizer)
+            release_after_oom(work.model, optimizer if isinstance(optimizer, torch.optim.Optimizer)
                               else None, device)
             smaller = math.floor(candidate * _OOM_SHRINK**attempt)
         else:  # fit, but above the limit: shift the limit by what the estimate missed
-            smaller = largest_fitting(estimate, limit - (peak - estimate(candidate)), candidate)
+            shifted = limit - (peak - estimate(candidate))
+            if shifted < estimate(smallest):
+                break
+            smaller = largest_fitting(estimate, shifted, candidate, lower=smallest)
             smaller = min(smaller, candidate - 1)
-        if smaller < 1:
+        if smaller < smallest:
             break
         candidate = smaller
     raise ValueError(
@@ -390,19 +451,21 @@ def _confirm(
 
 
 def _result(
-    best: int, cap: int, estimated: dict[int, int], measured: dict[int, int | None],
-    budget_bytes: int, margin: float, device: torch.device, real: bool, real_steps: int,
-    wall_time_s: float,
+    best: int, smallest: int, cap: int, estimated: dict[int, int],
+    measured: dict[int, int | None], budget_bytes: int, margin: float, device: torch.device,
+    real: bool, real_steps: int, wall_time_s: float,
 ) -> MemoryProbe:
     limit = math.floor(budget_bytes * (1 - margin))
     peak_at_best = measured.get(best) or estimated.get(best, 0)
-    # The chord from batch size 1 to the estimated size nearest the answer.
-    anchor = min((b for b in estimated if b != 1), key=lambda b: abs(b - best), default=None)
-    per_sample = 0.0 if anchor is None else (estimated[anchor] - estimated[1]) / (anchor - 1)
+    # The chord from the smallest batch size to the estimated size nearest the answer.
+    anchor = min((b for b in estimated if b != smallest), key=lambda b: abs(b - best), default=None)
+    per_sample = 0.0 if anchor is None else (
+        (estimated[anchor] - estimated[smallest]) / (anchor - smallest))
     return MemoryProbe(
         max_batch_size=best,
+        min_batch_size=smallest,
         peak_bytes_at_max=peak_at_best,
-        fixed_bytes=round(estimated[1] - per_sample),
+        fixed_bytes=round(estimated[smallest] - per_sample * smallest),
         bytes_per_sample=per_sample,
         budget_bytes=int(budget_bytes),
         margin=margin,

@@ -7,18 +7,24 @@ example's squared gradient norm for that layer without forming ``B x P`` gradien
 (``nn.Linear`` with 2-D or 3-D inputs, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
 ``nn.LayerNorm``). Any other module with parameters of its own is handled by ``torch.func``
 (``vmap(grad(...))`` over that module alone, which does form its per-example gradients and
-re-runs its forward). Norms of different layers add up, since the per-example gradient is the
-concatenation of the layers' gradients.
+re-runs its forward, replaying the RNG so that dropout draws the masks the real forward drew).
+Parameters the root module uses directly (a ViT's ``cls_token``) and layers called without
+the batch (``pos_emb(arange(T))``, broadcast over the batch) are followed to the op where they
+meet the batch (:mod:`autobatch.noise._broadcast`), so they cost one op, not a re-run of the
+model. Norms of different layers add up, since the per-example gradient is the concatenation
+of the layers' gradients.
 
-Layers that mix the examples of a batch have no per-example gradient: BatchNorm in train mode
-raises an error naming the layer. Fed with ``b = 1`` into
-:class:`autobatch.GradientNoiseScale`, these norms give the per-example estimator.
+What cannot be measured raises :class:`UnsupportedForPerExample` (a ``ValueError``), before
+any work where the model's structure shows it (:func:`per_example_supported` says so without
+raising): BatchNorm in train mode (it mixes the examples), tied weights, GRU/RNN layers
+(``torch.func`` cannot run them), embeddings with ``scale_grad_by_freq``. Fed with ``b = 1``
+into :class:`autobatch.GradientNoiseScale`, these norms give the per-example estimator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,43 +32,20 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autobatch.noise import _per_example_math as pm
 from autobatch.data import batch_size_of
+from autobatch.noise import _per_example_math as pm
+from autobatch.noise._broadcast import BroadcastTracker
+from autobatch.noise._per_example_plan import (
+    HINT,
+    Call,
+    Layer,
+    UnsupportedForPerExample,
+    batchnorm_reason,
+    structure,
+)
 from autobatch.noise.micro_batch import LossReduction, trainable_parameters
 
-__all__ = ["PerExampleGradNorms"]
-
-# Layers whose per-example norms have a closed form; a subclass counts only if it keeps the
-# base class's forward.
-_CLOSED_FORM: dict[type[nn.Module], str] = {
-    nn.Linear: "linear",
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.Embedding: "embedding",
-    nn.LayerNorm: "layer_norm",
-}
-
-
-@dataclass
-class _Call:
-    """One forward call of a layer: its inputs and, once backward reaches them, the
-    gradients of its outputs (by position among its tensor outputs)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    outputs: list[torch.Tensor]  # detached, for shapes of missing gradients
-    waiting: int  # outputs that require grad and have not received it yet
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class _Layer:
-    name: str
-    module: nn.Module
-    kind: str  # a value of _CLOSED_FORM or "func"
-    params: dict[str, nn.Parameter]  # trainable parameters it covers, by name in module
-    calls: list[_Call] = field(default_factory=list)
-    called: bool = False
+__all__ = ["PerExampleGradNorms", "UnsupportedForPerExample", "per_example_supported"]
 
 
 class PerExampleGradNorms:
@@ -80,11 +63,14 @@ class PerExampleGradNorms:
     ``B^2`` (``loss_reduction="sum"``: not scaled). Frozen parameters are left out. The model
     must take the batch along dimension 0 of every hooked layer's input and output.
 
-    Not supported (each raises an error rather than giving a wrong number): BatchNorm in
-    train mode (examples mixed), ``nn.Embedding(scale_grad_by_freq=True)``, a parameter
-    shared by two layers (tied weights), a parameter used outside the forward of the module
-    that owns it. Activation checkpointing and randomness inside a ``torch.func``-handled
-    module are not supported either.
+    Not supported (each raises :class:`UnsupportedForPerExample` rather than giving a wrong
+    number, at construction where the structure shows it): BatchNorm in train mode (examples
+    mixed), ``nn.Embedding(scale_grad_by_freq=True)``, a parameter shared by two layers (tied
+    weights), ``nn.GRU`` / ``nn.RNN``, a parameter used outside the forward of the module that
+    owns it (other than by the root module), a layer whose inputs hold the batch along
+    another dimension. Activation checkpointing is not supported either. A 1-D input equal to
+    ``arange(B)`` given to an ``nn.Embedding`` is read as positions (shared by every example),
+    not as one index per example.
 
     Args:
         model: the model; hooks go on its layers now and stay until :meth:`remove`.
@@ -92,8 +78,9 @@ class PerExampleGradNorms:
             ``backward`` reduces over the batch.
 
     Raises:
-        ValueError: for no trainable parameter, an unknown ``loss_reduction``, tied weights,
-            or an embedding with ``scale_grad_by_freq``.
+        ValueError: for no trainable parameter or an unknown ``loss_reduction``.
+        UnsupportedForPerExample: for a model the structure shows cannot be measured (see
+            above; :func:`per_example_supported` tells without raising).
     """
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
@@ -103,13 +90,13 @@ class PerExampleGradNorms:
             )
         self.loss_reduction = loss_reduction
         trainable_parameters(model)  # raises if there is none
-        self._layers: list[_Layer] = []
-        _plan(model, "", self._layers)
-        owner = _check_ownership(model, self._layers)
+        self._layers, self._root_params, owner = structure(model, train=None)
         self._handles: list[Any] = []
         self._got_grad: set[int] = set()
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer), with_kwargs=True))
+            if layer.kind == "func":
+                self._handles.append(layer.module.register_forward_pre_hook(self._make_rng_hook(layer)))
         for name, module in model.named_modules():
             if isinstance(module, _BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(self._make_batchnorm_check(name)))
@@ -117,9 +104,12 @@ class PerExampleGradNorms:
             self._handles.append(param.register_hook(self._make_param_flag(param)))
         self._param_owner = owner
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_model_forward, always_call=True))
         self._batch: int | None = None
         self._total: torch.Tensor | None = None
         self._recomputing = False
+        self._tracker: BroadcastTracker | None = None
+        self._tracking = False  # the tracker's mode is on the stack
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -131,16 +121,41 @@ class PerExampleGradNorms:
                 "run one forward and one backward, then call sq_norms(), per measurement"
             )
         self._batch = batch_size_of(args if args else tuple(kwargs.values()))
+        if self._root_params:
+            for param in self._root_params.values():
+                self._track().add_source(param)
+
+    def _after_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._tracking:
+            self._tracking = False
+            self._tracker.__exit__(None, None, None)
+
+    def _track(self) -> BroadcastTracker:
+        """The broadcast tracker of this forward, its mode entered for the rest of it."""
+        if self._tracker is None:
+            self._tracker = BroadcastTracker(self._batch)
+        if not self._tracking:
+            self._tracker.__enter__()
+            self._tracking = True
+        return self._tracker
+
+    def _paused(self):  # noqa: ANN202
+        return self._tracker.paused() if self._tracking else contextlib.nullcontext()
+
+    def _make_rng_hook(self, layer: Layer):  # noqa: ANN202
+        def save(module: nn.Module, args: tuple) -> None:
+            # The RNG state before the layer runs, so that its re-run under vmap draws the
+            # same dropout masks (vmap's randomness="different" draws the batch's in one go).
+            if torch.is_grad_enabled() and not self._recomputing and self._batch is not None:
+                cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+                layer.rng = (torch.get_rng_state(), cuda)
+
+        return save
 
     def _make_batchnorm_check(self, name: str):  # noqa: ANN202
         def check(module: nn.Module, args: tuple) -> None:
             if module.training and torch.is_grad_enabled() and not self._recomputing:
-                raise ValueError(
-                    f"layer '{name}' ({type(module).__name__}) mixes the examples of a batch in "
-                    "train mode (it normalises with batch statistics), so per-example gradients "
-                    "are not defined; put it in eval mode, replace it with GroupNorm or "
-                    "LayerNorm, or measure with micro-batches (method='micro')"
-                )
+                raise UnsupportedForPerExample(batchnorm_reason(name, module))
 
         return check
 
@@ -150,55 +165,125 @@ class PerExampleGradNorms:
 
         return flag
 
-    def _make_forward_hook(self, layer: _Layer):  # noqa: ANN202
+    def _make_forward_hook(self, layer: Layer):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._recomputing or not torch.is_grad_enabled() or self._batch is None:
                 return
-            outputs = _tensor_outputs(output)
-            if not any(o.requires_grad for o in outputs):
-                return
-            for t in (*args, *outputs):
-                if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] != self._batch:
-                    raise ValueError(
-                        f"layer '{layer.name}' ({type(module).__name__}) has a tensor of shape "
-                        f"{tuple(t.shape)} whose dimension 0 is not the batch ({self._batch} "
-                        "examples); per-example norms need the batch along dimension 0 of "
-                        "every layer's inputs and outputs (e.g. batch_first=True)"
-                    )
-            call = _Call(
-                args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                outputs=[o.detach() for o in outputs],
-                waiting=sum(o.requires_grad for o in outputs),
-            )
-            layer.calls.append(call)
-            layer.called = True
-            for i, out in enumerate(outputs):
-                if out.requires_grad:
-                    out.register_hook(self._make_output_hook(layer, call, i))
+            with self._paused():
+                self._record_call(layer, module, args, kwargs, output)
 
         return hook
 
-    def _make_output_hook(self, layer: _Layer, call: _Call, index: int):  # noqa: ANN202
+    def _shared(self, t: Any) -> bool:
+        return self._tracker is not None and self._tracker.is_shared(t)
+
+    def _without_batch(self, layer: Layer, x: Any) -> bool:
+        """Whether a closed-form layer's input is shared by the examples (no batch dim)."""
+        if not isinstance(x, torch.Tensor):
+            return False
+        if self._shared(x) or x.ndim == 0 or x.shape[0] != self._batch:
+            return True
+        # pos_emb(arange(T)) with T == B by coincidence: positions, not one index per example.
+        return (layer.kind == "embedding" and x.ndim == 1
+                and torch.equal(x, torch.arange(x.shape[0], device=x.device, dtype=x.dtype)))
+
+    def _record_call(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        outputs = _tensor_outputs(output)
+        if not any(o.requires_grad for o in outputs):
+            return
+        if layer.kind != "func" and args and self._without_batch(layer, args[0]):
+            # Called without the batch (positions): its output is shared by the examples,
+            # and its per-example output gradients are read where it meets the batch.
+            out = outputs[0]
+            self._track().add_source(out)
+            layer.deferred = layer.called = True
+            layer.calls.append(Call(args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                     kwargs={}, outputs=[out.detach()], waiting=0, shared_output=out))
+            return
+        for t in (*args, *outputs):
+            if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] != self._batch and not self._shared(t):
+                raise UnsupportedForPerExample(
+                    f"layer '{layer.name}' ({type(module).__name__}) has a tensor of shape "
+                    f"{tuple(t.shape)} whose dimension 0 is not the batch ({self._batch} "
+                    "examples); per-example norms need the batch along dimension 0 of "
+                    f"every layer's inputs and outputs (e.g. batch_first=True), or {HINT}"
+                )
+        call = Call(
+            args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+            outputs=[o.detach() for o in outputs],
+            waiting=sum(o.requires_grad for o in outputs),
+            rng=layer.rng,
+        )
+        layer.calls.append(call)
+        layer.called = True
+        for i, out in enumerate(outputs):
+            if out.requires_grad:
+                out.register_hook(self._make_output_hook(layer, call, i))
+
+    def _make_output_hook(self, layer: Layer, call: Call, index: int):  # noqa: ANN202
         def hook(g: torch.Tensor) -> None:
             call.grads[index] = g.detach()
             call.waiting -= 1
             # Finish a closed-form layer as soon as all its calls have their gradients, so
             # that its inputs are freed during backward rather than at the end; torch.func
             # layers wait for sq_norms(), outside the backward pass.
-            if layer.kind != "func" and all(c.waiting == 0 for c in layer.calls):
+            if layer.kind != "func" and not layer.deferred and all(c.waiting == 0 for c in layer.calls):
                 self._finish(layer)
 
         return hook
 
     # -- results -----------------------------------------------------------------------------
-    def _finish(self, layer: _Layer) -> None:
+    def _finish(self, layer: Layer) -> None:
         calls = [c for c in layer.calls if c.grads]
         layer.calls = []
         if not calls:
             return
-        sq = _layer_sq_norms(layer, calls, self)
+        try:
+            sq = _layer_sq_norms(layer, calls, self)
+        except Exception as err:
+            if layer.kind != "func":
+                raise
+            raise UnsupportedForPerExample(
+                f"torch.func cannot compute the per-example gradients of layer '{layer.name}' "
+                f"({type(layer.module).__name__}): {type(err).__name__}: {err}; {HINT}"
+            ) from err
+        self._add(sq)
+
+    def _add(self, sq: torch.Tensor) -> None:
         self._total = sq if self._total is None else self._total + sq
+
+    def _finish_shared(self) -> None:
+        """Per-example norms of what the broadcast tracker followed: root-owned parameters,
+        and layer calls without the batch (their inputs expanded over the examples, their
+        output gradients per example, so the closed forms apply)."""
+        try:
+            rows = self._tracker.per_example_grads() if self._tracker is not None else {}
+        except Exception as err:
+            raise UnsupportedForPerExample(
+                f"cannot follow a tensor shared by the examples (a root-owned parameter or a "
+                f"layer called without the batch) to where it meets the batch: "
+                f"{type(err).__name__}: {err}; {HINT}"
+            ) from err
+        for name, param in self._root_params.items():
+            g = rows.get(id(param))
+            if g is None:
+                if id(param) in self._got_grad:
+                    raise UnsupportedForPerExample(
+                        f"parameter '{name}' of the root module reaches the loss without meeting "
+                        f"the batch (used only in ops without batched inputs); {HINT}")
+                continue
+            self._add(_wide(g).reshape(self._batch, -1).square().sum(dim=1))
+        for layer in self._layers:
+            if not layer.deferred:
+                continue
+            calls = []
+            for call in layer.calls:
+                if call.shared_output is None:
+                    calls.append(call)
+                elif (g := rows.get(id(call.shared_output))) is not None:
+                    calls.append(_expanded(call, g, self._batch))
+            layer.calls = calls
 
     def sq_norms(self, *, loss_weight: float = 1.0, grad_scale: float = 1.0) -> torch.Tensor:
         """Per-example squared gradient norms of the last forward/backward, then reset.
@@ -212,22 +297,24 @@ class PerExampleGradNorms:
             Float tensor of shape ``(B,)`` on the model's device: ``|d l_i / d theta|^2``.
 
         Raises:
-            RuntimeError: if no forward with gradients was recorded, or a parameter received a
-                gradient while its layer was never called (it is used outside the layer).
+            RuntimeError: if no forward with gradients was recorded.
+            UnsupportedForPerExample: if a parameter received a gradient while its layer was
+                never called (it is used outside the layer), or torch.func cannot run a layer.
         """
         if self._batch is None:
             raise RuntimeError("sq_norms() needs a forward and a backward of the model first")
-        for layer in self._layers:
-            if layer.calls:  # outputs that never received a gradient count as zero
-                self._finish(layer)
         try:
+            self._finish_shared()
+            for layer in self._layers:
+                if layer.calls:  # outputs that never received a gradient count as zero
+                    self._finish(layer)
             for layer in self._layers:
                 if not layer.called and any(id(p) in self._got_grad for p in layer.params.values()):
-                    raise RuntimeError(
+                    raise UnsupportedForPerExample(
                         f"a parameter of layer '{layer.name}' ({type(layer.module).__name__}) got a "
                         "gradient but the layer's forward never ran: the parameter is used "
                         "outside it (e.g. F.linear(x, layer.weight)); per-example norms cannot "
-                        "see that use, measure with micro-batches (method='micro')"
+                        f"see that use, {HINT}"
                     )
             batch, total = self._batch, self._total
         finally:
@@ -239,14 +326,16 @@ class PerExampleGradNorms:
         return total.float() * scale**2
 
     def _reset(self) -> None:
-        self._batch, self._total = None, None
+        self._after_model_forward(None, (), None)  # a forward that raised may have left it on
+        self._batch, self._total, self._tracker = None, None, None
         self._got_grad = set()
         for layer in self._layers:
-            layer.calls, layer.called = [], False
+            layer.calls, layer.called, layer.deferred, layer.rng = [], False, False, None
 
     # -- lifetime ----------------------------------------------------------------------------
     def remove(self) -> None:
         """Remove every hook."""
+        self._after_model_forward(None, (), None)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -258,50 +347,34 @@ class PerExampleGradNorms:
         self.remove()
 
 
-# -- planning --------------------------------------------------------------------------------
-def _closed_form_kind(module: nn.Module) -> str | None:
-    for base, kind in _CLOSED_FORM.items():
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return kind
+def per_example_supported(model: nn.Module, *, train: bool | None = True) -> str | None:
+    """Why per-example norms cannot be measured on ``model`` (the message
+    :class:`UnsupportedForPerExample` would carry), or None if its structure allows them.
+
+    It checks what the structure shows, without running the model: BatchNorm using batch
+    statistics (in train mode when ``train`` is True, the default, as in training; each
+    module's current mode when None), tied weights, GRU/RNN layers, embeddings with
+    ``scale_grad_by_freq``, no trainable parameter. What only a forward can show (a layer
+    whose inputs hold the batch along another dimension, a parameter used outside its
+    layer) still raises :class:`UnsupportedForPerExample` during the first measurement.
+    """
+    try:
+        trainable_parameters(model)
+        structure(model, train)
+    except ValueError as err:  # UnsupportedForPerExample, or no trainable parameter
+        return str(err)
     return None
 
 
-def _plan(module: nn.Module, name: str, layers: list[_Layer]) -> None:
-    """Assign every trainable parameter to one layer: a closed-form layer covers its own
-    parameters; another module with parameters of its own covers its whole subtree (its
-    children may use their parameters outside their forward, as MultiheadAttention does)."""
-    kind = _closed_form_kind(module)
-    own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    if kind == "embedding" and own and module.scale_grad_by_freq:
-        raise ValueError(
-            f"layer '{name}' (Embedding) has scale_grad_by_freq=True, which scales gradients by "
-            "token counts over the whole batch, so per-example gradients are not defined; "
-            "measure with micro-batches (method='micro')"
-        )
-    if kind is not None:
-        if own:
-            layers.append(_Layer(name or "<model>", module, kind, own))
-        return
-    if own:
-        subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        layers.append(_Layer(name or "<model>", module, "func", subtree))
-        return
-    for child_name, child in module.named_children():
-        _plan(child, f"{name}.{child_name}" if name else child_name, layers)
-
-
-def _check_ownership(model: nn.Module, layers: list[_Layer]) -> dict[nn.Parameter, str]:
-    owner: dict[nn.Parameter, str] = {}
-    for layer in layers:
-        for param in layer.params.values():
-            if param in owner:
-                raise ValueError(
-                    f"a parameter is shared by layers '{owner[param]}' and '{layer.name}' (tied "
-                    "weights); per-example norms need each parameter in one layer, measure "
-                    "with micro-batches (method='micro')"
-                )
-            owner[param] = layer.name
-    return owner
+def _expanded(call: Call, g: torch.Tensor, batch: int) -> Call:
+    """A call without the batch as a call over the batch: its input repeated for every
+    example, its output gradient per example (``g``, shape ``(B, *output.shape)``)."""
+    x, out = call.args[0], call.outputs[0]
+    if x.ndim > 0 and x.shape[0] == 1 and out.ndim > 0 and out.shape[0] == 1:
+        x, g = x.expand(batch, *x.shape[1:]), g.reshape(batch, *out.shape[1:])
+    else:
+        x = x.unsqueeze(0).expand(batch, *x.shape)
+    return Call(args=(x, *call.args[1:]), kwargs=call.kwargs, outputs=[g], waiting=0, grads={0: g})
 
 
 # -- per-layer maths dispatch ------------------------------------------------------------------
@@ -318,7 +391,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _layer_sq_norms(layer: _Layer, calls: list[_Call], collector: PerExampleGradNorms) -> torch.Tensor:
+def _layer_sq_norms(layer: Layer, calls: list[Call], collector: PerExampleGradNorms) -> torch.Tensor:
     """Squared norms of one layer's per-example gradient contributions, summed over calls
     (calls of the same layer are extra positions of the same sum, so they concatenate)."""
     module, batch = layer.module, calls[0].outputs[0].shape[0]
@@ -356,7 +429,7 @@ def _layer_sq_norms(layer: _Layer, calls: list[_Call], collector: PerExampleGrad
     return sum(_wide(v).reshape(batch, -1).square().sum(dim=1) for v in summed.values())
 
 
-def _func_per_example_grads(layer: _Layer, call: _Call, batch: int) -> dict[str, torch.Tensor]:
+def _func_per_example_grads(layer: Layer, call: Call, batch: int) -> dict[str, torch.Tensor]:
     """``torch.func`` fallback: per-example gradients of ``<module(x_i), g_i>`` with respect to
     the layer's parameters, one example at a time under ``vmap``."""
     module = layer.module
@@ -375,5 +448,14 @@ def _func_per_example_grads(layer: _Layer, call: _Call, batch: int) -> dict[str,
         outputs = _tensor_outputs(functional_call(module, p, args, kwargs))
         return sum((o * g.unsqueeze(0)).sum() for o, g in zip(outputs, outs_grad))
 
-    per_example = vmap(grad(contribution), in_dims=(None, arg_dims, kwarg_dims, 0))
-    return per_example(params, call.args, call.kwargs, grads_out)
+    # randomness="different" draws the whole batch's random numbers in one call, as the real
+    # forward did; replaying the RNG state from before that forward gives the same masks.
+    per_example = vmap(grad(contribution), in_dims=(None, arg_dims, kwarg_dims, 0),
+                       randomness="different")
+    cuda = [torch.cuda.current_device()] if call.rng is not None and call.rng[1] is not None else []
+    with torch.random.fork_rng(devices=cuda):
+        if call.rng is not None:
+            torch.set_rng_state(call.rng[0])
+            if call.rng[1] is not None:
+                torch.cuda.set_rng_state(call.rng[1])
+        return per_example(params, call.args, call.kwargs, grads_out)

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.data import as_batch_source, move_to
 from autobatch.registry import EXAMPLES, get_example
+from autobatch.train.evaluate import evaluate
 
 __all__ = ["EXAMPLES", "Example", "get_example"]
 
@@ -86,8 +86,9 @@ class Example:
     def evaluate(self, model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of ``model`` over all of ``data``.
 
-        Runs in eval mode under ``torch.no_grad()`` and puts the model back in the mode it
-        was in. Batches go to the device of the model's first parameter.
+        :func:`autobatch.train.evaluate` with this example's loss: eval mode under
+        ``torch.no_grad()``, the model's modes restored, batches on the device of the model's
+        first parameter.
 
         Args:
             model: the model to score.
@@ -100,30 +101,14 @@ class Example:
             ``"val_accuracy"``: the fraction of predictions (per example, or per sequence
             position for ``charlm``) whose argmax over the last dimension equals the target.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
-        source = as_batch_source(data, name="data")
-        n = len(source)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        loss_sum, correct, counted = 0.0, 0, 0
-        try:
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    indices = range(start, min(start + batch_size, n))
-                    inputs, targets = move_to(source.batch(indices), device)
-                    outputs = model(inputs)
-                    # loss_fn is a mean over the batch: weight it back by the batch's size.
-                    loss_sum += float(self.loss_fn(outputs, targets)) * targets.shape[0]
-                    if self.classification:
-                        correct += int((outputs.argmax(dim=-1) == targets).sum())
-                        counted += targets.numel()
-        finally:
-            model.train(was_training)
-        metrics = {"val_loss": loss_sum / n}
-        if self.classification:
-            metrics["val_accuracy"] = correct / counted
+        metrics = evaluate(model, data, self.loss_fn, batch_size=batch_size)
+        if not self.classification:
+            metrics.pop("val_accuracy", None)
+        elif "val_accuracy" not in metrics:
+            raise ValueError(
+                f"example {self.name!r} is a classification example but its outputs are not "
+                "class logits over the last dimension of integer targets"
+            )
         return metrics
 
     def reached(self, metrics: dict[str, float]) -> bool:

@@ -1,59 +1,122 @@
-"""Evaluation of a model on held-out data: mean loss, and accuracy for classifiers."""
+"""Evaluation of a model on held-out data: mean loss, and accuracy where it means something."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from autobatch.data import as_batch_source, batch_size_of, move_to
+from autobatch._state import train_modes
+from autobatch.accumulate import IGNORE_INDEX, LossItems, count_loss_items
+from autobatch.batch import (
+    ForwardLoss,
+    LossFn,
+    forward_and_loss,
+    is_causal_lm,
+    output_logits,
+    target_of,
+)
+from autobatch.data import as_batch_source, move_to
 
 __all__ = ["evaluate"]
+
+
+def _predictions(model: nn.Module, batch: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits, targets)`` to score, or None where accuracy is not meaningful.
+
+    Meaningful: integer targets and logits with one more (class) dimension and the same
+    leading shape: class logits ``(B, C)`` vs ``(B,)``, token logits ``(B, T, V)`` vs
+    ``(B, T)``. A Hugging Face causal LM's logits at position ``t`` predict ``labels[t + 1]``.
+    """
+    logits, target = output_logits(output), target_of(batch)
+    if logits is None or target is None or target.is_floating_point() or target.is_complex():
+        return None
+    if isinstance(batch, Mapping) and is_causal_lm(model) and logits.ndim >= 3:
+        logits, target = logits[..., :-1, :], target[..., 1:]
+    if logits.ndim != target.ndim + 1 or logits.shape[:-1] != target.shape:
+        return None
+    return logits, target
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: Any,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: LossFn | None = None,
     *,
+    forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto",
     device: torch.device | str | None = None,
     batch_size: int = 1024,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss (and accuracy for class logits) of ``model`` over ``data``, in eval mode.
+    """Mean loss (and accuracy where meaningful) of ``model`` over ``data``, in eval mode.
+
+    Batches follow the batch protocol of training (:mod:`autobatch.batch`), so ``loss_fn``
+    is optional for dict batches (the output's ``.loss``, e.g. a Hugging Face model given
+    ``labels``). A DataLoader's own sampler, if it has one, gives the order and the examples
+    scored (one epoch of it).
+
+    Args:
+        model: the model; its train/eval flags are restored afterwards.
+        data: any form of :func:`autobatch.data.as_batch_source`.
+        loss_fn, forward_loss: the batch protocol's loss, mean-reduced per batch.
+        loss_items: what each batch's mean is over (:mod:`autobatch.accumulate`): batches
+            are weighted by it, so ``val_loss`` is the mean over all loss items (all
+            non-ignored tokens of an LM), whatever the batching.
+        device: where batches go; None: the device of the model's first parameter.
+        batch_size: examples per forward pass (memory only; the result does not depend on it).
+        amp_dtype: autocast dtype for the forward and loss (None: none).
 
     Returns:
-        ``{"val_loss": ...}`` weighted by batch size, plus ``"val_accuracy"`` (a fraction in
-        [0, 1]) when the output has one more dimension than an integer target (class logits
-        along the last dimension). The model's train/eval mode is restored.
+        ``{"val_loss": ...}``, plus ``"val_accuracy"`` (a fraction in [0, 1]) when every batch
+        has integer targets and logits with one more (class) dimension: class logits ``(B, C)``
+        vs ``(B,)``, token logits ``(B, T, V)`` vs ``(B, T)`` compared per token. Targets equal
+        to -100 (``ignore_index``) are not counted; a Hugging Face causal LM's logits are
+        compared with the next token. Logits are the output itself, its ``.logits``, or the
+        first element of a tuple output; targets are a tuple batch's last element or a dict
+        batch's ``"labels"``. No accuracy with ``forward_loss``.
+
+    Raises:
+        ValueError: ``batch_size < 1``, or the data has no loss item at all.
     """
-    source = as_batch_source(data, name="val_data")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_total, correct, count, tokens = 0.0, 0, 0, 0
-    classify = True
-    try:
-        for start in range(0, len(source), batch_size):
-            batch = source.batch(range(start, min(start + batch_size, len(source))))
-            inputs, targets = move_to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(inputs)
-                loss = loss_fn(out, targets)
-            b = batch_size_of(targets)
-            loss_total += float(loss) * b
-            count += b
-            classify = classify and isinstance(out, torch.Tensor) and not targets.is_floating_point() \
-                and out.ndim == targets.ndim + 1
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
+    source = as_batch_source(data, name="val_data", check_items=forward_loss is None)
+    first = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (
+        first.device if first is not None else torch.device("cpu"))
+    order = source.sampler_order(0) if source.sampler is not None else torch.arange(len(source))
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    items_total = correct = scored = 0
+    classify = forward_loss is None
+    with train_modes(model, train=False):
+        for chunk in order.split(batch_size):
+            batch = source.batch(chunk)
+            items = int(count_loss_items(batch, loss_items, model=model, loss_fn=loss_fn,
+                                         forward_loss=forward_loss))
+            if items == 0:
+                continue
+            batch = move_to(batch, device)
+            with autocast:
+                loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
+            loss_total += loss.double() * items
+            items_total += items
+            pair = _predictions(model, batch, output) if classify else None
+            classify = pair is not None
             if classify:
-                correct += int((out.argmax(-1) == targets).sum())
-                tokens += targets.numel()
-    finally:
-        model.train(was_training)
-    metrics = {"val_loss": loss_total / count}
-    if classify and tokens:
-        metrics["val_accuracy"] = correct / tokens
+                logits, target = pair
+                keep = target != IGNORE_INDEX
+                correct += int(((logits.argmax(-1) == target) & keep).sum())
+                scored += int(keep.sum())
+    if items_total == 0:
+        raise ValueError("val_data has no loss item (every target is -100?); nothing to evaluate")
+    metrics = {"val_loss": float(loss_total) / items_total}
+    if classify and scored:
+        metrics["val_accuracy"] = correct / scored
     return metrics

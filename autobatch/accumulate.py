@@ -1,0 +1,285 @@
+"""Gradient accumulation in loss units: micro-batches weighted so that the summed gradient is
+exactly the gradient of the whole step's mean loss.
+
+A step of ``B`` examples is run as micro-batches (memory, or the noise-scale measurement).
+Each micro-batch loss is a mean over its own *loss items*: its examples for a per-example
+loss, its non-ignored tokens for a token-mean language-model loss. Weighting micro-batch
+``i`` by ``n_i / N`` (``n_i`` its items, ``N`` the step's) makes the accumulated gradient
+``sum_i (n_i/N) grad(mean_i) = grad(sum of item losses / N)``, the step's mean-loss gradient,
+whatever the padding. Weighting by examples instead is wrong for token means: micro-batches
+with few real tokens would count as much as full ones (Hugging Face's ``num_items_in_batch``
+fix addresses the same bug; here the weights carry it, so it works for every model, including
+those that ignore ``num_items_in_batch``).
+
+``loss_items`` (the same keyword in every entry point) says what a loss item is:
+
+- ``"examples"``: ``n_i`` is the micro-batch's number of examples;
+- ``"tokens"``: ``n_i`` is the number of targets that are not ``-100`` (PyTorch's
+  ``ignore_index`` and Hugging Face's padding label): ``batch["labels"]`` of a dict batch
+  (``batch["shift_labels"]`` if present), the last element of a tuple batch. For a Hugging
+  Face causal LM whose loss is its own ``.loss``, ``labels[..., 1:]``, since it shifts them;
+- ``"auto"`` (default): ``"tokens"`` when the loss is a Hugging Face-style ``.loss`` of a dict
+  batch holding ``labels`` (a token mean for language models; one item per example for
+  sequence classification), ``"examples"`` otherwise;
+- a function ``batch -> count`` (an int or an integer tensor) for anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autobatch.batch import ForwardLoss, LossFn, forward_and_loss, is_causal_lm
+from autobatch.data import batch_size_of, move_to
+
+__all__ = ["Accumulated", "LossItems", "MicroStep", "accumulate_gradients", "count_loss_items",
+           "resolve_loss_items"]
+
+LossItems = Literal["auto", "examples", "tokens"] | Callable[[Any], "int | torch.Tensor"]
+_NAMES = ("auto", "examples", "tokens")
+IGNORE_INDEX = -100
+
+
+def resolve_loss_items(
+    loss_items: LossItems, batch: Any, *, loss_fn: LossFn | None = None,
+    forward_loss: ForwardLoss | None = None,
+) -> Literal["examples", "tokens"] | Callable[[Any], Any]:
+    """What ``"auto"`` means for this batch and loss (see the module docstring).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if callable(loss_items):
+        return loss_items
+    if loss_items not in _NAMES:
+        raise ValueError(
+            f"loss_items must be one of {_NAMES} or a function batch -> count (got "
+            f"loss_items={loss_items!r})"
+        )
+    if loss_items != "auto":
+        return loss_items
+    own_loss = isinstance(batch, Mapping) and loss_fn is None and forward_loss is None
+    return "tokens" if own_loss and ("labels" in batch or "shift_labels" in batch) else "examples"
+
+
+def _token_targets(batch: Any, model: nn.Module | None, shifted_by_model: bool) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("shift_labels"), torch.Tensor):
+            return batch["shift_labels"]
+        target = batch.get("labels")
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(
+                f"loss_items='tokens' counts batch['labels'] != -100, but this dict batch has no "
+                f"'labels' tensor (keys {sorted(batch)}); pass loss_items=f(batch) -> count"
+            )
+        if shifted_by_model and model is not None and is_causal_lm(model):
+            return target[..., 1:]  # the model predicts labels[t + 1] at position t
+        return target
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[-1], torch.Tensor):
+        return batch[-1]
+    raise ValueError(
+        f"loss_items='tokens' counts the targets != -100 of a (inputs..., target) or dict batch "
+        f"(got a {type(batch).__name__}); pass loss_items=f(batch) -> count"
+    )
+
+
+def count_loss_items(
+    batch: Any, loss_items: LossItems = "auto", *, model: nn.Module | None = None,
+    loss_fn: LossFn | None = None, forward_loss: ForwardLoss | None = None,
+) -> int | torch.Tensor:
+    """Loss items in one batch: what its mean-reduced loss divides by.
+
+    Args:
+        batch: one (micro-)batch.
+        loss_items: see the module docstring.
+        model: the model, to know whether it shifts labels (Hugging Face causal LMs).
+        loss_fn, forward_loss: as given to the entry point (they decide what ``"auto"`` is,
+            and labels are taken as shifted by the model only when the loss is its own).
+
+    Returns:
+        An ``int``, or a 0-d integer tensor on the batch's device (read it with the others
+        in one host sync).
+
+    Raises:
+        ValueError: for an unknown ``loss_items``, ``"tokens"`` without integer targets, or a
+            negative count.
+    """
+    mode = resolve_loss_items(loss_items, batch, loss_fn=loss_fn, forward_loss=forward_loss)
+    if mode == "examples":
+        return batch_size_of(batch)
+    if mode == "tokens":
+        own_loss = loss_fn is None and forward_loss is None
+        target = _token_targets(batch, model, shifted_by_model=own_loss)
+        if target.is_floating_point() or target.is_complex():
+            raise ValueError(
+                f"loss_items='tokens' needs integer targets with -100 marking ignored positions "
+                f"(got {target.dtype} targets); pass loss_items=f(batch) -> count"
+            )
+        return (target != IGNORE_INDEX).sum()
+    count = mode(batch)
+    if isinstance(count, torch.Tensor):
+        return count.reshape(())
+    if int(count) != count or count < 0:
+        raise ValueError(f"loss_items function must return a count >= 0 (got {count!r})")
+    return int(count)
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """One micro-batch after its backward, as :func:`accumulate_gradients` reports it.
+
+    Attributes:
+        index: position in the step.
+        batch: the micro-batch (on the device).
+        examples: its examples.
+        items: its loss items (``== examples`` for ``loss_items="examples"``).
+        weight: the factor its mean loss was multiplied by before backward: ``items / total``.
+    """
+
+    index: int
+    batch: Any
+    examples: int
+    items: int
+    weight: float
+
+
+@dataclass
+class Accumulated:
+    """What one accumulated step did (this process's share).
+
+    Attributes:
+        loss_sum: sum over micro-batches of ``mean loss x items``, a detached float32 0-d
+            tensor on the device (no host sync); the step's mean loss is ``loss_sum /
+            total_items`` (sum ``loss_sum`` over processes first under data parallelism).
+        total_items: the denominator every weight used (over all processes).
+        items: loss items per micro-batch, in order.
+        examples: examples per micro-batch, in order.
+    """
+
+    loss_sum: torch.Tensor
+    total_items: int
+    items: list[int]
+    examples: list[int]
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto",
+    step_examples: int | None = None,
+    all_reduce_items: Callable[[int], int] | None = None,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    after_backward: Callable[[MicroStep], None] | None = None,
+) -> Accumulated:
+    """Forward and backward every micro-batch of one step, each loss weighted by
+    ``items_i / total_items``, so that ``.grad`` gains the gradient of the step's mean loss.
+
+    Gradients are added to ``.grad`` (zero them before, step the optimizer after). Micro-
+    batches with no loss item (all targets ignored) are skipped: they contribute nothing to
+    the mean, and a mean over zero items would be NaN.
+
+    Args:
+        model: the module (or DDP wrapper; enter ``no_sync()`` around the call yourself).
+        micro_batches: the step's micro-batches, e.g. collated from index chunks by
+            :meth:`autobatch.data.BatchSource.batch` (so a collate_fn pads each one).
+        loss_fn, forward_loss: the batch protocol (:func:`autobatch.batch.forward_and_loss`).
+        loss_items: what a loss item is (module docstring).
+        step_examples: examples in the whole step over all processes. With
+            ``loss_items="examples"`` it lets micro-batches stream (each is collated, run and
+            freed in turn); otherwise, and when it is None, the micro-batches are all
+            collated first, to count the items before the first backward.
+        all_reduce_items: sums an item count over processes (data parallelism: an
+            all-reduce); None for one process.
+        device: where each micro-batch is moved; None leaves it in place.
+        amp_dtype: autocast dtype for the forward and loss (None: no autocast).
+        backward: runs the backward of the weighted loss (default ``loss.backward()``; e.g.
+            ``lambda loss: scaler.scale(loss).backward()`` for fp16).
+        after_backward: called after each micro-batch's backward with a :class:`MicroStep`
+            (e.g. to read micro-batch gradient norms).
+
+    Returns:
+        An :class:`Accumulated`.
+
+    Raises:
+        ValueError: for a non-scalar loss (see :func:`autobatch.batch.check_scalar_loss`),
+            bad ``loss_items``, or a step with no loss item at all.
+    """
+    iterator = iter(micro_batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("accumulate_gradients got no micro-batch")
+    mode = resolve_loss_items(loss_items, first, loss_fn=loss_fn, forward_loss=forward_loss)
+    stream = mode == "examples" and step_examples is not None
+    if stream:
+        batches: Iterable[Any] = _chain(first, iterator)
+        counts: list[int] | None = None
+        total = int(step_examples)
+    else:
+        batches = [first, *iterator]
+        raw = [count_loss_items(b, mode, model=model, loss_fn=loss_fn, forward_loss=forward_loss)
+               for b in batches]
+        counts = _to_ints(raw)  # one host sync for all the counts of the step
+        local = sum(counts)
+        total = all_reduce_items(local) if all_reduce_items is not None else local
+        if mode == "examples" and step_examples is not None:
+            total = int(step_examples)
+    if total <= 0:
+        raise ValueError(
+            f"this step has no loss item (loss_items={loss_items!r} counted {total}): every "
+            "target is ignored (-100); check the labels, or pass loss_items=f(batch) -> count"
+        )
+    first_param = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (
+        first_param.device if first_param is not None else torch.device("cpu"))
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+    items_done: list[int] = []
+    examples_done: list[int] = []
+    autocast = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    for index, batch in enumerate(batches):
+        examples = batch_size_of(batch)
+        items = examples if counts is None else counts[index]
+        items_done.append(items)
+        examples_done.append(examples)
+        if items == 0:
+            continue
+        batch = move_to(batch, device)
+        weight = items / total
+        with autocast:
+            loss, _ = forward_and_loss(model, batch, loss_fn, forward_loss)
+        scaled = loss.float() * weight
+        if backward is None:
+            scaled.backward()
+        else:
+            backward(scaled)
+        loss_sum += loss.detach().float() * items
+        if after_backward is not None:
+            after_backward(MicroStep(index, batch, examples, items, weight))
+        del loss, scaled
+    return Accumulated(loss_sum, total, items_done, examples_done)
+
+
+def _chain(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
+    yield first
+    yield from rest
+
+
+def _to_ints(counts: list[int | torch.Tensor]) -> list[int]:
+    tensors = [c for c in counts if isinstance(c, torch.Tensor)]
+    if not tensors:
+        return [int(c) for c in counts]
+    values = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist())
+    out = [int(next(values)) if isinstance(c, torch.Tensor) else int(c) for c in counts]
+    if any(c < 0 for c in out):
+        raise ValueError(f"loss item counts must be >= 0 (got {out})")
+    return out
