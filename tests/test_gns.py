@@ -132,3 +132,18 @@ def test_state_dict_round_trip_is_exact_and_reset_forgets() -> None:
 def test_bad_configuration_is_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         GradientNoiseScale(**kwargs)
+
+
+def test_an_update_standing_for_several_steps_equals_repeating_it() -> None:
+    # An EMA update worth k steps (decay beta^k, weight 1-beta^k) must average exactly like
+    # the same measurement fed k times: the window stays in steps however sparse the updates.
+    sparse, dense = GradientNoiseScale(0.9), GradientNoiseScale(0.9)
+    for small, big, k in [(5.0, 2.0, 1), (7.0, 1.5, 3), (4.0, 2.5, 8)]:
+        sparse.update([small], 4, big, 16, steps=k)
+        for _ in range(k):
+            dense.update([small], 4, big, 16)
+    assert sparse.grad_sq == pytest.approx(dense.grad_sq, rel=1e-12)
+    assert sparse.trace_cov == pytest.approx(dense.trace_cov, rel=1e-12)
+    assert sparse.num_updates == 3
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        sparse.update([1.0], 4, 1.0, 16, steps=0)

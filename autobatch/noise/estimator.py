@@ -151,6 +151,8 @@ class GradientNoiseScale:
         small_batch_size: float,
         big_sq_norm: float,
         big_batch_size: float,
+        *,
+        steps: int = 1,
     ) -> bool:
         """Add one step's measurement.
 
@@ -161,14 +163,23 @@ class GradientNoiseScale:
                 e.g. ``1/mean(1/b_i)`` for unequal micro-batches).
             big_sq_norm: squared norm of the step's whole gradient.
             big_batch_size: examples in the whole step, ``B > b`` (may be effective too).
+            steps: optimizer steps this measurement stands for (the steps since the previous
+                update, for a loop that measures only every few steps). The EMA then decays
+                by ``smoothing ** steps`` and gives the update the weight
+                ``1 - smoothing ** steps``, so its memory stays about ``1/(1-smoothing)``
+                *steps*, however sparse the updates. Ignored when ``smoothing`` is None.
 
         Returns:
             True if the update was accepted, False if it was rejected for a NaN or infinite
             input (counted in :attr:`num_rejected`, never averaged in).
 
         Raises:
-            ValueError: if the batch sizes are not ``1 <= b < B`` or no small norm is given.
+            ValueError: if the batch sizes are not ``1 <= b < B``, no small norm is given,
+                or ``steps < 1``.
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (got steps={steps}); it counts the optimizer "
+                             "steps since the previous update")
         smalls = [float(small_sq_norms)] if _is_scalar(small_sq_norms) else [
             float(x) for x in small_sq_norms  # type: ignore[union-attr]
         ]
@@ -179,11 +190,15 @@ class GradientNoiseScale:
             self.num_rejected += 1
             return False
         g, s = two_batch_estimates(sum(smalls) / len(smalls), small_batch_size, big, big_batch_size)
-        self._add(g, s)
+        self._add(g, s, steps)
         return True
 
-    def _add(self, g: float, s: float) -> None:
-        decay, weight = (1.0, 1.0) if self.smoothing is None else (self.smoothing, 1.0 - self.smoothing)
+    def _add(self, g: float, s: float, steps: int = 1) -> None:
+        if self.smoothing is None:
+            decay, weight = 1.0, 1.0
+        else:
+            decay = self.smoothing if steps == 1 else self.smoothing**steps
+            weight = 1.0 - decay
         self._w = decay * self._w + weight
         self._q = decay * decay * self._q + weight * weight
         self._m_g = decay * self._m_g + weight * g
