@@ -2,9 +2,9 @@
 
 :class:`BatchSizeController` is the state a custom training loop needs to follow autobatch's
 decisions. Per optimizer step the loop asks it how to split the step into micro-batches
-(:meth:`micro_sizes`), feeds it the step's gradient norms and time (:meth:`observe`), reads the
-LR multiplier (:meth:`lr_factor`) and lets it re-decide the global batch size
-(:meth:`maybe_decide`). An out-of-memory micro-batch lowers the micro-batch cap
+(:meth:`micro_sizes`), reads the LR multiplier (:meth:`lr_factor`, the one place where the LR
+is assembled), feeds it the step's gradient norms and time (:meth:`observe`) and lets it
+re-decide the global batch size (:meth:`maybe_decide`). An out-of-memory micro-batch lowers the micro-batch cap
 (:meth:`on_oom`); the global batch size is kept through more accumulation.
 """
 
@@ -40,6 +40,8 @@ class BatchSizeController:
         min_micro_batches: micro-batches per step when B allows (2 gives the estimator its two
             batch sizes at no extra cost).
         max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
+        warmup_steps: optimizer steps of linear LR warm-up from 0 (0: none); applied by
+            :meth:`lr_factor` when it is given the step.
 
     Attributes:
         batch_size: the current global batch size B.
@@ -59,6 +61,7 @@ class BatchSizeController:
         max_micro_batch_size: int | None = None,
         min_micro_batches: int = 2,
         max_lr_factor: float | None = None,
+        warmup_steps: int = 0,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -68,6 +71,8 @@ class BatchSizeController:
             )
         if decide_every < 1:
             raise ValueError(f"decide_every must be >= 1 (got decide_every={decide_every})")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got warmup_steps={warmup_steps})")
         self.policy = policy
         self.scaling = scaling
         self.estimator = estimator
@@ -78,20 +83,23 @@ class BatchSizeController:
         self.max_micro_batch_size = max_micro_batch_size
         self.min_micro_batches = min_micro_batches
         self.max_lr_factor = max_lr_factor
+        self.warmup_steps = warmup_steps
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
+        self._last_update_step = 0  # the step of the estimator's latest update
 
     # -- per step ----------------------------------------------------------------------------
-    def micro_sizes(self, num_examples: int) -> list[int]:
-        """Split a step of ``num_examples`` into micro-batch sizes: at least
-        ``min_micro_batches`` pieces (when there are that many examples) and none above the
-        micro-batch cap. Sizes differ by at most one."""
+    def micro_sizes(self, num_examples: int, min_parts: int | None = None) -> list[int]:
+        """Split a step of ``num_examples`` into micro-batch sizes: at least ``min_parts``
+        pieces (default ``min_micro_batches``; fewer only when there are fewer examples) and
+        none above the micro-batch cap. Sizes differ by at most one, the larger first."""
         cap = self.max_micro_batch_size or num_examples
-        parts = max(min(self.min_micro_batches, num_examples), math.ceil(num_examples / cap))
+        least = self.min_micro_batches if min_parts is None else min_parts
+        parts = max(min(least, num_examples), math.ceil(num_examples / cap))
         return split_sizes(num_examples, parts)
 
     def observe(
@@ -114,13 +122,16 @@ class BatchSizeController:
             step_time_s: wall seconds of the step (for the goodput policy), or None.
             norms: the step's gradient norms (an object with ``small_sq_norms``,
                 ``small_batch_size``, ``big_sq_norm``, ``big_batch_size``), or None when the
-                step gave no estimate (a single micro-batch).
+                step gave no estimate (a single micro-batch, or a step left unmeasured). A
+                measurement after unmeasured steps stands for all of them: the estimator's
+                average keeps its memory in steps (see ``GradientNoiseScale.update(steps=)``).
         """
         self._step, self._epoch, self._samples = step, epoch, samples
         if norms is not None:
-            self.estimator.update(
-                norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm, norms.big_batch_size
-            )
+            gap = max(1, step - self._last_update_step)
+            if self.estimator.update(norms.small_sq_norms, norms.small_batch_size,
+                                     norms.big_sq_norm, norms.big_batch_size, steps=gap):
+                self._last_update_step = step
         if step_time_s is not None and batch_size == self.batch_size:
             self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
 
@@ -146,9 +157,23 @@ class BatchSizeController:
             step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
         )
 
-    def lr_factor(self) -> float:
-        """LR(B) / base LR for the current B: the scaling rule (capped at ``max_lr_factor``)
-        times the policy's own factor (the ramp policy decays the LR once B is capped)."""
+    def lr_factor(self, step: int | None = None) -> float:
+        """LR / base LR for the next step, the one place where the LR is assembled:
+
+        ``min(rule(B), max_lr_factor) x policy factor x warm-up(step)``: the scaling rule at
+        the current B (capped), the policy's own factor (a step decay at the milestones; the
+        ramp policy decays the LR once B is capped), and the linear warm-up.
+
+        Args:
+            step: optimizer steps done before the one this LR is for (0 for the first);
+                None leaves the warm-up out.
+        """
+        warmup = 1.0
+        if step is not None and self.warmup_steps:
+            warmup = min(1.0, (step + 1) / self.warmup_steps)
+        return self._batch_lr_factor() * warmup
+
+    def _batch_lr_factor(self) -> float:
         est = self.estimator
         ready = est.ready
         factor = self.scaling.factor(
@@ -205,6 +230,7 @@ class BatchSizeController:
             "step": self._step,
             "epoch": self._epoch,
             "samples": self._samples,
+            "last_update_step": self._last_update_step,
             "step_times": {b: list(t) for b, t in self._step_times.items()},
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
@@ -218,6 +244,7 @@ class BatchSizeController:
         self.num_decisions = int(state["num_decisions"])
         self._step, self._epoch = int(state["step"]), float(state["epoch"])
         self._samples = int(state["samples"])
+        self._last_update_step = int(state.get("last_update_step", self._step))
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }
