@@ -1,0 +1,207 @@
+"""The step's loss and gradient norms, read by the host once per optimizer step.
+
+:class:`StepNormMeter` is what ``autobatch.fit`` asks for the numbers of a step: the summed loss
+and, on the steps it measures, the squared norms the noise-scale estimator needs
+(``|G_b|^2`` of small batches and ``|G_B|^2`` of the whole step, McCandlish et al. 2018,
+App. A.1). It owns the parameter hooks (:class:`~autobatch.noise.micro_batch.MicroBatchGradNorms`),
+the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleGradNorms`), the choice
+of which steps to measure and how to split them, and under data parallelism the gradient
+all-reduce that carries the step's numbers to every rank.
+
+Which steps are measured (``gns_method="micro"``): a step's small batches come for free when
+it already holds two or more of them (the memory cap split it into micro-batches, or ranks
+of a data-parallel run each hold a share); such a step is always measured. A step that would
+be one micro-batch is measured only every ``every`` steps, split in two for it (one more
+forward/backward at half size); the estimator weighs such an update as ``every`` steps, so
+its average keeps its memory in steps (``GradientNoiseScale.update(steps=)``).
+``gns_method="per_example"`` measures every ``every``-th step the same way (the hooks that
+read per-example norms cost more than a split). Everything stays on the device until
+:meth:`StepNormMeter.end_step`, whose single ``.tolist()`` is the step's host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms, grad_sq_norm, trainable_parameters
+from autobatch.noise.per_example import PerExampleGradNorms
+from autobatch.train.distributed import DistInfo, all_reduce_gradients
+
+__all__ = ["StepNormMeter", "norms_from_totals"]
+
+Method = Literal["micro", "per_example", "off"]
+
+
+def norms_from_totals(
+    small_sum: float, count: float, inv_size_sum: float, big_sq: float, big_batch: int, grad_scale: float = 1.0
+) -> StepGradNorms | None:
+    """The estimator's inputs from a step's totals (summed over micro-batches and ranks).
+
+    Args:
+        small_sum: ``sum_i s^2 |G_{b_i}|^2`` over the step's small batches (micro-batches,
+            ranks' shares or single examples), each of a mean-reduced loss.
+        count: how many small batches.
+        inv_size_sum: ``sum_i 1/b_i``.
+        big_sq: ``s^2 |G_B|^2`` of the whole step's gradient (NaN if not read).
+        big_batch: ``B``, examples in the step (global).
+        grad_scale: ``s``, the AMP loss scale still in the norms (1 without one).
+
+    Returns:
+        One small norm, the mean ``|G_b|^2``, with the effective size ``b = 1/mean(1/b_i)``
+        (exact for unequal sizes, see :mod:`autobatch.noise._effective_batch`), and the
+        big one; None with fewer than two small batches (none is smaller than the step).
+    """
+    if count < 2:
+        return None
+    scale_sq = grad_scale * grad_scale
+    return StepGradNorms(
+        small_sq_norms=[small_sum / count / scale_sq],
+        small_batch_size=count / inv_size_sum,
+        big_sq_norm=big_sq / scale_sq,
+        big_batch_size=big_batch,
+        micro_batch_sizes=[],
+    )
+
+
+class StepNormMeter:
+    """Per-step loss and gradient norms for ``autobatch.fit``.
+
+    Per optimizer step: :meth:`split` (how this rank's share is cut into micro-batches, and
+    whether the step is measured), :meth:`begin_step`, one :meth:`after_backward` per
+    micro-batch, then :meth:`end_step`, which sums over ranks and reads everything at once.
+
+    Args:
+        model: the (unwrapped) model; hooks go on it now, until :meth:`remove`.
+        method: ``"micro"``, ``"per_example"`` or ``"off"`` (only the loss is read).
+        info: this process's place in a data-parallel run.
+        every: a step that gives no small batches for free is measured every ``every``
+            steps (see the module docstring)...
+        first: ...and every one of the first ``first`` steps, so that the estimator's
+            first window is as full as when every step is measured.
+        scaler: the AMP ``GradScaler`` whose scale is in the gradients, or None.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, info: DistInfo, *, every: int = 1,
+                 first: int = 0, scaler: torch.amp.GradScaler | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (got every={every})")
+        self.method, self.info, self.every, self.first, self.scaler = method, info, every, first, scaler
+        self._params = trainable_parameters(model)
+        self._hooks = MicroBatchGradNorms(model) if method == "micro" else None
+        self._per_example = PerExampleGradNorms(model) if method == "per_example" else None
+        if self._per_example is not None:
+            self._per_example.active = False
+        self.measuring = False
+        self._use_hooks = False
+        self._pe_sum: torch.Tensor | None = None
+        self._pe_count = 0
+
+    def split(self, step: int, num_examples: int, micro_sizes) -> list[int]:  # noqa: ANN001
+        """Cut this rank's ``num_examples`` into micro-batch sizes and decide whether step
+        ``step`` (0-based) is measured.
+
+        Args:
+            step: optimizer steps done before this one.
+            num_examples: this rank's share of the step.
+            micro_sizes: ``micro_sizes(n, min_parts)`` of the controller (memory cap).
+        """
+        due = step < self.first or step % self.every == 0
+        # A rank may hold no example at the very end of an epoch; every rank must still
+        # decide alike, so the decision depends on the step and the run, not the share.
+        sizes = micro_sizes(num_examples, 1) if num_examples else []
+        if self.method == "micro":
+            free = self.info.enabled or len(sizes) > 1
+            self.measuring = free or due
+            if self.measuring and not free and num_examples > 1:
+                sizes = micro_sizes(num_examples, 2)
+        else:
+            self.measuring = self.method == "per_example" and due
+        return sizes
+
+    def begin_step(self, sizes: list[int]) -> None:
+        """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
+        # A rank's whole share in one micro-batch is a small batch of the data-parallel step
+        # already: its norm is read from the gradient before the all-reduce, no hooks needed.
+        self._use_hooks = self.measuring and self._hooks is not None and (
+            not self.info.enabled or len(sizes) > 1)
+        if self._use_hooks:
+            self._hooks.begin_step()
+        if self._per_example is not None:
+            self._per_example.reset()
+            self._per_example.active = self.measuring
+            self._pe_sum, self._pe_count = None, 0
+
+    def after_backward(self, batch_size: int, loss_weight: float) -> None:
+        """Close one micro-batch of ``batch_size`` examples whose mean loss was multiplied by
+        ``loss_weight`` (``b_i / B``, B global) before its backward."""
+        if self._use_hooks:
+            self._hooks.after_backward(batch_size, loss_weight)
+        elif self.measuring and self._per_example is not None:
+            sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
+            self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
+            self._pe_count += batch_size
+
+    def end_step(self, loss_sum: torch.Tensor, sizes: list[int], global_batch: int) -> tuple[float, StepGradNorms | None]:
+        """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
+
+        Args:
+            loss_sum: this rank's loss summed over its examples (0-d tensor on the device).
+            sizes: this rank's micro-batch sizes.
+            global_batch: ``B``, examples in the step over all ranks.
+
+        Returns:
+            ``(loss_sum, norms)``: the loss summed over the step's ``B`` examples (all ranks),
+            and the estimator's inputs (None on an unmeasured step, or with fewer than two
+            small batches). Norms are of unscaled gradients of mean-reduced losses.
+        """
+        if self._per_example is not None:
+            self._per_example.active = False  # forwards outside a measured step are not ours
+        device = loss_sum.device
+        zero = loss_sum.new_zeros(())
+        small, count, inv = zero, 0.0, 0.0
+        if self._use_hooks:
+            raw = self._hooks.finish_step()
+            weights = self._hooks.loss_weights
+            # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host).
+            small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), weights)), zero)
+            count, inv = float(len(sizes)), sum(1.0 / b for b in sizes)
+        elif self._pe_sum is not None:
+            small, count, inv = self._pe_sum, float(self._pe_count), float(self._pe_count)
+        elif self.measuring and self.info.enabled and sizes:
+            weight = sizes[0] / global_batch  # the whole share was one micro-batch
+            small = grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight))
+            count, inv = 1.0, 1.0 / sizes[0]
+        numbers = [loss_sum.float(), small.float()]
+        big = None
+        if self.info.enabled:
+            totals = torch.stack([*numbers, torch.full((), count, device=device),
+                                  torch.full((), inv, device=device)])
+            totals, flat = all_reduce_gradients(self._params, self.info, totals)
+            if self.measuring:
+                big = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+        else:
+            totals = torch.stack(numbers)
+            if self.measuring:
+                big = grad_sq_norm(self._params).to(device)
+        parts = [totals, big.reshape(1) if big is not None else totals.new_full((1,), math.nan)]
+        if self.scaler is not None:
+            parts.append(self.scaler.scale(totals.new_ones(1)))
+        values = torch.cat(parts).tolist()  # the step's one host sync: loss, norms, AMP scale
+        if self.info.enabled:
+            loss_total, small_sum, count, inv, big_sq = values[:5]
+        else:
+            (loss_total, small_sum), big_sq = values[:2], values[2]
+        scale = values[-1] if self.scaler is not None else 1.0
+        if not self.measuring:
+            return loss_total, None
+        return loss_total, norms_from_totals(small_sum, count, inv, big_sq, global_batch, scale)
+
+    def remove(self) -> None:
+        """Remove every hook from the model."""
+        for hooks in (self._hooks, self._per_example):
+            if hooks is not None:
+                hooks.remove()
