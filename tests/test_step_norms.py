@@ -35,13 +35,13 @@ def _run_step(meter: StepNormMeter, model, x, y, step: int, cap: int | None = No
     sizes = meter.split(step, len(x), _micro_sizes(cap))
     model.zero_grad(set_to_none=True)
     meter.begin_step(sizes)
-    loss_sum = torch.zeros(())
+    losses = []
     for xi, yi in zip(x.split(sizes), y.split(sizes)):
         loss = ((model(xi) - yi) ** 2).mean()
         (loss * (len(xi) / len(x))).backward()
         meter.after_backward(len(xi), len(xi) / len(x))
-        loss_sum += loss.detach() * len(xi)
-    return sizes, *meter.end_step(loss_sum, sizes, len(x))
+        losses.append(loss.detach())
+    return sizes, *meter.end_step(losses, sizes, len(x))
 
 
 def test_norms_from_totals_averages_every_small_batch() -> None:

@@ -372,7 +372,7 @@ class MicroBatchLoader:
             )
 
     def micro_batches(self, indices: torch.Tensor, sizes: list[int]):
-        chunks = torch.split(indices, sizes)
+        chunks = torch.split(indices, sizes) if len(sizes) > 1 else (indices,)
         if self._loader is None:
             for chunk in chunks:
                 yield len(chunk), self.source.batch(chunk)

@@ -148,7 +148,7 @@ def fit(
             acc = forward_backward(s, local_share(indices, info), step_b, step)
             result.oom_retries += acc.oom_retries
             # 4. the loss and norms over all ranks: the step's one host sync is in end_step
-            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b)
+            loss_sum, norms = s.meter.end_step(acc.losses, acc.sizes, step_b)
             train_loss = loss_sum / step_b
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite
@@ -184,7 +184,7 @@ def fit(
                 # rank 0 decides for all (its step times may differ from the others')
                 controller.batch_size = broadcast_int(controller.batch_size, info, s.device)
             est = controller.estimator
-            record = StepRecord.model_construct(
+            record = StepRecord(  # pydantic-core validation: ~4 us, less than model_construct
                 step=step, epoch=stream.epochs_done, samples=samples, batch_size=controller.batch_size,
                 examples=step_b, micro_batch_size=max(acc.sizes, default=0), accum_steps=len(acc.sizes),
                 lr=opt.param_groups[0]["lr"], train_loss=train_loss, grad_sq=est.grad_sq,

@@ -145,11 +145,13 @@ class StepNormMeter:
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
 
-    def end_step(self, loss_sum: torch.Tensor, sizes: list[int], global_batch: int) -> tuple[float, StepGradNorms | None]:
+    def end_step(self, losses: list[torch.Tensor], sizes: list[int],
+                 global_batch: int) -> tuple[float, StepGradNorms | None]:
         """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
 
         Args:
-            loss_sum: this rank's loss summed over its examples (0-d tensor on the device).
+            losses: this rank's micro-batch losses (mean-reduced, detached 0-d tensors on
+                the device), one per micro-batch.
             sizes: this rank's micro-batch sizes.
             global_batch: ``B``, examples in the step over all ranks.
 
@@ -160,45 +162,53 @@ class StepNormMeter:
         """
         if self._per_example is not None:
             self._per_example.active = False  # forwards outside a measured step are not ours
-        device = loss_sum.device
-        zero = loss_sum.new_zeros(())
-        small, count, inv = zero, 0.0, 0.0
-        if self._use_hooks:
-            raw = self._hooks.finish_step()
-            weights = self._hooks.loss_weights
-            # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host).
-            small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), weights)), zero)
-            count, inv = float(len(sizes)), sum(1.0 / b for b in sizes)
-        elif self._pe_sum is not None:
-            small, count, inv = self._pe_sum, float(self._pe_count), float(self._pe_count)
-        elif self.measuring and self.info.enabled and sizes:
-            weight = sizes[0] / global_batch  # the whole share was one micro-batch
-            small = grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight))
-            count, inv = 1.0, 1.0 / sizes[0]
-        numbers = [loss_sum.float(), small.float()]
-        big = None
         if self.info.enabled:
-            totals = torch.stack([*numbers, torch.full((), count, device=device),
+            small, count, inv = self._small_batches(sizes, global_batch)
+            device = self._params[0].device
+            loss_sum = sum((loss.float() * b for loss, b in zip(losses, sizes)),
+                           torch.zeros((), device=device))
+            totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
                                   torch.full((), inv, device=device)])
             totals, flat = all_reduce_gradients(self._params, self.info, totals)
+            parts = [totals]
             if self.measuring:
-                big = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+                parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
         else:
-            totals = torch.stack(numbers)
+            parts = list(losses)
             if self.measuring:
-                big = grad_sq_norm(self._params).to(device)
-        parts = [totals, big.reshape(1) if big is not None else totals.new_full((1,), math.nan)]
+                small, count, inv = self._small_batches(sizes, global_batch)
+                parts += [small, grad_sq_norm(self._params)]
         if self.scaler is not None:
-            parts.append(self.scaler.scale(totals.new_ones(1)))
-        values = torch.cat(parts).tolist()  # the step's one host sync: loss, norms, AMP scale
+            parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
+        # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
+        values = [parts[0].item()] if len(parts) == 1 else torch.cat(
+            [t.reshape(-1).float() for t in parts]).tolist()
+        scale = values.pop() if self.scaler is not None else 1.0
         if self.info.enabled:
-            loss_total, small_sum, count, inv, big_sq = values[:5]
+            loss_total, small_sum, count, inv = values[:4]
         else:
-            (loss_total, small_sum), big_sq = values[:2], values[2]
-        scale = values[-1] if self.scaler is not None else 1.0
+            loss_total = sum(v * b for v, b in zip(values, sizes))
+            small_sum = values[len(sizes)] if self.measuring else math.nan
         if not self.measuring:
             return loss_total, None
-        return loss_total, norms_from_totals(small_sum, count, inv, big_sq, global_batch, scale)
+        return loss_total, norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale)
+
+    def _small_batches(self, sizes: list[int], global_batch: int) -> tuple[torch.Tensor, float, float]:
+        """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
+        their count and ``sum_i 1/b_i``."""
+        device = self._params[0].device
+        if self._use_hooks:
+            raw = self._hooks.finish_step()
+            # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
+            small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._hooks.loss_weights)),
+                        torch.zeros((), device=device))
+            return small, float(len(sizes)), sum(1.0 / b for b in sizes)
+        if self._pe_sum is not None:
+            return self._pe_sum, float(self._pe_count), float(self._pe_count)
+        if self.measuring and self.info.enabled and sizes:
+            weight = sizes[0] / global_batch  # the whole share is one micro-batch
+            return grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight)), 1.0, 1.0 / sizes[0]
+        return torch.zeros((), device=device), 0.0, 0.0
 
     def remove(self) -> None:
         """Remove every hook from the model."""
