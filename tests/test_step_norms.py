@@ -57,10 +57,12 @@ def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exac
     plan = []
     for step in range(9):
         sizes, loss_sum, norms = _run_step(meter, model, x, y, step)
-        plan.append((sizes, norms is not None))
+        plan.append((sizes, len(norms.small_sq_norms)))
         assert loss_sum == pytest.approx(((model(x) - y) ** 2).sum().item(), rel=1e-5)
+        # every step reads the whole step's norm
+        assert norms.big_sq_norm == pytest.approx(_grad(model, x, y).square().sum().item(), rel=1e-5)
     measured = [0, 1, 4, 8]  # the first two, then every fourth
-    assert plan == [([6, 6], True) if s in measured else ([12], False) for s in range(9)]
+    assert plan == [([6, 6], 1) if s in measured else ([12], 0) for s in range(9)]
     halves = [_grad(model, x[:6], y[:6]), _grad(model, x[6:], y[6:])]
     assert norms.small_sq_norms[0] == pytest.approx(sum(h.square().sum().item() for h in halves) / 2, rel=1e-5)
     assert norms.small_batch_size == 6
@@ -86,8 +88,8 @@ def test_per_example_meter_matches_brute_force_and_sleeps_between_measurements()
     per_example = [_grad(model, x[i:i + 1], y[i:i + 1]).square().sum().item() for i in range(8)]
     assert norms.small_sq_norms[0] == pytest.approx(sum(per_example) / 8, rel=1e-5)
     for step in (1, 2):  # unmeasured: the hooks record nothing, so nothing is left pending
-        assert _run_step(meter, model, x, y, step)[2] is None
-    assert _run_step(meter, model, x, y, 3)[2] is not None
+        assert _run_step(meter, model, x, y, step)[2].small_sq_norms == []
+    assert _run_step(meter, model, x, y, 3)[2].small_sq_norms != []
     meter.remove()
 
 

@@ -90,7 +90,6 @@ class BatchSizeController:
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
-        self._last_update_step = 0  # the step of the estimator's latest update
 
     # -- per step ----------------------------------------------------------------------------
     def micro_sizes(self, num_examples: int, min_parts: int | None = None) -> list[int]:
@@ -122,16 +121,17 @@ class BatchSizeController:
             step_time_s: wall seconds of the step (for the goodput policy), or None.
             norms: the step's gradient norms (an object with ``small_sq_norms``,
                 ``small_batch_size``, ``big_sq_norm``, ``big_batch_size``), or None when the
-                step gave no estimate (a single micro-batch, or a step left unmeasured). A
-                measurement after unmeasured steps stands for all of them: the estimator's
-                average keeps its memory in steps (see ``GradientNoiseScale.update(steps=)``).
+                step gave no estimate. With no small norms (a step of one micro-batch), only
+                the big norm is used (``GradientNoiseScale.update_big``). The estimator is
+                told the step, so its averages keep their memory in steps however sparse the
+                measurements (``GradientNoiseScale.update(step=)``).
         """
         self._step, self._epoch, self._samples = step, epoch, samples
-        if norms is not None:
-            gap = max(1, step - self._last_update_step)
-            if self.estimator.update(norms.small_sq_norms, norms.small_batch_size,
-                                     norms.big_sq_norm, norms.big_batch_size, steps=gap):
-                self._last_update_step = step
+        if norms is not None and norms.small_sq_norms:
+            self.estimator.update(norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm,
+                                  norms.big_batch_size, step=step)
+        elif norms is not None:
+            self.estimator.update_big(norms.big_sq_norm, norms.big_batch_size, step=step)
         if step_time_s is not None and batch_size == self.batch_size:
             self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
 
@@ -230,7 +230,6 @@ class BatchSizeController:
             "step": self._step,
             "epoch": self._epoch,
             "samples": self._samples,
-            "last_update_step": self._last_update_step,
             "step_times": {b: list(t) for b, t in self._step_times.items()},
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
@@ -244,7 +243,6 @@ class BatchSizeController:
         self.num_decisions = int(state["num_decisions"])
         self._step, self._epoch = int(state["step"]), float(state["epoch"])
         self._samples = int(state["samples"])
-        self._last_update_step = int(state.get("last_update_step", self._step))
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }

@@ -12,10 +12,13 @@ Which steps are measured (``gns_method="micro"``): a step's small batches come f
 it already holds two or more of them (the memory cap split it into micro-batches, or ranks
 of a data-parallel run each hold a share); such a step is always measured. A step that would
 be one micro-batch is measured only every ``every`` steps, split in two for it (one more
-forward/backward at half size); the estimator weighs such an update as ``every`` steps, so
-its average keeps its memory in steps (``GradientNoiseScale.update(steps=)``).
+forward/backward at half size); the estimator weighs such an update as the steps since the
+previous one, so its averages keep their memory in steps (``GradientNoiseScale.update(step=)``).
 ``gns_method="per_example"`` measures every ``every``-th step the same way (the hooks that
-read per-example norms cost more than a split). Everything stays on the device until
+read per-example norms cost more than a split). Every step, measured or not, also gives the
+whole step's norm ``|G_B|^2`` (one norm per parameter), which averages ``|G|^2`` over every
+step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
+``B_simple >> B`` is not thinned out. Everything stays on the device until
 :meth:`StepNormMeter.end_step`, whose single ``.tolist()`` is the step's host sync.
 """
 
@@ -157,11 +160,13 @@ class StepNormMeter:
 
         Returns:
             ``(loss_sum, norms)``: the loss summed over the step's ``B`` examples (all ranks),
-            and the estimator's inputs (None on an unmeasured step, or with fewer than two
-            small batches). Norms are of unscaled gradients of mean-reduced losses.
+            and the estimator's inputs: on an unmeasured step (or one with fewer than two small
+            batches) only ``big_sq_norm``, with ``small_sq_norms`` empty; None with
+            ``method="off"``. Norms are of unscaled gradients of mean-reduced losses.
         """
         if self._per_example is not None:
             self._per_example.active = False  # forwards outside a measured step are not ours
+        big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
         if self.info.enabled:
             small, count, inv = self._small_batches(sizes, global_batch)
             device = self._params[0].device
@@ -171,13 +176,15 @@ class StepNormMeter:
                                   torch.full((), inv, device=device)])
             totals, flat = all_reduce_gradients(self._params, self.info, totals)
             parts = [totals]
-            if self.measuring:
+            if big_norm:
                 parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
         else:
             parts = list(losses)
             if self.measuring:
                 small, count, inv = self._small_batches(sizes, global_batch)
-                parts += [small, grad_sq_norm(self._params)]
+                parts.append(small)
+            if big_norm:
+                parts.append(grad_sq_norm(self._params))
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
         # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
@@ -189,9 +196,14 @@ class StepNormMeter:
         else:
             loss_total = sum(v * b for v, b in zip(values, sizes))
             small_sum = values[len(sizes)] if self.measuring else math.nan
-        if not self.measuring:
+        if not big_norm:
             return loss_total, None
-        return loss_total, norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale)
+        norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale) if self.measuring else None
+        if norms is None:  # no two small batches this step: the whole-step norm alone
+            norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan,
+                                  big_sq_norm=values[-1] / (scale * scale),
+                                  big_batch_size=global_batch, micro_batch_sizes=[])
+        return loss_total, norms
 
     def _small_batches(self, sizes: list[int], global_batch: int) -> tuple[torch.Tensor, float, float]:
         """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
