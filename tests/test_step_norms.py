@@ -41,7 +41,8 @@ def _run_step(meter: StepNormMeter, model, x, y, step: int, cap: int | None = No
         (loss * (len(xi) / len(x))).backward()
         meter.after_backward(len(xi), len(xi) / len(x))
         losses.append(loss.detach())
-    return sizes, *meter.end_step(losses, sizes, len(x))
+    loss_sum = sum(loss * (b / sizes[0]) for loss, b in zip(losses, sizes))
+    return sizes, *meter.end_step(loss_sum, sizes, len(x))
 
 
 def test_norms_from_totals_averages_every_small_batch() -> None:

@@ -62,15 +62,17 @@ class Accumulated:
     """What the forward/backward passes of a step left, besides the gradients in ``.grad``.
 
     Attributes:
-        losses: the mean loss of each micro-batch, detached 0-d tensors on the device (not
-            read yet: no host sync).
+        loss_sum: this rank's loss summed over its examples and divided by ``sizes[0]`` (so
+            that one micro-batch needs no tensor op: it is that micro-batch's mean loss), a
+            detached 0-d tensor on the device, not read yet (no host sync). None if the rank
+            had no example.
         sizes: this rank's micro-batch sizes in the attempt that succeeded.
         started: ``time.perf_counter()`` at the start of that attempt, so the step time
             leaves out attempts that ran out of memory.
         oom_retries: attempts that ran out of memory before it.
     """
 
-    losses: list[torch.Tensor]
+    loss_sum: torch.Tensor | None
     sizes: list[int]
     started: float
     oom_retries: int
@@ -95,7 +97,7 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
         failed = 0
         try:
             with s.memory_guard():
-                losses = _accumulate(s, indices, sizes, global_batch)
+                loss_sum = _accumulate(s, indices, sizes, global_batch)
         except Exception as err:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
             if not is_oom_error(err):
                 raise
@@ -103,16 +105,16 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
             failed = max(sizes)
         failed = int(agree_max(failed, s.info, s.device))  # before any gradient collective
         if not failed:
-            return Accumulated(losses, sizes, started, retries)
+            return Accumulated(loss_sum, sizes, started, retries)
         release_after_oom(s.model, s.opt, s.device)
         s.controller.on_oom(failed)
         retries += 1
 
 
-def _accumulate(s: Setup, indices: torch.Tensor, sizes: list[int], global_batch: int) -> list[torch.Tensor]:
+def _accumulate(s: Setup, indices: torch.Tensor, sizes: list[int], global_batch: int) -> torch.Tensor | None:
     s.opt.zero_grad(set_to_none=True)
     s.meter.begin_step(sizes)
-    losses = []
+    loss_sum = None
     # Under DDP no micro-batch syncs: the gradients are summed once, after all of them.
     with s.forward_model.no_sync() if s.info.enabled else contextlib.nullcontext():
         for size, batch in s.loader.micro_batches(indices, sizes):
@@ -121,5 +123,8 @@ def _accumulate(s: Setup, indices: torch.Tensor, sizes: list[int], global_batch:
             scaled = loss.float() * weight if weight != 1.0 else loss.float()
             (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
             s.meter.after_backward(size, weight)
-            losses.append(loss.detach())
-    return losses
+            if loss_sum is None:
+                loss_sum = loss.detach().float()
+            else:
+                loss_sum = loss_sum + loss.detach().float() * (size / sizes[0])
+    return loss_sum

@@ -148,7 +148,7 @@ def fit(
             acc = forward_backward(s, local_share(indices, info), step_b, step)
             result.oom_retries += acc.oom_retries
             # 4. the loss and norms over all ranks: the step's one host sync is in end_step
-            loss_sum, norms = s.meter.end_step(acc.losses, acc.sizes, step_b)
+            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b)
             train_loss = loss_sum / step_b
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite

@@ -148,13 +148,13 @@ class StepNormMeter:
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
 
-    def end_step(self, losses: list[torch.Tensor], sizes: list[int],
+    def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int],
                  global_batch: int) -> tuple[float, StepGradNorms | None]:
         """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
 
         Args:
-            losses: this rank's micro-batch losses (mean-reduced, detached 0-d tensors on
-                the device), one per micro-batch.
+            loss_sum: this rank's loss summed over its examples and divided by
+                ``sizes[0]`` (a detached 0-d tensor on the device; None without examples).
             sizes: this rank's micro-batch sizes.
             global_batch: ``B``, examples in the step over all ranks.
 
@@ -170,8 +170,7 @@ class StepNormMeter:
         if self.info.enabled:
             small, count, inv = self._small_batches(sizes, global_batch)
             device = self._params[0].device
-            loss_sum = sum((loss.float() * b for loss, b in zip(losses, sizes)),
-                           torch.zeros((), device=device))
+            loss_sum = loss_sum * sizes[0] if sizes else torch.zeros((), device=device)
             totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
                                   torch.full((), inv, device=device)])
             totals, flat = all_reduce_gradients(self._params, self.info, totals)
@@ -179,7 +178,7 @@ class StepNormMeter:
             if big_norm:
                 parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
         else:
-            parts = list(losses)
+            parts = [loss_sum]
             if self.measuring:
                 small, count, inv = self._small_batches(sizes, global_batch)
                 parts.append(small)
@@ -194,8 +193,8 @@ class StepNormMeter:
         if self.info.enabled:
             loss_total, small_sum, count, inv = values[:4]
         else:
-            loss_total = sum(v * b for v, b in zip(values, sizes))
-            small_sum = values[len(sizes)] if self.measuring else math.nan
+            loss_total = values[0] * sizes[0]
+            small_sum = values[1] if self.measuring else math.nan
         if not big_norm:
             return loss_total, None
         norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale) if self.measuring else None
