@@ -187,8 +187,10 @@ class StepNormMeter:
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
         # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
-        values = [parts[0].item()] if len(parts) == 1 else torch.cat(
-            [t.reshape(-1).float() for t in parts]).tolist()
+        if len(parts) == 1 and parts[0].ndim == 0:
+            values = [parts[0].item()]
+        else:
+            values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()
         scale = values.pop() if self.scaler is not None else 1.0
         if self.info.enabled:
             loss_total, small_sum, count, inv = values[:4]
