@@ -17,8 +17,8 @@ ratio is the median over rounds of (variant time / ``plain`` time in the same ro
 are the process's CPU time (one torch thread, so the compute thread's), which other jobs on a
 shared machine inflate less than wall-clock time; wall-clock ratios are stored too.
 
-    python benchmarks/fit_overhead.py                 # about 3-5 minutes on one CPU thread
-    python benchmarks/fit_overhead.py --rounds 3      # a quick look
+    python -m benchmarks.fit_overhead                 # from the repository root, ~5 minutes
+    python -m benchmarks.fit_overhead --rounds 3 --cases cnn-16   # a quick look
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from benchmarks._run_info import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fit_overhead.json"
 VARIANTS = ("plain", "control", "off", "micro", "per_example")
@@ -135,17 +136,6 @@ def _fmt(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.3f}x"
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -189,7 +179,7 @@ def main() -> None:
         print(f"{case.name}: plain {row['plain_ms_per_step']:.3f} ms/step, " + ", ".join(
             f"{v} {_fmt(x)}" for v, x in row["ratio"].items()), flush=True)
     out = {
-        "commit": _commit(), "torch": torch.__version__, "threads": 1, "rounds": args.rounds,
+        "commit": git_commit(), "torch": torch.__version__, "threads": 1, "rounds": args.rounds,
         "timer": "process CPU time (ratio); wall-clock in ratio_wall",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "seconds": time.perf_counter() - start, "targets": TARGETS, "cases": rows,
