@@ -55,7 +55,7 @@ def _step_time(method: str, spec: tuple[int, int, int], steps: int) -> tuple[flo
     clock: list[tuple[float, float]] = []
 
     class Clock(Callback):
-        def on_step_end(self, record) -> None:  # noqa: ANN001
+        def on_step_end(self, record) -> None:
             clock.append((time.perf_counter(), time.process_time()))
 
     width = spec[0]

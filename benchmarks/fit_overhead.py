@@ -12,7 +12,9 @@ model for the same number of optimizer steps at the same fixed B:
   defined for charlm, whose position embedding takes positions, not the batch, along
   dimension 0 (the small transformer of ``autobatch.testing`` stands in).
 
-Rounds alternate the variants (the order rotates each round, after one warm-up round); each
+Every run is a whole ``fit`` call, setup included; with the estimator on, its first 20
+steps (the estimator's first window) are all measured, so short runs pay a little more than
+long ones. Rounds alternate the variants (the order rotates each round, after one warm-up round); each
 ratio is the median over rounds of (variant time / ``plain`` time in the same round). Times
 are the process's CPU time (one torch thread, so the compute thread's), which other jobs on a
 shared machine inflate less than wall-clock time; wall-clock ratios are stored too.
@@ -62,7 +64,6 @@ class Case:
 
 def _cases(only: list[str] | None) -> list[Case]:
     from autobatch.problems import get_example
-
     from autobatch.testing import TinyTransformer
 
     mnist = get_example("mnist1d")
@@ -80,14 +81,14 @@ def _cases(only: list[str] | None) -> list[Case]:
                              nn.Linear(1024, 10))
 
     cases = [
-        Case("cnn-16", mnist.model_fn, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 16, 400),
-        Case("cnn-256", mnist.model_fn, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 256, 80),
+        Case("cnn-16", mnist.model_fn, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 16, 500),
+        Case("cnn-256", mnist.model_fn, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 256, 160),
         Case("charlm-32", charlm.model_fn, *charlm.train_data, charlm.loss_fn, charlm.optimizer,
-             1e-3, 32, 40),
+             1e-3, 32, 100),
         Case("tinyformer-64", tinyformer, tokens[:, :-1], tokens[:, 1:], charlm.loss_fn,
-             mnist.optimizer, 0.05, 64, 60),
+             mnist.optimizer, 0.05, 64, 100),
         Case("mlp1m-16", mlp1m, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 16, 300),
-        Case("mlp1m-256", mlp1m, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 256, 40),
+        Case("mlp1m-256", mlp1m, x, y, mnist.loss_fn, mnist.optimizer, 0.05, 256, 120),
     ]
     return [c for c in cases if only is None or c.name in only]
 

@@ -28,7 +28,12 @@ from autobatch.noise.micro_batch import trainable_parameters
 from autobatch.policies import make_policy
 from autobatch.scaling import default_scaling, make_scaling
 from autobatch.train.callbacks import Callback
-from autobatch.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from autobatch.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from autobatch.train.controller import BatchSizeController
 from autobatch.train.distributed import DistInfo, setup_distributed
 from autobatch.train.results import FitResult

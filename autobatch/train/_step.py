@@ -98,7 +98,7 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
         try:
             with s.memory_guard():
                 loss_sum = _accumulate(s, indices, sizes, global_batch)
-        except Exception as err:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+        except Exception as err:
             if not is_oom_error(err):
                 raise
             del err  # the traceback holds the failed attempt's tensors

@@ -87,6 +87,7 @@ class BatchSizeController:
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}  # median of each _step_times window, kept current
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
@@ -133,7 +134,9 @@ class BatchSizeController:
         elif norms is not None:
             self.estimator.update_big(norms.big_sq_norm, norms.big_batch_size, step=step)
         if step_time_s is not None and batch_size == self.batch_size:
-            self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
+            times = self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW))
+            times.append(step_time_s)
+            self._medians[batch_size] = statistics.median(times)
 
     def context(self) -> PolicyContext:
         """What the policy sees: counters, bounds, the noise estimate and measured step times."""
@@ -154,7 +157,7 @@ class BatchSizeController:
             grad_sq_stderr=est.grad_sq_stderr,
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
-            step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
+            step_time_s=dict(self._medians),
         )
 
     def lr_factor(self, step: int | None = None) -> float:
@@ -246,6 +249,7 @@ class BatchSizeController:
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }
+        self._medians = {b: statistics.median(t) for b, t in self._step_times.items() if t}
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
         self.scaling.load_state_dict(state["scaling"])

@@ -25,12 +25,18 @@ step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 
-from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms, grad_sq_norm, trainable_parameters
+from autobatch.noise.micro_batch import (
+    MicroBatchGradNorms,
+    StepGradNorms,
+    grad_sq_norm,
+    trainable_parameters,
+)
 from autobatch.noise.per_example import PerExampleGradNorms
 from autobatch.train.distributed import DistInfo, all_reduce_gradients
 
@@ -103,7 +109,8 @@ class StepNormMeter:
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
 
-    def split(self, step: int, num_examples: int, micro_sizes) -> list[int]:  # noqa: ANN001
+    def split(self, step: int, num_examples: int,
+              micro_sizes: Callable[[int, int], list[int]]) -> list[int]:
         """Cut this rank's ``num_examples`` into micro-batch sizes and decide whether step
         ``step`` (0-based) is measured.
 
