@@ -4,8 +4,8 @@
 decisions. Per optimizer step the loop asks it how to split the step into micro-batches
 (:meth:`micro_sizes`), reads the LR multiplier (:meth:`lr_factor`, the one place where the LR
 is assembled), feeds it the step's gradient norms and time (:meth:`observe`) and lets it
-re-decide the global batch size (:meth:`maybe_decide`). An out-of-memory micro-batch lowers the micro-batch cap
-(:meth:`on_oom`); the global batch size is kept through more accumulation.
+re-decide the global batch size (:meth:`maybe_decide`). An out-of-memory micro-batch lowers the
+micro-batch cap (:meth:`on_oom`); the global batch size is kept through more accumulation.
 """
 
 from __future__ import annotations

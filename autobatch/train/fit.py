@@ -13,7 +13,9 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
    out-of-memory micro-batch halves the cap and the same step is retried from scratch
    (:func:`autobatch.train._step.forward_backward`);
 4. read the step's loss and gradient norms, summed over ranks, in one host sync
-   (:meth:`StepNormMeter.end_step`; under DDP the gradient all-reduce carries them);
+   (:meth:`StepNormMeter.end_step`; under DDP the gradient all-reduce carries them). The
+   only other syncs: under DDP the OOM agreement before it (one int), and with fp16 the
+   GradScaler's own inf check in ``scaler.step``;
 5. skip the step if the loss or gradient is not finite, else ``optimizer.step()``;
 6. feed the norms to the noise-scale estimator, and every ``decide_every`` steps let the
    policy pick the next B;

@@ -46,7 +46,8 @@ Method = Literal["micro", "per_example", "off"]
 
 
 def norms_from_totals(
-    small_sum: float, count: float, inv_size_sum: float, big_sq: float, big_batch: int, grad_scale: float = 1.0
+    small_sum: float, count: float, inv_size_sum: float, big_sq: float, big_batch: int,
+    grad_scale: float = 1.0,
 ) -> StepGradNorms | None:
     """The estimator's inputs from a step's totals (summed over micro-batches and ranks).
 
@@ -206,7 +207,9 @@ class StepNormMeter:
             small_sum = values[1] if self.measuring else math.nan
         if not big_norm:
             return loss_total, None
-        norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale) if self.measuring else None
+        norms = None
+        if self.measuring:
+            norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale)
         if norms is None:  # no two small batches this step: the whole-step norm alone
             norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan,
                                   big_sq_norm=values[-1] / (scale * scale),
