@@ -31,8 +31,8 @@ def _run(out: Path, *args: str, ranks: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path) -> None:
     # Estimator off, fixed B=64: the summed all-reduce of two ranks' b/B-weighted gradients is
     # the gradient of the whole batch, so the weights match one process (up to rounding).
@@ -48,8 +48,8 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path) -> None
     assert r0["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_path) -> None:
     # goodput decides from measured step times, which differ between the ranks: rank 0's
     # decision must be the one every rank follows.
@@ -60,8 +60,8 @@ def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_pat
     assert r0["weights"] == r1["weights"]
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate(tmp_path) -> None:
     # Parameters barely move (lr 1e-9), B=64: two ranks of 32 vs one process with two
     # micro-batches of 32 (a micro-batch cap of 32, so every step is measured there too)
@@ -75,8 +75,8 @@ def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate
     assert err <= 1e-3 * single["noise_scale"]  # in fact the same computation, up to rounding
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path) -> None:
     ckpt = str(tmp_path / "ckpt")
     first = _run(tmp_path / "a", "--max-steps", "12", "--checkpoint", ckpt, ranks=2)[0]
@@ -86,8 +86,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path) -> None:
     assert resumed["samples"] == first["samples"] + sum(resumed["batch_sizes"][12:])
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_an_oom_on_one_rank_makes_every_rank_back_off_together(tmp_path) -> None:
     # Only rank 1 has a budget: 12 kB, below the ~16 kB a local micro-batch of 64 peaks at.
     r0, r1 = _run(tmp_path, "--max-steps", "6", "--policy", "fixed", "--batch", "128",
@@ -124,8 +124,8 @@ def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
         setup_distributed(torch.device("cpu"))
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("prune", [False, True])
 def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path, prune) -> None:
     worker = str(Path(__file__).parent / "helpers" / "ddp_tune_worker.py")

@@ -80,10 +80,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum of squared L2 norms of the ``.grad`` of ``params`` (those without one are skipped),
     as a float32 0-d tensor on the gradients' device; no host sync."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
-    if not norms:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return torch.zeros((), dtype=torch.float32)
+    if sum(g.numel() for g in grads) <= _SMALL_MODEL and all(g.dtype == torch.float32 for g in grads):
+        # A small model's gradients are cheaper copied into one vector than reduced one by
+        # one (2 kernels instead of 2 per tensor: ~17 vs ~35 us for the MNIST-1D CNN on CPU).
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return torch.dot(flat, flat)
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     return torch.stack(norms).square().sum()
+
+
+_SMALL_MODEL = 100_000  # parameters
 
 
 class MicroBatchGradNorms:

@@ -91,10 +91,6 @@ class PerExampleGradNorms:
         loss_reduction: ``"mean"`` (default) or ``"sum"``, how the loss passed to
             ``backward`` reduces over the batch.
 
-    Attributes:
-        active: when False, forwards and backwards are not recorded (the hooks stay in
-            place, doing next to nothing), for a loop that measures only some steps.
-
     Raises:
         ValueError: for no trainable parameter, an unknown ``loss_reduction``, tied weights,
             or an embedding with ``scale_grad_by_freq``.
@@ -121,14 +117,13 @@ class PerExampleGradNorms:
             self._handles.append(param.register_hook(self._make_param_flag(param)))
         self._param_owner = owner
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
-        self.active = True
         self._batch: int | None = None
         self._total: torch.Tensor | None = None
         self._recomputing = False
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recomputing or not self.active or not torch.is_grad_enabled():
+        if self._recomputing or not torch.is_grad_enabled():
             return
         if self._batch is not None:
             raise RuntimeError(
@@ -151,8 +146,7 @@ class PerExampleGradNorms:
 
     def _make_param_flag(self, param: nn.Parameter):  # noqa: ANN202
         def flag(g: torch.Tensor) -> None:
-            if self._batch is not None:  # a recorded forward's backward
-                self._got_grad.add(id(param))
+            self._got_grad.add(id(param))
 
         return flag
 
@@ -243,11 +237,6 @@ class PerExampleGradNorms:
             device = next(iter(self._param_owner)).device
             return torch.zeros(batch, device=device)
         return total.float() * scale**2
-
-    def reset(self) -> None:
-        """Forget a forward (and backward) not read by :meth:`sq_norms`, e.g. one an error
-        interrupted; the next forward starts a fresh measurement."""
-        self._reset()
 
     def _reset(self) -> None:
         self._batch, self._total = None, None

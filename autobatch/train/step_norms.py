@@ -18,7 +18,9 @@ previous one, so its averages keep their memory in steps (``GradientNoiseScale.u
 read per-example norms cost more than a split). Every step, measured or not, also gives the
 whole step's norm ``|G_B|^2`` (one norm per parameter), which averages ``|G|^2`` over every
 step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
-``B_simple >> B`` is not thinned out. Everything stays on the device until
+``B_simple >> B`` is not thinned out. Hooks are attached for the measured steps only: an idle
+Python tensor hook still costs every backward a call per parameter. Everything stays on the
+device until
 :meth:`StepNormMeter.end_step`, whose single ``.tolist()`` is the step's host sync.
 """
 
@@ -100,13 +102,13 @@ class StepNormMeter:
         if every < 1:
             raise ValueError(f"every must be >= 1 (got every={every})")
         self.method, self.info, self.every, self.first, self.scaler = method, info, every, first, scaler
+        self._model = model
         self._params = trainable_parameters(model)
-        self._hooks = MicroBatchGradNorms(model) if method == "micro" else None
-        self._per_example = PerExampleGradNorms(model) if method == "per_example" else None
-        if self._per_example is not None:
-            self._per_example.active = False
+        # Hooks exist only during a measured step: a Python tensor hook costs every backward
+        # a call per parameter (~10% of a small CNN's step) even when it records nothing.
+        self._hooks: MicroBatchGradNorms | None = None
+        self._per_example: PerExampleGradNorms | None = None
         self.measuring = False
-        self._use_hooks = False
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
 
@@ -135,23 +137,24 @@ class StepNormMeter:
 
     def begin_step(self, sizes: list[int]) -> None:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
+        self.remove()  # what a failed attempt left
+        self._pe_sum, self._pe_count = None, 0
+        if not self.measuring:
+            return
+        if self.method == "per_example":
+            self._per_example = PerExampleGradNorms(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
-        self._use_hooks = self.measuring and self._hooks is not None and (
-            not self.info.enabled or len(sizes) > 1)
-        if self._use_hooks:
+        elif not self.info.enabled or len(sizes) > 1:
+            self._hooks = MicroBatchGradNorms(self._model)
             self._hooks.begin_step()
-        if self._per_example is not None:
-            self._per_example.reset()
-            self._per_example.active = self.measuring
-            self._pe_sum, self._pe_count = None, 0
 
     def after_backward(self, batch_size: int, loss_weight: float) -> None:
         """Close one micro-batch of ``batch_size`` examples whose mean loss was multiplied by
         ``loss_weight`` (``b_i / B``, B global) before its backward."""
-        if self._use_hooks:
+        if self._hooks is not None:
             self._hooks.after_backward(batch_size, loss_weight)
-        elif self.measuring and self._per_example is not None:
+        elif self._per_example is not None:
             sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
@@ -172,8 +175,6 @@ class StepNormMeter:
             batches) only ``big_sq_norm``, with ``small_sq_norms`` empty; None with
             ``method="off"``. Norms are of unscaled gradients of mean-reduced losses.
         """
-        if self._per_example is not None:
-            self._per_example.active = False  # forwards outside a measured step are not ours
         big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
         if self.info.enabled:
             small, count, inv = self._small_batches(sizes, global_batch)
@@ -192,11 +193,14 @@ class StepNormMeter:
                 parts.append(small)
             if big_norm:
                 parts.append(grad_sq_norm(self._params))
+        self.remove()
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
         # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
         if len(parts) == 1 and parts[0].ndim == 0:
             values = [parts[0].item()]
+        elif not self.info.enabled:  # 0-d float32 tensors
+            values = torch.stack(parts).tolist()
         else:
             values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()
         scale = values.pop() if self.scaler is not None else 1.0
@@ -220,7 +224,7 @@ class StepNormMeter:
         """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
         their count and ``sum_i 1/b_i``."""
         device = self._params[0].device
-        if self._use_hooks:
+        if self._hooks is not None:
             raw = self._hooks.finish_step()
             # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
             small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._hooks.loss_weights)),
@@ -234,7 +238,8 @@ class StepNormMeter:
         return torch.zeros((), device=device), 0.0, 0.0
 
     def remove(self) -> None:
-        """Remove every hook from the model."""
+        """Remove the hooks of the current step, if any, from the model."""
         for hooks in (self._hooks, self._per_example):
             if hooks is not None:
                 hooks.remove()
+        self._hooks = self._per_example = None
