@@ -243,8 +243,7 @@ class MicroBatchGradNorms:
             ``|w_i s G_{b_i}|^2`` of every micro-batch, as the backward saw it (the loss
             weight ``w_i`` and the AMP scale ``s`` still in): a float32 tensor of shape
             ``(k,)`` on the gradients' device, ``k`` the number of :meth:`after_backward`
-            calls (the sizes and weights stay in :attr:`micro_batch_sizes` and
-            :attr:`loss_weights`).
+            calls (their loss weights stay in :attr:`loss_weights`).
 
         Raises:
             RuntimeError: if :meth:`begin_step` was not called, or a backward ran after the
@@ -261,11 +260,6 @@ class MicroBatchGradNorms:
         if not self._micro_sq:
             return torch.zeros(0, dtype=torch.float32, device=self._params[0].device)
         return torch.stack(self._micro_sq)
-
-    @property
-    def micro_batch_sizes(self) -> list[int]:
-        """``b_i`` of the micro-batches closed in the current (or last) step."""
-        return self._sizes
 
     @property
     def loss_weights(self) -> list[float]:
