@@ -87,7 +87,8 @@ class BatchSizeController:
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
-        self._medians: dict[int, float] = {}  # median of each _step_times window, kept current
+        self._medians: dict[int, float] = {}  # median of each _step_times window...
+        self._stale: set[int] = set()  # ...except these, changed since (refreshed when read)
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
@@ -134,12 +135,14 @@ class BatchSizeController:
         elif norms is not None:
             self.estimator.update_big(norms.big_sq_norm, norms.big_batch_size, step=step)
         if step_time_s is not None and batch_size == self.batch_size:
-            times = self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW))
-            times.append(step_time_s)
-            self._medians[batch_size] = statistics.median(times)
+            self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
+            self._stale.add(batch_size)
 
     def context(self) -> PolicyContext:
         """What the policy sees: counters, bounds, the noise estimate and measured step times."""
+        for b in self._stale:
+            self._medians[b] = statistics.median(self._step_times[b])
+        self._stale.clear()
         est = self.estimator
         return PolicyContext(
             step=self._step,
@@ -157,7 +160,7 @@ class BatchSizeController:
             grad_sq_stderr=est.grad_sq_stderr,
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
-            step_time_s=dict(self._medians),
+            step_time_s={b: self._medians[b] for b in self._step_times if b in self._medians},
         )
 
     def lr_factor(self, step: int | None = None) -> float:
@@ -249,7 +252,7 @@ class BatchSizeController:
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }
-        self._medians = {b: statistics.median(t) for b, t in self._step_times.items() if t}
+        self._medians, self._stale = {}, {b for b, t in self._step_times.items() if t}
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
         self.scaling.load_state_dict(state["scaling"])
