@@ -33,6 +33,23 @@ def _run(out: Path, *args: str, ranks: int) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path) -> None:
+    # Estimator off, fixed B=64: the summed all-reduce of two ranks' b/B-weighted gradients is
+    # the gradient of the whole batch, so the weights match one process (up to rounding).
+    args = ("--max-steps", "20", "--policy", "fixed", "--batch", "64", "--gns-method", "off",
+            "--lr-scaling", "none")
+    r0, r1 = _run(tmp_path / "ddp", *args, ranks=2)
+    (single,) = _run(tmp_path / "single", *args, ranks=1)
+    assert r0["weights"] == r1["weights"]
+    import torch
+
+    for a, b in zip(r0["weights"], single["weights"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6)
+    assert r0["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_path) -> None:
     # goodput decides from measured step times, which differ between the ranks: rank 0's
     # decision must be the one every rank follows.
@@ -47,10 +64,11 @@ def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_pat
 @pytest.mark.distributed
 def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate(tmp_path) -> None:
     # Parameters barely move (lr 1e-9), B=64: two ranks of 32 vs one process with two
-    # micro-batches of 32 measure the same small batches in the same order.
+    # micro-batches of 32 (a micro-batch cap of 32, so every step is measured there too)
+    # measure the same small batches in the same order.
     args = ("--max-steps", "30", "--lr", "1e-9", "--policy", "fixed", "--batch", "64", "--smoothing", "0.9")
     (ddp,) = _run(tmp_path / "ddp", *args, ranks=2)[:1]
-    (single,) = _run(tmp_path / "single", *args, ranks=1)
+    (single,) = _run(tmp_path / "single", *args, "--max-micro", "32", ranks=1)
     assert single["micro"] == [32] * 30 and ddp["micro"] == [32] * 30
     err = abs(ddp["noise_scale"] - single["noise_scale"])
     assert err <= 2 * single["noise_stderr"], (ddp["noise_scale"], single["noise_scale"], single["noise_stderr"])
@@ -92,19 +110,6 @@ def test_local_shares_cover_every_index_once() -> None:
     assert torch.equal(torch.cat(shares), idx)
     tail = [local_share(torch.arange(1), DistInfo(r, 2)) for r in range(2)]
     assert [len(s) for s in tail] == [1, 0]  # nothing dropped, a rank may get nothing
-
-
-def test_combine_norms_uses_every_small_batch() -> None:
-    import torch
-
-    from autobatch.train.distributed import DistInfo, combine_norms
-    from autobatch.noise.micro_batch import StepGradNorms
-
-    local = StepGradNorms(small_sq_norms=[2.0, 4.0, 6.0], small_batch_size=0.0, big_sq_norm=1.0,
-                          big_batch_size=7, micro_batch_sizes=[2, 2, 3])
-    norms, total = combine_norms(local, 1.5, 7, DistInfo(), torch.device("cpu"), also_sum=9.0)
-    assert norms.small_sq_norms == [4.0] and norms.big_sq_norm == 1.5 and total == 9.0
-    assert norms.small_batch_size == pytest.approx(3 / (1 / 2 + 1 / 2 + 1 / 3))
 
 
 def test_a_missing_backend_names_the_fix(monkeypatch) -> None:

@@ -132,3 +132,69 @@ def test_state_dict_round_trip_is_exact_and_reset_forgets() -> None:
 def test_bad_configuration_is_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         GradientNoiseScale(**kwargs)
+
+
+def test_an_update_standing_for_several_steps_equals_repeating_it() -> None:
+    # An EMA update k steps after the previous one (decay beta^k, weight 1-beta^k) must average
+    # exactly like the same measurement fed at each of those k steps: the window stays in
+    # steps however sparse the updates.
+    sparse, dense = GradientNoiseScale(0.9), GradientNoiseScale(0.9)
+    for small, big, step, k in [(5.0, 2.0, 0, 1), (7.0, 1.5, 3, 3), (4.0, 2.5, 11, 8)]:
+        sparse.update([small], 4, big, 16, step=step)
+        for _ in range(k):
+            dense.update([small], 4, big, 16)
+    assert sparse.grad_sq == pytest.approx(dense.grad_sq, rel=1e-12)
+    assert sparse.trace_cov == pytest.approx(dense.trace_cov, rel=1e-12)
+    assert sparse.num_updates == 3
+    with pytest.raises(ValueError, match="step must be after the previous update's"):
+        sparse.update([1.0], 4, 1.0, 16, step=11)
+
+
+def test_big_only_steps_recover_exact_inputs() -> None:
+    # Noise-free inputs, |G|^2 = 2 and tr(Sigma) = 48: E|G_b|^2 = 2 + 48/b exactly. Two-batch
+    # updates every 4th step, whole-step norms in between (at varying B): both averages exact.
+    est = GradientNoiseScale(0.9)
+    assert not est.update_big(2 + 48 / 16, 16, step=0)  # no tr(Sigma) yet: nothing to subtract
+    for step in range(1, 40):
+        big = 16 + 8 * (step % 3)
+        if step % 4 == 1:
+            assert est.update([2 + 48 / 4], 4, 2 + 48 / big, big, step=step)
+        else:
+            assert est.update_big(2 + 48 / big, big, step=step)
+    assert est.grad_sq == pytest.approx(2.0, rel=1e-12)
+    assert est.trace_cov == pytest.approx(48.0, rel=1e-12)
+    assert est.num_updates == 10
+    assert not est.update_big(float("nan"), 16, step=40) and est.num_rejected == 1
+
+
+def test_standard_errors_with_big_only_steps_match_the_spread_over_repeats() -> None:
+    # Gaussian per-example gradients g_i ~ N(G, I) in d dimensions, so |G|^2 and tr(Sigma) = d
+    # are known. Each repeat: 120 steps of B=8, two halves of 4 on every 6th step, only the
+    # whole-step norm on the others; plain means (smoothing None). The reported standard
+    # errors must match the spread of the estimates over 300 repeats.
+    rng = np.random.default_rng(0)
+    d, big, steps, repeats, every = 20, 8, 120, 300, 6
+    mean = np.full(d, 0.3)
+    estimates, stderrs, pairs_only = [], [], []
+    for _ in range(repeats):
+        est = GradientNoiseScale(smoothing=None, min_updates=2)
+        sparse = GradientNoiseScale(smoothing=None, min_updates=2)  # the two-batch steps alone
+        g = mean + rng.normal(size=(steps, big, d))
+        for t in range(steps):
+            whole = np.sum(g[t].mean(0) ** 2)
+            if t % every == 0:
+                halves = [np.sum(g[t, :4].mean(0) ** 2), np.sum(g[t, 4:].mean(0) ** 2)]
+                est.update(halves, 4, whole, big, step=t)
+                sparse.update(halves, 4, whole, big, step=t)
+            else:
+                est.update_big(whole, big, step=t)
+        estimates.append((est.grad_sq_mean, est.trace_cov, est.noise_scale))
+        stderrs.append((est.grad_sq_stderr, est.trace_cov_stderr, est.noise_scale_stderr))
+        pairs_only.append(sparse.grad_sq_mean)
+    estimates, stderrs = np.array(estimates), np.array(stderrs)
+    assert estimates[:, 0].mean() == pytest.approx(np.sum(mean**2), rel=0.05)  # unbiased
+    assert estimates[:, 1].mean() == pytest.approx(d, rel=0.05)
+    spread = estimates.std(axis=0)
+    assert np.median(stderrs, axis=0) == pytest.approx(spread, rel=0.2)
+    # The whole-step norms of the other steps make |G|^2 less spread (here 0.22 vs 0.34).
+    assert spread[0] < 0.75 * np.std(pairs_only)

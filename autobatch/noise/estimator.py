@@ -133,16 +133,31 @@ class GradientNoiseScale:
         """Forget every update (the configuration is kept)."""
         self.num_updates = 0
         self.num_rejected = 0
-        # Weighted sums: m_* are the raw (not bias-corrected) averages, w the total weight,
-        # q the sum of squared weights (for the effective sample count); the second moments
-        # feed the standard error.
+        # Two weighted averages, each kept as raw (not bias-corrected) sums m_* with total
+        # weight w and sum of squared weights q (for the effective sample count):
+        # - the two-batch updates: tr(Sigma) draws s and their paired |G|^2 draws (m_gp);
+        # - every |G|^2 draw (weights _wg, _qg): the two-batch ones (m_g, m_gg) and the
+        #   big-only ones, |G_B|^2 - tr(Sigma)/B with the tr(Sigma) average at read time, kept
+        #   as sums of y = |G_B|^2 and c = 1/B (m_y, m_yy, m_yc, m_c, m_cc).
+        # Second moments feed the standard errors.
         self._w = 0.0
         self._q = 0.0
-        self._m_g = 0.0
         self._m_s = 0.0
-        self._m_gg = 0.0
         self._m_ss = 0.0
         self._m_gs = 0.0
+        self._m_gp = 0.0
+        self._wg = 0.0
+        self._qg = 0.0
+        self._m_g = 0.0
+        self._m_gg = 0.0
+        self._m_y = 0.0
+        self._m_yy = 0.0
+        self._m_yc = 0.0
+        self._m_c = 0.0
+        self._m_cc = 0.0
+        self._q_x = 0.0  # sum over two-batch draws of (their |G|^2 weight x tr(Sigma) weight)
+        self._last_pair_step: int | None = None
+        self._last_g_step: int | None = None
 
     # -- updates -----------------------------------------------------------------------------
     def update(
@@ -151,8 +166,10 @@ class GradientNoiseScale:
         small_batch_size: float,
         big_sq_norm: float,
         big_batch_size: float,
+        *,
+        step: int | None = None,
     ) -> bool:
-        """Add one step's measurement.
+        """Add one step's two-batch measurement.
 
         Args:
             small_sq_norms: squared norms of every small-batch gradient of the step (one
@@ -161,13 +178,19 @@ class GradientNoiseScale:
                 e.g. ``1/mean(1/b_i)`` for unequal micro-batches).
             big_sq_norm: squared norm of the step's whole gradient.
             big_batch_size: examples in the whole step, ``B > b`` (may be effective too).
+            step: the optimizer step this was measured at, for a loop that measures only
+                some steps. The averages then decay by ``smoothing`` per step elapsed since
+                their previous update and give this one the weight
+                ``1 - smoothing ** elapsed``, so their memory stays about ``1/(1-smoothing)``
+                *steps* however sparse the updates. None: one step after the previous update.
 
         Returns:
             True if the update was accepted, False if it was rejected for a NaN or infinite
             input (counted in :attr:`num_rejected`, never averaged in).
 
         Raises:
-            ValueError: if the batch sizes are not ``1 <= b < B`` or no small norm is given.
+            ValueError: if the batch sizes are not ``1 <= b < B``, no small norm is given,
+                or ``step`` is not after the previous update's.
         """
         smalls = [float(small_sq_norms)] if _is_scalar(small_sq_norms) else [
             float(x) for x in small_sq_norms  # type: ignore[union-attr]
@@ -179,51 +202,143 @@ class GradientNoiseScale:
             self.num_rejected += 1
             return False
         g, s = two_batch_estimates(sum(smalls) / len(smalls), small_batch_size, big, big_batch_size)
-        self._add(g, s)
-        return True
-
-    def _add(self, g: float, s: float) -> None:
-        decay, weight = (1.0, 1.0) if self.smoothing is None else (self.smoothing, 1.0 - self.smoothing)
+        decay, weight = self._decay(step, self._last_pair_step)
+        decay_g, weight_g = self._decay(step, self._last_g_step)
+        self._q_x *= decay
         self._w = decay * self._w + weight
         self._q = decay * decay * self._q + weight * weight
-        self._m_g = decay * self._m_g + weight * g
         self._m_s = decay * self._m_s + weight * s
-        self._m_gg = decay * self._m_gg + weight * g * g
         self._m_ss = decay * self._m_ss + weight * s * s
         self._m_gs = decay * self._m_gs + weight * g * s
+        self._m_gp = decay * self._m_gp + weight * g
+        self._decay_grad_sq(decay_g, step)
+        self._q_x += weight * weight_g
+        self._wg += weight_g
+        self._qg += weight_g * weight_g
+        self._m_g += weight_g * g
+        self._m_gg += weight_g * g * g
+        self._last_pair_step = step
         self.num_updates += 1
+        return True
+
+    def update_big(self, big_sq_norm: float, big_batch_size: float, *, step: int | None = None) -> bool:
+        """Add a step that measured only its whole gradient (no small batches).
+
+        ``E|G_B|^2 = |G|^2 + tr(Sigma)/B``, so with the current ``tr(Sigma)`` average the step
+        gives one more ``|G|^2`` draw, ``|G_B|^2 - tr(Sigma)/B``, at the cost of one norm: a
+        loop that splits only every k-th step for the small batches still averages ``|G|^2``,
+        the noisier of the two when ``B_simple >> B``, over every step. The standard errors
+        count the shared ``tr(Sigma)`` average's own error in these draws.
+
+        Args:
+            big_sq_norm: squared norm of the step's gradient (mean-reduced loss, unscaled).
+            big_batch_size: examples in the step, ``B``.
+            step: as in :meth:`update`.
+
+        Returns:
+            True if accepted; False before the first two-batch update (no ``tr(Sigma)`` yet)
+            or for a NaN or infinite norm (counted in :attr:`num_rejected`).
+        """
+        big = float(big_sq_norm)
+        if not math.isfinite(big):
+            self.num_rejected += 1
+            return False
+        if self._w == 0.0:
+            return False
+        inv = 1.0 / big_batch_size
+        decay, weight = self._decay(step, self._last_g_step)
+        self._decay_grad_sq(decay, step)
+        self._wg += weight
+        self._qg += weight * weight
+        self._m_y += weight * big
+        self._m_yy += weight * big * big
+        self._m_yc += weight * big * inv
+        self._m_c += weight * inv
+        self._m_cc += weight * inv * inv
+        return True
+
+    def _decay(self, step: int | None, last: int | None) -> tuple[float, float]:
+        """``(decay, weight)`` of an update ``step - last`` steps after the previous one."""
+        if self.smoothing is None:
+            return 1.0, 1.0
+        elapsed = 1 if step is None or last is None else step - last
+        if elapsed < 1:
+            raise ValueError(
+                f"step must be after the previous update's (got step={step} after {last}); "
+                "pass the optimizer step count, which only grows"
+            )
+        decay = self.smoothing if elapsed == 1 else self.smoothing**elapsed
+        return decay, 1.0 - decay
+
+    def _decay_grad_sq(self, decay: float, step: int | None) -> None:
+        """Decay every |G|^2 sum by ``decay`` for a new draw at ``step``."""
+        self._wg *= decay
+        self._qg *= decay * decay
+        self._q_x *= decay
+        for key in ("_m_g", "_m_gg", "_m_y", "_m_yy", "_m_yc", "_m_c", "_m_cc"):
+            setattr(self, key, decay * getattr(self, key))
+        self._last_g_step = step
 
     # -- results -----------------------------------------------------------------------------
     @property
     def grad_sq(self) -> float:
         """Averaged ``|G|^2`` (squared gradient norm of a mean-reduced loss), floored at
         :attr:`floor`; NaN before the first update."""
-        if self._w == 0.0:
+        if self._wg == 0.0:
             return math.nan
-        return max(self._m_g / self._w, self.floor)
+        return max(self.grad_sq_mean, self.floor)
 
     @property
     def grad_sq_mean(self) -> float:
         """Averaged ``|G|^2`` without the floor (may be negative); NaN before any update."""
-        return math.nan if self._w == 0.0 else self._m_g / self._w
+        if self._wg == 0.0:
+            return math.nan
+        if self._m_c == 0.0:  # two-batch draws only
+            return self._m_g / self._wg
+        return (self._m_g + self._m_y - self.trace_cov * self._m_c) / self._wg
 
     @property
     def grad_sq_stderr(self) -> float:
         """Standard error of the averaged ``|G|^2`` (inf with fewer than 2 updates)."""
-        return self._stderr(self._m_g, self._m_gg)
+        var = self._var_grad_sq()
+        return math.inf if var is None else math.sqrt(var)
 
     @property
     def trace_cov_stderr(self) -> float:
         """Standard error of the averaged ``tr(Sigma)`` (inf with fewer than 2 updates)."""
-        return self._stderr(self._m_s, self._m_ss)
+        var = self._var_trace_cov()
+        return math.inf if var is None else math.sqrt(var)
 
-    def _stderr(self, first: float, second: float) -> float:
-        n = self.effective_samples
-        if self.num_updates < 2 or n <= 1.0:
-            return math.inf
-        mean = first / self._w
-        var = max(second / self._w - mean * mean, 0.0) * n / (n - 1.0)
-        return math.sqrt(var / n)
+    @staticmethod
+    def _spread(first: float, second: float, w: float, q: float) -> tuple[float, float] | None:
+        """``(variance of one draw, effective draws)`` of a weighted average, with the
+        effective-sample correction; None with too few draws."""
+        n = 0.0 if q == 0.0 else w * w / q
+        if n <= 1.0:
+            return None
+        mean = first / w
+        return max(second / w - mean * mean, 0.0) * n / (n - 1.0), n
+
+    def _var_trace_cov(self) -> float | None:
+        if self.num_updates < 2:
+            return None
+        spread = self._spread(self._m_s, self._m_ss, self._w, self._q)
+        return None if spread is None else spread[0] / spread[1]
+
+    def _var_grad_sq(self) -> float | None:
+        if self.num_updates < 2:
+            return None
+        first, second = self._m_g, self._m_gg
+        if self._m_c != 0.0:  # add the big-only draws y - S c, S the tr(Sigma) average
+            s = self.trace_cov
+            first += self._m_y - s * self._m_c
+            second += self._m_yy - 2.0 * s * self._m_yc + s * s * self._m_cc
+        spread = self._spread(first, second, self._wg, self._qg)
+        var_s = self._var_trace_cov()
+        if spread is None or var_s is None:
+            return None
+        c = self._m_c / self._wg  # weight of the big-only draws' shared -tr(Sigma)/B term
+        return spread[0] / spread[1] + c * c * var_s
 
     @property
     def trace_cov(self) -> float:
@@ -238,9 +353,9 @@ class GradientNoiseScale:
 
     @property
     def effective_samples(self) -> float:
-        """Effective number of independent updates behind the averages,
+        """Effective number of independent two-batch updates behind the averages,
         ``(sum of weights)^2 / (sum of squared weights)``; equals :attr:`num_updates` when
-        ``smoothing`` is None and tends to ``(1+beta)/(1-beta)`` for an EMA."""
+        ``smoothing`` is None and tends to ``(1+beta)/(1-beta)`` for an EMA of every step."""
         return 0.0 if self._q == 0.0 else self._w * self._w / self._q
 
     @property
@@ -250,29 +365,34 @@ class GradientNoiseScale:
 
         Treats updates as independent; under an EMA that still holds for the weighted means.
         """
-        n = self.effective_samples
-        if self.num_updates < 2 or n <= 1.0:
+        var_g, var_s = self._var_grad_sq(), self._var_trace_cov()
+        if var_g is None or var_s is None:
             return math.inf
-        g_raw, s = self._m_g / self._w, self._m_s / self._w
+        g_raw, s = self.grad_sq_mean, self._m_s / self._w
         if g_raw <= 0.0:
             return math.inf
-        # Weighted (co)variances of single-step draws, with the effective-sample correction.
-        corr = n / (n - 1.0)
-        var_g = max(self._m_gg / self._w - g_raw * g_raw, 0.0) * corr
-        var_s = max(self._m_ss / self._w - s * s, 0.0) * corr
-        cov = (self._m_gs / self._w - g_raw * s) * corr
+        # Covariance of the two averages: the paired draws of the two-batch updates (weighted
+        # by both averages' weights), less the big-only draws' -tr(Sigma)/B term, which moves
+        # against the tr(Sigma) average.
+        n = self.effective_samples
+        g_pair = self._m_gp / self._w
+        cov_draw = (self._m_gs / self._w - g_pair * s) * n / (n - 1.0)
+        cov = cov_draw * self._q_x / (self._w * self._wg) - self._m_c / self._wg * var_s
         ratio = s / g_raw
         rel_var = (var_s / (s * s) if s != 0.0 else 0.0) + var_g / (g_raw * g_raw)
         rel_var -= 2.0 * cov / (s * g_raw) if s != 0.0 else 0.0
-        return abs(ratio) * math.sqrt(max(rel_var, 0.0) / n)
+        return abs(ratio) * math.sqrt(max(rel_var, 0.0))
 
     @property
     def ready(self) -> bool:
         """True once :attr:`min_updates` updates are in and the averaged ``|G|^2`` is
         positive (before that the noise scale is undefined or floored)."""
-        return self.num_updates >= self.min_updates and self._m_g > 0.0
+        return self.num_updates >= self.min_updates and self.grad_sq_mean > 0.0
 
     # -- persistence -------------------------------------------------------------------------
+    _REQUIRED = ("smoothing", "min_updates", "floor", "num_updates", "num_rejected", "w", "q",
+                 "m_g", "m_s", "m_gg", "m_ss", "m_gs")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this estimator stands."""
         return {
@@ -288,11 +408,23 @@ class GradientNoiseScale:
             "m_gg": self._m_gg,
             "m_ss": self._m_ss,
             "m_gs": self._m_gs,
+            "m_gp": self._m_gp,
+            "wg": self._wg,
+            "qg": self._qg,
+            "m_y": self._m_y,
+            "m_yy": self._m_yy,
+            "m_yc": self._m_yc,
+            "m_c": self._m_c,
+            "m_cc": self._m_cc,
+            "q_x": self._q_x,
+            "last_pair_step": self._last_pair_step,
+            "last_g_step": self._last_g_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the result is bit-identical to the saved estimator."""
-        missing = sorted(set(self.state_dict()) - set(state))
+        """Restore a :meth:`state_dict`; the result is bit-identical to the saved estimator.
+        A state written before big-only updates existed loads as one without them."""
+        missing = sorted(set(self._REQUIRED) - set(state))
         if missing:
             raise KeyError(f"GradientNoiseScale state is missing keys {missing}")
         self.smoothing = state["smoothing"]
@@ -302,6 +434,14 @@ class GradientNoiseScale:
         self.num_rejected = int(state["num_rejected"])
         for key in ("w", "q", "m_g", "m_s", "m_gg", "m_ss", "m_gs"):
             setattr(self, f"_{key}", float(state[key]))
+        self._m_gp = float(state.get("m_gp", state["m_g"]))
+        self._wg = float(state.get("wg", state["w"]))
+        self._qg = float(state.get("qg", state["q"]))
+        for key in ("m_y", "m_yy", "m_yc", "m_c", "m_cc"):
+            setattr(self, f"_{key}", float(state.get(key, 0.0)))
+        self._q_x = float(state.get("q_x", state["q"]))
+        self._last_pair_step = state.get("last_pair_step")
+        self._last_g_step = state.get("last_g_step")
 
     def __repr__(self) -> str:
         return (

@@ -80,10 +80,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum of squared L2 norms of the ``.grad`` of ``params`` (those without one are skipped),
     as a float32 0-d tensor on the gradients' device; no host sync."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
-    if not norms:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return torch.zeros((), dtype=torch.float32)
+    if sum(g.numel() for g in grads) <= _SMALL_MODEL and all(g.dtype == torch.float32 for g in grads):
+        # A small model's gradients are cheaper copied into one vector than reduced one by
+        # one (2 kernels instead of 2 per tensor: ~17 vs ~35 us for the MNIST-1D CNN on CPU).
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return torch.dot(flat, flat)
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     return torch.stack(norms).square().sum()
+
+
+_SMALL_MODEL = 100_000  # parameters
 
 
 class MicroBatchGradNorms:
@@ -200,14 +209,7 @@ class MicroBatchGradNorms:
                 proportional to the micro-batch sizes (then ``.grad`` is not the gradient of
                 the step's mean loss).
         """
-        if not self._active:
-            raise RuntimeError("end_step called outside a step; call begin_step() first")
-        self._active = False
-        if self._pending:
-            raise RuntimeError(
-                f"{len(self._pending)} parameter gradients arrived after the last after_backward();"
-                " call after_backward(batch_size, loss_weight) after every micro-batch backward"
-            )
+        raw = self.finish_step()
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be positive and finite (got grad_scale={grad_scale})")
         if len(self._sizes) < max(1, min_micro_batches):
@@ -219,9 +221,9 @@ class MicroBatchGradNorms:
         ]
         _check_proportional(per_mean, self._sizes)
         total = sum(per_mean)  # .grad = grad_scale * total * G_B
-        device = self._micro_sq[0].device
+        device = raw.device
         big = grad_sq_norm(self._params).to(device) if big_norm else torch.full((), math.nan, device=device)
-        values = torch.stack(self._micro_sq + [big]).double().cpu().tolist()  # the step's one host sync
+        values = torch.cat([raw, big.reshape(1)]).double().cpu().tolist()  # the step's one host sync
         smalls = [v / (u * grad_scale) ** 2 for v, u in zip(values[:-1], per_mean)]
         return StepGradNorms(
             small_sq_norms=smalls,
@@ -230,6 +232,39 @@ class MicroBatchGradNorms:
             big_batch_size=big_batch,
             micro_batch_sizes=list(self._sizes),
         )
+
+    def finish_step(self) -> torch.Tensor:
+        """Close the step without a host sync and return what the hooks measured.
+
+        For loops that read the norms together with other numbers in one transfer:
+        :meth:`end_step` is this plus the division by the loss weights and the AMP scale.
+
+        Returns:
+            ``|w_i s G_{b_i}|^2`` of every micro-batch, as the backward saw it (the loss
+            weight ``w_i`` and the AMP scale ``s`` still in): a float32 tensor of shape
+            ``(k,)`` on the gradients' device, ``k`` the number of :meth:`after_backward`
+            calls (their loss weights stay in :attr:`loss_weights`).
+
+        Raises:
+            RuntimeError: if :meth:`begin_step` was not called, or a backward ran after the
+                last :meth:`after_backward`.
+        """
+        if not self._active:
+            raise RuntimeError("end_step/finish_step called outside a step; call begin_step() first")
+        self._active = False
+        if self._pending:
+            raise RuntimeError(
+                f"{len(self._pending)} parameter gradients arrived after the last after_backward();"
+                " call after_backward(batch_size, loss_weight) after every micro-batch backward"
+            )
+        if not self._micro_sq:
+            return torch.zeros(0, dtype=torch.float32, device=self._params[0].device)
+        return torch.stack(self._micro_sq)
+
+    @property
+    def loss_weights(self) -> list[float]:
+        """The ``loss_weight`` of each micro-batch closed in the current (or last) step."""
+        return self._weights
 
     # -- lifetime ----------------------------------------------------------------------------
     def remove(self) -> None:

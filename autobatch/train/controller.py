@@ -2,10 +2,10 @@
 
 :class:`BatchSizeController` is the state a custom training loop needs to follow autobatch's
 decisions. Per optimizer step the loop asks it how to split the step into micro-batches
-(:meth:`micro_sizes`), feeds it the step's gradient norms and time (:meth:`observe`), reads the
-LR multiplier (:meth:`lr_factor`) and lets it re-decide the global batch size
-(:meth:`maybe_decide`). An out-of-memory micro-batch lowers the micro-batch cap
-(:meth:`on_oom`); the global batch size is kept through more accumulation.
+(:meth:`micro_sizes`), reads the LR multiplier (:meth:`lr_factor`, the one place where the LR
+is assembled), feeds it the step's gradient norms and time (:meth:`observe`) and lets it
+re-decide the global batch size (:meth:`maybe_decide`). An out-of-memory micro-batch lowers the
+micro-batch cap (:meth:`on_oom`); the global batch size is kept through more accumulation.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class BatchSizeController:
         min_micro_batches: micro-batches per step when B allows (2 gives the estimator its two
             batch sizes at no extra cost).
         max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
+        warmup_steps: optimizer steps of linear LR warm-up from 0 (0: none); applied by
+            :meth:`lr_factor` when it is given the step.
 
     Attributes:
         batch_size: the current global batch size B.
@@ -59,6 +61,7 @@ class BatchSizeController:
         max_micro_batch_size: int | None = None,
         min_micro_batches: int = 2,
         max_lr_factor: float | None = None,
+        warmup_steps: int = 0,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -68,6 +71,8 @@ class BatchSizeController:
             )
         if decide_every < 1:
             raise ValueError(f"decide_every must be >= 1 (got decide_every={decide_every})")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got warmup_steps={warmup_steps})")
         self.policy = policy
         self.scaling = scaling
         self.estimator = estimator
@@ -78,20 +83,24 @@ class BatchSizeController:
         self.max_micro_batch_size = max_micro_batch_size
         self.min_micro_batches = min_micro_batches
         self.max_lr_factor = max_lr_factor
+        self.warmup_steps = warmup_steps
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}  # median of each _step_times window...
+        self._stale: set[int] = set()  # ...except these, changed since (refreshed when read)
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
 
     # -- per step ----------------------------------------------------------------------------
-    def micro_sizes(self, num_examples: int) -> list[int]:
-        """Split a step of ``num_examples`` into micro-batch sizes: at least
-        ``min_micro_batches`` pieces (when there are that many examples) and none above the
-        micro-batch cap. Sizes differ by at most one."""
+    def micro_sizes(self, num_examples: int, min_parts: int | None = None) -> list[int]:
+        """Split a step of ``num_examples`` into micro-batch sizes: at least ``min_parts``
+        pieces (default ``min_micro_batches``; fewer only when there are fewer examples) and
+        none above the micro-batch cap. Sizes differ by at most one, the larger first."""
         cap = self.max_micro_batch_size or num_examples
-        parts = max(min(self.min_micro_batches, num_examples), math.ceil(num_examples / cap))
+        least = self.min_micro_batches if min_parts is None else min_parts
+        parts = max(min(least, num_examples), math.ceil(num_examples / cap))
         return split_sizes(num_examples, parts)
 
     def observe(
@@ -114,18 +123,26 @@ class BatchSizeController:
             step_time_s: wall seconds of the step (for the goodput policy), or None.
             norms: the step's gradient norms (an object with ``small_sq_norms``,
                 ``small_batch_size``, ``big_sq_norm``, ``big_batch_size``), or None when the
-                step gave no estimate (a single micro-batch).
+                step gave no estimate. With no small norms (a step of one micro-batch), only
+                the big norm is used (``GradientNoiseScale.update_big``). The estimator is
+                told the step, so its averages keep their memory in steps however sparse the
+                measurements (``GradientNoiseScale.update(step=)``).
         """
         self._step, self._epoch, self._samples = step, epoch, samples
-        if norms is not None:
-            self.estimator.update(
-                norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm, norms.big_batch_size
-            )
+        if norms is not None and norms.small_sq_norms:
+            self.estimator.update(norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm,
+                                  norms.big_batch_size, step=step)
+        elif norms is not None:
+            self.estimator.update_big(norms.big_sq_norm, norms.big_batch_size, step=step)
         if step_time_s is not None and batch_size == self.batch_size:
             self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
+            self._stale.add(batch_size)
 
     def context(self) -> PolicyContext:
         """What the policy sees: counters, bounds, the noise estimate and measured step times."""
+        for b in self._stale:
+            self._medians[b] = statistics.median(self._step_times[b])
+        self._stale.clear()
         est = self.estimator
         return PolicyContext(
             step=self._step,
@@ -143,12 +160,26 @@ class BatchSizeController:
             grad_sq_stderr=est.grad_sq_stderr,
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
-            step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
+            step_time_s={b: self._medians[b] for b in self._step_times if b in self._medians},
         )
 
-    def lr_factor(self) -> float:
-        """LR(B) / base LR for the current B: the scaling rule (capped at ``max_lr_factor``)
-        times the policy's own factor (the ramp policy decays the LR once B is capped)."""
+    def lr_factor(self, step: int | None = None) -> float:
+        """LR / base LR for the next step, the one place where the LR is assembled:
+
+        ``min(rule(B), max_lr_factor) x policy factor x warm-up(step)``: the scaling rule at
+        the current B (capped), the policy's own factor (a step decay at the milestones; the
+        ramp policy decays the LR once B is capped), and the linear warm-up.
+
+        Args:
+            step: optimizer steps done before the one this LR is for (0 for the first);
+                None leaves the warm-up out.
+        """
+        warmup = 1.0
+        if step is not None and self.warmup_steps:
+            warmup = min(1.0, (step + 1) / self.warmup_steps)
+        return self._batch_lr_factor() * warmup
+
+    def _batch_lr_factor(self) -> float:
         est = self.estimator
         ready = est.ready
         factor = self.scaling.factor(
@@ -221,6 +252,7 @@ class BatchSizeController:
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }
+        self._medians, self._stale = {}, {b for b, t in self._step_times.items() if t}
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
         self.scaling.load_state_dict(state["scaling"])

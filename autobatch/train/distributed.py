@@ -10,9 +10,11 @@ memory can tell the others before anyone blocks in a gradient all-reduce:
 2. :func:`agree_max` on the size of a failed micro-batch (0 if none): an OOM anywhere makes
    every rank back off and retry the same step;
 3. :func:`all_reduce_gradients`: one flat SUM all-reduce of the ``.grad`` tensors, whose
-   micro-batch losses were weighted by ``b_i / B_global`` so the sum is the global mean;
-4. :func:`combine_norms`: each rank's micro-batch gradients are the small batches of the noise
-   estimator (McCandlish et al. App. A.1, data-parallel form), three scalars all-reduced.
+   micro-batch losses were weighted by ``b_i / B_global`` so the sum is the global mean; the
+   step's loss and norm totals ride along in the same buffer. Each rank's micro-batch
+   gradients (or its whole local gradient) are small batches of the noise estimator
+   (McCandlish et al. App. A.1, data-parallel form); see
+   :class:`autobatch.train.step_norms.StepNormMeter`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autobatch.noise.micro_batch import StepGradNorms
 from autobatch.train.sampler import split_sizes
 
 __all__ = ["DistInfo", "agree_max", "all_reduce_gradients", "broadcast_buffers", "broadcast_int",
-           "combine_norms", "local_share", "setup_distributed"]
+           "local_share", "setup_distributed"]
 
 
 @dataclass(frozen=True)
@@ -122,37 +123,41 @@ def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
 
 
 def all_reduce_gradients(
-    params: list[nn.Parameter], info: DistInfo, *, sq_norms: bool = False
-) -> tuple[float, float]:
-    """SUM every parameter's ``.grad`` over ranks in one flat all-reduce. A parameter with no
+    params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SUM every parameter's ``.grad`` and the numbers ``extra`` over ranks in one flat
+    all-reduce, and write the summed gradients back into ``.grad``. A parameter with no
     gradient on this rank (no example reached it) takes part as zeros.
 
+    Carrying the step's loss and norm totals in the gradient's all-reduce saves a collective
+    (and its latency) per step.
+
+    Args:
+        params: the trainable parameters, in the same order on every rank.
+        info: this process's place in the run (must be distributed).
+        extra: a 1-D tensor of numbers to sum along (the loss, norm totals).
+
     Returns:
-        With ``sq_norms``, the squared L2 norms of this rank's gradient before the reduction
-        and of the reduced one, both read from the contiguous flat buffer the all-reduce
-        needs anyway (no extra pass over the parameters); else ``(nan, nan)``. ``(nan, nan)``
-        on one process, where nothing is reduced.
+        ``(extra_summed, flat_gradient)``: the summed ``extra`` (float32) and the summed
+        gradient as one flat float32 tensor (a view of the all-reduce's buffer, for a norm
+        of the reduced gradient without another pass over the parameters).
     """
-    nan = float("nan")
     if not info.enabled:
-        return nan, nan
+        raise ValueError("all_reduce_gradients needs a data-parallel run (got world_size=1)")
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    local_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square() if sq_norms else None
+    # float32 at least: half-precision gradients are summed (and the totals carried) wider.
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + [extra.to(dtype)])
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
-    if local_sq is None:
-        return nan, nan
-    global_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
-    local_value, global_value = torch.stack([local_sq, global_sq]).tolist()
-    return local_value, global_value
+    return flat[offset:].float(), flat[:offset]
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
@@ -161,44 +166,3 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
         return
     for buf in model.buffers():
         dist.broadcast(buf, src=0)
-
-
-def combine_norms(
-    local: StepGradNorms | None,
-    big_sq_norm: float,
-    global_batch: int,
-    info: DistInfo,
-    device: torch.device,
-    *,
-    also_sum: float = 0.0,
-) -> tuple[StepGradNorms | None, float]:
-    """The step's norms for the estimator, with every rank's micro-batches as small batches.
-
-    Args:
-        local: this rank's micro-batch norms (None if it had no example this step).
-        big_sq_norm: ``|G_B|^2`` of the all-reduced (global mean) gradient.
-        global_batch: ``B``, examples in the step over all ranks.
-        also_sum: one more number to sum over ranks in the same all-reduce (the loss).
-
-    Returns:
-        ``(norms, total)``: norms whose small batches are all ranks' micro-batches (mean
-        squared norm and the effective size ``1/mean(1/b_i)``), or None when there are fewer
-        than two of them; and ``also_sum`` summed over ranks.
-    """
-    smalls = local.small_sq_norms if local is not None else []
-    sizes = local.micro_batch_sizes if local is not None else []
-    totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes), float(also_sum)]
-    if info.enabled:
-        t = torch.tensor(totals, device=device, dtype=torch.float64)
-        dist.all_reduce(t)
-        totals = t.tolist()
-    sum_sq, count, sum_inv, total = totals
-    if count < 2:
-        return None, total
-    return StepGradNorms(
-        small_sq_norms=[sum_sq / count],
-        small_batch_size=count / sum_inv,
-        big_sq_norm=big_sq_norm,
-        big_batch_size=global_batch,
-        micro_batch_sizes=[],
-    ), total

@@ -25,6 +25,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--smoothing", type=float, default=0.95)
+    p.add_argument("--gns-method", default="micro")
+    p.add_argument("--lr-scaling", default=None)
+    p.add_argument("--max-micro", type=int, default=None, help="max_micro_batch_size")
     p.add_argument("--rank1-budget", type=int, default=None, help="memory budget on rank 1 only")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -40,7 +43,9 @@ def main() -> None:
         max_steps=args.max_steps, initial_batch_size=args.batch, policy=args.policy,
         decide_every=4, gns_smoothing=args.smoothing, progress=False,
         checkpoint_dir=args.checkpoint, resume=args.resume,
-        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), **budget,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        max_micro_batch_size=args.max_micro, gns_method=args.gns_method, lr_scaling=args.lr_scaling,
+        **budget,
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     last = res.history[-1]

@@ -1,0 +1,245 @@
+"""The step's loss and gradient norms, read by the host once per optimizer step.
+
+:class:`StepNormMeter` is what ``autobatch.fit`` asks for the numbers of a step: the summed loss
+and, on the steps it measures, the squared norms the noise-scale estimator needs
+(``|G_b|^2`` of small batches and ``|G_B|^2`` of the whole step, McCandlish et al. 2018,
+App. A.1). It owns the parameter hooks (:class:`~autobatch.noise.micro_batch.MicroBatchGradNorms`),
+the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleGradNorms`), the choice
+of which steps to measure and how to split them, and under data parallelism the gradient
+all-reduce that carries the step's numbers to every rank.
+
+Which steps are measured (``gns_method="micro"``): a step's small batches come for free when
+it already holds two or more of them (the memory cap split it into micro-batches, or ranks
+of a data-parallel run each hold a share); such a step is always measured. A step that would
+be one micro-batch is measured only every ``every`` steps, split in two for it (one more
+forward/backward at half size); the estimator weighs such an update as the steps since the
+previous one, so its averages keep their memory in steps (``GradientNoiseScale.update(step=)``).
+``gns_method="per_example"`` measures every ``every``-th step the same way (the hooks that
+read per-example norms cost more than a split). Every step, measured or not, also gives the
+whole step's norm ``|G_B|^2`` (one norm per parameter), which averages ``|G|^2`` over every
+step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
+``B_simple >> B`` is not thinned out. Hooks are attached for the measured steps only: an idle
+Python tensor hook still costs every backward a call per parameter. Everything stays on the
+device until
+:meth:`StepNormMeter.end_step`, whose single ``.tolist()`` is the step's host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from autobatch.noise.micro_batch import (
+    MicroBatchGradNorms,
+    StepGradNorms,
+    grad_sq_norm,
+    trainable_parameters,
+)
+from autobatch.noise.per_example import PerExampleGradNorms
+from autobatch.train.distributed import DistInfo, all_reduce_gradients
+
+__all__ = ["StepNormMeter", "norms_from_totals"]
+
+Method = Literal["micro", "per_example", "off"]
+
+
+def norms_from_totals(
+    small_sum: float, count: float, inv_size_sum: float, big_sq: float, big_batch: int,
+    grad_scale: float = 1.0,
+) -> StepGradNorms | None:
+    """The estimator's inputs from a step's totals (summed over micro-batches and ranks).
+
+    Args:
+        small_sum: ``sum_i s^2 |G_{b_i}|^2`` over the step's small batches (micro-batches,
+            ranks' shares or single examples), each of a mean-reduced loss.
+        count: how many small batches.
+        inv_size_sum: ``sum_i 1/b_i``.
+        big_sq: ``s^2 |G_B|^2`` of the whole step's gradient (NaN if not read).
+        big_batch: ``B``, examples in the step (global).
+        grad_scale: ``s``, the AMP loss scale still in the norms (1 without one).
+
+    Returns:
+        One small norm, the mean ``|G_b|^2``, with the effective size ``b = 1/mean(1/b_i)``
+        (exact for unequal sizes, see :mod:`autobatch.noise._effective_batch`), and the
+        big one; None with fewer than two small batches (none is smaller than the step).
+    """
+    if count < 2:
+        return None
+    scale_sq = grad_scale * grad_scale
+    return StepGradNorms(
+        small_sq_norms=[small_sum / count / scale_sq],
+        small_batch_size=count / inv_size_sum,
+        big_sq_norm=big_sq / scale_sq,
+        big_batch_size=big_batch,
+        micro_batch_sizes=[],
+    )
+
+
+class StepNormMeter:
+    """Per-step loss and gradient norms for ``autobatch.fit``.
+
+    Per optimizer step: :meth:`split` (how this rank's share is cut into micro-batches, and
+    whether the step is measured), :meth:`begin_step`, one :meth:`after_backward` per
+    micro-batch, then :meth:`end_step`, which sums over ranks and reads everything at once.
+
+    Args:
+        model: the (unwrapped) model; hooks go on it now, until :meth:`remove`.
+        method: ``"micro"``, ``"per_example"`` or ``"off"`` (only the loss is read).
+        info: this process's place in a data-parallel run.
+        every: a step that gives no small batches for free is measured every ``every``
+            steps (see the module docstring)...
+        first: ...and every one of the first ``first`` steps, so that the estimator's
+            first window is as full as when every step is measured.
+        scaler: the AMP ``GradScaler`` whose scale is in the gradients, or None.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, info: DistInfo, *, every: int = 1,
+                 first: int = 0, scaler: torch.amp.GradScaler | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (got every={every})")
+        self.method, self.info, self.every, self.first, self.scaler = method, info, every, first, scaler
+        self._model = model
+        self._params = trainable_parameters(model)
+        # Hooks exist only during a measured step: a Python tensor hook costs every backward
+        # a call per parameter (~10% of a small CNN's step) even when it records nothing.
+        self._hooks: MicroBatchGradNorms | None = None
+        self._per_example: PerExampleGradNorms | None = None
+        self.measuring = False
+        self._pe_sum: torch.Tensor | None = None
+        self._pe_count = 0
+
+    def split(self, step: int, num_examples: int,
+              micro_sizes: Callable[[int, int], list[int]]) -> list[int]:
+        """Cut this rank's ``num_examples`` into micro-batch sizes and decide whether step
+        ``step`` (0-based) is measured.
+
+        Args:
+            step: optimizer steps done before this one.
+            num_examples: this rank's share of the step.
+            micro_sizes: ``micro_sizes(n, min_parts)`` of the controller (memory cap).
+        """
+        due = step < self.first or step % self.every == 0
+        # A rank may hold no example at the very end of an epoch; every rank must still
+        # decide alike, so the decision depends on the step and the run, not the share.
+        sizes = micro_sizes(num_examples, 1) if num_examples else []
+        if self.method == "micro":
+            free = self.info.enabled or len(sizes) > 1
+            self.measuring = free or due
+            if self.measuring and not free and num_examples > 1:
+                sizes = micro_sizes(num_examples, 2)
+        else:
+            self.measuring = self.method == "per_example" and due
+        return sizes
+
+    def begin_step(self, sizes: list[int]) -> None:
+        """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
+        self.remove()  # what a failed attempt left
+        self._pe_sum, self._pe_count = None, 0
+        if not self.measuring:
+            return
+        if self.method == "per_example":
+            self._per_example = PerExampleGradNorms(self._model)
+        # A rank's whole share in one micro-batch is a small batch of the data-parallel step
+        # already: its norm is read from the gradient before the all-reduce, no hooks needed.
+        elif not self.info.enabled or len(sizes) > 1:
+            self._hooks = MicroBatchGradNorms(self._model)
+            self._hooks.begin_step()
+
+    def after_backward(self, batch_size: int, loss_weight: float) -> None:
+        """Close one micro-batch of ``batch_size`` examples whose mean loss was multiplied by
+        ``loss_weight`` (``b_i / B``, B global) before its backward."""
+        if self._hooks is not None:
+            self._hooks.after_backward(batch_size, loss_weight)
+        elif self._per_example is not None:
+            sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
+            self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
+            self._pe_count += batch_size
+
+    def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int],
+                 global_batch: int) -> tuple[float, StepGradNorms | None]:
+        """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
+
+        Args:
+            loss_sum: this rank's loss summed over its examples and divided by
+                ``sizes[0]`` (a detached 0-d tensor on the device; None without examples).
+            sizes: this rank's micro-batch sizes.
+            global_batch: ``B``, examples in the step over all ranks.
+
+        Returns:
+            ``(loss_sum, norms)``: the loss summed over the step's ``B`` examples (all ranks),
+            and the estimator's inputs: on an unmeasured step (or one with fewer than two small
+            batches) only ``big_sq_norm``, with ``small_sq_norms`` empty; None with
+            ``method="off"``. Norms are of unscaled gradients of mean-reduced losses.
+        """
+        big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
+        if self.info.enabled:
+            small, count, inv = self._small_batches(sizes, global_batch)
+            device = self._params[0].device
+            loss_sum = loss_sum * sizes[0] if sizes else torch.zeros((), device=device)
+            totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
+                                  torch.full((), inv, device=device)])
+            totals, flat = all_reduce_gradients(self._params, self.info, totals)
+            parts = [totals]
+            if big_norm:
+                parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
+        else:
+            parts = [loss_sum]
+            if self.measuring:
+                small, count, inv = self._small_batches(sizes, global_batch)
+                parts.append(small)
+            if big_norm:
+                parts.append(grad_sq_norm(self._params))
+        self.remove()
+        if self.scaler is not None:
+            parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
+        # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
+        if len(parts) == 1 and parts[0].ndim == 0:
+            values = [parts[0].item()]
+        elif not self.info.enabled:  # 0-d float32 tensors
+            values = torch.stack(parts).tolist()
+        else:
+            values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()
+        scale = values.pop() if self.scaler is not None else 1.0
+        if self.info.enabled:
+            loss_total, small_sum, count, inv = values[:4]
+        else:
+            loss_total = values[0] * sizes[0]
+            small_sum = values[1] if self.measuring else math.nan
+        if not big_norm:
+            return loss_total, None
+        norms = None
+        if self.measuring:
+            norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale)
+        if norms is None:  # no two small batches this step: the whole-step norm alone
+            norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan,
+                                  big_sq_norm=values[-1] / (scale * scale),
+                                  big_batch_size=global_batch, micro_batch_sizes=[])
+        return loss_total, norms
+
+    def _small_batches(self, sizes: list[int], global_batch: int) -> tuple[torch.Tensor, float, float]:
+        """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
+        their count and ``sum_i 1/b_i``."""
+        device = self._params[0].device
+        if self._hooks is not None:
+            raw = self._hooks.finish_step()
+            # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
+            small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._hooks.loss_weights)),
+                        torch.zeros((), device=device))
+            return small, float(len(sizes)), sum(1.0 / b for b in sizes)
+        if self._pe_sum is not None:
+            return self._pe_sum, float(self._pe_count), float(self._pe_count)
+        if self.measuring and self.info.enabled and sizes:
+            weight = sizes[0] / global_batch  # the whole share is one micro-batch
+            return grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight)), 1.0, 1.0 / sizes[0]
+        return torch.zeros((), device=device), 0.0, 0.0
+
+    def remove(self) -> None:
+        """Remove the hooks of the current step, if any, from the model."""
+        for hooks in (self._hooks, self._per_example):
+            if hooks is not None:
+                hooks.remove()
+        self._hooks = self._per_example = None
