@@ -78,6 +78,7 @@ def build_controller(
         max_micro_batch_size=micro_batch_size,
         min_micro_batches=min_micro_batches,
         max_lr_factor=cfg.lr.max_lr_factor,
+        warmup_steps=cfg.lr.warmup_steps,
     )
 
 

@@ -67,7 +67,8 @@ from autobatch.noise.micro_batch import (
     grad_sq_norm,
     trainable_parameters,
 )
-from autobatch.train.distributed import DistInfo, broadcast_int, combine_norms
+from autobatch.train.distributed import DistInfo, broadcast_int
+from autobatch.train.step_norms import norms_from_totals
 from autobatch.train.results import StepRecord
 from autobatch.train.sampler import SampleStream
 
@@ -301,8 +302,7 @@ class AdaptiveBatchSize(pl.Callback):
             )
         controller = self.controller
         sizes = self._epoch_sizes[micro : micro + controller.batch_size // self._unit]
-        warmup = self._cfg.lr.warmup_steps
-        self._lr.factor = controller.lr_factor() * (min(1.0, (self._steps + 1) / warmup) if warmup else 1.0)
+        self._lr.factor = controller.lr_factor(self._steps)  # rule x cap x policy x warm-up
         if self._collector is not None:
             self._collector.begin_step()
         self._plan = {"sizes": sizes, "local": sum(sizes), "position": 0, "t0": time.perf_counter(),
@@ -342,7 +342,16 @@ class AdaptiveBatchSize(pl.Callback):
         # One host sync per step: the step's gradient norm (all-reduced, unscaled) and loss.
         big_sq, loss_sum = torch.stack([big.float(), loss_sum]).tolist()
         total = plan["local"] * self._world
-        norms, loss_total = combine_norms(local, big_sq, total, self._info, self._device, also_sum=loss_sum)
+        # every rank's micro-batches are small batches of the step: sum their totals over ranks
+        smalls = local.small_sq_norms if local is not None else []
+        sizes = local.micro_batch_sizes if local is not None else []
+        totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes), float(loss_sum)]
+        if self._info.enabled:
+            reduced = torch.tensor(totals, device=self._device, dtype=torch.float64)
+            torch.distributed.all_reduce(reduced)
+            totals = reduced.tolist()
+        norms = norms_from_totals(totals[0], totals[1], totals[2], big_sq, total)
+        loss_total = totals[3]
         plan["norms"], plan["loss"] = norms, loss_total / total
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

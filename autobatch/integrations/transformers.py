@@ -300,9 +300,8 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         if not isinstance(inputs, StepBatch):
             return super().training_step(model, inputs, num_items_in_batch)
         controller = self.batch_controller
-        warmup = self._cfg.lr.warmup_steps
         if self._lr is not None:
-            self._lr.factor = controller.lr_factor() * (min(1.0, (self._steps + 1) / warmup) if warmup else 1.0)
+            self._lr.factor = controller.lr_factor(self._steps)  # rule x cap x policy x warm-up
         self._pending = {"t0": time.perf_counter()}
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):

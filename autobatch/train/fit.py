@@ -178,13 +178,10 @@ def fit(
             step_time = time.perf_counter() - acc.started  # the attempt that fit, not the OOMs
             step += 1
             samples += step_b
-            # 6. the estimator and, every decide_every steps, the batch-size decision
+            # 6. the estimator, the step's record (B of this step), and every decide_every steps the
+            #    batch-size decision for the next one
             controller.observe(step=step, epoch=stream.epochs_done, samples=samples, batch_size=step_b,
                                step_time_s=step_time, norms=norms if finite else None)
-            if step % controller.decide_every == 0:
-                controller.maybe_decide()
-                # rank 0 decides for all (its step times may differ from the others')
-                controller.batch_size = broadcast_int(controller.batch_size, info, s.device)
             est = controller.estimator
             record = StepRecord(  # pydantic-core validation: ~4 us, less than model_construct
                 step=step, epoch=stream.epochs_done, samples=samples, batch_size=controller.batch_size,
@@ -195,6 +192,10 @@ def fit(
                 skipped=not finite,
             )
             result.history.append(record)
+            if step % controller.decide_every == 0:
+                controller.maybe_decide()
+                # rank 0 decides for all (its step times may differ from the others')
+                controller.batch_size = broadcast_int(controller.batch_size, info, s.device)
             if s.bar is not None:
                 s.bar.update(step_b)
                 if step % log_every == 0:
