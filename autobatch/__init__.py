@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobatch._version import __version__
 from autobatch.config import FitConfig
-from autobatch.memory.probe import MemoryProbe, probe_memory
+from autobatch.memory.probe import MemoryProbeResult, probe_memory
 from autobatch.noise.estimator import GradientNoiseScale
 from autobatch.noise.measure import NoiseScaleEstimate, measure_noise_scale
 from autobatch.train.callbacks import Callback, StopAtTarget, StopTraining
@@ -34,7 +34,7 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "GradientNoiseScale",
-    "MemoryProbe",
+    "MemoryProbeResult",
     "NoiseScaleEstimate",
     "StepRecord",
     "StopAtTarget",
@@ -52,8 +52,10 @@ __all__ = [
 # Names exported at the top level before 0.2, now in their subpackages; they keep working
 # for one release with a DeprecationWarning naming the new home.
 _MOVED = {
-    "two_batch_estimates": "autobatch.noise", "MicroBatchGradNorms": "autobatch.noise",
-    "PerExampleGradNorms": "autobatch.noise", "evaluate": "autobatch.train",
+    "two_batch_estimates": "autobatch.noise", "evaluate": "autobatch.train",
+    # renamed as well: these resolve to the new classes with a second warning naming them
+    "MicroBatchGradNorms": "autobatch.noise", "PerExampleGradNorms": "autobatch.noise",
+    "MemoryProbe": "autobatch.memory",
     "LRScaling": "autobatch.scaling", "LinearScaling": "autobatch.scaling",
     "SqrtScaling": "autobatch.scaling", "AdaScaleScaling": "autobatch.scaling",
     "NoScaling": "autobatch.scaling", "BatchSizePolicy": "autobatch.policies",

@@ -7,9 +7,9 @@ rotates each round):
 - ``plain_k``: k micro-batches of B/k accumulated, no estimator (baseline of ``micro``);
 - ``control``: ``plain_k`` again, timed as a variant: its ratio (ideally 1) shows the noise
   and the position effects of the harness;
-- ``micro``: the same with MicroBatchGradNorms and GradientNoiseScale.update;
+- ``micro``: the same with MicroBatchNormCollector and GradientNoiseScale.update;
 - ``plain_1``: one backward over B, no estimator (baseline of the two below);
-- ``per_example``: the same with PerExampleGradNorms (+ the big norm and the update);
+- ``per_example``: the same with PerExampleNormCollector (+ the big norm and the update);
 - ``vmap``: per-example gradients by torch.func.vmap(grad), their norms, their mean as the
   step's gradient.
 
@@ -36,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 from autobatch.testing import TinyTransformer  # noqa: E402
 
-from autobatch.noise import GradientNoiseScale, MicroBatchGradNorms, PerExampleGradNorms  # noqa: E402
+from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector, PerExampleNormCollector  # noqa: E402
 from autobatch.noise.micro_batch import grad_sq_norm  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def _variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Calla
     big = x.shape[0]
     xs, ys = x.chunk(k), y.chunk(k)
     gns = GradientNoiseScale()
-    micro_hooks = MicroBatchGradNorms(model)
+    micro_hooks = MicroBatchNormCollector(model)
     micro_hooks.remove()  # re-attached only while its variant runs (hooks cost even when idle)
     state = {"micro": None, "per_example": None}
 
@@ -119,9 +119,9 @@ def _variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Calla
 
     def attach(name: str) -> None:
         if name == "micro":
-            state["micro"] = MicroBatchGradNorms(model)
+            state["micro"] = MicroBatchNormCollector(model)
         if name == "per_example":
-            state["per_example"] = PerExampleGradNorms(model)
+            state["per_example"] = PerExampleNormCollector(model)
 
     def detach(name: str) -> None:
         if state.get(name) is not None:

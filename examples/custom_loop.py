@@ -4,7 +4,7 @@
 Three objects carry the state:
 
 - ``SampleStream``: the epoch's seeded order, handing out the next B indices for any B;
-- ``MicroBatchGradNorms``: records each micro-batch's squared gradient norm during backward;
+- ``MicroBatchNormCollector``: records each micro-batch's squared gradient norm during backward;
 - ``BatchSizeController``: estimator + policy + LR rule; splits a step into micro-batches,
   returns the LR factor for the current B and re-decides B.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from autobatch.noise import GradientNoiseScale, MicroBatchGradNorms
+from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector
 from autobatch.policies import GNSPolicy
 from autobatch.problems import get_example
 from autobatch.scaling import AdaScaleScaling
@@ -37,7 +37,7 @@ def main(epochs: float = 4.0) -> None:
         max_lr_factor=2.0,  # fit's default: the LR never exceeds 2x the base LR
     )
     step = samples = 0
-    with MicroBatchGradNorms(model) as norms:
+    with MicroBatchNormCollector(model) as norms:
         while stream.epochs_done < epochs:
             indices = stream.take(controller.batch_size)          # the step's examples
             for group in opt.param_groups:                         # LR for this B

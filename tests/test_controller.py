@@ -151,7 +151,7 @@ def test_the_context_carries_the_estimate_and_median_step_times() -> None:
     _step(c, 1, _norms([3.0, 3.0], 8, 2.0, 16), seconds=0.1)  # tr 16, |G|^2 1
     _step(c, 2, _norms([5.0], 8, 3.0, 16), seconds=0.3)  # tr 32, |G|^2 1
     ctx = policy.seen[-1]
-    assert ctx.noise_ready and (ctx.grad_sq, ctx.trace_cov, ctx.noise_scale) == pytest.approx((1.0, 24.0, 24.0))
+    assert ctx.noise_ready and (ctx.grad_sq_mean, ctx.trace_cov, ctx.noise_scale) == pytest.approx((1.0, 24.0, 24.0))
     assert ctx.step_time_s == {16: pytest.approx(0.2)}  # median of 0.1 and 0.3
     assert ctx.max_micro_batch_size == 12
     # A step of another size than B (an epoch's short tail) is not timed.

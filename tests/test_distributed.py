@@ -71,7 +71,7 @@ def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate
     (single,) = _run(tmp_path / "single", *args, "--max-micro", "32", ranks=1)
     assert single["micro"] == [32] * 30 and ddp["micro"] == [32] * 30
     err = abs(ddp["noise_scale"] - single["noise_scale"])
-    assert err <= 2 * single["noise_stderr"], (ddp["noise_scale"], single["noise_scale"], single["noise_stderr"])
+    assert err <= 2 * single["noise_scale_stderr"], (ddp["noise_scale"], single["noise_scale"], single["noise_scale_stderr"])
     assert err <= 1e-3 * single["noise_scale"]  # in fact the same computation, up to rounding
 
 

@@ -259,7 +259,7 @@ def test_the_in_loop_estimate_matches_the_exact_noise_scale(method: str) -> None
     # One micro-batch per step; the micro method splits the steps it measures in two.
     assert {r.accum_steps for r in res.history} == ({1} if method == "per_example" else {1, 2})
     assert last.noise_scale == pytest.approx(exact, rel=0.10)
-    assert abs(last.noise_scale - exact) <= 3 * last.noise_stderr
+    assert abs(last.noise_scale - exact) <= 3 * last.noise_scale_stderr
 
 
 def test_estimator_off_runs_fixed_and_refuses_noise_driven_settings() -> None:

@@ -1,4 +1,4 @@
-"""MicroBatchGradNorms against micro-batch gradients computed separately with autograd.grad."""
+"""MicroBatchNormCollector against micro-batch gradients computed separately with autograd.grad."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch.noise import MicroBatchGradNorms, two_batch_estimates
+from autobatch.noise import MicroBatchNormCollector, two_batch_estimates
 from autobatch.noise._effective_batch import harmonic_batch_size
 
 
@@ -36,7 +36,7 @@ def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes: list[i
 
 def _run_step(model, x, y, sizes, *, reduction="mean", weights=None, grad_scale=1.0):
     total = sum(sizes)
-    with MicroBatchGradNorms(model, loss_reduction=reduction) as collector:
+    with MicroBatchNormCollector(model, loss_reduction=reduction) as collector:
         model.zero_grad(set_to_none=True)
         collector.begin_step()
         for i, (xs, ys) in enumerate(zip(torch.split(x, sizes), torch.split(y, sizes))):
@@ -102,7 +102,7 @@ def test_one_micro_batch_gives_none_and_removed_hooks_record_nothing() -> None:
     model = _model()
     x, y = _data()
     assert _run_step(model, x, y, [16]) is None
-    collector = MicroBatchGradNorms(model)
+    collector = MicroBatchNormCollector(model)
     collector.remove()
     collector.begin_step()
     F.cross_entropy(model(x), y).backward()
@@ -119,7 +119,7 @@ def test_micro_norms_feed_an_unbiased_estimate() -> None:
     model = nn.Linear(d, 1, bias=False)
     nn.init.zeros_(model.weight)
     small_mean, big_mean = 0.0, 0.0
-    collector = MicroBatchGradNorms(model)
+    collector = MicroBatchNormCollector(model)
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         collector.begin_step()
@@ -149,14 +149,14 @@ def test_harmonic_batch_size_makes_unequal_sizes_exact() -> None:
 
 def test_errors_name_the_value_and_the_fix() -> None:
     with pytest.raises(ValueError, match="no trainable parameters"):
-        MicroBatchGradNorms(nn.Linear(2, 2).requires_grad_(False))
+        MicroBatchNormCollector(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ValueError, match="loss_reduction must be one of .* loss_reduction='max'"):
-        MicroBatchGradNorms(_model(), loss_reduction="max")  # type: ignore[arg-type]
+        MicroBatchNormCollector(_model(), loss_reduction="max")  # type: ignore[arg-type]
     model = _model()
     x, y = _data()
     with pytest.raises(ValueError, match=r"proportional .* weights \[0.5, 0.5\] for sizes \[4, 12\]"):
         _run_step(model, x, y, [4, 12], weights=[0.5, 0.5])
-    collector = MicroBatchGradNorms(model)
+    collector = MicroBatchNormCollector(model)
     with pytest.raises(RuntimeError, match="call begin_step"):
         collector.after_backward(batch_size=4)
     collector.begin_step()

@@ -132,3 +132,35 @@ def test_the_config_and_the_registry_import_no_plugin() -> None:
     config = _imports(MODULES["autobatch.config"], module_level=False)
     assert config == {"autobatch.registry"}
     assert _imports(MODULES["autobatch.registry"], module_level=True) == set()
+
+
+def test_renamed_names_still_work_for_one_release_with_a_warning() -> None:
+    # Names changed in 0.2 (issue 9: "names that mislead") resolve to the new objects and say so.
+    import math
+
+    import autobatch
+    import autobatch.memory.probe as probe_module
+    import autobatch.noise as noise
+    from autobatch.policies import PolicyContext
+    from autobatch.train.results import StepRecord
+
+    cases = [
+        (lambda: noise.MicroBatchGradNorms, noise.MicroBatchNormCollector, "MicroBatchNormCollector"),
+        (lambda: noise.PerExampleGradNorms, noise.PerExampleNormCollector, "PerExampleNormCollector"),
+        (lambda: probe_module.MemoryProbe, autobatch.MemoryProbeResult, "MemoryProbeResult"),
+        (lambda: autobatch.MemoryProbe, autobatch.MemoryProbeResult, "MemoryProbeResult"),
+    ]
+    for get, new, new_name in cases:
+        with pytest.warns(DeprecationWarning, match=new_name):
+            assert get() is new
+    ctx = PolicyContext(step=1, epoch=0.1, samples=8, batch_size=8, base_batch_size=8, min_batch_size=1,
+                        max_batch_size=64, noise_scale_stderr=2.5, grad_sq_mean=-0.5)
+    with pytest.warns(DeprecationWarning, match="noise_scale_stderr"):
+        assert ctx.noise_stderr == 2.5
+    with pytest.warns(DeprecationWarning, match="grad_sq_mean"):
+        assert ctx.grad_sq == -0.5
+    old = StepRecord.model_validate({"step": 1, "epoch": 0.0, "samples": 8, "batch_size": 8, "examples": 8,
+                                     "micro_batch_size": 8, "accum_steps": 1, "lr": 0.1, "train_loss": 1.0,
+                                     "grad_sq": math.nan, "trace_cov": math.nan, "noise_scale": math.nan,
+                                     "noise_stderr": 3.0, "wall_time_s": 0.0})  # a history written by 0.1
+    assert old.noise_scale_stderr == 3.0

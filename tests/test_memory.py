@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import autobatch
 from autobatch.cli import main
-from autobatch.memory.probe import MemoryProbe, largest_fitting, probe_memory
+from autobatch.memory.probe import MemoryProbeResult, largest_fitting, probe_memory
 
 # ---------------------------------------------------------------------------- models
 
@@ -344,7 +344,7 @@ def test_a_non_scalar_loss_and_a_missing_device_are_rejected() -> None:
 def test_result_table_plot_and_interpolation(tmp_path) -> None:
     model, batch, loss_fn = mlp_and_batch()
     probe = probe_memory(model, batch, loss_fn, budget_bytes=2**21, margin=0.1)
-    assert isinstance(probe, MemoryProbe) and probe.mode == "estimate" and probe.device == "cpu"
+    assert isinstance(probe, MemoryProbeResult) and probe.mode == "estimate" and probe.device == "cpu"
     assert probe.limit_bytes == math.floor(2**21 * 0.9)
     sizes = sorted(probe.estimated)
     a, b = sizes[1], sizes[2]
@@ -356,7 +356,7 @@ def test_result_table_plot_and_interpolation(tmp_path) -> None:
     assert "memory probe on cpu (estimate mode)" in text
     png = probe.plot(tmp_path / "probe.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert autobatch.probe_memory is probe_memory and autobatch.MemoryProbe is MemoryProbe
+    assert autobatch.probe_memory is probe_memory and autobatch.MemoryProbeResult is MemoryProbeResult
 
 
 # ---------------------------------------------------------------------------- the CLI

@@ -1,4 +1,4 @@
-"""PerExampleGradNorms against one backward per example (a plain loop, no hooks)."""
+"""PerExampleNormCollector against one backward per example (a plain loop, no hooks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autobatch.noise import PerExampleGradNorms
+from autobatch.noise import PerExampleNormCollector
 from autobatch.noise.per_example import UnsupportedForPerExample, per_example_supported
 from autobatch.testing import (
     PROBLEMS,
@@ -19,7 +19,7 @@ from autobatch.testing import (
 
 
 def _measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, **kwargs) -> torch.Tensor:
-    with PerExampleGradNorms(model) as per_example:
+    with PerExampleNormCollector(model) as per_example:
         loss_fn(model(x), y).backward()
         return per_example.sq_norms(**kwargs).double()
 
@@ -118,10 +118,10 @@ def test_scaling_conventions() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     x, y = torch.randn(8, 4), torch.randint(2, (8,))
     expected = per_example_sq_norms_loop(model, x, y, F.cross_entropy)
-    with PerExampleGradNorms(model, loss_reduction="sum") as per_example:
+    with PerExampleNormCollector(model, loss_reduction="sum") as per_example:
         F.cross_entropy(model(x), y, reduction="sum").backward()
         torch.testing.assert_close(per_example.sq_norms().double(), expected, rtol=1e-5, atol=0)
-    with PerExampleGradNorms(model) as per_example:
+    with PerExampleNormCollector(model) as per_example:
         (F.cross_entropy(model(x), y) * 0.25 * 512.0).backward()  # micro-batch weight, AMP scale
         got = per_example.sq_norms(loss_weight=0.25, grad_scale=512.0).double()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
@@ -133,21 +133,21 @@ def test_layers_that_mix_examples_or_hide_parameters_raise() -> None:
     mixes = r"layer '1' \(BatchNorm1d\) mixes the examples.*gns_method='micro' in fit"
     assert re.search(mixes, per_example_supported(bn))
     with pytest.raises(UnsupportedForPerExample, match=mixes):  # before any work
-        PerExampleGradNorms(bn)
+        PerExampleNormCollector(bn)
     bn.eval()  # running statistics: examples are independent again
     assert per_example_supported(bn, train=None) is None and per_example_supported(bn) is not None
     _assert_matches_loop(bn, x, y, F.cross_entropy)
-    with PerExampleGradNorms(bn), pytest.raises(UnsupportedForPerExample, match=mixes):
+    with PerExampleNormCollector(bn), pytest.raises(UnsupportedForPerExample, match=mixes):
         bn.train()(x)  # put back in train mode after the collector was made
 
     tied = nn.Sequential(nn.Embedding(5, 5), nn.Linear(5, 5))
     tied[1].weight = tied[0].weight
     with pytest.raises(UnsupportedForPerExample, match="shared by layers '0' and '1'"):
-        PerExampleGradNorms(tied)
+        PerExampleNormCollector(tied)
     with pytest.raises(UnsupportedForPerExample, match=r"layer '0' \(Embedding\) has scale_grad_by_freq"):
-        PerExampleGradNorms(nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True)))
+        PerExampleNormCollector(nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True)))
     with pytest.raises(ValueError, match="no trainable parameters"):
-        PerExampleGradNorms(nn.Linear(2, 2).requires_grad_(False))
+        PerExampleNormCollector(nn.Linear(2, 2).requires_grad_(False))
     assert "no trainable parameters" in per_example_supported(nn.Linear(2, 2).requires_grad_(False))
 
     class Sneaky(nn.Module):
@@ -160,19 +160,19 @@ def test_layers_that_mix_examples_or_hide_parameters_raise() -> None:
             return self.a(x) + F.linear(x, self.b.weight)
 
     sneaky = Sneaky()
-    with PerExampleGradNorms(sneaky) as per_example:
+    with PerExampleNormCollector(sneaky) as per_example:
         F.cross_entropy(sneaky(x), y).backward()
         with pytest.raises(UnsupportedForPerExample, match=r"layer 'b' \(Linear\) got a gradient .* never ran"):
             per_example.sq_norms()
 
     seq_first = nn.MultiheadAttention(4, 1)  # batch_first=False: dimension 0 is the sequence
-    with PerExampleGradNorms(seq_first), pytest.raises(UnsupportedForPerExample, match="dimension 0 is not the batch"):
+    with PerExampleNormCollector(seq_first), pytest.raises(UnsupportedForPerExample, match="dimension 0 is not the batch"):
         seq_first(torch.randn(3, 8, 4), torch.randn(3, 8, 4), torch.randn(3, 8, 4))
 
 
 def test_one_forward_per_measurement() -> None:
     model = nn.Linear(3, 2)
-    with PerExampleGradNorms(model) as per_example:
+    with PerExampleNormCollector(model) as per_example:
         with pytest.raises(RuntimeError, match="needs a forward and a backward"):
             per_example.sq_norms()
         model(torch.randn(4, 3)).sum().backward()
@@ -245,13 +245,13 @@ def test_root_owned_parameters_and_dropout_in_torch_func_match_brute_force() -> 
     x, y = torch.randn(5, 1, 4, 4), torch.randint(3, (5,))
     expected = per_example_sq_norms_same_forward(
         model, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"), seed=3)
-    with PerExampleGradNorms(model) as per_example:
+    with PerExampleNormCollector(model) as per_example:
         torch.manual_seed(3)  # the same dropout masks as the reference's forward
         F.cross_entropy(model(x), y).backward()
         got = per_example.sq_norms().double()
     assert float(((got - expected).abs() / expected).max()) <= 1e-4
     # Only the root's own parameters are followed op by op; the root is not run under vmap.
-    layers = {layer.name: layer.kind for layer in PerExampleGradNorms(model)._layers}
+    layers = {layer.name: layer.kind for layer in PerExampleNormCollector(model)._layers}
     assert "<model>" not in layers and layers["block.self_attn"] == "func"
 
 
@@ -261,7 +261,7 @@ def test_rnns_give_a_clean_unsupported_error_before_any_work_and_lstm_works() ->
     reason = per_example_supported(GRUClassifier())
     assert re.search(r"layer 'gru' \(GRU\) cannot run under torch.func's vmap.*gns_method='micro'", reason)
     with pytest.raises(UnsupportedForPerExample, match=re.escape(reason)):
-        PerExampleGradNorms(GRUClassifier())
+        PerExampleNormCollector(GRUClassifier())
 
     class LSTMClassifier(nn.Module):
         def __init__(self) -> None:

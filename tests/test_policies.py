@@ -35,7 +35,7 @@ def _ctx(**kw: object) -> PolicyContext:
         "max_batch_size": 100_000,
         "noise_scale": math.nan,
         "noise_ready": False,
-        "noise_stderr": 0.0,  # an exact estimate unless a test says otherwise
+        "noise_scale_stderr": 0.0,  # an exact estimate unless a test says otherwise
     }
     base.update(kw)
     return PolicyContext(**base)  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_round_batch_size_rejects_bad_inputs() -> None:
 
 # -- gns ---------------------------------------------------------------------------------------
 def test_gns_grows_at_most_max_growth_per_decision() -> None:
-    ready = {"noise_ready": True, "noise_stderr": 1.0}
+    ready = {"noise_ready": True, "noise_scale_stderr": 1.0}
     assert GNSPolicy().propose(_ctx(batch_size=32, noise_scale=1000.0, **ready)) == 64
     assert GNSPolicy(max_growth=4.0).propose(_ctx(batch_size=32, noise_scale=1000.0, **ready)) == 128
     # From 10 the window is [5, 20]; 20 is no multiple of 8, the largest inside is 16.
@@ -330,7 +330,7 @@ def _decision_contexts(n: int) -> list[PolicyContext]:
         _ctx(
             step=10 * (i + 1), epoch=0.1 * i, batch_size=32, base_batch_size=32, min_batch_size=8,
             max_batch_size=2048, noise_scale=50.0 * 1.05**i * rng.uniform(0.8, 1.25),
-            noise_ready=i > 2, noise_stderr=rng.uniform(1.0, 30.0),
+            noise_ready=i > 2, noise_scale_stderr=rng.uniform(1.0, 30.0),
             step_time_s={32: 0.02, 64: 0.03, 128: 0.05},
         )
         for i in range(n)
@@ -399,14 +399,14 @@ def test_gns_moves_only_on_significant_evidence() -> None:
     policy = GNSPolicy(round_to=1, confidence=2.0)
     ready = {"noise_ready": True, "batch_size": 32}
     # 32 lies inside 40 +- 2*5: no move, however far the mean is from 32 in relative terms.
-    assert policy.propose(_ctx(noise_scale=40.0, noise_stderr=5.0, **ready)) == 32
+    assert policy.propose(_ctx(noise_scale=40.0, noise_scale_stderr=5.0, **ready)) == 32
     # 60 +- 2*5 = [50, 70]: grow to the band's near edge, 50, not to the mean.
-    assert policy.propose(_ctx(noise_scale=60.0, noise_stderr=5.0, **ready)) == 50
+    assert policy.propose(_ctx(noise_scale=60.0, noise_scale_stderr=5.0, **ready)) == 50
     # 10 +- 2*2 = [6, 14]: shrink to 14, the near edge.
-    assert policy.propose(_ctx(noise_scale=10.0, noise_stderr=2.0, **ready)) == 16  # growth limit 2x
-    assert policy.propose(_ctx(noise_scale=20.0, noise_stderr=2.0, **ready)) == 24
+    assert policy.propose(_ctx(noise_scale=10.0, noise_scale_stderr=2.0, **ready)) == 16  # growth limit 2x
+    assert policy.propose(_ctx(noise_scale=20.0, noise_scale_stderr=2.0, **ready)) == 24
     # an infinite stderr (too few updates) never moves
-    assert policy.propose(_ctx(noise_scale=1e4, noise_stderr=math.inf, **ready)) == 32
+    assert policy.propose(_ctx(noise_scale=1e4, noise_scale_stderr=math.inf, **ready)) == 32
     with pytest.raises(ValueError, match="confidence=-1"):
         GNSPolicy(confidence=-1)
 
@@ -418,7 +418,7 @@ def test_noise_confidence_reaches_the_gns_policy_from_the_config() -> None:
     cfg = FitConfig.from_any(None, noise_confidence=0.0, round_to=1)
     policy = make_policy(cfg.batch.policy, cfg.batch, cfg.lr)
     # With confidence 0 the policy follows the average even inside a wide error band.
-    ctx = _ctx(batch_size=32, noise_scale=40.0, noise_stderr=30.0, noise_ready=True)
+    ctx = _ctx(batch_size=32, noise_scale=40.0, noise_scale_stderr=30.0, noise_ready=True)
     assert policy.propose(ctx) == 40
     strict = make_policy("gns", FitConfig.from_any(None, round_to=1).batch, cfg.lr)
     assert strict.propose(ctx) == 32

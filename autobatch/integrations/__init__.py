@@ -7,7 +7,7 @@
   ``transformers.Trainer`` (``pip install "autobatch[transformers]"``).
 
 Both are built from the custom-loop kit (:class:`~autobatch.train.controller.BatchSizeController`,
-:class:`~autobatch.train.sampler.SampleStream`, :class:`~autobatch.noise.micro_batch.MicroBatchGradNorms`)
+:class:`~autobatch.train.sampler.SampleStream`, :class:`~autobatch.noise.micro_batch.MicroBatchNormCollector`)
 and take the same settings as :func:`autobatch.fit` (a :class:`~autobatch.config.FitConfig` or flat
 keywords). Nothing here is imported by ``import autobatch``; each submodule imports its trainer.
 """

@@ -22,7 +22,7 @@ How it works (an optimizer step holds one global batch of B examples):
   step's first and last micro-batch (:func:`accumulation_setting`). Lightning divides each loss
   by that value; where it is not the micro-batch's share ``b_i / B_local``, a hook on the loss
   corrects the gradient, so ``.grad`` is exactly the mean gradient over the B examples.
-- **Noise scale**: :class:`~autobatch.noise.micro_batch.MicroBatchGradNorms` hooks see each
+- **Noise scale**: :class:`~autobatch.noise.micro_batch.MicroBatchNormCollector` hooks see each
   micro-batch's gradient (before DDP's all-reduce); the step's gradient is read in
   ``on_before_optimizer_step``: after the all-reduce and AMP unscaling, before clipping.
 - **LR**: the batch-size factor multiplies each param group's LR only while
@@ -63,7 +63,7 @@ from autobatch.integrations._common import (
     round_to_multiple,
 )
 from autobatch.noise.micro_batch import (
-    MicroBatchGradNorms,
+    MicroBatchNormCollector,
     grad_sq_norm,
     trainable_parameters,
 )
@@ -252,7 +252,7 @@ class AdaptiveBatchSize(pl.Callback):
                 iter(fetcher)
         self._user_accumulate = trainer.accumulate_grad_batches
         self._params = trainable_parameters(pl_module)
-        self._collector = (MicroBatchGradNorms(pl_module) if self._cfg.estimator.gns_method != "off" else None)
+        self._collector = (MicroBatchNormCollector(pl_module) if self._cfg.estimator.gns_method != "off" else None)
         self._lr = LRFactor(trainer.optimizers)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._start = time.perf_counter() - self._elapsed
@@ -383,7 +383,7 @@ class AdaptiveBatchSize(pl.Callback):
             step=self._steps, epoch=epochs_done, samples=self._samples, batch_size=controller.batch_size,
             examples=total, micro_batch_size=max(plan["sizes"]), accum_steps=len(plan["sizes"]),
             lr=self._lr.last_lrs[0], train_loss=loss, grad_sq=est.grad_sq, trace_cov=est.trace_cov,
-            noise_scale=est.noise_scale if est.ready else math.nan, noise_stderr=est.noise_scale_stderr,
+            noise_scale=est.noise_scale if est.ready else math.nan, noise_scale_stderr=est.noise_scale_stderr,
             wall_time_s=time.perf_counter() - self._start, skipped=not finite,
         )
         self.history.append(record)

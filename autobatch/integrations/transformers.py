@@ -61,7 +61,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from autobatch.config import FitConfig
 from autobatch.integrations._common import LRFactor, build_controller, explicit_settings
 from autobatch.memory.oom import is_oom_error, release_after_oom
-from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms
+from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
 from autobatch.train.results import StepRecord
 from autobatch.train.sampler import SampleStream
 
@@ -163,7 +163,7 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         self.history: list[StepRecord] = []
         self.oom_retries = 0
         self._saved_accumulation: int | None = None
-        self._collector: MicroBatchGradNorms | None = None
+        self._collector: MicroBatchNormCollector | None = None
         self._lr: LRFactor | None = None
         self._pending: dict[str, Any] = {}
         self.add_callback(_Bookkeeping(self))
@@ -280,7 +280,7 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         self._shifts_labels = getattr(self, "_loss_shifts_labels", False) or (
             getattr(model, "loss_function", None) is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False))
         if self._cfg.estimator.gns_method != "off":
-            self._collector = MicroBatchGradNorms(self.model)
+            self._collector = MicroBatchNormCollector(self.model)
         self._lr = LRFactor([self.optimizer])
 
     def _end_training(self) -> None:
@@ -392,7 +392,7 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             examples=len(step), micro_batch_size=max(step.sizes), accum_steps=len(step.sizes),
             lr=self._lr.last_lrs[0] if self._lr is not None else math.nan, train_loss=loss,
             grad_sq=est.grad_sq, trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
-            noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
+            noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
             skipped=not finite,
         ))
         controller.maybe_decide()

@@ -28,7 +28,7 @@ from autobatch.memory import _step as step
 from autobatch.memory.oom import is_oom_error, release_after_oom
 from autobatch.optimizers import OptimizerSpec
 
-__all__ = ["MemoryProbe", "largest_fitting", "probe_memory"]
+__all__ = ["MemoryProbeResult", "largest_fitting", "probe_memory"]
 
 Mode = Literal["auto", "estimate", "real"]
 _MODES = ("auto", "estimate", "real")
@@ -71,7 +71,7 @@ def largest_fitting(peak: Callable[[int], int], limit: int, upper: int, lower: i
     return lo
 
 
-class MemoryProbe(BaseModel):
+class MemoryProbeResult(BaseModel):
     """What the probe found. Bytes are bytes (not MiB); batch sizes are micro-batch sizes.
 
     Attributes:
@@ -262,7 +262,7 @@ def probe_memory(
     margin: float = 0.1,
     mode: Mode = "auto",
     max_batch_size: int | None = None,
-) -> MemoryProbe:
+) -> MemoryProbeResult:
     """Find the largest micro-batch whose training step fits in ``budget_bytes``.
 
     The probed workload is two training steps on one batch (forward, loss, backward,
@@ -274,7 +274,7 @@ def probe_memory(
     dict, ``forward_loss(model, batch)`` for anything else; it must be a scalar. The model
     runs in train mode during the probe. The search starts at the smallest batch the model
     trains on: 1, or 2 (then 4, 8) when a step at 1 fails, as BatchNorm does with one value
-    per channel (:attr:`MemoryProbe.min_batch_size`).
+    per channel (:attr:`MemoryProbeResult.min_batch_size`).
 
     Nothing of the caller's is changed: weights, gradients, buffers (BatchNorm running stats),
     each module's train/eval flag, an optimizer instance's state and the RNG are as before.
@@ -315,7 +315,7 @@ def probe_memory(
         max_batch_size: deprecated name of ``max_micro_batch_size`` (a DeprecationWarning).
 
     Returns:
-        A :class:`MemoryProbe`.
+        A :class:`MemoryProbeResult`.
 
     Raises:
         ValueError: for invalid arguments (all reported at once), an example without a batch
@@ -454,14 +454,14 @@ def _result(
     best: int, smallest: int, cap: int, estimated: dict[int, int],
     measured: dict[int, int | None], budget_bytes: int, margin: float, device: torch.device,
     real: bool, real_steps: int, wall_time_s: float,
-) -> MemoryProbe:
+) -> MemoryProbeResult:
     limit = math.floor(budget_bytes * (1 - margin))
     peak_at_best = measured.get(best) or estimated.get(best, 0)
     # The chord from the smallest batch size to the estimated size nearest the answer.
     anchor = min((b for b in estimated if b != smallest), key=lambda b: abs(b - best), default=None)
     per_sample = 0.0 if anchor is None else (
         (estimated[anchor] - estimated[smallest]) / (anchor - smallest))
-    return MemoryProbe(
+    return MemoryProbeResult(
         max_batch_size=best,
         min_batch_size=smallest,
         peak_bytes_at_max=peak_at_best,
@@ -477,3 +477,11 @@ def _result(
         estimated=dict(sorted(estimated.items())),
         measured=dict(sorted(measured.items())),
     )
+
+
+def __getattr__(name: str):
+    if name == "MemoryProbe":  # the name before 0.2: it is the probe's result, not a prober
+        from autobatch._deprecation import renamed
+
+        return renamed(__name__, name, "MemoryProbeResult", MemoryProbeResult)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 from autobatch.noise.estimator import GradientNoiseScale, noise_scale_interval, two_batch_estimates
 from autobatch.noise.measure import NoiseScaleEstimate, measure_noise_scale
-from autobatch.noise.micro_batch import MicroBatchGradNorms, StepGradNorms
-from autobatch.noise.per_example import PerExampleGradNorms
+from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
+from autobatch.noise.per_example import PerExampleNormCollector
 
 __all__ = [
     "GradientNoiseScale",
-    "MicroBatchGradNorms",
+    "MicroBatchNormCollector",
     "NoiseScaleEstimate",
-    "PerExampleGradNorms",
+    "PerExampleNormCollector",
     "StepGradNorms",
     "measure_noise_scale",
     "noise_scale_interval",
     "two_batch_estimates",
 ]
+
+
+_RENAMED = {"MicroBatchGradNorms": "MicroBatchNormCollector", "PerExampleGradNorms": "PerExampleNormCollector"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        from autobatch._deprecation import renamed
+
+        return renamed(__name__, name, _RENAMED[name], globals()[_RENAMED[name]])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

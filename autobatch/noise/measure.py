@@ -34,8 +34,8 @@ from autobatch.batch import ForwardLoss, LossFn
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.noise._effective_batch import without_replacement_batch_size
 from autobatch.noise.estimator import GradientNoiseScale
-from autobatch.noise.micro_batch import MicroBatchGradNorms, grad_sq_norm, trainable_parameters
-from autobatch.noise.per_example import PerExampleGradNorms
+from autobatch.noise.micro_batch import MicroBatchNormCollector, grad_sq_norm, trainable_parameters
+from autobatch.noise.per_example import PerExampleNormCollector
 
 __all__ = ["NoiseScaleEstimate", "measure_noise_scale"]
 
@@ -104,7 +104,7 @@ def measure_noise_scale(
         num_batches: batches to average (default: one pass over the data). More than one
             pass holds are drawn from further passes, each freshly shuffled.
         method: ``"micro"`` or ``"per_example"`` (exact per-example norms; sharper
-            ``tr(Sigma)``, needs layers :class:`autobatch.noise.PerExampleGradNorms`
+            ``tr(Sigma)``, needs layers :class:`autobatch.noise.PerExampleNormCollector`
             supports).
         seed: seeds the batch order and the model's randomness (dropout) for a repeatable
             result; ``None`` draws a fresh order. The global RNG state is restored either way.
@@ -240,8 +240,8 @@ def _run(
     small = small_b if source.sampler is not None else without_replacement_batch_size(small_b, n)
     big = batch_size if source.sampler is not None else without_replacement_batch_size(batch_size, n)
     estimator = GradientNoiseScale(smoothing=None, min_updates=1)
-    micro_hooks = MicroBatchGradNorms(model) if method == "micro" else None
-    per_example = PerExampleGradNorms(model) if method == "per_example" else None
+    micro_hooks = MicroBatchNormCollector(model) if method == "micro" else None
+    per_example = PerExampleNormCollector(model) if method == "per_example" else None
     smalls: list[torch.Tensor] = []
 
     def after_backward(m: MicroStep) -> None:

@@ -16,7 +16,7 @@ Conventions (they decide every number below):
 - The loss of micro-batch ``i`` may be multiplied by a weight before ``backward`` (usually
   ``b_i / B``, so that ``.grad`` ends up as the mean over the step) and by an AMP loss scale;
   both are divided out, so norms are of unscaled gradients. The big norm is read from
-  ``.grad``: call :meth:`MicroBatchGradNorms.end_step` before ``scaler.unscale_`` and before
+  ``.grad``: call :meth:`MicroBatchNormCollector.end_step` before ``scaler.unscale_`` and before
   gradient clipping, which would change ``.grad`` in place.
 - Everything is per process: under data parallelism each rank's collector reports its local
   micro-batches (or its whole local gradient can serve as one small batch).
@@ -34,7 +34,7 @@ from torch import nn
 
 from autobatch.noise._effective_batch import harmonic_batch_size
 
-__all__ = ["MicroBatchGradNorms", "StepGradNorms", "grad_sq_norm", "trainable_parameters"]
+__all__ = ["MicroBatchNormCollector", "StepGradNorms", "grad_sq_norm", "trainable_parameters"]
 
 LossReduction = Literal["mean", "sum"]
 _REDUCTIONS = ("mean", "sum")
@@ -95,12 +95,12 @@ def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 _SMALL_MODEL = 100_000  # parameters
 
 
-class MicroBatchGradNorms:
+class MicroBatchNormCollector:
     """Collect per-micro-batch and whole-step squared gradient norms with parameter hooks.
 
     Use it inside a gradient-accumulation step::
 
-        collector = MicroBatchGradNorms(model)
+        collector = MicroBatchNormCollector(model)
         optimizer.zero_grad(set_to_none=True)
         collector.begin_step()
         for x, y in micro_batches:                        # sizes b_i, sum B
@@ -274,7 +274,7 @@ class MicroBatchGradNorms:
         self._handles = []
         self._active = False
 
-    def __enter__(self) -> MicroBatchGradNorms:
+    def __enter__(self) -> MicroBatchNormCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -291,3 +291,11 @@ def _check_proportional(weights: list[float], sizes: list[int]) -> None:
             f".grad is the gradient of the step's mean loss (got mean-loss weights {weights} "
             f"for sizes {sizes}); multiply each mean loss by b_i / B"
         )
+
+
+def __getattr__(name: str):
+    if name == "MicroBatchGradNorms":  # the name before 0.2: it is a hook collector, not norms
+        from autobatch._deprecation import renamed
+
+        return renamed(__name__, name, "MicroBatchNormCollector", MicroBatchNormCollector)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

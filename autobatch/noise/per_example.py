@@ -1,6 +1,6 @@
 """Exact per-example squared gradient norms from one ordinary backward pass.
 
-:class:`PerExampleGradNorms` hooks every layer that owns trainable parameters: a forward hook
+:class:`PerExampleNormCollector` hooks every layer that owns trainable parameters: a forward hook
 keeps the layer's input and puts a tensor hook on its output, which receives the output
 gradient during ``backward``. From the pair, :mod:`autobatch._per_example_math` gives each
 example's squared gradient norm for that layer without forming ``B x P`` gradients
@@ -45,15 +45,15 @@ from autobatch.noise._per_example_plan import (
 )
 from autobatch.noise.micro_batch import LossReduction, trainable_parameters
 
-__all__ = ["PerExampleGradNorms", "UnsupportedForPerExample", "per_example_supported"]
+__all__ = ["PerExampleNormCollector", "UnsupportedForPerExample", "per_example_supported"]
 
 
-class PerExampleGradNorms:
+class PerExampleNormCollector:
     """Per-example squared gradient norms of the loss of each example, from one backward.
 
     Usage, one forward and one backward per measurement::
 
-        with PerExampleGradNorms(model) as per_example:
+        with PerExampleNormCollector(model) as per_example:
             loss = loss_fn(model(x), y)        # mean over the B examples of x
             loss.backward()
             sq = per_example.sq_norms()        # shape (B,): |grad of loss_i|^2 for each i
@@ -117,7 +117,7 @@ class PerExampleGradNorms:
             return
         if self._batch is not None:
             raise RuntimeError(
-                "PerExampleGradNorms saw a second forward before sq_norms() read the first; "
+                "PerExampleNormCollector saw a second forward before sq_norms() read the first; "
                 "run one forward and one backward, then call sq_norms(), per measurement"
             )
         self._batch = batch_size_of(args if args else tuple(kwargs.values()))
@@ -340,7 +340,7 @@ class PerExampleGradNorms:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> PerExampleGradNorms:
+    def __enter__(self) -> PerExampleNormCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -391,7 +391,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _layer_sq_norms(layer: Layer, calls: list[Call], collector: PerExampleGradNorms) -> torch.Tensor:
+def _layer_sq_norms(layer: Layer, calls: list[Call], collector: PerExampleNormCollector) -> torch.Tensor:
     """Squared norms of one layer's per-example gradient contributions, summed over calls
     (calls of the same layer are extra positions of the same sum, so they concatenate)."""
     module, batch = layer.module, calls[0].outputs[0].shape[0]
@@ -459,3 +459,11 @@ def _func_per_example_grads(layer: Layer, call: Call, batch: int) -> dict[str, t
             if call.rng[1] is not None:
                 torch.cuda.set_rng_state(call.rng[1])
         return per_example(params, call.args, call.kwargs, grads_out)
+
+
+def __getattr__(name: str):
+    if name == "PerExampleGradNorms":  # the name before 0.2: it is a hook collector, not norms
+        from autobatch._deprecation import renamed
+
+        return renamed(__name__, name, "PerExampleNormCollector", PerExampleNormCollector)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

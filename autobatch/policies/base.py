@@ -30,8 +30,9 @@ class PolicyContext:
         max_batch_size: largest allowed global batch.
         noise_scale: the smoothed ``B_simple`` in examples; NaN if unknown.
         noise_ready: whether the estimator has enough updates to trust ``noise_scale``.
-        noise_stderr: standard error of ``noise_scale`` (inf if unknown).
-        grad_sq, trace_cov: the estimator's averaged ``|G|^2`` (unfloored) and
+        noise_scale_stderr: standard error of ``noise_scale`` (inf if unknown).
+        grad_sq_mean, trace_cov: the estimator's averaged ``|G|^2`` (unfloored: it may be <= 0;
+            ``GradientNoiseScale.grad_sq`` is the floored one) and
             ``tr(Sigma)``; NaN if unknown.
         grad_sq_stderr, trace_cov_stderr: their standard errors (inf if unknown).
         max_micro_batch_size: the largest micro-batch that fits in memory, or None (no
@@ -49,13 +50,27 @@ class PolicyContext:
     max_batch_size: int
     noise_scale: float = math.nan
     noise_ready: bool = False
-    noise_stderr: float = math.inf
-    grad_sq: float = math.nan
+    noise_scale_stderr: float = math.inf
+    grad_sq_mean: float = math.nan
     trace_cov: float = math.nan
     grad_sq_stderr: float = math.inf
     trace_cov_stderr: float = math.inf
     max_micro_batch_size: int | None = None
     step_time_s: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def noise_stderr(self) -> float:
+        """Deprecated name of :attr:`noise_scale_stderr`."""
+        from autobatch._deprecation import renamed
+
+        return renamed("PolicyContext", "noise_stderr", "noise_scale_stderr", self.noise_scale_stderr)
+
+    @property
+    def grad_sq(self) -> float:
+        """Deprecated name of :attr:`grad_sq_mean` (unfloored, unlike the estimator's ``grad_sq``)."""
+        from autobatch._deprecation import renamed
+
+        return renamed("PolicyContext", "grad_sq", "grad_sq_mean", self.grad_sq_mean)
 
 
 class BatchSizePolicy(ABC):

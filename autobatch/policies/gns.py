@@ -33,7 +33,7 @@ class GNSPolicy(BatchSizePolicy):
     to the interval's nearer edge: B grows when the noise scale is significantly above it and
     shrinks when it is significantly below, instead of following every wobble of the average.
     When the context carries no interval statistics, ``noise_scale +- confidence x
-    noise_stderr`` is used.
+    noise_scale_stderr`` is used.
     """
 
     config_settings: ClassVar[Mapping[str, str]] = {
@@ -65,11 +65,11 @@ class GNSPolicy(BatchSizePolicy):
         noise = ctx.noise_scale
         if not ctx.noise_ready or not math.isfinite(noise) or noise <= 0.0:
             return ctx.batch_size
-        if math.isfinite(ctx.grad_sq) and math.isfinite(ctx.trace_cov):
-            low, high = noise_scale_interval(ctx.grad_sq, ctx.trace_cov, ctx.grad_sq_stderr,
+        if math.isfinite(ctx.grad_sq_mean) and math.isfinite(ctx.trace_cov):
+            low, high = noise_scale_interval(ctx.grad_sq_mean, ctx.trace_cov, ctx.grad_sq_stderr,
                                              ctx.trace_cov_stderr, self.confidence)
         else:
-            low, high = noise - self.confidence * ctx.noise_stderr, noise + self.confidence * ctx.noise_stderr
+            low, high = noise - self.confidence * ctx.noise_scale_stderr, noise + self.confidence * ctx.noise_scale_stderr
         target = confident_target(ctx.batch_size, low, high)
         if target is None:
             return ctx.batch_size

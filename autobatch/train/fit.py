@@ -23,7 +23,7 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
 
 A custom loop needs the same pieces: a :class:`~autobatch.train.controller.BatchSizeController`
 (micro-batch split, LR factor, decisions), a :class:`~autobatch.train.sampler.SampleStream` (the
-order) and a :class:`~autobatch.noise.micro_batch.MicroBatchGradNorms` (the norms);
+order) and a :class:`~autobatch.noise.micro_batch.MicroBatchNormCollector` (the norms);
 ``examples/custom_loop.py`` shows the minimum.
 """
 
@@ -188,7 +188,7 @@ def fit(
                 examples=step_b, micro_batch_size=max(acc.sizes, default=0), accum_steps=len(acc.sizes),
                 lr=opt.param_groups[0]["lr"], train_loss=train_loss, grad_sq=est.grad_sq,
                 trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
-                noise_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
+                noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
                 skipped=not finite,
             )
             result.history.append(record)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = ["FitResult", "StepRecord"]
 
@@ -21,7 +21,7 @@ class StepRecord(BaseModel):
     ``examples`` what the step held (fewer for the last step of an epoch); ``lr`` is the first parameter group's LR
     used for this step; ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
-    the estimator is ready) and ``noise_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
+    the estimator is ready) and ``noise_scale_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
     the fit started (evaluation included).
     """
 
@@ -39,9 +39,17 @@ class StepRecord(BaseModel):
     grad_sq: float
     trace_cov: float
     noise_scale: float
-    noise_stderr: float = math.inf
+    # ``noise_stderr`` before 0.2: still accepted when reading old histories and checkpoints
+    noise_scale_stderr: float = Field(math.inf, validation_alias=AliasChoices("noise_scale_stderr", "noise_stderr"))
     wall_time_s: float
     skipped: bool = False
+
+    @property
+    def noise_stderr(self) -> float:
+        """Deprecated name of :attr:`noise_scale_stderr`."""
+        from autobatch._deprecation import renamed
+
+        return renamed("StepRecord", "noise_stderr", "noise_scale_stderr", self.noise_scale_stderr)
 
 
 class FitResult(BaseModel):

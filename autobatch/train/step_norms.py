@@ -3,8 +3,8 @@
 :class:`StepNormMeter` is what ``autobatch.fit`` asks for the numbers of a step: the summed loss
 and, on the steps it measures, the squared norms the noise-scale estimator needs
 (``|G_b|^2`` of small batches and ``|G_B|^2`` of the whole step, McCandlish et al. 2018,
-App. A.1). It owns the parameter hooks (:class:`~autobatch.noise.micro_batch.MicroBatchGradNorms`),
-the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleGradNorms`), the choice
+App. A.1). It owns the parameter hooks (:class:`~autobatch.noise.micro_batch.MicroBatchNormCollector`),
+the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleNormCollector`), the choice
 of which steps to measure and how to split them, and under data parallelism the gradient
 all-reduce that carries the step's numbers to every rank.
 
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from autobatch.noise.micro_batch import (
-    MicroBatchGradNorms,
+    MicroBatchNormCollector,
     StepGradNorms,
     grad_sq_norm,
     trainable_parameters,
 )
-from autobatch.noise.per_example import PerExampleGradNorms
+from autobatch.noise.per_example import PerExampleNormCollector
 from autobatch.train.distributed import DistInfo, all_reduce_gradients
 
 __all__ = ["StepNormMeter", "norms_from_totals"]
@@ -106,8 +106,8 @@ class StepNormMeter:
         self._params = trainable_parameters(model)
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
         # a call per parameter (~10% of a small CNN's step) even when it records nothing.
-        self._hooks: MicroBatchGradNorms | None = None
-        self._per_example: PerExampleGradNorms | None = None
+        self._hooks: MicroBatchNormCollector | None = None
+        self._per_example: PerExampleNormCollector | None = None
         self.measuring = False
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
@@ -142,11 +142,11 @@ class StepNormMeter:
         if not self.measuring:
             return
         if self.method == "per_example":
-            self._per_example = PerExampleGradNorms(self._model)
+            self._per_example = PerExampleNormCollector(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
         elif not self.info.enabled or len(sizes) > 1:
-            self._hooks = MicroBatchGradNorms(self._model)
+            self._hooks = MicroBatchNormCollector(self._model)
             self._hooks.begin_step()
 
     def after_backward(self, batch_size: int, loss_weight: float) -> None:

@@ -21,10 +21,10 @@ What measuring the noise scale adds to a training step, on CPU.
 One SGD step of batch B is timed in these variants, each alternated with its baseline in one
 process, {rounds} rounds, the order rotating each round:
 
-- `micro`: B as {k} accumulated micro-batches, with `MicroBatchGradNorms` and the estimator
+- `micro`: B as {k} accumulated micro-batches, with `MicroBatchNormCollector` and the estimator
   update, over the same step without them (`plain step (k={k})`);
 - `control`: that baseline timed against itself: how far the harness alone strays from 1;
-- `per-example`: one backward over B with `PerExampleGradNorms` (+ the step's norm and the
+- `per-example`: one backward over B with `PerExampleNormCollector` (+ the step's norm and the
   update), over one plain backward (`plain step (k=1)`);
 - `torch.func vmap`: per-example gradients by `vmap(grad)`, their norms and their mean as the
   step's gradient, over the same plain step: the generic alternative to the closed forms.

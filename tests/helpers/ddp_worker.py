@@ -57,7 +57,7 @@ def main() -> None:
         "micro": [r.micro_batch_size for r in res.history],
         "weights": [t.tolist() for t in model.state_dict().values()],
         "noise_scale": last.noise_scale,
-        "noise_stderr": last.noise_stderr,
+        "noise_scale_stderr": last.noise_scale_stderr,
         "steps": res.steps,
         "oom_retries": res.oom_retries,
         "samples": res.samples,
