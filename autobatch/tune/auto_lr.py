@@ -1,0 +1,413 @@
+"""``lr="auto"``: choose the base LR with a short study, then train at it.
+
+:func:`choose_base_lr` spends a fixed fraction of the run's compute (examples processed, at
+most :data:`DEFAULT_FRACTION` = half of the run, so the study and the run together cost at
+most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
+
+1. Candidates: LRs log-spaced over ``lr_range`` (by default a range for the optimizer's
+   family, :func:`default_lr_range`), ``sqrt(2)`` apart, or fewer and farther apart when the
+   budget cannot give each at least :data:`MIN_RUNG_STEPS` optimizer steps at the base
+   batch in the first rung.
+2. Rung 0 trains every candidate from the model's initial weights for ``r0`` examples; each
+   later rung doubles the examples of the best half (at least 3 stay), *continuing* each
+   survivor where it stopped (``autobatch.fit``'s checkpoints), so no example is trained
+   twice. Trials see the same adaptive batch, LR rule and data order as the run: a trial of
+   ``r`` examples is the first ``r`` examples of a run at that LR.
+3. Every rung ranks trials at equal numbers of examples by the objective ``"tail"``
+   (:mod:`autobatch.tune.objectives`): the mean validation loss at 7/8 and at the end of
+   the rung.
+4. Among the last rung's (usually 3) survivors, the best wins; when it lies between its two
+   grid neighbours, the vertex of the parabola through the three scores (in log LR) moves
+   it by at most half a grid step.
+
+The rung-0 budget ``r0`` is set so that the whole study, overshoot included, fits the
+fraction. Trials are recorded in an in-memory Optuna study (nothing is written but
+temporary checkpoints, deleted at the end).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from autobatch.config import FitConfig
+from autobatch.data import BatchSource, as_batch_source
+from autobatch.train._setup import build_optimizer, total_samples
+from autobatch.train.callbacks import Callback
+from autobatch.train.checkpoint import capture_rng, restore_rng
+from autobatch.train.evaluate import evaluate
+from autobatch.tune.objectives import score
+from autobatch.tune.study import TrialRow, TuneResult, _summarise
+
+__all__ = ["DEFAULT_FRACTION", "VAL_FRACTION", "LRSearch", "choose_base_lr", "default_lr_range", "plan_rungs"]
+
+DEFAULT_FRACTION = 0.5
+"""The most the study may train on, as a fraction of the run's examples."""
+
+VAL_FRACTION = 0.1
+"""Share of the training examples held out to score trials when no ``val_data`` is given."""
+
+MIN_RUNG_STEPS = 16
+"""Optimizer steps at the base batch every candidate gets at least, in the first rung."""
+
+GRID_RATIO = math.sqrt(2.0)
+"""The finest spacing of the candidate LRs."""
+
+# Planned compute is this share of the allowed fraction: every trial segment ends at the first
+# step past its budget, so it overshoots by less than one batch.
+_PLAN_MARGIN = 0.9
+
+# Optimizers whose update is normalised per coordinate (the LR is a step size in parameter
+# units); their good LRs sit about two decades below plain SGD's.
+_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+             torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop)
+SGD_RANGE = (1e-3, 1.0)
+ADAPTIVE_RANGE = (1e-4, 1e-2)
+
+
+class LRSearch(BaseModel):
+    """What :func:`choose_base_lr` did, kept in ``FitResult.lr_search`` by ``fit(lr="auto")``.
+
+    Attributes:
+        lr: the chosen base LR, at the base batch ``initial_batch_size``.
+        lr_range: ``(low, high)`` the candidates spanned.
+        candidates: the LRs of rung 0, ascending.
+        rungs: examples each surviving trial had trained on at the end of each rung.
+        survivors: trials in each rung.
+        samples: examples the study trained on, all trials together (its compute).
+        budget_samples: examples of the run the LR is for.
+        fraction: ``samples / budget_samples``.
+        max_fraction: the most the study was allowed (``fraction`` never exceeds it).
+        val_examples: examples the trials were scored on.
+        held_out: True when those were held out of the training data (no ``val_data``
+            given); the trials then trained on the rest.
+        refined: True when the parabola step moved the LR off the grid.
+        trials: one row per candidate (``COMPLETE``: reached the last rung; ``PRUNED``:
+            dropped at a rung or diverged, with the reason).
+        wall_time_s: seconds the study took.
+        study: the in-memory ``optuna.Study`` (not serialised).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    lr: float
+    lr_range: tuple[float, float]
+    candidates: list[float]
+    rungs: list[int]
+    survivors: list[int]
+    samples: int
+    budget_samples: int
+    fraction: float
+    max_fraction: float
+    val_examples: int
+    held_out: bool
+    refined: bool = False
+    trials: list[TrialRow] = Field(default_factory=list)
+    wall_time_s: float = 0.0
+    study: Any = Field(default=None, exclude=True)
+
+    def table(self) -> str:
+        """The trials as a text table (LR, state, score, examples, steps, why it stopped)."""
+        best = min((r.value for r in self.trials if r.value is not None), default=None)
+        return TuneResult(study=self.study, trials=self.trials, best_value=best).table()
+
+
+def default_lr_range(optimizer: Any) -> tuple[float, float]:
+    """Where to look for the base LR when none is given: :data:`ADAPTIVE_RANGE` (1e-4 to
+    1e-2) for Adam-like optimizers, :data:`SGD_RANGE` (1e-3 to 1) for the rest.
+
+    Args:
+        optimizer: a class, a factory ``f(params, lr)`` or a built optimizer, as ``fit`` takes.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        built = optimizer
+    else:
+        with torch.random.fork_rng(devices=[]):  # building the probe layer draws its init
+            built = build_optimizer(optimizer, nn.Linear(1, 1), 1e-3)
+    return ADAPTIVE_RANGE if isinstance(built, _ADAPTIVE) else SGD_RANGE
+
+
+def plan_rungs(budget: int, n_candidates: int, min_rung: int) -> tuple[int, list[int], list[int]] | None:
+    """The successive-halving schedule for at most ``n_candidates`` LRs within ``budget`` examples.
+
+    Rung ``k`` trains ``survivors[k]`` trials to ``rungs[k] = r0 * 2**k`` examples; the best
+    half (at least 3) goes on, continuing where it stopped, until 3 remain. The cost is
+    ``r0 * (n0 + sum_k survivors[k] * 2**(k-1))``.
+
+    Args:
+        budget: examples the whole study may train on.
+        n_candidates: the most LRs to start with (fewer when ``r0`` would fall below ``min_rung``).
+        min_rung: the fewest examples a rung-0 trial may get.
+
+    Returns:
+        ``(n0, rungs, survivors)``, or None when not even 2 candidates get ``min_rung``.
+    """
+    for n0 in range(max(2, n_candidates), 1, -1):
+        survivors = [n0]
+        while survivors[-1] > 3:
+            survivors.append(max(3, math.ceil(survivors[-1] / 2)))
+        units = n0 + sum(n * 2 ** (k - 1) for k, n in enumerate(survivors) if k > 0)
+        r0 = budget // units
+        if r0 >= min_rung:
+            return n0, [r0 * 2**k for k in range(len(survivors))], survivors
+    return None
+
+
+def parabola_vertex(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The ``x`` of the lowest point of the parabola through three points, or None when
+    they do not curve upwards (the middle point is not below the chord)."""
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    denom = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if denom >= 0 or not all(map(math.isfinite, (*xs, *ys))):
+        return None
+    numer = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    return x1 - 0.5 * numer / denom
+
+
+class _Segment(Callback):
+    """Evaluates one trial at given numbers of examples and remembers the losses."""
+
+    def __init__(self, model: nn.Module, val: BatchSource, loss_fn: Callable, marks: list[int],
+                 device: Any, losses: list[float]) -> None:
+        self.model, self.val, self.loss_fn, self.device = model, val, loss_fn, device
+        self.marks, self.losses = list(marks), losses
+        self.samples = self.steps = self.batch_size = 0
+
+    def on_step_end(self, record) -> None:
+        self.samples, self.steps, self.batch_size = record.samples, record.step, record.batch_size
+        while self.marks and record.samples >= self.marks[0]:
+            self.marks.pop(0)
+            loss = evaluate(self.model, self.val, self.loss_fn, device=self.device)["val_loss"]
+            self.losses.append(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"val_loss={loss} after {record.samples} examples")
+
+
+def choose_base_lr(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    val_data: Any = None,
+    optimizer: Any = torch.optim.SGD,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    max_samples: int | None = None,
+    config: FitConfig | dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    lr_range: tuple[float, float] | None = None,
+    fraction: float = DEFAULT_FRACTION,
+) -> LRSearch:
+    """Choose the base LR of a run by successive halving on short trials (module docstring).
+
+    Takes what ``autobatch.fit`` has when called with ``lr="auto"``; the run's length
+    (``epochs``, ``max_steps``, ``max_samples``, the first reached wins) sets the study's
+    budget, ``fraction`` of the run's examples. With only ``max_steps``, the run is taken to
+    be ``max_steps * initial_batch_size`` examples (the fewest it can process).
+
+    The model is trained in place by each trial and put back to the weights it came with
+    before returning; the global RNGs (torch, CUDA, numpy, Python) are left as found.
+
+    Args:
+        model: the model to train (its current weights are every trial's start).
+        data: the training data, in any form ``fit`` takes.
+        loss_fn: ``loss_fn(output, target)`` -> scalar, **mean-reduced** over the batch.
+        val_data: data to score trials on; None holds out :data:`VAL_FRACTION` of ``data``
+            (a seeded random 10%, by ``config``'s ``seed``) and trains trials on the rest.
+        optimizer: as for ``fit``: a class, a factory ``f(params, lr)`` or a built optimizer
+            (rebuilt per trial with its defaults and the trial's LR).
+        epochs, max_steps, max_samples: the run's stopping rules, as given to ``fit``.
+        config: the run's settings (FitConfig or dict); trials use them with the progress
+            bar, evaluation and checkpoint cadence off.
+        device: as for ``fit``.
+        precision: as for ``fit``.
+        lr_range: ``(low, high)`` for the candidates; None: :func:`default_lr_range`.
+        fraction: the most the study may train on, as a share of the run's examples
+            (0 < fraction <= 1; the default 0.5 keeps study + run within 1.5 runs).
+
+    Returns:
+        An :class:`LRSearch`; ``.lr`` is the base LR to train with.
+
+    Raises:
+        ValueError: for bad arguments (all named at once), a budget too short for a study
+            (fewer than 2 candidates would get :data:`MIN_RUNG_STEPS` steps), or when every
+            candidate diverged.
+    """
+    started = time.perf_counter()
+    cfg = FitConfig.from_any(config)
+    source = as_batch_source(data)
+    n, b0 = len(source), cfg.batch.initial_batch_size
+    problems = []
+    if epochs is None and max_steps is None and max_samples is None:
+        problems.append("lr='auto' needs the run's length to size its study: give epochs, max_steps or max_samples")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        problems.append(f"fraction must be in (0, 1] (got fraction={fraction!r}); 0.5 keeps study + run within 1.5 runs")
+    low, high = lr_range if lr_range is not None else default_lr_range(optimizer)
+    if not (0 < low < high and math.isfinite(high)):
+        problems.append(f"lr_range must be (low, high) with 0 < low < high (got lr_range={lr_range!r})")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        problems.append("lr='auto' runs its study in one process; under torchrun, find the LR first "
+                        "(autobatch.tune_lr) and pass it as lr")
+    if problems:
+        raise ValueError("; ".join(problems))
+    budget = total_samples(epochs, max_samples, n)
+    if max_steps is not None:
+        budget = min(budget, max_steps * b0) if budget is not None else max_steps * b0
+
+    train, val, held_out = _split(source, val_data, cfg.data.seed, b0)
+    n_candidates = 1 + math.floor(math.log(high / low) / math.log(GRID_RATIO) + 1e-9)
+    plan = plan_rungs(int(_PLAN_MARGIN * fraction * budget), n_candidates, MIN_RUNG_STEPS * b0)
+    if plan is None:
+        raise ValueError(
+            f"the run is too short for lr='auto': its study may train on {fraction:g} x {budget} "
+            f"examples, less than 2 candidates x {MIN_RUNG_STEPS} steps x initial_batch_size={b0}; "
+            "pass an lr, or train longer"
+        )
+    n0, rungs, survivors = plan
+    candidates = [low * (high / low) ** (i / (n0 - 1)) for i in range(n0)]
+    factory = _factory(optimizer)
+    trial_cfg = FitConfig.from_any(cfg, progress=False, eval_every=None, checkpoint_every=None)
+
+    rng = capture_rng()
+    initial = copy.deepcopy(model.state_dict())
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory(prefix="autobatch-lr-") as tmp:
+            study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="minimize",
+                                        study_name="autobatch-lr-auto")
+            trials = []
+            for i, lr in enumerate(candidates):
+                study.enqueue_trial({"lr": lr})
+                trial = study.ask({"lr": optuna.distributions.FloatDistribution(low, high, log=True)})
+                trials.append({"trial": trial, "lr": lr, "dir": Path(tmp) / f"t{i}", "losses": [],
+                               "score": math.inf, "samples": 0, "reason": None, "t": 0.0})
+            alive = trials
+            for k, (rung, keep) in enumerate(zip(rungs, survivors)):
+                for t in alive:
+                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, trial_cfg,
+                                 device, precision)
+                ranked = sorted(alive, key=lambda t: t["score"])
+                last = k == len(rungs) - 1
+                cut = len(ranked) if last else survivors[k + 1]
+                for place, t in enumerate(ranked[cut:], start=cut + 1):
+                    t["reason"] = t["reason"] or (
+                        f"dropped at rung {k + 1}/{len(rungs)} ({rung} examples): "
+                        f"{place}th of {len(ranked)}, score {t['score']:.4g}")
+                alive = [t for t in ranked[:cut] if math.isfinite(t["score"])]
+                if not alive:
+                    break
+            for t in trials:
+                frozen = t["trial"]
+                for key, value in (("samples", t["samples"]), ("steps", t.get("steps", 0)),
+                                   ("final_batch_size", t.get("batch_size", 0)), ("reason", t["reason"]),
+                                   ("wall_time_s", round(t["t"], 3))):
+                    frozen.set_user_attr(key, value)
+                if t in alive:
+                    study.tell(frozen, t["score"])
+                else:
+                    study.tell(frozen, state=optuna.trial.TrialState.PRUNED)
+    finally:
+        optuna.logging.set_verbosity(level)
+        model.load_state_dict(initial)
+        restore_rng(rng)
+    if not alive:
+        raise ValueError(
+            f"every candidate LR in lr_range=({low:g}, {high:g}) diverged or failed in the study "
+            f"({n0} candidates); pass a lower lr_range, or an lr"
+        )
+    lr, refined = _pick(alive, candidates)
+    spent = sum(t["samples"] for t in trials)
+    summary = _summarise(study)
+    return LRSearch(
+        lr=lr, lr_range=(low, high), candidates=candidates, rungs=rungs, survivors=survivors,
+        samples=spent, budget_samples=budget, fraction=spent / budget, max_fraction=fraction,
+        val_examples=len(val), held_out=held_out, refined=refined, trials=summary.trials,
+        wall_time_s=time.perf_counter() - started, study=study,
+    )
+
+
+def _run_segment(t: dict, model, initial, train, val, loss_fn, factory, rung: int, cfg: FitConfig,
+                 device, precision) -> None:
+    """Train trial ``t`` on to ``rung`` examples (from the initial weights, or from its
+    checkpoint) and score it on its evaluations at 7/8 of the rung and at its end."""
+    from autobatch.train.fit import fit
+
+    marks = [math.ceil(rung * 7 / 8), rung]
+    seen = len(t["losses"])
+    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t["samples"]], device, t["losses"])
+    if not t["samples"]:
+        model.load_state_dict(initial)
+    start = time.perf_counter()
+    try:
+        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t["lr"], max_samples=rung, config=cfg,
+            callbacks=[segment], device=device, checkpoint_dir=t["dir"], resume=True, precision=precision)
+    except FloatingPointError as err:
+        t["score"], t["reason"] = math.inf, f"diverged: {err}"
+        return
+    finally:
+        t["t"] += time.perf_counter() - start
+        t["samples"] = max(t["samples"], segment.samples)
+        t["steps"], t["batch_size"] = segment.steps or t.get("steps", 0), segment.batch_size or t.get("batch_size", 0)
+    t["score"] = score("tail", t["losses"][seen:], n_evals=8)
+    t["trial"].report(t["score"], step=rung)
+
+
+def _pick(alive: list[dict], candidates: list[float]) -> tuple[float, bool]:
+    """The best survivor's LR, moved to the parabola's vertex (at most half a grid step) when
+    it lies between two survivors that are its grid neighbours."""
+    best = min(alive, key=lambda t: t["score"])
+    i = candidates.index(best["lr"])
+    by_lr = {t["lr"]: t["score"] for t in alive}
+    if 0 < i < len(candidates) - 1 and candidates[i - 1] in by_lr and candidates[i + 1] in by_lr:
+        xs = [math.log(candidates[j]) for j in (i - 1, i, i + 1)]
+        vertex = parabola_vertex(xs, [by_lr[candidates[j]] for j in (i - 1, i, i + 1)])
+        if vertex is not None:
+            half = 0.5 * (xs[2] - xs[0]) / 2
+            x = min(max(vertex, xs[1] - half), xs[1] + half)
+            return math.exp(x), x != xs[1]
+    return best["lr"], False
+
+
+def _split(source: BatchSource, val_data: Any, seed: int, b0: int) -> tuple[BatchSource, BatchSource, bool]:
+    """(train, val, held_out): the user's validation data, or a seeded 10% of ``source``."""
+    if val_data is not None:
+        return source, as_batch_source(val_data, name="val_data"), False
+    n = len(source)
+    n_val = max(1, round(VAL_FRACTION * n))
+    if n - n_val < b0:
+        raise ValueError(
+            f"lr='auto' without val_data holds out {n_val} of the {n} training examples to score "
+            f"trials, leaving fewer than initial_batch_size={b0}; pass val_data or more data"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return _subset(source, order[n_val:]), _subset(source, order[:n_val]), True
+
+
+def _subset(source: BatchSource, indices: torch.Tensor) -> BatchSource:
+    ds = source.dataset
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return BatchSource(torch.utils.data.TensorDataset(*(t[indices] for t in ds.tensors)), source.collate_fn)
+    return BatchSource(torch.utils.data.Subset(ds, indices.tolist()), source.collate_fn)
+
+
+def _factory(optimizer: Any) -> Any:
+    """The optimizer spec for trials: a built optimizer is rebuilt for each trial (same class
+    and settings, the trial's LR), since it is bound to the state of one run."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls, defaults = type(optimizer), dict(optimizer.defaults)
+        return lambda params, lr: cls(params, **{**defaults, "lr": lr})
+    return optimizer
+
