@@ -1,0 +1,123 @@
+"""choose_base_lr (lr="auto") against a brute-force grid of plain fits, its bookkeeping (weights,
+RNG, compute), and the trial objectives and schedule maths checked by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import autobatch
+from autobatch.problems import get_example
+from autobatch.tune.auto_lr import (DEFAULT_FRACTION, MIN_RUNG_STEPS, VAL_FRACTION, choose_base_lr, default_lr_range,
+                                    parabola_vertex, plan_rungs)
+from autobatch.tune.objectives import score, tail_window
+
+B0 = 16
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return get_example("synthetic", num_train=1024, num_val=1024)
+
+
+def _final_loss(ex, lr: float) -> float:
+    """A plain adaptive-batch fit of the full budget at ``lr``, scored on the validation set."""
+    try:
+        result = autobatch.fit(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer, lr=lr,
+                               epochs=EPOCHS, initial_batch_size=B0, progress=False)
+    except FloatingPointError:
+        return math.inf
+    loss = ex.evaluate(result.model, ex.val_data)["val_loss"]
+    return loss if math.isfinite(loss) else math.inf
+
+
+@pytest.mark.slow
+def test_chooses_an_lr_within_3x_of_the_brute_force_grid_and_restores_everything(ex):
+    grid = np.logspace(-2, math.log10(2.0), 10)  # x1.8 apart
+    losses = [_final_loss(ex, lr) for lr in grid]
+    grid_lr = float(grid[int(np.argmin(losses))])
+
+    model = ex.model_fn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    np.random.seed(7)
+    random.seed(9)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    search = choose_base_lr(model, ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer, epochs=EPOCHS,
+                            config={"initial_batch_size": B0})
+
+    assert grid_lr / 3 <= search.lr <= grid_lr * 3
+    assert _final_loss(ex, search.lr) <= 1.5 * min(losses)
+    # the model is back at its initial weights, and every RNG where it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
+    # compute: all trials together, within the documented fraction of the run's examples
+    budget = EPOCHS * 1024
+    assert search.budget_samples == budget
+    assert search.samples == sum(row.samples for row in search.trials)
+    assert search.samples <= DEFAULT_FRACTION * budget and search.fraction == search.samples / budget
+    # no val_data: a seeded tenth of the training data scored the trials
+    assert search.held_out and search.val_examples == round(VAL_FRACTION * 1024)
+    # the schedule: every candidate ran rung 0; survivors continued, each rung doubling
+    assert len(search.trials) == len(search.candidates) == search.survivors[0]
+    assert search.rungs == [search.rungs[0] * 2**k for k in range(len(search.rungs))]
+    assert search.rungs[0] >= MIN_RUNG_STEPS * B0
+    complete = [row for row in search.trials if row.state == "COMPLETE"]
+    assert len(complete) == search.survivors[-1]
+    assert all(row.samples >= search.rungs[-1] for row in complete)
+    assert all(row.reason and row.samples < search.rungs[-1] for row in search.trials if row.state == "PRUNED")
+
+
+def test_given_val_data_scores_trials_on_it_and_trains_on_all_data(ex):
+    model = ex.model_fn()
+    search = choose_base_lr(model, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, optimizer=ex.optimizer,
+                            max_samples=4096, config={"initial_batch_size": B0}, lr_range=(0.05, 0.8))
+    assert not search.held_out and search.val_examples == 1024
+    assert search.lr_range == (0.05, 0.8) and 0.05 <= search.lr <= 0.8
+    assert search.samples <= 0.5 * 4096
+    assert "complete" in search.table()
+
+
+def test_refuses_a_run_too_short_for_a_study_and_a_run_without_a_length(ex):
+    with pytest.raises(ValueError, match=r"too short for lr='auto'.*pass an lr, or train longer"):
+        choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, max_steps=20,
+                       config={"initial_batch_size": B0})
+    with pytest.raises(ValueError, match=r"needs the run's length .* epochs, max_steps or max_samples.*"
+                                         r"fraction must be in \(0, 1\] \(got fraction=2\)"):
+        choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, fraction=2)
+
+
+def test_default_range_follows_the_optimizer_family(ex):
+    assert default_lr_range(torch.optim.SGD) == (1e-3, 1.0)
+    assert default_lr_range(ex.optimizer) == (1e-3, 1.0)  # a factory: probed on a dummy layer
+    assert default_lr_range(lambda params, lr: torch.optim.AdamW(params, lr=lr)) == (1e-4, 1e-2)
+    assert default_lr_range(torch.optim.Adam(ex.model_fn().parameters())) == (1e-4, 1e-2)
+
+
+def test_tail_objective_by_hand():
+    losses = [2.0, 1.0, 0.5, 0.7, 0.3, 0.9, 0.4, 0.6]
+    assert tail_window(8) == 2 and tail_window(16) == 4 and tail_window(1) == 1
+    assert score("tail", losses, 8) == pytest.approx(0.5)  # (0.4 + 0.6) / 2
+    assert score("tail", losses, 16) == pytest.approx((0.9 + 0.4 + 0.6 + 0.3) / 4)
+    assert score("tail", losses[:1], 8) == 2.0  # one evaluation so far
+    assert score("final", losses, 8) == 0.6 and score("best", losses, 8) == 0.3
+    with pytest.raises(ValueError, match=r"objective must be one of \('tail', 'final', 'best'\) \(got objective='mean'\)"):
+        score("mean", losses, 8)
+
+
+def test_schedule_and_parabola_by_hand():
+    # 11 candidates: rungs of 11, 6 and 3 trials cost r0 * (11 + 6*1 + 3*2) = 23 r0.
+    assert plan_rungs(2300, 11, 100) == (11, [100, 200, 400], [11, 6, 3])
+    # r0 = 2300 // 23 = 100 < 101: fewer candidates (10: 10 + 5 + 3*2 = 21 units, r0 = 109)
+    assert plan_rungs(2300, 11, 101) == (10, [109, 218, 436], [10, 5, 3])
+    assert plan_rungs(3, 11, 2) is None
+    xs = [math.log(0.1), math.log(0.2), math.log(0.4)]
+    ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
+    assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)
+    assert parabola_vertex(xs, [1.0, 2.0, 1.0]) is None  # bends down: no minimum
