@@ -121,3 +121,18 @@ def test_schedule_and_parabola_by_hand():
     ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
     assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)
     assert parabola_vertex(xs, [1.0, 2.0, 1.0]) is None  # bends down: no minimum
+
+
+def test_a_resumed_run_reads_the_study_from_its_checkpoint(ex, tmp_path):
+    from autobatch.train.checkpoint import save_checkpoint
+    from autobatch.train.results import FitResult
+    from autobatch.tune.auto_lr import resumed_search
+
+    search = choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                            optimizer=ex.optimizer, max_samples=4096, config={"initial_batch_size": B0},
+                            lr_range=(0.05, 0.8))
+    assert resumed_search(tmp_path) is None and resumed_search(None) is None
+    result = FitResult(model=ex.model_fn(), lr_search=search)
+    save_checkpoint(tmp_path, {"result": result.model_dump(exclude={"model"})})  # what fit checkpoints
+    again = resumed_search(tmp_path)
+    assert again.lr == search.lr and again.trials == search.trials and again.samples == search.samples

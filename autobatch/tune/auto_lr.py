@@ -49,7 +49,8 @@ from autobatch.train.evaluate import evaluate
 from autobatch.tune.objectives import score
 from autobatch.tune.study import TrialRow, TuneResult, _summarise
 
-__all__ = ["DEFAULT_FRACTION", "VAL_FRACTION", "LRSearch", "choose_base_lr", "default_lr_range", "plan_rungs"]
+__all__ = ["DEFAULT_FRACTION", "VAL_FRACTION", "LRSearch", "choose_base_lr", "default_lr_range", "plan_rungs",
+           "resumed_search"]
 
 DEFAULT_FRACTION = 0.5
 """The most the study may train on, as a fraction of the run's examples."""
@@ -120,6 +121,16 @@ class LRSearch(BaseModel):
         """The trials as a text table (LR, state, score, examples, steps, why it stopped)."""
         best = min((r.value for r in self.trials if r.value is not None), default=None)
         return TuneResult(study=self.study, trials=self.trials, best_value=best).table()
+
+
+def resumed_search(checkpoint_dir: str | Path | None) -> LRSearch | None:
+    """The study an interrupted ``fit(lr="auto")`` already ran, from its checkpoint (so a
+    resumed run trains at the same LR without a second study); None if there is none."""
+    from autobatch.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    found = ckpt["result"].get("lr_search") if ckpt is not None else None
+    return LRSearch(**found) if found else None
 
 
 def default_lr_range(optimizer: Any) -> tuple[float, float]:
