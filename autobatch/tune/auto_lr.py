@@ -28,6 +28,7 @@ temporary checkpoints, deleted at the end).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -303,33 +304,21 @@ def choose_base_lr(
             for i, lr in enumerate(candidates):
                 study.enqueue_trial({"lr": lr})
                 trial = study.ask({"lr": optuna.distributions.FloatDistribution(low, high, log=True)})
-                trials.append({"trial": trial, "lr": lr, "dir": Path(tmp) / f"t{i}", "losses": [],
-                               "score": math.inf, "samples": 0, "reason": None, "t": 0.0})
+                trials.append(_Trial(trial, lr, Path(tmp) / f"t{i}"))
             alive = trials
-            for k, (rung, keep) in enumerate(zip(rungs, survivors)):
+            for k, rung in enumerate(rungs):
                 for t in alive:
-                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, trial_cfg,
-                                 device, precision)
-                ranked = sorted(alive, key=lambda t: t["score"])
-                last = k == len(rungs) - 1
-                cut = len(ranked) if last else survivors[k + 1]
+                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, trial_cfg, device, precision)
+                ranked = sorted(alive, key=lambda t: t.score)
+                cut = survivors[k + 1] if k + 1 < len(rungs) else len(ranked)
                 for place, t in enumerate(ranked[cut:], start=cut + 1):
-                    t["reason"] = t["reason"] or (
-                        f"dropped at rung {k + 1}/{len(rungs)} ({rung} examples): "
-                        f"{place}th of {len(ranked)}, score {t['score']:.4g}")
-                alive = [t for t in ranked[:cut] if math.isfinite(t["score"])]
+                    t.reason = t.reason or (f"dropped at rung {k + 1}/{len(rungs)} ({rung} examples): "
+                                            f"{place}th of {len(ranked)}, score {t.score:.4g}")
+                alive = [t for t in ranked[:cut] if math.isfinite(t.score)]
                 if not alive:
                     break
             for t in trials:
-                frozen = t["trial"]
-                for key, value in (("samples", t["samples"]), ("steps", t.get("steps", 0)),
-                                   ("final_batch_size", t.get("batch_size", 0)), ("reason", t["reason"]),
-                                   ("wall_time_s", round(t["t"], 3))):
-                    frozen.set_user_attr(key, value)
-                if t in alive:
-                    study.tell(frozen, t["score"])
-                else:
-                    study.tell(frozen, state=optuna.trial.TrialState.PRUNED)
+                t.record(study, complete=any(t is a for a in alive))
     finally:
         optuna.logging.set_verbosity(level)
         model.load_state_dict(initial)
@@ -340,7 +329,7 @@ def choose_base_lr(
             f"({n0} candidates); pass a lower lr_range, or an lr"
         )
     lr, refined = _pick(alive, candidates)
-    spent = sum(t["samples"] for t in trials)
+    spent = sum(t.samples for t in trials)
     summary = _summarise(study)
     return LRSearch(
         lr=lr, lr_range=(low, high), candidates=candidates, rungs=rungs, survivors=survivors,
@@ -350,46 +339,72 @@ def choose_base_lr(
     )
 
 
-def _run_segment(t: dict, model, initial, train, val, loss_fn, factory, rung: int, cfg: FitConfig,
+@dataclasses.dataclass
+class _Trial:
+    """One candidate LR across the rungs: its Optuna trial, checkpoint folder and losses."""
+
+    trial: optuna.Trial
+    lr: float
+    folder: Path
+    losses: list[float] = dataclasses.field(default_factory=list)
+    score: float = math.inf  # the last rung's score; inf until scored, or once diverged
+    samples: int = 0
+    steps: int = 0
+    batch_size: int = 0
+    reason: str | None = None
+    wall_time_s: float = 0.0
+
+    def record(self, study: optuna.Study, complete: bool) -> None:
+        """Tell the study how the trial ended (its cost and reason as user attributes)."""
+        for key, value in (("samples", self.samples), ("steps", self.steps), ("final_batch_size", self.batch_size),
+                           ("reason", self.reason), ("wall_time_s", round(self.wall_time_s, 3))):
+            self.trial.set_user_attr(key, value)
+        if complete:
+            study.tell(self.trial, self.score)
+        else:
+            study.tell(self.trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: int, cfg: FitConfig,
                  device, precision) -> None:
     """Train trial ``t`` on to ``rung`` examples (from the initial weights, or from its
     checkpoint) and score it on its evaluations at 7/8 of the rung and at its end."""
     from autobatch.train.fit import fit
 
     marks = [math.ceil(rung * 7 / 8), rung]
-    seen = len(t["losses"])
-    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t["samples"]], device, t["losses"])
-    if not t["samples"]:
+    seen = len(t.losses)
+    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t.samples], device, t.losses)
+    if not t.samples:
         model.load_state_dict(initial)
     start = time.perf_counter()
     try:
-        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t["lr"], max_samples=rung, config=cfg,
-            callbacks=[segment], device=device, checkpoint_dir=t["dir"], resume=True, precision=precision)
+        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t.lr, max_samples=rung, config=cfg,
+            callbacks=[segment], device=device, checkpoint_dir=t.folder, resume=True, precision=precision)
     except FloatingPointError as err:
-        t["score"], t["reason"] = math.inf, f"diverged: {err}"
+        t.score, t.reason = math.inf, f"diverged: {err}"
         return
     finally:
-        t["t"] += time.perf_counter() - start
-        t["samples"] = max(t["samples"], segment.samples)
-        t["steps"], t["batch_size"] = segment.steps or t.get("steps", 0), segment.batch_size or t.get("batch_size", 0)
-    t["score"] = score("tail", t["losses"][seen:], n_evals=8)
-    t["trial"].report(t["score"], step=rung)
+        t.wall_time_s += time.perf_counter() - start
+        if segment.steps:
+            t.samples, t.steps, t.batch_size = segment.samples, segment.steps, segment.batch_size
+    t.score = score("tail", t.losses[seen:], n_evals=8)
+    t.trial.report(t.score, step=rung)
 
 
-def _pick(alive: list[dict], candidates: list[float]) -> tuple[float, bool]:
+def _pick(alive: list[_Trial], candidates: list[float]) -> tuple[float, bool]:
     """The best survivor's LR, moved to the parabola's vertex (at most half a grid step) when
     it lies between two survivors that are its grid neighbours."""
-    best = min(alive, key=lambda t: t["score"])
-    i = candidates.index(best["lr"])
-    by_lr = {t["lr"]: t["score"] for t in alive}
+    best = min(alive, key=lambda t: t.score)
+    i = candidates.index(best.lr)
+    by_lr = {t.lr: t.score for t in alive}
     if 0 < i < len(candidates) - 1 and candidates[i - 1] in by_lr and candidates[i + 1] in by_lr:
         xs = [math.log(candidates[j]) for j in (i - 1, i, i + 1)]
         vertex = parabola_vertex(xs, [by_lr[candidates[j]] for j in (i - 1, i, i + 1)])
         if vertex is not None:
-            half = 0.5 * (xs[2] - xs[0]) / 2
+            half = (xs[2] - xs[0]) / 4  # half a grid step
             x = min(max(vertex, xs[1] - half), xs[1] + half)
             return math.exp(x), x != xs[1]
-    return best["lr"], False
+    return best.lr, False
 
 
 def _split(source: BatchSource, val_data: Any, seed: int, b0: int) -> tuple[BatchSource, BatchSource, bool]:
