@@ -12,8 +12,15 @@ import torch
 
 import autobatch
 from autobatch.problems import get_example
-from autobatch.tune.auto_lr import (DEFAULT_FRACTION, MIN_RUNG_STEPS, VAL_FRACTION, choose_base_lr, default_lr_range,
-                                    parabola_vertex, plan_rungs)
+from autobatch.tune.auto_lr import (
+    DEFAULT_FRACTION,
+    MIN_RUNG_STEPS,
+    VAL_FRACTION,
+    choose_base_lr,
+    default_lr_range,
+    parabola_vertex,
+    plan_rungs,
+)
 from autobatch.tune.objectives import score, tail_window
 
 B0 = 16
@@ -64,9 +71,11 @@ def test_chooses_an_lr_within_3x_of_the_brute_force_grid_and_restores_everything
     assert search.samples <= DEFAULT_FRACTION * budget and search.fraction == search.samples / budget
     # no val_data: a seeded tenth of the training data scored the trials
     assert search.held_out and search.val_examples == round(VAL_FRACTION * 1024)
-    # the schedule: every candidate ran rung 0; survivors continued, each rung doubling
+    # the schedule: every candidate ran rung 0; survivors continued, each rung 4x longer,
+    # the last at 1/8 of the run
     assert len(search.trials) == len(search.candidates) == search.survivors[0]
-    assert search.rungs == [search.rungs[0] * 2**k for k in range(len(search.rungs))]
+    assert search.rungs[-1] == budget // 8
+    assert search.rungs == [budget // 8 // 4 ** (len(search.rungs) - 1 - k) for k in range(len(search.rungs))]
     assert search.rungs[0] >= MIN_RUNG_STEPS * B0
     complete = [row for row in search.trials if row.state == "COMPLETE"]
     assert len(complete) == search.survivors[-1]
@@ -112,11 +121,13 @@ def test_tail_objective_by_hand():
 
 
 def test_schedule_and_parabola_by_hand():
-    # 11 candidates: rungs of 11, 6 and 3 trials cost r0 * (11 + 6*1 + 3*2) = 23 r0.
-    assert plan_rungs(2300, 11, 100) == (11, [100, 200, 400], [11, 6, 3])
-    # r0 = 2300 // 23 = 100 < 101: fewer candidates (10: 10 + 5 + 3*2 = 21 units, r0 = 109)
-    assert plan_rungs(2300, 11, 101) == (10, [109, 218, 436], [10, 5, 3])
-    assert plan_rungs(3, 11, 2) is None
+    # Last rung 5000 examples; rungs 4x shorter before it keep a third (6, then 2 trials).
+    # Cost n0 * 312 + 6 * (1250 - 312) + 2 * (5000 - 1250) = 312 n0 + 13128 <= 18000: n0 = 15.
+    assert plan_rungs(18000, 5000, 21, 256) == ([312, 1250, 5000], [15, 6, 2])
+    assert plan_rungs(18000, 5000, 9, 256) == ([312, 1250, 5000], [9, 6, 2])  # fewer wanted
+    # rung 0 of 1055 // 4 = 263 < 512: a single rung, as many as fit (3796 // 1055 = 3)
+    assert plan_rungs(3796, 1055, 14, 512) == ([1055], [3])
+    assert plan_rungs(1000, 600, 5, 100) is None  # not even 2 candidates fit
     xs = [math.log(0.1), math.log(0.2), math.log(0.4)]
     ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
     assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)

@@ -5,24 +5,27 @@ most :data:`DEFAULT_FRACTION` = half of the run, so the study and the run togeth
 most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
 
 1. Candidates: LRs log-spaced over ``lr_range`` (by default a range for the optimizer's
-   family, :func:`default_lr_range`), ``sqrt(2)`` apart, or fewer and farther apart when the
-   budget cannot give each at least :data:`MIN_RUNG_STEPS` optimizer steps at the base
-   batch in the first rung.
-2. Rung 0 trains every candidate from the model's initial weights for ``r0`` examples; each
-   later rung doubles the examples of the best half (at least 3 stay), *continuing* each
-   survivor where it stopped (``autobatch.fit``'s checkpoints), so no example is trained
-   twice. Trials see the same adaptive batch, LR rule and data order as the run: a trial of
-   ``r`` examples is the first ``r`` examples of a run at that LR.
+   family, :func:`default_lr_range`), at most ``sqrt(2)`` apart, as many as the budget allows
+   (:func:`plan_rungs`).
+2. The last rung compares 2 trials after 1/8 of the run's examples
+   (:data:`FINAL_FRACTION`; shorter comparisons measured misleading). Before it, rungs 4x
+   shorter each keep the best third of their trials: cheap rungs drop the LRs that barely
+   move the loss or blow it up, the long one ranks the plausible ones. Survivors *continue*
+   where they stopped (``autobatch.fit``'s checkpoints), so no example is trained twice.
+   Trials see the same adaptive batch, LR rule and data order as the run: a trial of ``r``
+   examples is the first ``r`` examples of a run at that LR. When the budget cannot give rung
+   0 at least :data:`MIN_RUNG_STEPS` steps at the base batch, a single rung trains as many
+   candidates as fit to 1/8 of the run (3 on a third of the study each if not even 2 fit).
 3. Every rung ranks trials at equal numbers of examples by the objective ``"tail"``
    (:mod:`autobatch.tune.objectives`): the mean validation loss at 7/8 and at the end of
    the rung.
-4. Among the last rung's (usually 3) survivors, the best wins; when it lies between its two
-   grid neighbours, the vertex of the parabola through the three scores (in log LR) moves
-   it by at most half a grid step.
+4. The best trial of the last rung wins; when it lies between two survivors that are its
+   grid neighbours (a single rung of 3 or more), the vertex of the parabola through the
+   three scores (in log LR) moves it by at most half a grid step.
 
-The rung-0 budget ``r0`` is set so that the whole study, overshoot included, fits the
-fraction. Trials are recorded in an in-memory Optuna study (nothing is written but
-temporary checkpoints, deleted at the end).
+The plan keeps the whole study, overshoot included, within the fraction. Trials are
+recorded in an in-memory Optuna study (nothing is written but temporary checkpoints,
+deleted at the end).
 """
 
 from __future__ import annotations
@@ -61,6 +64,17 @@ VAL_FRACTION = 0.1
 
 MIN_RUNG_STEPS = 16
 """Optimizer steps at the base batch every candidate gets at least, in the first rung."""
+
+FINAL_FRACTION = 1 / 8
+"""The last rung compares its trials after this share of the run's examples. Shorter
+comparisons mislead: on MNIST-1D after 1/14 of the run the best LR of the full run still
+looked worse than LRs half as large (its loss leaves the plateau later)."""
+
+RUNG_GROWTH = 4
+"""Each rung trains its survivors this many times longer than the one before."""
+
+KEEP = 3
+"""Each rung but the last keeps the best ``1/KEEP`` of its trials (2 go into the last)."""
 
 GRID_RATIO = math.sqrt(2.0)
 """The finest spacing of the candidate LRs."""
@@ -149,30 +163,42 @@ def default_lr_range(optimizer: Any) -> tuple[float, float]:
     return ADAPTIVE_RANGE if isinstance(built, _ADAPTIVE) else SGD_RANGE
 
 
-def plan_rungs(budget: int, n_candidates: int, min_rung: int) -> tuple[int, list[int], list[int]] | None:
-    """The successive-halving schedule for at most ``n_candidates`` LRs within ``budget`` examples.
+def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tuple[list[int], list[int]] | None:
+    """The successive-halving schedule: as many candidates as ``budget`` examples allow.
 
-    Rung ``k`` trains ``survivors[k]`` trials to ``rungs[k] = r0 * 2**k`` examples; the best
-    half (at least 3) goes on, continuing where it stopped, until 3 remain. The cost is
-    ``r0 * (n0 + sum_k survivors[k] * 2**(k-1))``.
+    The last rung trains its survivors to ``final`` examples. With one rung, every candidate
+    trains to ``final`` (as many as fit, at least 2). With ``K`` earlier rungs, rung ``k``
+    trains to ``final / 4**(K - k)`` examples and keeps the best third of its trials (2 go
+    into the last rung); survivors continue where they stopped, so the study costs
+    ``n0 * r0 + sum_k n_k * (r_k - r_(k-1))``. The plan with the most candidates wins (the
+    fewest rungs among equals); no rung 0 shorter than ``min_rung``.
 
     Args:
         budget: examples the whole study may train on.
-        n_candidates: the most LRs to start with (fewer when ``r0`` would fall below ``min_rung``).
+        final: examples each trial of the last rung trains on.
+        n_candidates: the most candidates wanted.
         min_rung: the fewest examples a rung-0 trial may get.
 
     Returns:
-        ``(n0, rungs, survivors)``, or None when not even 2 candidates get ``min_rung``.
+        ``(rungs, survivors)``: examples per trial at the end of each rung and trials per rung
+        (``survivors[0]`` is the number of candidates), or None when fewer than 2 candidates fit.
     """
-    for n0 in range(max(2, n_candidates), 1, -1):
-        survivors = [n0]
-        while survivors[-1] > 3:
-            survivors.append(max(3, math.ceil(survivors[-1] / 2)))
-        units = n0 + sum(n * 2 ** (k - 1) for k, n in enumerate(survivors) if k > 0)
-        r0 = budget // units
-        if r0 >= min_rung:
-            return n0, [r0 * 2**k for k in range(len(survivors))], survivors
-    return None
+    best = None
+    for k in range(8):
+        rungs = [final // RUNG_GROWTH ** (k - j) for j in range(k + 1)]
+        if rungs[0] < min_rung:
+            break
+        if k == 0:
+            n0 = min(n_candidates, budget // final)
+            plan = ([final], [n0]) if n0 >= 2 else None
+        else:
+            later = [2 * KEEP ** (k - j) for j in range(1, k + 1)]  # trials in rungs 1..k
+            fixed = sum(n * (rungs[j + 1] - rungs[j]) for j, n in enumerate(later))
+            n0 = min(n_candidates, (budget - fixed) // rungs[0]) if budget > fixed else 0
+            plan = (rungs, [n0, *later]) if n0 > later[0] else None
+        if plan is not None and (best is None or plan[1][0] > best[1][0]):
+            best = plan
+    return best
 
 
 def parabola_vertex(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -280,14 +306,20 @@ def choose_base_lr(
 
     train, val, held_out = _split(source, val_data, cfg.data.seed, b0)
     n_candidates = 1 + math.floor(math.log(high / low) / math.log(GRID_RATIO) + 1e-9)
-    plan = plan_rungs(int(_PLAN_MARGIN * fraction * budget), n_candidates, MIN_RUNG_STEPS * b0)
+    allowed = int(_PLAN_MARGIN * fraction * budget)
+    min_rung = MIN_RUNG_STEPS * b0
+    # The last rung at 1/8 of the run; a run too short for 2 candidates there compares 3
+    # candidates on a third of the study's examples each.
+    plan = plan_rungs(allowed, max(min_rung, math.ceil(FINAL_FRACTION * budget)), n_candidates, min_rung) \
+        or plan_rungs(allowed, allowed // 3, n_candidates, min_rung)
     if plan is None:
         raise ValueError(
             f"the run is too short for lr='auto': its study may train on {fraction:g} x {budget} "
             f"examples, less than 2 candidates x {MIN_RUNG_STEPS} steps x initial_batch_size={b0}; "
             "pass an lr, or train longer"
         )
-    n0, rungs, survivors = plan
+    rungs, survivors = plan
+    n0 = survivors[0]
     candidates = [low * (high / low) ** (i / (n0 - 1)) for i in range(n0)]
     factory = _factory(optimizer)
     trial_cfg = FitConfig.from_any(cfg, progress=False, eval_every=None, checkpoint_every=None)
@@ -313,7 +345,7 @@ def choose_base_lr(
                 cut = survivors[k + 1] if k + 1 < len(rungs) else len(ranked)
                 for place, t in enumerate(ranked[cut:], start=cut + 1):
                     t.reason = t.reason or (f"dropped at rung {k + 1}/{len(rungs)} ({rung} examples): "
-                                            f"{place}th of {len(ranked)}, score {t.score:.4g}")
+                                            f"ranked {place} of {len(ranked)}, score {t.score:.4g}")
                 alive = [t for t in ranked[:cut] if math.isfinite(t.score)]
                 if not alive:
                     break
