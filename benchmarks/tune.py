@@ -82,7 +82,7 @@ class Task:
 
 TASKS = {
     # the previous default, the median pruner, for comparison on MNIST-1D only (time)
-    "mnist1d": Task("mnist1d", {}, 10.0, (1e-3, 3.0), 20, 16, "val_accuracy", ("halving", "median")),
+    "mnist1d": Task("mnist1d", {}, 10.0, (1e-3, 3.0), 20, 14, "val_accuracy", ("halving", "median")),
     # charlm sized for a shared 2-core CPU: 32-character windows, one pass over the text
     # (8,437 sequences, 264 steps at B0 = 32), ten grid points x1.67 apart.
     "charlm": Task("charlm", {"context": 32}, 1.0, (3e-4, 3e-2), 10, 7, "val_loss"),
@@ -208,7 +208,7 @@ def run_task(name: str, task: Task, cache: Cache, log) -> dict:
                         "samples": result.total_samples, "complete": states.count("COMPLETE"),
                         "pruned": states.count("PRUNED"), "trials": [row.model_dump() for row in result.trials],
                         "wall_time_s": round(time.perf_counter() - t0, 1)}
-            entry = dict(cache.get(f"{name}/tune/{pruner}/{seed}", study))
+            entry = dict(cache.get(f"{name}/tune/{pruner}/{task.trials}/{seed}", study))
             log(f"{name} tune_lr {pruner} seed {seed}: lr {entry['lr']:.4g}, {entry['samples']} examples")
             entry["runs"] = [fit_at(entry["lr"], s) for s in FRESH_SEEDS]
             entry["truth"] = _truth(entry["runs"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from autobatch.tune.auto_lr import (
     DEFAULT_FRACTION,
     MIN_RUNG_STEPS,
     VAL_FRACTION,
+    _pick,
     choose_base_lr,
     default_lr_range,
     parabola_vertex,
@@ -125,9 +127,16 @@ def test_schedule_and_parabola_by_hand():
     # Cost n0 * 312 + 6 * (1250 - 312) + 2 * (5000 - 1250) = 312 n0 + 13128 <= 18000: n0 = 15.
     assert plan_rungs(18000, 5000, 21, 256) == ([312, 1250, 5000], [15, 6, 2])
     assert plan_rungs(18000, 5000, 9, 256) == ([312, 1250, 5000], [9, 6, 2])  # fewer wanted
-    # rung 0 of 1055 // 4 = 263 < 512: a single rung, as many as fit (3796 // 1055 = 3)
-    assert plan_rungs(3796, 1055, 14, 512) == ([1055], [3])
+    # rung 0 of 1055 // 4 = 263 < 512: rungs 2x apart keep half: 2 * 528 + 527 n0 <= 3796
+    assert plan_rungs(3796, 1055, 14, 512) == ([527, 1055], [5, 2])
+    # no earlier rung of 600 fits: a single rung of as many as fit (3200 // 1000)
+    assert plan_rungs(3200, 1000, 5, 600) == ([1000], [3])
     assert plan_rungs(1000, 600, 5, 100) is None  # not even 2 candidates fit
+    # two finalists that are grid neighbours: their geometric mean; otherwise the better one
+    grid = [0.01, 0.04, 0.16, 0.64]
+    finalists = [SimpleNamespace(lr=0.04, score=1.2), SimpleNamespace(lr=0.16, score=1.1)]
+    assert _pick(finalists, grid) == (pytest.approx(0.08), True)
+    assert _pick([finalists[0], SimpleNamespace(lr=0.64, score=1.5)], grid) == (0.04, False)
     xs = [math.log(0.1), math.log(0.2), math.log(0.4)]
     ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
     assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)

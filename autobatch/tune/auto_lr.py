@@ -9,8 +9,9 @@ most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
    (:func:`plan_rungs`).
 2. The last rung compares 2 trials after 1/8 of the run's examples
    (:data:`FINAL_FRACTION`; shorter comparisons measured misleading). Before it, rungs 4x
-   shorter each keep the best third of their trials: cheap rungs drop the LRs that barely
-   move the loss or blow it up, the long one ranks the plausible ones. Survivors *continue*
+   shorter each keep the best third of their trials (or, where the run is too short for
+   that, 2x shorter rungs keep the best half; :data:`SCHEDULES`): cheap rungs drop the LRs
+   that barely move the loss or blow it up, the long one ranks the plausible ones. Survivors *continue*
    where they stopped (``autobatch.fit``'s checkpoints), so no example is trained twice.
    Trials see the same adaptive batch, LR rule and data order as the run: a trial of ``r``
    examples is the first ``r`` examples of a run at that LR. When the budget cannot give rung
@@ -19,9 +20,10 @@ most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
 3. Every rung ranks trials at equal numbers of examples by the objective ``"tail"``
    (:mod:`autobatch.tune.objectives`): the mean validation loss at 7/8 and at the end of
    the rung.
-4. The best trial of the last rung wins; when it lies between two survivors that are its
-   grid neighbours (a single rung of 3 or more), the vertex of the parabola through the
-   three scores (in log LR) moves it by at most half a grid step.
+4. Two finalists that are grid neighbours give their geometric mean (their order after 1/8
+   of the run is not to be trusted, :func:`_pick`); otherwise the better wins. A single rung
+   of 3 or more: the best, moved toward the vertex of the parabola through its neighbours'
+   scores (in log LR) by at most half a grid step.
 
 The plan keeps the whole study, overshoot included, within the fraction. Trials are
 recorded in an in-memory Optuna study (nothing is written but temporary checkpoints,
@@ -70,11 +72,10 @@ FINAL_FRACTION = 1 / 8
 comparisons mislead: on MNIST-1D after 1/14 of the run the best LR of the full run still
 looked worse than LRs half as large (its loss leaves the plateau later)."""
 
-RUNG_GROWTH = 4
-"""Each rung trains its survivors this many times longer than the one before."""
-
-KEEP = 3
-"""Each rung but the last keeps the best ``1/KEEP`` of its trials (2 go into the last)."""
+SCHEDULES = ((4, 3), (2, 2))
+"""``(growth, keep)``: each rung trains its survivors ``growth`` times longer than the one
+before and keeps the best ``1/keep`` of its trials (2 go into the last). Long rungs that keep
+a third first; halving where the run is too short for rungs 4x apart."""
 
 GRID_RATIO = math.sqrt(2.0)
 """The finest spacing of the candidate LRs."""
@@ -167,11 +168,12 @@ def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tup
     """The successive-halving schedule: as many candidates as ``budget`` examples allow.
 
     The last rung trains its survivors to ``final`` examples. With one rung, every candidate
-    trains to ``final`` (as many as fit, at least 2). With ``K`` earlier rungs, rung ``k``
-    trains to ``final / 4**(K - k)`` examples and keeps the best third of its trials (2 go
-    into the last rung); survivors continue where they stopped, so the study costs
-    ``n0 * r0 + sum_k n_k * (r_k - r_(k-1))``. The plan with the most candidates wins (the
-    fewest rungs among equals); no rung 0 shorter than ``min_rung``.
+    trains to ``final`` (as many as fit, at least 2). With ``K`` earlier rungs and a schedule
+    ``(growth, keep)`` of :data:`SCHEDULES`, rung ``k`` trains to ``final / growth**(K - k)``
+    examples and keeps the best ``1/keep`` of its trials (2 go into the last rung); survivors
+    continue where they stopped, so the study costs ``n0 * r0 + sum_k n_k * (r_k - r_(k-1))``.
+    The plan with the most candidates wins (the first found among equals: fewer rungs, longer
+    ones); no rung 0 shorter than ``min_rung``.
 
     Args:
         budget: examples the whole study may train on.
@@ -181,23 +183,21 @@ def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tup
 
     Returns:
         ``(rungs, survivors)``: examples per trial at the end of each rung and trials per rung
-        (``survivors[0]`` is the number of candidates), or None when fewer than 2 candidates fit.
+        (``survivors[0]`` is the number of candidates), or None when fewer than 2 candidates
+        fit (or ``final < min_rung``).
     """
-    best = None
-    for k in range(8):
-        rungs = [final // RUNG_GROWTH ** (k - j) for j in range(k + 1)]
-        if rungs[0] < min_rung:
-            break
-        if k == 0:
-            n0 = min(n_candidates, budget // final)
-            plan = ([final], [n0]) if n0 >= 2 else None
-        else:
-            later = [2 * KEEP ** (k - j) for j in range(1, k + 1)]  # trials in rungs 1..k
+    n0 = min(n_candidates, budget // final)
+    best = ([final], [n0]) if n0 >= 2 and final >= min_rung else None
+    for k in range(1, 8):
+        for growth, keep in SCHEDULES:
+            rungs = [final // growth ** (k - j) for j in range(k + 1)]
+            if rungs[0] < min_rung:
+                continue
+            later = [2 * keep ** (k - j) for j in range(1, k + 1)]  # trials in rungs 1..k
             fixed = sum(n * (rungs[j + 1] - rungs[j]) for j, n in enumerate(later))
             n0 = min(n_candidates, (budget - fixed) // rungs[0]) if budget > fixed else 0
-            plan = (rungs, [n0, *later]) if n0 > later[0] else None
-        if plan is not None and (best is None or plan[1][0] > best[1][0]):
-            best = plan
+            if n0 > later[0] and (best is None or n0 > best[1][0]):
+                best = (rungs, [n0, *later])
     return best
 
 
@@ -424,11 +424,23 @@ def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: 
 
 
 def _pick(alive: list[_Trial], candidates: list[float]) -> tuple[float, bool]:
-    """The best survivor's LR, moved to the parabola's vertex (at most half a grid step) when
-    it lies between two survivors that are its grid neighbours."""
+    """The LR the study settles on, and whether it lies off the grid.
+
+    Two finalists that are grid neighbours: their geometric mean. Their ranking after 1/8 of
+    the run is unreliable in both directions (measured: the full run's best LR looked worse
+    than a smaller one on MNIST-1D and than a larger one on charlm), and the midpoint is
+    within half a grid step of either. Three or more (a single rung): the best, moved to the
+    vertex of the parabola through it and its two neighbours by at most half a grid step.
+    Otherwise the best.
+    """
     best = min(alive, key=lambda t: t.score)
     i = candidates.index(best.lr)
     by_lr = {t.lr: t.score for t in alive}
+    if len(alive) == 2:
+        j = candidates.index(next(t.lr for t in alive if t is not best))
+        if abs(i - j) == 1:
+            return math.sqrt(candidates[i] * candidates[j]), True
+        return best.lr, False
     if 0 < i < len(candidates) - 1 and candidates[i - 1] in by_lr and candidates[i + 1] in by_lr:
         xs = [math.log(candidates[j]) for j in (i - 1, i, i + 1)]
         vertex = parabola_vertex(xs, [by_lr[candidates[j]] for j in (i - 1, i, i + 1)])
