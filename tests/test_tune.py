@@ -211,7 +211,7 @@ def test_bad_inputs_get_clear_errors(ex):
         _tune(ex, n_trials=1, storage="studies.db")
     with pytest.raises(ValueError, match=r"cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"):
         _tune(ex, n_trials=1, storage="nosuchdb://x/y")
-    with pytest.raises(ValueError, match=r"unknown pruner 'medain'; allowed: hyperband, median, none"):
+    with pytest.raises(ValueError, match=r"unknown pruner 'medain'; allowed: halving, hyperband, median, none"):
         _tune(ex, n_trials=1, pruner="medain")
     net = ex.model_fn()
     with pytest.raises(ValueError, match=r"model_fn returned the same Linear object twice .* build it inside"):
