@@ -12,7 +12,7 @@ each task (the built-in ``mnist1d`` CNN with plain SGD, ``charlm`` with AdamW, s
    final validation loss over those seeds; ``best by mean`` is the grid LR whose truth is
    lowest.
 3. **tune_lr**: ``trials`` trials over the same range (TPE, the ``halving`` pruner, and on
-   MNIST-1D the previous default ``median`` too, the default objective, model seed 0) for
+   MNIST-1D the default ``median`` too, the default objective, model seed 0) for
    each of 3 sampler seeds; its chosen LR is re-run with seeds 1-3. Regret = its truth / the truth of the grid's choice; compute = its examples / the
    grid's examples.
 4. **lr="auto"**: for model seeds 1-3, :func:`autobatch.tune.auto_lr.choose_base_lr` (what
@@ -81,7 +81,7 @@ class Task:
 
 
 TASKS = {
-    # the previous default, the median pruner, for comparison on MNIST-1D only (time)
+    # tune_lr's default pruner, median, for comparison on MNIST-1D only (time)
     "mnist1d": Task("mnist1d", {}, 10.0, (1e-3, 3.0), 20, 14, "val_accuracy", ("halving", "median")),
     # charlm sized for a shared 2-core CPU: 32-character windows, one pass over the text
     # (8,437 sequences, 264 steps at B0 = 32), ten grid points x1.67 apart.
