@@ -70,6 +70,7 @@ LR_SCALINGS: dict[str, str] = {
 
 # builder(n_evals) -> optuna pruner, where n_evals is the number of reports per trial
 PRUNERS: dict[str, str] = {
+    "halving": "autobatch.tune.pruners:halving",
     "hyperband": "autobatch.tune.pruners:hyperband",
     "median": "autobatch.tune.pruners:median",
     "none": "autobatch.tune.pruners:no_pruning",

@@ -55,7 +55,7 @@ def test_best_lr_within_3x_of_the_dense_grid_and_the_curvature_bound(ex):
     assert grid_lr / 3 <= 0.5 <= grid_lr * 3
     assert max(losses[int(np.searchsorted(grid, 1.2)):]) == math.inf  # and it does diverge above 1
 
-    result = _tune(ex, n_trials=12, lr_range=(1e-3, 10.0))
+    result = _tune(ex, n_trials=12, lr_range=(1e-3, 10.0), objective="final")
     assert len(result.trials) == 12
     assert grid_lr / 3 <= result.best_lr <= grid_lr * 3
     assert result.best_value <= 1.1 * min(losses)
@@ -170,16 +170,21 @@ def test_search_routes_each_key_to_fit_config_or_optimizer(ex):
                storage=optuna.storages.InMemoryStorage())
 
 
-def test_best_objective_scores_the_lowest_evaluation(ex):
-    final = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4)
+def test_objectives_score_the_evaluations_as_named(ex):
+    final = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4, objective="final")
     best = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4, objective="best")
-    for f, b in zip(final.study.trials, best.study.trials):
-        assert f.params == b.params  # same seed, same LRs, same training
+    tail = _tune(ex, n_trials=3, lr_range=(0.3, 0.9), pruner="none", n_evals=4)  # the default
+    for f, b, t in zip(final.study.trials, best.study.trials, tail.study.trials):
+        assert f.params == b.params == t.params  # same seed, same LRs, same training
         raw = [f.intermediate_values[k] for k in range(1, 5)]
         assert f.value == raw[-1]
         assert b.value == min(raw)
         assert [b.intermediate_values[k] for k in range(1, 5)] == list(np.minimum.accumulate(raw))
-    with pytest.raises(ValueError, match=r"objective must be one of \('final', 'best'\) \(got objective='last'\)"):
+        # "tail" with 4 evaluations averages the last 2 measured so far
+        assert [t.intermediate_values[k] for k in range(1, 5)] == pytest.approx(
+            [raw[0], (raw[0] + raw[1]) / 2, (raw[1] + raw[2]) / 2, (raw[2] + raw[3]) / 2], rel=1e-12)
+        assert t.value == pytest.approx((raw[2] + raw[3]) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match=r"objective must be one of \('tail', 'final', 'best'\) \(got objective='last'\)"):
         _tune(ex, n_trials=1, objective="last")
 
 
@@ -206,7 +211,7 @@ def test_bad_inputs_get_clear_errors(ex):
         _tune(ex, n_trials=1, storage="studies.db")
     with pytest.raises(ValueError, match=r"cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"):
         _tune(ex, n_trials=1, storage="nosuchdb://x/y")
-    with pytest.raises(ValueError, match=r"unknown pruner 'medain'; allowed: hyperband, median, none"):
+    with pytest.raises(ValueError, match=r"unknown pruner 'medain'; allowed: halving, hyperband, median, none"):
         _tune(ex, n_trials=1, pruner="medain")
     net = ex.model_fn()
     with pytest.raises(ValueError, match=r"model_fn returned the same Linear object twice .* build it inside"):

@@ -67,6 +67,9 @@ class FitResult(BaseModel):
         max_micro_batch_size: the micro-batch cap in force at the end (None: uncapped).
         wall_time_s: seconds the fit took.
         stopped_by: why training ended ("max_steps", "max_samples", "epochs", "callback").
+        lr_search: with ``lr="auto"``, the :class:`~autobatch.tune.auto_lr.LRSearch` that chose
+            the base LR (its trials, the LR, the examples it trained on; a dict after a
+            resume from a checkpoint); None otherwise. Its examples are not in ``samples``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -83,6 +86,7 @@ class FitResult(BaseModel):
     max_micro_batch_size: int | None = None
     wall_time_s: float = 0.0
     stopped_by: str = ""
+    lr_search: Any = None
 
     def batch_size_trajectory(self) -> list[tuple[int, int]]:
         """``[(step, B), ...]`` at the first step and at every step where B changed."""

@@ -26,6 +26,7 @@ from autobatch.registry import make_pruner  # noqa: F401  (study.py imports it f
 from autobatch.train.distributed import DistInfo, broadcast_int
 from autobatch.train.evaluate import evaluate
 from autobatch.train.fit import fit
+from autobatch.tune.objectives import DEFAULT_OBJECTIVE, score
 
 # Keyword arguments of autobatch.fit a search space may set; every other key is either a
 # FitConfig setting or an optimizer argument.
@@ -211,26 +212,24 @@ def with_kwargs(optimizer: Any, kwargs: dict[str, Any]) -> Any:
     return lambda params, lr: optimizer(params, lr, **kwargs)
 
 
-OBJECTIVES = ("final", "best")
-
-
 class TrialReporter(Callback):
     """Evaluates at fixed sample counts, reports ``val_loss`` to the trial, prunes.
 
     The reports are indexed 1..n by evaluation (not by optimizer step), at the same numbers
     of examples processed in every trial, so a pruner compares trials at equal cost however
-    their batch sizes evolved. With ``objective="best"`` each report is the lowest loss so
-    far (what early stopping would keep), else the loss just measured.
+    their batch sizes evolved. Each report is the trial's score so far under ``objective``
+    (:mod:`autobatch.tune.objectives`), computed from the losses measured up to that mark.
     """
 
     def __init__(self, trial: optuna.Trial, val: BatchSource, loss_fn: Callable, marks: list[int],
-                 device: Any, objective: str = "final") -> None:
+                 device: Any, objective: str = DEFAULT_OBJECTIVE) -> None:
         self.trial, self.val, self.loss_fn, self.marks, self.device = trial, val, loss_fn, marks, device
         self.objective = objective
         self.model: nn.Module | None = None
         self.next = 0  # index into marks of the next evaluation
         self.samples = self.steps = self.batch_size = 0
         self.value = math.nan
+        self.losses: list[float] = []  # every validation loss measured, oldest first
         self.reported = 0  # the last report's index (1-based), 0 before the first
 
     def on_step_end(self, record) -> None:
@@ -249,7 +248,8 @@ class TrialReporter(Callback):
         value = evaluate(self.model, self.val, self.loss_fn, device=self.device)["val_loss"]
         if not math.isfinite(value):
             raise Diverged(f"val_loss={value} at evaluation {index} ({self.samples} examples)")
-        self.value = min(value, self.value) if self.objective == "best" and self.reported else value
+        self.losses.append(value)
+        self.value = score(self.objective, self.losses, len(self.marks))
         self.trial.report(self.value, index)
         self.reported = index
         if self.trial.should_prune():
@@ -266,11 +266,11 @@ class Diverged(Exception):
 def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, Any]],
               make_model: ModelFactory, data: Any, val: BatchSource, loss_fn: Callable,
               optimizer: Any, config: FitConfig, total_samples: int, n_evals: int,
-              device: Any, objective: str = "final") -> float:
+              device: Any, objective: str = DEFAULT_OBJECTIVE) -> float:
     """The objective: one adaptive-batch fit of ``total_samples`` examples.
 
-    Returns the last ``val_loss`` (``objective="final"``) or the lowest of the trial's
-    evaluations (``"best"``). Divergence ends the trial as pruned, its reason in the
+    Returns the trial's score under ``objective`` (:mod:`autobatch.tune.objectives`) over its
+    ``n_evals`` validation losses. Divergence ends the trial as pruned, its reason in the
     ``reason`` user attr, with a NaN report after the last good one (TPE then ranks it below
     every trial that reached as far).
     """

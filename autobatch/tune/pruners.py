@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-__all__ = ["hyperband", "median", "no_pruning"]
+__all__ = ["halving", "hyperband", "median", "no_pruning"]
 
 
 def median(n_evals: int) -> optuna.pruners.BasePruner:
@@ -18,6 +18,13 @@ def median(n_evals: int) -> optuna.pruners.BasePruner:
 def hyperband(n_evals: int) -> optuna.pruners.BasePruner:
     """Hyperband over 1..``n_evals`` reports, keeping a third at each rung."""
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
+
+
+def halving(n_evals: int) -> optuna.pruners.BasePruner:
+    """Asynchronous successive halving with rungs at reports 1, 3, 9...: a trial goes on past a
+    rung only if it is in the best third there. Reports come at equal numbers of examples, so
+    a rung compares trials at equal cost whatever their batch sizes did."""
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
 
 
 def no_pruning(n_evals: int) -> optuna.pruners.BasePruner:

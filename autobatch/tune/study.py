@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 import torch
 from torch import nn
 
-from autobatch.tune._trial import (OBJECTIVES, ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
+from autobatch.tune._trial import (ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
                                   open_storage, run_trial)
 from autobatch.tune._trial import is_in_memory, stale_reason
+from autobatch.tune.objectives import OBJECTIVES
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.train.distributed import setup_distributed
@@ -60,7 +61,8 @@ class TrialRow(BaseModel):
         number: Optuna's trial number (unique within the study, across processes).
         state: ``"COMPLETE"``, ``"PRUNED"`` (by the pruner, or diverged), ``"FAIL"`` (an error,
             or its process died: see ``reason``), ``"RUNNING"``...
-        value: the final validation loss (None unless complete).
+        value: the trial's score, its validation losses reduced by the study's objective
+            (None unless complete).
         params: the sampled parameters, e.g. ``{"lr": 0.12}``.
         samples: examples the trial trained on before it ended (its cost).
         steps: optimizer steps it took.
@@ -92,7 +94,7 @@ class TuneResult(BaseModel):
         best_params: the parameters of the complete trial with the lowest validation loss
             (None when no trial completed).
         best_lr: ``best_params["lr"]``, the base LR at ``initial_batch_size``.
-        best_value: its final validation loss.
+        best_value: its score (in the study objective's sense).
         trials: one :class:`TrialRow` per trial, by number.
     """
 
@@ -177,15 +179,15 @@ def tune_lr(
     config: FitConfig | dict[str, Any] | None = None,
     seed: int | None = None,
     n_evals: int = 8,
-    objective: Literal["final", "best"] = "final",
+    objective: Literal["tail", "final", "best"] = "tail",
     device: Any = None,
     verbose: bool = False,
 ) -> TuneResult | None:
     """Find the base learning rate (at ``initial_batch_size``) with an Optuna study.
 
     The LR is sampled log-uniformly from ``lr_range`` (TPE by default). Each trial runs
-    :func:`autobatch.fit` with the adaptive batch size for ``budget`` and scores the final
-    validation loss (lower is better).
+    :func:`autobatch.fit` with the adaptive batch size for ``budget`` and scores its
+    validation losses (``objective``; lower is better).
 
     Args:
         model_fn: builds a fresh, freshly initialised model on every call.
@@ -215,9 +217,10 @@ def tune_lr(
             ``initial_batch_size`` there is the batch the LR is tuned for.
         seed: seeds the default sampler (not the model: ``model_fn`` owns its init).
         n_evals: validation evaluations per trial, at equal fractions of the budget.
-        objective: what a trial scores: ``"final"``, the validation loss at the end of its
-            budget, or ``"best"``, the lowest over its ``n_evals`` evaluations (what early
-            stopping would keep; steadier where the loss swings between evaluations).
+        objective: what a trial scores (:mod:`autobatch.tune.objectives`): ``"tail"`` (the
+            default), the mean of its last evaluations (2 of 8), ``"final"``, the validation
+            loss at the end of its budget, or ``"best"``, the lowest over its ``n_evals``
+            evaluations (what early stopping would keep).
         device: passed to :func:`autobatch.fit`.
         verbose: keep Optuna's per-trial log lines (silenced by default).
 
@@ -277,7 +280,7 @@ def search(
     config: FitConfig | dict[str, Any] | None = None,
     seed: int | None = None,
     n_evals: int = 8,
-    objective: Literal["final", "best"] = "final",
+    objective: Literal["tail", "final", "best"] = "tail",
     device: Any = None,
     verbose: bool = False,
 ) -> TuneResult | None:
@@ -320,7 +323,7 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     if isinstance(n_evals, bool) or not isinstance(n_evals, int) or n_evals < 1:
         problems.append(f"n_evals must be an integer >= 1 (got n_evals={n_evals!r})")
     if objective not in OBJECTIVES:
-        problems.append(f"objective must be one of {OBJECTIVES} (got objective={objective!r})")
+        problems.append(f"objective must be one of {tuple(OBJECTIVES)} (got objective={objective!r})")
     if budget_unit not in BUDGET_UNITS:
         problems.append(f"budget_unit must be one of {BUDGET_UNITS} (got budget_unit={budget_unit!r})")
     numeric = isinstance(budget, (int, float)) and not isinstance(budget, bool)

@@ -1,0 +1,158 @@
+"""choose_base_lr (lr="auto") against a brute-force grid of plain fits, its bookkeeping (weights,
+RNG, compute), and the trial objectives and schedule maths checked by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import autobatch
+from autobatch.problems import get_example
+from autobatch.tune.auto_lr import (
+    DEFAULT_FRACTION,
+    MIN_RUNG_STEPS,
+    VAL_FRACTION,
+    _pick,
+    choose_base_lr,
+    default_lr_range,
+    parabola_vertex,
+    plan_rungs,
+)
+from autobatch.tune.objectives import score, tail_window
+
+B0 = 16
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return get_example("synthetic", num_train=1024, num_val=1024)
+
+
+def _final_loss(ex, lr: float) -> float:
+    """A plain adaptive-batch fit of the full budget at ``lr``, scored on the validation set."""
+    try:
+        result = autobatch.fit(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer, lr=lr,
+                               epochs=EPOCHS, initial_batch_size=B0, progress=False)
+    except FloatingPointError:
+        return math.inf
+    loss = ex.evaluate(result.model, ex.val_data)["val_loss"]
+    return loss if math.isfinite(loss) else math.inf
+
+
+@pytest.mark.slow
+def test_chooses_an_lr_within_3x_of_the_brute_force_grid_and_restores_everything(ex):
+    grid = np.logspace(-2, math.log10(2.0), 10)  # x1.8 apart
+    losses = [_final_loss(ex, lr) for lr in grid]
+    grid_lr = float(grid[int(np.argmin(losses))])
+
+    model = ex.model_fn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    np.random.seed(7)
+    random.seed(9)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    search = choose_base_lr(model, ex.train_data, loss_fn=ex.loss_fn, optimizer=ex.optimizer, epochs=EPOCHS,
+                            config={"initial_batch_size": B0})
+
+    assert grid_lr / 3 <= search.lr <= grid_lr * 3
+    assert _final_loss(ex, search.lr) <= 1.5 * min(losses)
+    # the model is back at its initial weights, and every RNG where it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
+    # compute: all trials together, within the documented fraction of the run's examples
+    budget = EPOCHS * 1024
+    assert search.budget_samples == budget
+    assert search.samples == sum(row.samples for row in search.trials)
+    assert search.samples <= DEFAULT_FRACTION * budget and search.fraction == search.samples / budget
+    # no val_data: a seeded tenth of the training data scored the trials
+    assert search.held_out and search.val_examples == round(VAL_FRACTION * 1024)
+    # the schedule: every candidate ran rung 0; survivors continued, each rung 4x longer,
+    # the last at 1/8 of the run
+    assert len(search.trials) == len(search.candidates) == search.survivors[0]
+    assert search.rungs[-1] == budget // 8
+    assert search.rungs == [budget // 8 // 4 ** (len(search.rungs) - 1 - k) for k in range(len(search.rungs))]
+    assert search.rungs[0] >= MIN_RUNG_STEPS * B0
+    complete = [row for row in search.trials if row.state == "COMPLETE"]
+    assert len(complete) == search.survivors[-1]
+    assert all(row.samples >= search.rungs[-1] for row in complete)
+    assert all(row.reason and row.samples < search.rungs[-1] for row in search.trials if row.state == "PRUNED")
+
+
+def test_given_val_data_scores_trials_on_it_and_trains_on_all_data(ex):
+    model = ex.model_fn()
+    search = choose_base_lr(model, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, optimizer=ex.optimizer,
+                            max_samples=4096, config={"initial_batch_size": B0}, lr_range=(0.05, 0.8))
+    assert not search.held_out and search.val_examples == 1024
+    assert search.lr_range == (0.05, 0.8) and 0.05 <= search.lr <= 0.8
+    assert search.samples <= 0.5 * 4096
+    assert "complete" in search.table()
+
+
+def test_refuses_a_run_too_short_for_a_study_and_a_run_without_a_length(ex):
+    with pytest.raises(ValueError, match=r"too short for lr='auto'.*pass an lr, or train longer"):
+        choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, max_steps=20,
+                       config={"initial_batch_size": B0})
+    with pytest.raises(ValueError, match=r"needs the run's length .* epochs, max_steps or max_samples.*"
+                                         r"fraction must be in \(0, 1\] \(got fraction=2\)"):
+        choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, fraction=2)
+
+
+def test_default_range_follows_the_optimizer_family(ex):
+    assert default_lr_range(torch.optim.SGD) == (1e-3, 1.0)
+    assert default_lr_range(ex.optimizer) == (1e-3, 1.0)  # a factory: probed on a dummy layer
+    assert default_lr_range(lambda params, lr: torch.optim.AdamW(params, lr=lr)) == (1e-4, 1e-2)
+    assert default_lr_range(torch.optim.Adam(ex.model_fn().parameters())) == (1e-4, 1e-2)
+
+
+def test_tail_objective_by_hand():
+    losses = [2.0, 1.0, 0.5, 0.7, 0.3, 0.9, 0.4, 0.6]
+    assert tail_window(8) == 2 and tail_window(16) == 4 and tail_window(1) == 1
+    assert score("tail", losses, 8) == pytest.approx(0.5)  # (0.4 + 0.6) / 2
+    assert score("tail", losses, 16) == pytest.approx((0.9 + 0.4 + 0.6 + 0.3) / 4)
+    assert score("tail", losses[:1], 8) == 2.0  # one evaluation so far
+    assert score("final", losses, 8) == 0.6 and score("best", losses, 8) == 0.3
+    with pytest.raises(ValueError, match=r"objective must be one of \('tail', 'final', 'best'\) \(got objective='mean'\)"):
+        score("mean", losses, 8)
+
+
+def test_schedule_and_parabola_by_hand():
+    # Last rung 5000 examples; rungs 4x shorter before it keep a third (6, then 2 trials).
+    # Cost n0 * 312 + 6 * (1250 - 312) + 2 * (5000 - 1250) = 312 n0 + 13128 <= 18000: n0 = 15.
+    assert plan_rungs(18000, 5000, 21, 256) == ([312, 1250, 5000], [15, 6, 2])
+    assert plan_rungs(18000, 5000, 9, 256) == ([312, 1250, 5000], [9, 6, 2])  # fewer wanted
+    # rung 0 of 1055 // 4 = 263 < 512: rungs 2x apart keep half: 2 * 528 + 527 n0 <= 3796
+    assert plan_rungs(3796, 1055, 14, 512) == ([527, 1055], [5, 2])
+    # no earlier rung of 600 fits: a single rung of as many as fit (3200 // 1000)
+    assert plan_rungs(3200, 1000, 5, 600) == ([1000], [3])
+    assert plan_rungs(1000, 600, 5, 100) is None  # not even 2 candidates fit
+    # two finalists that are grid neighbours: their geometric mean; otherwise the better one
+    grid = [0.01, 0.04, 0.16, 0.64]
+    finalists = [SimpleNamespace(lr=0.04, score=1.2), SimpleNamespace(lr=0.16, score=1.1)]
+    assert _pick(finalists, grid) == (pytest.approx(0.08), True)
+    assert _pick([finalists[0], SimpleNamespace(lr=0.64, score=1.5)], grid) == (0.04, False)
+    xs = [math.log(0.1), math.log(0.2), math.log(0.4)]
+    ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
+    assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)
+    assert parabola_vertex(xs, [1.0, 2.0, 1.0]) is None  # bends down: no minimum
+
+
+def test_a_resumed_run_reads_the_study_from_its_checkpoint(ex, tmp_path):
+    from autobatch.train.checkpoint import save_checkpoint
+    from autobatch.train.results import FitResult
+    from autobatch.tune.auto_lr import resumed_search
+
+    search = choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                            optimizer=ex.optimizer, max_samples=4096, config={"initial_batch_size": B0},
+                            lr_range=(0.05, 0.8))
+    assert resumed_search(tmp_path) is None and resumed_search(None) is None
+    result = FitResult(model=ex.model_fn(), lr_search=search)
+    save_checkpoint(tmp_path, {"result": result.model_dump(exclude={"model"})})  # what fit checkpoints
+    again = resumed_search(tmp_path)
+    assert again.lr == search.lr and again.trials == search.trials and again.samples == search.samples
