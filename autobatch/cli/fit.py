@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
     p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
-    p.add_argument("--lr", type=positive_float, default=None,
-                   help="base LR at the base batch, > 0 (default: the example's)")
+    p.add_argument("--lr", type=_lr, default=None,
+                   help="base LR at the base batch, > 0, or 'auto' to choose it with a short study "
+                        "first (at most half the run's examples more; default: the example's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="base batch B0 (default: the example's)")
     p.add_argument("--max-batch-size", type=positive_int, default=None, help="upper bound on B")
     p.add_argument("--lr-scaling", default=None, choices=sorted(LR_SCALINGS),
@@ -44,6 +45,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="autobatch_runs", help="folder for the plot and history")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run)
+
+
+def _lr(text: str) -> float | str:
+    """``--lr``: a number > 0, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, or 'auto' (got {text!r})") from None
 
 
 def _lr_factor(text: str) -> float | str:
@@ -103,5 +114,10 @@ def _run(args: argparse.Namespace) -> int:
     history = result.to_json(out / f"{stem}.json")
     print(f"autobatch fit --example {args.example} --policy {args.policy}")
     print(result.summary())
+    if result.lr_search is not None:
+        search = result.lr_search
+        print(f"lr=auto: base LR {search.lr:.4g} from {len(search.candidates)} candidates in "
+              f"[{search.lr_range[0]:g}, {search.lr_range[1]:g}]; the study trained on {search.samples} "
+              f"examples ({search.fraction:.0%} of the run)")
     print(f"plot: {plot}\nhistory: {history}")
     return 0
