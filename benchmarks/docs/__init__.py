@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs import ddp_overhead, gns_accuracy, gns_overhead, integrations_overhead, probe, time_to_target, tune
+from benchmarks.docs import ddp_overhead, fit_overhead, gns_accuracy, gns_overhead, integrations_overhead, probe, time_to_target, tune
 from benchmarks.docs._md import Page
 
 __all__ = ["RENDERERS", "Page", "digest", "main", "render_all", "stale_pages", "write_pages"]
@@ -50,6 +50,7 @@ RENDERERS: dict[str, Renderer] = {
     "probe": probe.render,
     "tune": tune.render,
     "time_to_target": time_to_target.render,
+    "fit_overhead": fit_overhead.render,
     "ddp_overhead": ddp_overhead.render,
     "integrations_overhead": integrations_overhead.render,
 }

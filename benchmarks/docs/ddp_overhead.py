@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.docs._md import Page, listing, num, span, table, times, verdict
 
-written_for = "bd22be6c5acc"  # the commentary was checked against these results
+written_for = "c40be92b989a"  # the commentary was checked against these results
 
 TEMPLATE = """\
 What the noise-scale estimator adds to a data-parallel training step (`fit` under torchrun).
@@ -43,9 +43,11 @@ On/off <= {target}: {verdicts}.
 
 The per-round ratios spread widely ({spreads}), so a median of {rounds} rounds places each
 model only roughly against a 3% target, and a rerun on a busier machine can land on either
-side of it. What is left on the largest model is the estimator's two extra passes over its
-{grad_mb:.0f} MB gradient (its squared norm before and after the all-reduce, read from the
-flat buffer); a rank whose share is a single micro-batch runs no hooks at all.
+side of it (the run recorded load average {load}). With the estimator on, each rank's local
+gradient is one small batch: its squared norm is taken before the all-reduce, and the loss and
+norm totals ride in the same all-reduce as the gradients (no extra collective); the global
+norm is read from the reduced flat buffer ({grad_mb:.0f} MB on the largest model). The small
+model's step is a few milliseconds, so that fixed work shows most there.
 """
 
 
@@ -70,6 +72,7 @@ def render(data: Any, source: Path) -> Page:
                           for name, m in models.items()]),
         spreads=listing([f"{name} {span(m['ratios'], lambda x: f'{x:.2f}')}" for name, m in models.items()]),
         grad_mb=biggest["params"] * 4 / 1e6,
+        load=", ".join(f"{x:.1f}" for x in data.get("load_average", [])[:1]) or "unrecorded",
     )
     met = sum(m["ratio_median"] <= target for m in models.values())
     summary = (f"on/off {span((m['ratio_median'] for m in models.values()), lambda x: f'{x:.3f}')} "
