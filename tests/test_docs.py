@@ -74,11 +74,11 @@ def test_check_mode_exits_1_listing_the_stale_pages(
 
 def test_results_without_a_renderer_are_skipped_with_a_note(tree: tuple[Path, Path]) -> None:
     results, out = tree
-    (results / "fit_overhead.json").write_text('{"ratio": 1.0}')
+    (results / "no_renderer_yet.json").write_text('{"ratio": 1.0}')
     pages, skipped = docs.render_all(results, out)
-    assert skipped == ["fit_overhead"]
-    assert out / "benchmarks" / "fit_overhead.md" not in pages
-    assert "- `benchmarks/results/fit_overhead.json`" in pages[out / "README.md"]
+    assert skipped == ["no_renderer_yet"]
+    assert out / "benchmarks" / "no_renderer_yet.md" not in pages
+    assert "- `benchmarks/results/no_renderer_yet.json`" in pages[out / "README.md"]
 
 
 def test_a_page_whose_results_are_gone_is_stale_and_deleted(tree: tuple[Path, Path]) -> None:
