@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from autobatch.config import FitConfig
+from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
 from autobatch.train._setup import Setup, prepare
 from autobatch.train._step import forward_backward
 from autobatch.train.callbacks import Callback, StopTraining
@@ -95,7 +96,10 @@ def fit(
         callbacks: :class:`~autobatch.train.callbacks.Callback` instances.
         device: where to train; the model is moved there. None: the model's device.
         checkpoint_dir: write ``last.pt`` there at every evaluation, every
-            ``checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
+            ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM: the step in
+            flight finishes first, then ``KeyboardInterrupt`` (SIGINT) or
+            :class:`~autobatch.train._interrupt.Preempted` (SIGTERM, a ``SystemExit`` with
+            status 143) is raised; resuming gives the run that was never stopped.
         resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
             same sample order, same weights as a run that was never stopped.
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
@@ -138,8 +142,10 @@ def fit(
             raise stop
 
     model.train()
+    signals = DeferredSignals(s.info, s.device)  # SIGINT/SIGTERM wait for the step to finish
     try:
         while (reason := s.stop_reason(step, samples)) is None:
+            signals.check()  # here, between steps, a checkpoint describes one moment
             # 1. the step's examples, in the epoch's seeded order, and this rank's share
             epoch_before = stream.epoch
             indices = stream.take(controller.batch_size)
@@ -215,11 +221,13 @@ def fit(
         stopped_by = reason
     except StopTraining:
         stopped_by = "callback"
-    except KeyboardInterrupt:
-        _update_totals(result, s, step, samples, start)
-        s.save(result)
+    except (KeyboardInterrupt, Preempted):
+        if no_step_in_flight(stream, samples):  # else (a second Ctrl-C) last.pt stays as it was
+            _update_totals(result, s, step, samples, start)
+            s.save(result)
         raise
     finally:
+        signals.close()
         s.close()
     if s.has_eval and (not result.evals or result.evals[-1]["step"] != step):
         with contextlib.suppress(StopTraining):
@@ -230,6 +238,7 @@ def fit(
     s.save(result)
     for cb in s.callbacks:
         cb.on_fit_end(result)
+    signals.check()  # a signal received in the last step: the run is complete and saved
     return result
 
 
