@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+import autobatch
+from autobatch.train import _setup
 from autobatch.train.checkpoint import load_checkpoint
 
 _WORKER = Path(__file__).parent / "helpers" / "interrupt_worker.py"
@@ -78,3 +80,75 @@ def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_wei
             assert torch.equal(a, b), name
     finally:
         torch.set_num_threads(threads)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g)
+    clean = _bn_model()
+    # one micro-batch per step (gns_method="off" splits no step), so one forward per step
+    ref = autobatch.fit(clean, (x.clone(), y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
+                        initial_batch_size=32, policy="fixed", shuffle=False, gns_method="off", lr_scaling="none",
+                        progress=False)
+    x[[40, 41, 200]] = float("nan")  # rows of steps 2 and 7 (no shuffle, B = 32)
+    model = _bn_model()
+    with pytest.warns(RuntimeWarning, match=r"skipped optimizer step 2 \(epoch 0\.25\): the loss is nan") as seen:
+        res = autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
+                            initial_batch_size=32, policy="fixed", shuffle=False, gns_method="off", lr_scaling="none",
+                            progress=False)
+    assert sum("skipped optimizer step" in str(w.message) for w in seen) == 1  # once
+    assert res.skipped_steps == 2 and [r.step for r in res.history if r.skipped] == [2, 7]
+    bn = model[1]
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    # the reference: a run that saw only the 6 finite steps' batches, in the same order
+    steps = [i for i in range(8) if i not in (1, 6)]
+    again = _bn_model()
+    opt = torch.optim.SGD(again.parameters(), lr=0.01)
+    for i in steps:
+        opt.zero_grad()
+        nn.functional.mse_loss(again(x[32 * i: 32 * i + 32]), y[32 * i: 32 * i + 32]).backward()
+        opt.step()
+    assert int(bn.num_batches_tracked) == 6
+    torch.testing.assert_close(bn.running_mean, again[1].running_mean)
+    torch.testing.assert_close(bn.running_var, again[1].running_var)
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(clean[1].num_batches_tracked) == 8 and ref.skipped_steps == 0
+
+
+def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch) -> None:
+    # fp16 needs CUDA in fit; this torch build runs fp16 autocast and GradScaler("cpu") on the
+    # CPU, so the same code path runs here with the CPU scaler.
+    scalers = []
+
+    def fp16_on_cpu(precision, device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000))
+        return torch.float16, scalers[-1]
+
+    monkeypatch.setattr(_setup, "precision_setup", fp16_on_cpu)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(128, 8, generator=g), torch.randn(128, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    done = [0]
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            done[0] = record.step
+
+    def overflow_on_chosen_steps(grad):  # an fp16 overflow: inf in the gradient of steps 3 and 5
+        return grad * float("inf") if done[0] + 1 in (3, 5) else grad
+
+    model.weight.register_hook(overflow_on_chosen_steps)
+    with pytest.warns(RuntimeWarning, match=r"skipped optimizer step 3 .*the gradient is (inf|nan)"):
+        res = autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, lr=0.01, max_steps=6,
+                            initial_batch_size=16, policy="fixed", lr_scaling="none", callbacks=[Count()],
+                            precision="fp16", progress=False)
+    assert [r.skipped for r in res.history] == [False, False, True, False, True, False]
+    assert scalers[0].get_scale() == 2.0**10 / 4  # halved by each overflow
+    assert all(torch.isfinite(p).all() for p in model.parameters())

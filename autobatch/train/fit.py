@@ -16,7 +16,8 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
    (:meth:`StepNormMeter.end_step`; under DDP the gradient all-reduce carries them). The
    only other syncs: under DDP the OOM agreement before it (one int), and with fp16 the
    GradScaler's own inf check in ``scaler.step``;
-5. skip the step if the loss or gradient is not finite, else ``optimizer.step()``;
+5. skip the step if the loss or gradient is not finite (undone: buffers restored, the fp16
+   scale lowered; :class:`~autobatch.train._skip.NonFiniteSteps`), else ``optimizer.step()``;
 6. feed the norms to the noise-scale estimator, and every ``decide_every`` steps let the
    policy pick the next B;
 7. evaluate, checkpoint and call the callbacks when due.
@@ -42,6 +43,7 @@ from torch import nn
 from autobatch.config import FitConfig
 from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
 from autobatch.train._setup import Setup, prepare
+from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._step import forward_backward
 from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.train.distributed import broadcast_buffers, broadcast_int, local_share
@@ -123,7 +125,8 @@ def fit(
                 precision=precision, config_overrides=config_overrides)
     cfg, controller, stream, opt, info = s.cfg, s.controller, s.stream, s.opt, s.info
     result = (s.restore() if resume else None) or FitResult(model=model)
-    step, samples, nonfinite_in_row = result.steps, result.samples, 0
+    step, samples = result.steps, result.samples
+    nonfinite = NonFiniteSteps(model, opt, s.scaler, cfg.max_nonfinite_steps)
     start = time.perf_counter() - result.wall_time_s
     eval_every, checkpoint_every, log_every = cfg.log.eval_every, cfg.log.checkpoint_every, cfg.log.log_every
 
@@ -152,6 +155,7 @@ def fit(
             step_b = len(indices)
             # 2. the LR for this B and step
             s.set_lr(step)
+            nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it
             # 3. forward/backward of every micro-batch; an OOM anywhere retries the step
             acc = forward_backward(s, local_share(indices, info), step_b, step)
             result.oom_retries += acc.oom_retries
@@ -161,26 +165,16 @@ def fit(
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite
             if finite:
-                nonfinite_in_row = 0
+                nonfinite.finite()
                 if s.scaler is not None:
                     s.scaler.step(opt)
                     s.scaler.update()
                 else:
                     opt.step()
                 broadcast_buffers(model, info)
-            else:
-                nonfinite_in_row += 1
+            else:  # undone: buffers as before the step, warned once, counted
                 result.skipped_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if s.scaler is not None:
-                    s.scaler.update()
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
-                        f"gradient (last train_loss={train_loss}, max_nonfinite_steps="
-                        f"{cfg.max_nonfinite_steps}); lower lr, check the data, or raise "
-                        "max_nonfinite_steps"
-                    )
+                nonfinite.skip(step, stream.epochs_done, train_loss, norms)
             step_time = time.perf_counter() - acc.started  # the attempt that fit, not the OOMs
             step += 1
             samples += step_b
