@@ -3,7 +3,9 @@ non-finite steps, bad settings, fp16 overflows."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 import random
 import signal
 import subprocess
@@ -152,3 +154,102 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
     assert [r.skipped for r in res.history] == [False, False, True, False, True, False]
     assert scalers[0].get_scale() == 2.0**10 / 4  # halved by each overflow
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        x, y = _data()
+        return iter(zip(x, y))
+
+    def __len__(self) -> int:
+        return 64
+
+
+def _sgd(lr):
+    def build(model):  # torch checks lr < 0 when building, not when it is set later
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.param_groups[0]["lr"] = lr
+        return opt
+    return build
+
+
+def _two_groups(model):
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    opt.param_groups[1]["lr"] = -1.0
+    return opt
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ({"lr": float("inf")}, r"lr must be finite and > 0 \(got lr=inf\)"),
+    ({"lr": -0.1}, r"lr must be finite and > 0 \(got lr=-0.1\)"),
+    ({"lr": "0.1"}, r"lr must be a number \(got lr='0.1', a str\)"),
+    ({"lr": None, "optimizer": _sgd(-0.1)}, r"optimizer.param_groups\[0\]\['lr'\] must be finite and > 0 \(got .*=-0.1\)"),
+    ({"lr": None, "optimizer": _two_groups}, r"param_groups\[1\]\['lr'\] must be finite and > 0 \(got .*=-1.0\)"),
+    ({"optimizer": lambda m: torch.optim.SGD(nn.Linear(8, 1).parameters(), lr=0.1)},
+     r"the optimizer holds 2 of its 2 parameters that are not this model's"),
+    ({"epochs": -1}, r"epochs must be finite and >= 0 \(got epochs=-1\)"),
+    ({"max_steps": -5}, r"max_steps must be finite and >= 0 \(got max_steps=-5\)"),
+    ({"max_samples": -64}, r"max_samples must be finite and >= 0 \(got max_samples=-64\)"),
+    ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
+    ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
+])
+def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
+    model = nn.Linear(8, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = []
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            steps.append(record.step)
+
+    kwargs = {"lr": 0.1, "max_steps": 3, "data": _data(), **setting}
+    if callable(kwargs.get("optimizer")):
+        kwargs["optimizer"] = kwargs["optimizer"](model)
+    data = kwargs.pop("data")
+    with pytest.raises(ValueError, match=match):
+        autobatch.fit(model, data, loss_fn=nn.functional.mse_loss, initial_batch_size=8,
+                      callbacks=[Count()], progress=False, **kwargs)
+    assert steps == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed() -> None:
+    model = nn.Linear(8, 1)
+    bias = model.bias.detach().clone()
+    res = autobatch.fit(model, _data(), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
+                        optimizer=torch.optim.SGD([model.weight], lr=0.1), initial_batch_size=8,
+                        progress=False)
+    assert res.steps == 2 and torch.equal(model.bias, bias)  # the rest stays frozen
+
+
+def test_a_checkpoint_dir_that_is_a_file_or_not_writable_is_refused_before_the_first_step(
+        tmp_path, monkeypatch) -> None:
+    def run(directory, steps=3):
+        return autobatch.fit(nn.Linear(8, 1), _data(), loss_fn=nn.functional.mse_loss, lr=0.1,
+                             max_steps=steps, initial_batch_size=8, checkpoint_dir=directory,
+                             progress=False)
+
+    fresh = tmp_path / "new" / "dir"
+    run(fresh, steps=1)
+    assert [p.name for p in fresh.iterdir()] == ["last.pt"]  # created; the probe file removed
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"checkpoint_dir='.*a_file' is an existing file, not a directory"):
+        run(file)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.geteuid() == 0:  # root writes into read-only directories: refuse as the OS would
+            def refuse(self, data):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            monkeypatch.setattr(Path, "write_bytes", refuse)
+        with pytest.raises(ValueError, match=r"checkpoint_dir='.*locked' is not writable \(Permission denied\)"):
+            run(locked)
+    finally:
+        locked.chmod(0o700)
