@@ -70,11 +70,11 @@ def _number(value: Any) -> bool:
 
 def _positive_lr(name: str, value: Any) -> list[str]:
     if not _number(value):
-        return [f"{name} must be a number (got {name}={value!r}, a {type(value).__name__}); pass "
-                f"a float, e.g. lr=0.1"]
+        return [(f"{name} must be a number (got {name}={value!r}, a {type(value).__name__}); pass "
+                f"a float, e.g. lr=0.1")]
     if not (math.isfinite(value) and value > 0):
-        return [f"{name} must be finite and > 0 (got {name}={value}); pass the base learning "
-                "rate at initial_batch_size, e.g. 0.1 for SGD or 1e-3 for Adam"]
+        return [(f"{name} must be finite and > 0 (got {name}={value}); pass the base learning "
+                "rate at initial_batch_size, e.g. 0.1 for SGD or 1e-3 for Adam")]
     return []
 
 
@@ -82,10 +82,10 @@ def _non_negative(name: str, value: Any, integral: bool) -> list[str]:
     kind = "an int" if integral else "a number"
     ok = (isinstance(value, numbers.Integral) if integral else _number(value)) and not isinstance(value, bool)
     if not ok:
-        return [f"{name} must be {kind} (got {name}={value!r}, a {type(value).__name__})"]
+        return [(f"{name} must be {kind} (got {name}={value!r}, a {type(value).__name__})")]
     if not (math.isfinite(value) and value >= 0):
-        return [f"{name} must be finite and >= 0 (got {name}={value}); pass how long to train, "
-                "or None for no limit of this kind"]
+        return [(f"{name} must be finite and >= 0 (got {name}={value}); pass how long to train, "
+                "or None for no limit of this kind")]
     return []
 
 
@@ -95,50 +95,50 @@ def _foreign_parameters(model: nn.Module, opt: torch.optim.Optimizer) -> list[st
     foreign = sum(id(p) not in own for p in held)
     if not foreign:
         return []
-    return [f"the optimizer holds {foreign} of its {len(held)} parameters that are not this "
+    return [(f"the optimizer holds {foreign} of its {len(held)} parameters that are not this "
             "model's (built for another model, or for a copy of it); build it from "
-            "model.parameters() of the model given to fit (a subset of them is fine)"]
+            "model.parameters() of the model given to fit (a subset of them is fine)")]
 
 
 def _map_style(name: str, data: Any) -> list[str]:
     ds = data.dataset if isinstance(data, DataLoader) else data
     if not isinstance(ds, IterableDataset):
         return []
-    return [f"{name} is an IterableDataset ({type(ds).__name__}), even with __len__ fit cannot "
+    return [(f"{name} is an IterableDataset ({type(ds).__name__}), even with __len__ fit cannot "
             "draw the examples of each step itself; pass a map-style Dataset (ds[i] returns "
-            "example i), a tuple of tensors, or a DataLoader over one"]
+            "example i), a tuple of tensors, or a DataLoader over one")]
 
 
 def _available(device: Any) -> list[str]:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        return [f"device={device!r} is not a device ({err}); pass e.g. 'cpu', 'cuda' or 'cuda:0'"]
+        return [(f"device={device!r} is not a device ({err}); pass e.g. 'cpu', 'cuda' or 'cuda:0'")]
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            return [f"device={device!r} but this machine has no CUDA device (torch "
+            return [(f"device={device!r} but this machine has no CUDA device (torch "
                     f"{torch.__version__}, CUDA build: {torch.version.cuda is not None}); pass "
-                    "device='cpu' or None (the model's device)"]
+                    "device='cpu' or None (the model's device)")]
         if dev.index is not None and dev.index >= count:
-            return [f"device={device!r} but this machine has {count} CUDA device(s) "
-                    f"(cuda:0..cuda:{count - 1}); pass one of those"]
+            return [(f"device={device!r} but this machine has {count} CUDA device(s) "
+                    f"(cuda:0..cuda:{count - 1}); pass one of those")]
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        return [f"device={device!r} but MPS is not available here; pass device='cpu'"]
+        return [(f"device={device!r} but MPS is not available here; pass device='cpu'")]
     return []
 
 
 def _writable(checkpoint_dir: Any) -> list[str]:
     path = Path(checkpoint_dir)
     if path.exists() and not path.is_dir():
-        return [f"checkpoint_dir={str(path)!r} is an existing file, not a directory; pass a "
-                "directory path (it is created if missing)"]
+        return [(f"checkpoint_dir={str(path)!r} is an existing file, not a directory; pass a "
+                "directory path (it is created if missing)")]
     probe = path / f".autobatch-write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        return [f"checkpoint_dir={str(path)!r} is not writable ({err.strerror or err}); pass a "
-                "directory this process can create and write files in"]
+        return [(f"checkpoint_dir={str(path)!r} is not writable ({err.strerror or err}); pass a "
+                "directory this process can create and write files in")]
     return []
