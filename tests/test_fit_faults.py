@@ -253,3 +253,27 @@ def test_a_checkpoint_dir_that_is_a_file_or_not_writable_is_refused_before_the_f
             run(locked)
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(("name", "budgets"), [("cnn", (110_000, 130_000, 200_000)), ("mlp", (42_000, 47_000))])
+def test_the_probed_micro_batch_runs_in_fits_step_under_the_same_budget(name, budgets) -> None:
+    # issue 15: the probe said micro-batch 1 fits 110 kB on the CNN and fit's own step then ran
+    # out of memory. The probe's size must run in fit's step with no OOM retry.
+    from autobatch.memory.probe import probe_memory
+    from autobatch.problems import mnist1d
+
+    (x, y), _ = mnist1d.make_data(num_samples=400)
+
+    def make():
+        torch.manual_seed(0)
+        if name == "cnn":
+            return mnist1d.make_cnn()
+        return nn.Sequential(nn.Flatten(), nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    for budget in budgets:
+        probed = probe_memory(make(), (x, y), nn.functional.cross_entropy, budget_bytes=budget,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01)).max_batch_size
+        assert 1 <= probed < 16  # the step of 16 needs several micro-batches
+        res = autobatch.fit(make(), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01, max_steps=6,
+                            initial_batch_size=16, policy="fixed", memory_budget=budget, progress=False)
+        assert (res.max_micro_batch_size, res.oom_retries) == (probed, 0), (budget, probed)
