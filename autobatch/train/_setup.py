@@ -27,6 +27,7 @@ from autobatch.noise.estimator import GradientNoiseScale
 from autobatch.noise.micro_batch import trainable_parameters
 from autobatch.policies import make_policy
 from autobatch.scaling import default_scaling, make_scaling
+from autobatch.train._validate import validate_fit_args
 from autobatch.train.callbacks import Callback
 from autobatch.train.checkpoint import (
     capture_rng,
@@ -195,6 +196,9 @@ def prepare(
     Raises:
         ValueError: as listed in ``fit``.
     """
+    # first: a bad setting fails now, not when the first checkpoint is written
+    validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device,
+                      checkpoint_dir)
     cfg = FitConfig.from_any(config, **config_overrides)
     if epochs is None and max_steps is None and max_samples is None:
         raise ValueError(

@@ -16,7 +16,8 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
    (:meth:`StepNormMeter.end_step`; under DDP the gradient all-reduce carries them). The
    only other syncs: under DDP the OOM agreement before it (one int), and with fp16 the
    GradScaler's own inf check in ``scaler.step``;
-5. skip the step if the loss or gradient is not finite, else ``optimizer.step()``;
+5. skip the step if the loss or gradient is not finite (undone: buffers restored, the fp16
+   scale lowered; :class:`~autobatch.train._skip.NonFiniteSteps`), else ``optimizer.step()``;
 6. feed the norms to the noise-scale estimator, and every ``decide_every`` steps let the
    policy pick the next B;
 7. evaluate, checkpoint and call the callbacks when due.
@@ -40,7 +41,9 @@ import torch
 from torch import nn
 
 from autobatch.config import FitConfig
+from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
 from autobatch.train._setup import Setup, prepare
+from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._step import forward_backward
 from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.train.distributed import broadcast_buffers, broadcast_int, local_share
@@ -95,7 +98,10 @@ def fit(
         callbacks: :class:`~autobatch.train.callbacks.Callback` instances.
         device: where to train; the model is moved there. None: the model's device.
         checkpoint_dir: write ``last.pt`` there at every evaluation, every
-            ``checkpoint_every`` steps, at the end, and on KeyboardInterrupt.
+            ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM: the step in
+            flight finishes first, then ``KeyboardInterrupt`` (SIGINT) or
+            :class:`~autobatch.train._interrupt.Preempted` (SIGTERM, a ``SystemExit`` with
+            status 143) is raised; resuming gives the run that was never stopped.
         resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
             same sample order, same weights as a run that was never stopped.
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
@@ -119,7 +125,8 @@ def fit(
                 precision=precision, config_overrides=config_overrides)
     cfg, controller, stream, opt, info = s.cfg, s.controller, s.stream, s.opt, s.info
     result = (s.restore() if resume else None) or FitResult(model=model)
-    step, samples, nonfinite_in_row = result.steps, result.samples, 0
+    step, samples = result.steps, result.samples
+    nonfinite = NonFiniteSteps(model, opt, s.scaler, cfg.max_nonfinite_steps)
     start = time.perf_counter() - result.wall_time_s
     eval_every, checkpoint_every, log_every = cfg.log.eval_every, cfg.log.checkpoint_every, cfg.log.log_every
 
@@ -138,14 +145,17 @@ def fit(
             raise stop
 
     model.train()
+    signals = DeferredSignals(s.info, s.device)  # SIGINT/SIGTERM wait for the step to finish
     try:
         while (reason := s.stop_reason(step, samples)) is None:
+            signals.check()  # here, between steps, a checkpoint describes one moment
             # 1. the step's examples, in the epoch's seeded order, and this rank's share
             epoch_before = stream.epoch
             indices = stream.take(controller.batch_size)
             step_b = len(indices)
             # 2. the LR for this B and step
             s.set_lr(step)
+            nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it
             # 3. forward/backward of every micro-batch; an OOM anywhere retries the step
             acc = forward_backward(s, local_share(indices, info), step_b, step)
             result.oom_retries += acc.oom_retries
@@ -155,26 +165,16 @@ def fit(
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite
             if finite:
-                nonfinite_in_row = 0
+                nonfinite.finite()
                 if s.scaler is not None:
                     s.scaler.step(opt)
                     s.scaler.update()
                 else:
                     opt.step()
                 broadcast_buffers(model, info)
-            else:
-                nonfinite_in_row += 1
+            else:  # undone: buffers as before the step, warned once, counted
                 result.skipped_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if s.scaler is not None:
-                    s.scaler.update()
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
-                        f"gradient (last train_loss={train_loss}, max_nonfinite_steps="
-                        f"{cfg.max_nonfinite_steps}); lower lr, check the data, or raise "
-                        "max_nonfinite_steps"
-                    )
+                nonfinite.skip(step, stream.epochs_done, train_loss, norms)
             step_time = time.perf_counter() - acc.started  # the attempt that fit, not the OOMs
             step += 1
             samples += step_b
@@ -215,11 +215,13 @@ def fit(
         stopped_by = reason
     except StopTraining:
         stopped_by = "callback"
-    except KeyboardInterrupt:
-        _update_totals(result, s, step, samples, start)
-        s.save(result)
+    except (KeyboardInterrupt, Preempted):
+        if no_step_in_flight(stream, samples):  # else (a second Ctrl-C) last.pt stays as it was
+            _update_totals(result, s, step, samples, start)
+            s.save(result)
         raise
     finally:
+        signals.close()
         s.close()
     if s.has_eval and (not result.evals or result.evals[-1]["step"] != step):
         with contextlib.suppress(StopTraining):
@@ -230,6 +232,7 @@ def fit(
     s.save(result)
     for cb in s.callbacks:
         cb.on_fit_end(result)
+    signals.check()  # a signal received in the last step: the run is complete and saved
     return result
 
 

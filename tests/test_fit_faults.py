@@ -1,0 +1,279 @@
+"""What ``autobatch.fit`` does when things go wrong inside it (docs/faults.md): signals,
+non-finite steps, bad settings, fp16 overflows."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import autobatch
+from autobatch.train import _setup
+from autobatch.train.checkpoint import load_checkpoint
+
+_WORKER = Path(__file__).parent / "helpers" / "interrupt_worker.py"
+
+
+def _load_worker():
+    # the worker's own module, so the test's reference run is the same code
+    spec = importlib.util.spec_from_file_location("interrupt_worker", _WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_weights(tmp_path) -> None:
+    worker = _load_worker()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the worker process
+    try:
+        full_model, full = worker.run(str(tmp_path / "full"))
+        rng = random.Random(0)
+        directory, done = tmp_path / "interrupted", 0
+        # 12 interrupts, SIGINT and SIGTERM in turn, each at a random moment of a random step,
+        # each resumed from the interrupt's own checkpoint (the only one written, so every
+        # step it counts wrongly shows in the weights): the first process survives 5 and is
+        # ended by the 6th (a SIGTERM), the second survives 6 and runs to the end.
+        for survive in (5, 6):
+            proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory), str(survive)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for trial in range(6):
+                sig = signal.SIGINT if trial % 2 == 0 else signal.SIGTERM
+                at_step, delay = done + rng.randint(1, 3), rng.uniform(0, 0.004)
+                for line in proc.stdout:
+                    if int(line) >= at_step:
+                        break
+                time.sleep(delay)
+                proc.send_signal(sig)
+                if trial < survive:
+                    line = proc.stdout.readline()
+                    while line.split()[0] != "stopped":  # steps that ended before the signal
+                        line = proc.stdout.readline()
+                    name = "KeyboardInterrupt" if sig == signal.SIGINT else "Preempted"
+                    assert line.split()[1] == name, line
+                else:
+                    _, err = proc.communicate(timeout=60)
+                    # a clean exit after SIGTERM: status 143, no traceback
+                    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+                ckpt = load_checkpoint(directory)
+                stream = ckpt["stream"]
+                # the counters count every example the stream handed out: none skipped
+                assert ckpt["result"]["samples"] == stream["epoch"] * stream["num_examples"] + stream["position"]
+                assert at_step <= ckpt["result"]["steps"] < worker.MAX_STEPS
+                done = ckpt["result"]["steps"]
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert load_checkpoint(directory)["result"]["steps"] == worker.MAX_STEPS
+        model, result = worker.run(str(directory))
+        assert (result.steps, result.samples) == (full.steps, full.samples)
+        assert [r.batch_size for r in result.history] == [r.batch_size for r in full.history]
+        for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g)
+    clean = _bn_model()
+    # one micro-batch per step (gns_method="off" splits no step), so one forward per step
+    ref = autobatch.fit(clean, (x.clone(), y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
+                        initial_batch_size=32, policy="fixed", shuffle=False, gns_method="off", lr_scaling="none",
+                        progress=False)
+    x[[40, 41, 200]] = float("nan")  # rows of steps 2 and 7 (no shuffle, B = 32)
+    model = _bn_model()
+    with pytest.warns(RuntimeWarning, match=r"skipped optimizer step 2 \(epoch 0\.25\): the loss is nan") as seen:
+        res = autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
+                            initial_batch_size=32, policy="fixed", shuffle=False, gns_method="off", lr_scaling="none",
+                            progress=False)
+    assert sum("skipped optimizer step" in str(w.message) for w in seen) == 1  # once
+    assert res.skipped_steps == 2 and [r.step for r in res.history if r.skipped] == [2, 7]
+    bn = model[1]
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    # the reference: a run that saw only the 6 finite steps' batches, in the same order
+    steps = [i for i in range(8) if i not in (1, 6)]
+    again = _bn_model()
+    opt = torch.optim.SGD(again.parameters(), lr=0.01)
+    for i in steps:
+        opt.zero_grad()
+        nn.functional.mse_loss(again(x[32 * i: 32 * i + 32]), y[32 * i: 32 * i + 32]).backward()
+        opt.step()
+    assert int(bn.num_batches_tracked) == 6
+    torch.testing.assert_close(bn.running_mean, again[1].running_mean)
+    torch.testing.assert_close(bn.running_var, again[1].running_var)
+    for a, b in zip(model.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(clean[1].num_batches_tracked) == 8 and ref.skipped_steps == 0
+
+
+def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch) -> None:
+    # fp16 needs CUDA in fit; this torch build runs fp16 autocast and GradScaler("cpu") on the
+    # CPU, so the same code path runs here with the CPU scaler.
+    scalers = []
+
+    def fp16_on_cpu(precision, device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000))
+        return torch.float16, scalers[-1]
+
+    monkeypatch.setattr(_setup, "precision_setup", fp16_on_cpu)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(128, 8, generator=g), torch.randn(128, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    done = [0]
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            done[0] = record.step
+
+    def overflow_on_chosen_steps(grad):  # an fp16 overflow: inf in the gradient of steps 3 and 5
+        return grad * float("inf") if done[0] + 1 in (3, 5) else grad
+
+    model.weight.register_hook(overflow_on_chosen_steps)
+    with pytest.warns(RuntimeWarning, match=r"skipped optimizer step 3 .*the gradient is (inf|nan)"):
+        res = autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, lr=0.01, max_steps=6,
+                            initial_batch_size=16, policy="fixed", lr_scaling="none", callbacks=[Count()],
+                            precision="fp16", progress=False)
+    assert [r.skipped for r in res.history] == [False, False, True, False, True, False]
+    assert scalers[0].get_scale() == 2.0**10 / 4  # halved by each overflow
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        x, y = _data()
+        return iter(zip(x, y))
+
+    def __len__(self) -> int:
+        return 64
+
+
+def _sgd(lr):
+    def build(model):  # torch checks lr < 0 when building, not when it is set later
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.param_groups[0]["lr"] = lr
+        return opt
+    return build
+
+
+def _two_groups(model):
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    opt.param_groups[1]["lr"] = -1.0
+    return opt
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ({"lr": float("inf")}, r"lr must be finite and > 0 \(got lr=inf\)"),
+    ({"lr": -0.1}, r"lr must be finite and > 0 \(got lr=-0.1\)"),
+    ({"lr": "0.1"}, r"lr must be a number \(got lr='0.1', a str\)"),
+    ({"lr": None, "optimizer": _sgd(-0.1)}, r"optimizer.param_groups\[0\]\['lr'\] must be finite and > 0 \(got .*=-0.1\)"),
+    ({"lr": None, "optimizer": _two_groups}, r"param_groups\[1\]\['lr'\] must be finite and > 0 \(got .*=-1.0\)"),
+    ({"optimizer": lambda m: torch.optim.SGD(nn.Linear(8, 1).parameters(), lr=0.1)},
+     r"the optimizer holds 2 of its 2 parameters that are not this model's"),
+    ({"epochs": -1}, r"epochs must be finite and >= 0 \(got epochs=-1\)"),
+    ({"max_steps": -5}, r"max_steps must be finite and >= 0 \(got max_steps=-5\)"),
+    ({"max_samples": -64}, r"max_samples must be finite and >= 0 \(got max_samples=-64\)"),
+    ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
+    ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
+])
+def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
+    model = nn.Linear(8, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = []
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            steps.append(record.step)
+
+    kwargs = {"lr": 0.1, "max_steps": 3, "data": _data(), **setting}
+    if callable(kwargs.get("optimizer")):
+        kwargs["optimizer"] = kwargs["optimizer"](model)
+    data = kwargs.pop("data")
+    with pytest.raises(ValueError, match=match):
+        autobatch.fit(model, data, loss_fn=nn.functional.mse_loss, initial_batch_size=8,
+                      callbacks=[Count()], progress=False, **kwargs)
+    assert steps == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed() -> None:
+    model = nn.Linear(8, 1)
+    bias = model.bias.detach().clone()
+    res = autobatch.fit(model, _data(), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
+                        optimizer=torch.optim.SGD([model.weight], lr=0.1), initial_batch_size=8,
+                        progress=False)
+    assert res.steps == 2 and torch.equal(model.bias, bias)  # the rest stays frozen
+
+
+def test_a_checkpoint_dir_that_is_a_file_or_not_writable_is_refused_before_the_first_step(
+        tmp_path, monkeypatch) -> None:
+    def run(directory, steps=3):
+        return autobatch.fit(nn.Linear(8, 1), _data(), loss_fn=nn.functional.mse_loss, lr=0.1,
+                             max_steps=steps, initial_batch_size=8, checkpoint_dir=directory,
+                             progress=False)
+
+    fresh = tmp_path / "new" / "dir"
+    run(fresh, steps=1)
+    assert [p.name for p in fresh.iterdir()] == ["last.pt"]  # created; the probe file removed
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"checkpoint_dir='.*a_file' is an existing file, not a directory"):
+        run(file)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.geteuid() == 0:  # root writes into read-only directories: refuse as the OS would
+            def refuse(self, data):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            monkeypatch.setattr(Path, "write_bytes", refuse)
+        with pytest.raises(ValueError, match=r"checkpoint_dir='.*locked' is not writable \(Permission denied\)"):
+            run(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(("name", "budgets"), [("cnn", (110_000, 130_000, 200_000)), ("mlp", (42_000, 47_000))])
+def test_the_probed_micro_batch_runs_in_fits_step_under_the_same_budget(name, budgets) -> None:
+    # issue 15: the probe said micro-batch 1 fits 110 kB on the CNN and fit's own step then ran
+    # out of memory. The probe's size must run in fit's step with no OOM retry.
+    from autobatch.memory.probe import probe_memory
+    from autobatch.problems import mnist1d
+
+    (x, y), _ = mnist1d.make_data(num_samples=400)
+
+    def make():
+        torch.manual_seed(0)
+        if name == "cnn":
+            return mnist1d.make_cnn()
+        return nn.Sequential(nn.Flatten(), nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    for budget in budgets:
+        probed = probe_memory(make(), (x, y), nn.functional.cross_entropy, budget_bytes=budget,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01)).max_batch_size
+        assert 1 <= probed < 16  # the step of 16 needs several micro-batches
+        res = autobatch.fit(make(), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01, max_steps=6,
+                            initial_batch_size=16, policy="fixed", memory_budget=budget, progress=False)
+        assert (res.max_micro_batch_size, res.oom_retries) == (probed, 0), (budget, probed)
