@@ -17,14 +17,14 @@ rounds of (variant / plain) in the same round.
 
     python benchmarks/integrations_overhead.py          # about 3 minutes on this 2-core CPU
 
-Writes benchmarks/results/integrations_overhead.json and the table in docs/integrations.md.
+Writes benchmarks/results/integrations_overhead.json; `python -m benchmarks.docs` renders
+docs/benchmarks/integrations_overhead.md from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -36,7 +36,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "integrations_overhead.json"
-DOCS = ROOT / "docs" / "integrations.md"
 VARIANTS = ("plain", "fixed", "estimator")
 WARMUP = 5
 
@@ -173,19 +172,6 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _update_docs(table: str, results: dict) -> None:
-    if not DOCS.exists():
-        return
-    note = (f"Medians of per-round ratios over {results['rounds']} alternating rounds, process CPU time per "
-            f"optimizer step, torch {results['torch']}, 1 thread, on a shared 2-core CPU (other jobs were "
-            "running). Written by `python benchmarks/integrations_overhead.py`.")
-    text = DOCS.read_text()
-    block = f"<!-- integrations_overhead:start -->\n{table}\n\n{note}\n<!-- integrations_overhead:end -->"
-    text = re.sub(r"<!-- integrations_overhead:start -->.*<!-- integrations_overhead:end -->", lambda _: block,
-                  text, flags=re.DOTALL)
-    DOCS.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
@@ -213,7 +199,6 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=1))
     table = _table(results)
     print(table)
-    _update_docs(table, results)
     print(f"written {RESULTS}")
 
 
