@@ -105,8 +105,8 @@ def test_clipping_bounds_the_step_and_the_estimator_sees_the_unclipped_norm(monk
 
 def test_optimizer_specs_class_partial_and_an_adamw_instance_with_a_memory_budget() -> None:
     x, y = _regression(n=128)
-    common = dict(loss_fn=F.mse_loss, max_steps=3, initial_batch_size=16, policy="fixed",
-                  lr_scaling="none", progress=False)
+    common = {"loss_fn": F.mse_loss, "max_steps": 3, "initial_batch_size": 16, "policy": "fixed",
+              "lr_scaling": "none", "progress": False}
     res = autobatch.fit(nn.Linear(8, 1), (x, y), optimizer=torch.optim.SGD, lr=0.05, **common)
     assert res.history[0].lr == 0.05
     held = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)

@@ -6,10 +6,13 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
 
 1. take the next B indices of the epoch's seeded order (:class:`~autobatch.train.sampler.SampleStream`),
    and this rank's share of them;
-2. set the LR: base LR x scaling rule at B (capped) x the policy's own factor x warm-up,
-   all assembled by :meth:`BatchSizeController.lr_factor`;
+2. set the LR: base LR (the user's ``lr_scheduler``, on a clock in samples, if any) x
+   scaling rule at B (capped) x the policy's own factor x warm-up, the factor assembled by
+   :meth:`BatchSizeController.lr_factor`;
 3. run forward/backward over micro-batches no larger than the memory cap, each mean loss
-   weighted by ``b_i / B`` (so the accumulated gradient is the mean over B); an
+   (:func:`autobatch.batch.forward_and_loss`) weighted by its loss items over the step's
+   (:mod:`autobatch.accumulate`: examples, or tokens), so the accumulated gradient is the
+   step's mean-loss gradient; an
    out-of-memory micro-batch halves the cap and the same step is retried from scratch
    (:func:`autobatch.train._step.forward_backward`);
 4. read the step's loss and gradient norms, summed over ranks, in one host sync
