@@ -143,6 +143,9 @@ class LRConfig(_Section):
             plain SGD the best LR was 0.2 at B=16 and 0.4 from B=64 up, and 0.8 diverged at
             every B (design note benchmarking.md), while the AdaScale gain kept growing with
             the noise scale and reached 3x. The default 2.0 keeps that headroom.
+        max_grad_norm: clip the step's gradient to this L2 norm (over all trainable
+            parameters, of the mean loss, unscaled under fp16) before the optimizer step;
+            ``None``: no clipping. The noise-scale estimator sees the norms before clipping.
     """
 
     lr_scaling: Any = None  # a name, an LRScaling instance or None (see _known_scaling)
@@ -150,6 +153,7 @@ class LRConfig(_Section):
     lr_decay: float = Field(0.1, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
     max_lr_factor: float | None = Field(2.0, gt=0.0)
+    max_grad_norm: float | None = Field(None, gt=0.0)
 
     @field_validator("lr_scaling")
     @classmethod
@@ -216,11 +220,18 @@ class DataConfig(_Section):
         shuffle: reshuffle the training set every epoch (seeded by ``seed``).
         seed: seed of the shuffling generator.
         num_workers: DataLoader worker processes (0 loads in the main process).
+        small_tail: what to do with a step smaller than the model trains on (the last step of
+            an epoch holding 1 example, with BatchNorm in train mode): ``"carry"`` fills it
+            up to the batch size with the next epoch's first examples (one step spans the
+            epoch boundary); ``"drop"`` skips its examples. Either way it is counted in
+            ``FitResult.small_tails``. The smallest step is the memory probe's
+            ``min_batch_size`` (per rank), or 2 per rank for a model with BatchNorm, else 1.
     """
 
     shuffle: bool = True
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    small_tail: Literal["carry", "drop"] = "carry"
 
 
 class LogConfig(_Section):

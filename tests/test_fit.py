@@ -222,7 +222,7 @@ def test_dataloader_workers_give_the_same_run() -> None:
         (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
          "max_batch_size must be >= min_batch_size"),
         (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: fixed, gns, goodput, ramp"),
-        (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got \(8, 1\)\)"),
+        (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
         (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
         (dict(lr=None), ValueError, "lr is required"),
         (dict(data=(torch.zeros(64, 8, device="meta"), torch.zeros(64, 1, device="meta"))), ValueError,

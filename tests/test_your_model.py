@@ -89,7 +89,6 @@ def test_per_example_mode_is_refused_cleanly_where_it_cannot_run() -> None:
     assert math.isfinite(est.noise_scale)
 
 
-@pytest.mark.xfail(reason="fit wiring pending", strict=False)
 @pytest.mark.parametrize("name", CASES)
 def test_fit_trains_with_no_glue(name: str) -> None:
     case = USER_MODELS[name]()
@@ -102,7 +101,6 @@ def test_fit_trains_with_no_glue(name: str) -> None:
     assert result.final_metrics["val_loss"] < before["val_loss"]
 
 
-@pytest.mark.xfail(reason="fit wiring pending", strict=False)
 @pytest.mark.parametrize("name", CASES)
 def test_tune_lr_runs_two_tiny_trials(name: str) -> None:
     import optuna

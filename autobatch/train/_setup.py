@@ -9,9 +9,12 @@ norm meter (hooks) and the DDP wrapper. The loop in :mod:`autobatch.train.fit` o
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
+import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch.accumulate import LossItems, resolve_loss_items
+from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.memory.oom import MemoryBudget
 from autobatch.noise.estimator import GradientNoiseScale
-from autobatch.noise.micro_batch import trainable_parameters
+from autobatch.noise.micro_batch import StepGradNorms, trainable_parameters
+from autobatch.noise.per_example import per_example_supported
+from autobatch.optimizers import OptimizerSpec, build_optimizer
 from autobatch.policies import make_policy
 from autobatch.scaling import default_scaling, make_scaling
 from autobatch.train._validate import validate_fit_args
@@ -59,11 +66,13 @@ class Setup:
         cfg: the validated config.
         model: the model being trained (in place).
         forward_model: what the loop calls: the model, or its DDP wrapper under torchrun.
-        loss_fn, eval_fn: as given to ``fit``.
+        loss_fn, forward_loss, eval_fn: as given to ``fit``.
+        loss_mode: ``loss_items`` resolved: ``"examples"``, ``"tokens"`` or a count function.
         source, val_source: the training and validation data (val None if not given).
         device: where training runs.
         info: this process's rank and world size.
         opt: the optimizer; ``base_lrs`` its param groups' LRs at ``initial_batch_size``.
+        scheduler: the user's LR scheduler over ``opt`` (setting the base LRs), or None.
         amp_dtype, scaler: autocast dtype and fp16 GradScaler (None for fp32).
         controller: batch size, micro-batch cap, LR factor, estimator, policy.
         stream: the seeded sample order.
@@ -73,13 +82,14 @@ class Setup:
         bar: the progress bar on rank 0, or None.
         checkpoint_dir: where ``last.pt`` goes (None: no checkpoints).
         budget: bytes a step may hold when enforced by counting (CPU), else None.
+        min_step: the smallest step (global examples) the model trains on.
         epochs, max_steps, max_samples: the stopping rules.
     """
 
     cfg: FitConfig
     model: nn.Module
     forward_model: nn.Module
-    loss_fn: Callable[[Any, Any], torch.Tensor]
+    loss_fn: LossFn | None
     eval_fn: Callable[[nn.Module], dict[str, float]] | None
     source: BatchSource
     val_source: BatchSource | None
@@ -93,6 +103,10 @@ class Setup:
     stream: SampleStream
     loader: MicroBatchLoader
     meter: StepNormMeter
+    forward_loss: ForwardLoss | None = None
+    loss_mode: Any = "examples"
+    scheduler: Any = None
+    min_step: int = 1
     callbacks: list[Callback] = field(default_factory=list)
     bar: Any = None
     checkpoint_dir: Path | None = None
@@ -105,12 +119,63 @@ class Setup:
     def has_eval(self) -> bool:
         return self.val_source is not None or self.eval_fn is not None
 
-    def set_lr(self, step: int) -> None:
-        """Set every param group's LR for the step after ``step`` done steps: its base LR
-        times the controller's factor (rule, cap, policy schedule and warm-up, in one place)."""
+    def set_lr(self, step: int, samples: int = 0) -> None:
+        """Set every param group's LR for the step after ``step`` done steps and ``samples``
+        examples: its base LR times the controller's factor (rule, cap, policy schedule and
+        warm-up, in one place).
+
+        With a user's ``lr_scheduler`` the base LRs are the scheduler's, on a clock counted in
+        samples: it has stepped ``samples // initial_batch_size`` times (once per B0 examples),
+        so a schedule written in steps of the base batch keeps its meaning when B changes.
+        The scheduler steps on the base LRs (restored into the groups first), so chainable
+        schedulers never compound autobatch's factor.
+        """
         factor = self.controller.lr_factor(step)
-        for group, base in zip(self.opt.param_groups, self.base_lrs):
+        bases = self.base_lrs
+        if self.scheduler is not None:
+            due = samples // self.cfg.batch.initial_batch_size
+            if self.scheduler.last_epoch < due:
+                for group, base in zip(self.opt.param_groups, self.scheduler.get_last_lr()):
+                    group["lr"] = base
+                with warnings.catch_warnings():  # "step() before optimizer.step()" after a skip
+                    warnings.simplefilter("ignore", UserWarning)
+                    while self.scheduler.last_epoch < due:
+                        self.scheduler.step()
+            bases = self.scheduler.get_last_lr()
+        for group, base in zip(self.opt.param_groups, bases):
             group["lr"] = base * factor
+
+    @property
+    def base_lr(self) -> float:
+        """The first param group's LR before autobatch's factor (the schedule's, if any)."""
+        return self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.base_lrs[0]
+
+    def take(self, batch_size: int) -> tuple[torch.Tensor, int]:
+        """The next step's indices, and 1 if a step too small for the model (an epoch's
+        tail) was carried into it or dropped (``config.data.small_tail``), else 0."""
+        indices = self.stream.take(batch_size)
+        if len(indices) >= self.min_step:
+            return indices, 0
+        if self.cfg.data.small_tail == "drop":
+            return self.stream.take(batch_size), 1
+        return torch.cat([indices, self.stream.take(batch_size - len(indices))]), 1
+
+    def clip_gradients(self, norms: StepGradNorms | None) -> None:
+        """Clip the step's gradient to ``max_grad_norm`` (if set), after the norms were
+        measured and before the optimizer step. The norm is the one the meter read (unscaled,
+        over ranks): no second pass over the gradients. Under fp16 the factor applies to the
+        scaled gradients, which ``scaler.step`` unscales."""
+        max_norm = self.cfg.lr.max_grad_norm
+        if max_norm is None:
+            return
+        params = self.meter._params
+        if norms is not None and math.isfinite(norms.big_sq_norm):
+            total = torch.tensor(math.sqrt(norms.big_sq_norm))
+        else:  # gns_method="off": no norm was read
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
     def memory_guard(self) -> contextlib.AbstractContextManager:
         """Raise an out-of-memory error when a step holds more than the budget (CPU only:
@@ -139,6 +204,8 @@ class Setup:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
         self.stream.load_state_dict(ckpt["stream"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng(ckpt["rng"])
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -153,6 +220,7 @@ class Setup:
             "optimizer": self.opt.state_dict(),
             "controller": self.controller.state_dict(),
             "stream": self.stream.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": capture_rng(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "result": result.model_dump(exclude={"model"}),
@@ -176,9 +244,9 @@ def prepare(
     model: nn.Module,
     data: Any,
     *,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: LossFn | None,
     val_data: Any,
-    optimizer: Any,
+    optimizer: OptimizerSpec,
     lr: float | None,
     epochs: float | None,
     max_steps: int | None,
@@ -190,6 +258,9 @@ def prepare(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None,
     precision: str,
     config_overrides: dict[str, Any],
+    forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto",
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> Setup:
     """Check ``fit``'s arguments and build its :class:`Setup` (arguments as in ``fit``).
 
@@ -204,8 +275,9 @@ def prepare(
         raise ValueError(
             "fit needs a stopping rule: give epochs, max_steps or max_samples (got all three None)"
         )
-    source = as_batch_source(data)
-    val_source = as_batch_source(val_data, name="val_data") if val_data is not None else None
+    source = as_batch_source(data, check_items=forward_loss is None)
+    val_source = (as_batch_source(val_data, name="val_data", check_items=forward_loss is None)
+                  if val_data is not None else None)
     device = resolve_device(model, source, device)
     model.to(device)
     info = setup_distributed(device)
@@ -217,12 +289,21 @@ def prepare(
             f"pass initial_batch_size <= {n}"
         )
     max_b = min(cfg.batch.max_batch_size or n, n)
-    opt = build_optimizer(optimizer, model, lr)
+    opt = make_optimizer(optimizer, model, lr)
+    base_lrs = [group["lr"] for group in opt.param_groups]  # before a scheduler's first factor
+    scheduler = lr_scheduler(opt) if lr_scheduler is not None else None
     amp_dtype, scaler = precision_setup(precision, device)
     max_micro = cfg.memory.max_micro_batch_size
+    # the smallest micro-batch (per rank) the model trains on: BatchNorm needs 2
+    min_micro = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
     if should_probe(cfg, device):
-        max_micro = probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro)
+        max_micro, min_micro = probe_micro_cap(model, source, loss_fn, forward_loss, optimizer, lr,
+                                               device, cfg, max_b, max_micro)
     method = cfg.estimator.gns_method
+    if method == "per_example" and (why := per_example_supported(model)) is not None:
+        warnings.warn(f"gns_method='per_example' is not supported for this model ({why}); "
+                      "measuring with micro-batch norms instead", stacklevel=3)
+        method = "micro"
     scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
     if method == "off" and (cfg.batch.policy in ("gns", "goodput") or scaling_name == "adascale"):
         raise ValueError(
@@ -245,18 +326,24 @@ def prepare(
         max_lr_factor=cfg.lr.max_lr_factor,
         warmup_steps=cfg.lr.warmup_steps,
     )
+    meter = StepNormMeter(model, method, info, every=MEASURE_EVERY, scaler=scaler,
+                          first=round(1 / (1 - cfg.estimator.gns_smoothing)))
+    meter.min_micro = min_micro
     return Setup(
         cfg=cfg, model=model,
         # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed
         # by one all-reduce after all micro-batches (see autobatch.train.distributed).
         forward_model=wrap_ddp(model, device) if info.enabled else model,
         loss_fn=loss_fn, eval_fn=eval_fn, source=source, val_source=val_source, device=device,
-        info=info, opt=opt, base_lrs=[group["lr"] for group in opt.param_groups],
+        info=info, opt=opt, base_lrs=base_lrs,
         amp_dtype=amp_dtype, scaler=scaler, controller=controller,
-        stream=SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed),
+        stream=sample_stream(source, cfg),
         loader=MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda"),
-        meter=StepNormMeter(model, method, info, every=MEASURE_EVERY, scaler=scaler,
-                            first=round(1 / (1 - cfg.estimator.gns_smoothing))),
+        meter=meter,
+        forward_loss=forward_loss,
+        loss_mode=resolve_loss_items(loss_items, source.batch(torch.arange(1)), loss_fn=loss_fn,
+                                     forward_loss=forward_loss),
+        scheduler=scheduler, min_step=min_micro * info.world_size,
         callbacks=list(callbacks),
         bar=progress_bar(cfg, total_samples(epochs, max_samples, n)) if info.is_main else None,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
@@ -282,23 +369,15 @@ def resolve_device(model: nn.Module, source: BatchSource, device: torch.device |
     return model_device
 
 
-def build_optimizer(spec: Any, model: nn.Module, lr: float | None) -> torch.optim.Optimizer:
-    if isinstance(spec, torch.optim.Optimizer):
-        if lr is not None:
-            for group in spec.param_groups:
-                group["lr"] = lr
-        return spec
-    if lr is None:
-        raise ValueError(
-            "lr is required: the base learning rate at initial_batch_size (e.g. lr=0.1 for "
-            "SGD, lr=1e-3 for Adam); autobatch.tune_lr can find it"
-        )
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0 (got lr={lr})")
-    params = trainable_parameters(model)
-    if isinstance(spec, type):
-        return spec(params, lr=lr)
-    return spec(params, lr)
+def make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float | None) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` (:mod:`autobatch.optimizers`) over the model, with an error
+    saying both ways out when no LR is given anywhere."""
+    try:
+        return build_optimizer(spec, model.parameters(), lr)
+    except ValueError as err:
+        if lr is None and "lr is required" in str(err):
+            raise ValueError(f"{err}. In fit: pass lr=..., or an optimizer that holds its LR") from None
+        raise
 
 
 def precision_setup(precision: str, device: torch.device):
@@ -322,22 +401,34 @@ def should_probe(cfg: FitConfig, device: torch.device) -> bool:
     return device.type != "cpu" or cfg.memory.memory_budget is not None
 
 
-def probe_micro_cap(model, source, loss_fn, optimizer, opt, device, cfg, max_b, max_micro) -> int:
+def probe_micro_cap(model: nn.Module, source: BatchSource, loss_fn: LossFn | None,
+                    forward_loss: ForwardLoss | None, optimizer: OptimizerSpec, lr: float | None,
+                    device: torch.device, cfg: FitConfig, max_b: int,
+                    max_micro: int | None) -> tuple[int, int]:
+    """The memory probe's micro-batch cap (within ``max_micro``) and the smallest micro-batch
+    the model trains on. The probe gets the user's optimizer spec: an instance is rebuilt
+    faithfully over stand-ins (:func:`autobatch.optimizers.copy_for`), a class or factory
+    with fit's ``lr`` bound."""
     from autobatch.memory.probe import probe_memory
 
-    factory = optimizer if not isinstance(optimizer, torch.optim.Optimizer) else (
-        lambda params, lr: type(opt)(params, **{**opt.defaults, "lr": lr})
-    )
-    if isinstance(factory, type):
-        cls = factory
-        factory = lambda params, lr: cls(params, lr=lr)  # noqa: E731
-    lr0 = opt.param_groups[0]["lr"]
+    spec = optimizer if isinstance(optimizer, torch.optim.Optimizer) else functools.partial(
+        build_optimizer, optimizer, lr=lr)
     probe = probe_memory(
-        model, source, loss_fn, optimizer=lambda params: factory(params, lr0), device=device,
-        budget_bytes=cfg.memory.memory_budget, max_batch_size=max_b, margin=cfg.memory.memory_margin,
+        model, source, loss_fn, optimizer=spec, forward_loss=forward_loss, device=device,
+        budget_bytes=cfg.memory.memory_budget, max_micro_batch_size=max_b,
+        margin=cfg.memory.memory_margin,
     )
     cap = probe.max_batch_size
-    return min(cap, max_micro) if max_micro is not None else cap
+    return (min(cap, max_micro) if max_micro is not None else cap), probe.min_batch_size
+
+
+def sample_stream(source: BatchSource, cfg: FitConfig) -> SampleStream:
+    """The seeded sample order, or the DataLoader sampler's (one epoch = one pass of it)."""
+    if source.sampler is None:
+        return SampleStream(len(source), shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+    seed = cfg.data.seed
+    first = source.sampler_order(0, seed)
+    return SampleStream(len(first), seed=seed, order=lambda epoch: source.sampler_order(epoch, seed))
 
 
 def total_samples(epochs: float | None, max_samples: int | None, n: int) -> int | None:

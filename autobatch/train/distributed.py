@@ -30,7 +30,7 @@ from torch import nn
 from autobatch.train.sampler import split_sizes
 
 __all__ = ["DistInfo", "agree_max", "all_reduce_gradients", "broadcast_buffers", "broadcast_int",
-           "local_share", "setup_distributed"]
+           "local_share", "setup_distributed", "sum_int"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,16 @@ def agree_max(value: int | float, info: DistInfo, device: torch.device) -> float
     t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def sum_int(value: int, info: DistInfo, device: torch.device) -> int:
+    """The sum of ``value`` over all ranks (the value itself on one process), e.g. a step's
+    loss items, which every rank's loss weights divide by."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([int(value)], device=device, dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:

@@ -6,10 +6,13 @@ optimizer, precision, memory probe, controller, hooks) is gathered by
 
 1. take the next B indices of the epoch's seeded order (:class:`~autobatch.train.sampler.SampleStream`),
    and this rank's share of them;
-2. set the LR: base LR x scaling rule at B (capped) x the policy's own factor x warm-up,
-   all assembled by :meth:`BatchSizeController.lr_factor`;
+2. set the LR: base LR (the user's ``lr_scheduler``, on a clock in samples, if any) x
+   scaling rule at B (capped) x the policy's own factor x warm-up, the factor assembled by
+   :meth:`BatchSizeController.lr_factor`;
 3. run forward/backward over micro-batches no larger than the memory cap, each mean loss
-   weighted by ``b_i / B`` (so the accumulated gradient is the mean over B); an
+   (:func:`autobatch.batch.forward_and_loss`) weighted by its loss items over the step's
+   (:mod:`autobatch.accumulate`: examples, or tokens), so the accumulated gradient is the
+   step's mean-loss gradient; an
    out-of-memory micro-batch halves the cap and the same step is retried from scratch
    (:func:`autobatch.train._step.forward_backward`);
 4. read the step's loss and gradient norms, summed over ranks, in one host sync
@@ -40,8 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch.accumulate import LossItems
+from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
+from autobatch.optimizers import OptimizerSpec
 from autobatch.train._setup import Setup, prepare
 from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._step import forward_backward
@@ -52,14 +58,12 @@ from autobatch.train.results import FitResult, StepRecord
 
 __all__ = ["fit"]
 
-OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] | torch.optim.Optimizer
-
 
 def fit(
     model: nn.Module,
     data: Any,
     *,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: LossFn | None = None,
     val_data: Any = None,
     optimizer: OptimizerSpec = torch.optim.SGD,
     lr: float | None = None,
@@ -73,25 +77,35 @@ def fit(
     resume: bool = False,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     precision: str = "fp32",
+    forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto",
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     **config_overrides: Any,
 ) -> FitResult:
     """Train ``model`` on ``data`` with a batch size chosen, and re-chosen, by autobatch.
 
     Args:
-        model: the module to train, in place. Its forward takes the batch's input.
-        data: training data: a map-style Dataset of ``(input, target)`` pairs, a tuple
-            ``(X, y)`` of tensors or numpy arrays, or a DataLoader (its dataset and
-            collate_fn are reused; its batch size is not).
-        loss_fn: ``loss_fn(model(input), target)`` -> scalar, **mean-reduced** over the
-            batch (a sum-reduced loss would scale the gradient with B and break both the LR
-            rules and the noise scale).
+        model: the module to train, in place. Its forward takes the batch's inputs.
+        data: training data: a map-style Dataset of ``(input, target)``, ``(x1, ..., xk,
+            target)`` or dict items, a tuple ``(X, y)`` / ``(X1, ..., Xk, y)`` of tensors or
+            numpy arrays, a dict of tensors, or a DataLoader (its dataset, collate_fn, which
+            pads each micro-batch, and sampler are used; its batch size is not; a custom
+            batch_sampler is refused).
+        loss_fn: the batch protocol's loss (:mod:`autobatch.batch`):
+            ``loss_fn(model(x1, ..., xk), target)`` for tuple batches,
+            ``loss_fn(model(**batch), batch)`` for dict batches, where it is optional (None:
+            the output's ``.loss``, as Hugging Face models return it). A scalar,
+            **mean-reduced** over the batch's loss items (a sum-reduced loss would scale the
+            gradient with B and break both the LR rules and the noise scale).
         val_data: optional held-out data in the same forms; evaluated every
             ``eval_every`` steps (default: every epoch) and at the end.
-        optimizer: a ``torch.optim.Optimizer`` class (built as ``cls(params, lr=lr)``), a
-            factory ``f(params, lr) -> Optimizer``, or a built optimizer (its param groups'
-            LRs are the base LRs unless ``lr`` is given).
+        optimizer: the optimizer spec of every entry point (:mod:`autobatch.optimizers`): a
+            class (built as ``cls(params, lr=lr)``), a factory ``f(params)`` holding its
+            hyperparameters (e.g. ``functools.partial(SGD, lr=0.1, momentum=0.9)``; then
+            ``lr`` is optional), or a built optimizer (its param groups' LRs are the base LRs
+            unless ``lr`` is given; the memory probe runs on a faithful copy).
         lr: the base learning rate, meant for the base batch ``initial_batch_size`` (B0);
-            the scaling rule maps it to every other B.
+            the scaling rule maps it to every other B. Needed unless the optimizer holds it.
         epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
             ``epochs`` may be fractional. ``max_samples`` counts examples processed.
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
@@ -108,8 +122,27 @@ def fit(
             (``val_loss``, and ``val_accuracy`` when outputs are class logits).
         precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or GPU) or ``"fp16"``
             (CUDA autocast with a GradScaler; norms are measured after unscaling).
+        forward_loss: ``forward_loss(model, batch) -> loss`` for batches of any other form,
+            replacing ``model(...)`` and ``loss_fn`` (the same escape hatch as everywhere).
+        loss_items: what each micro-batch's mean loss is over (:mod:`autobatch.accumulate`):
+            ``"auto"`` (tokens ``!= -100`` for a Hugging Face ``.loss`` of a dict batch with
+            ``labels``, else examples), ``"examples"``, ``"tokens"`` or ``f(batch) -> count``.
+            Micro-batches are weighted by their items over the step's (summed over ranks), so
+            the accumulated gradient is exactly the step's token-mean gradient. Batch sizes,
+            the history and the noise scale stay in examples.
+        lr_scheduler: ``f(optimizer) -> torch LR scheduler`` (e.g. warm-up + cosine via
+            ``LambdaLR`` or ``SequentialLR``): it sets the **base** LR over time, and
+            autobatch's batch-size factor multiplies it (``StepRecord.base_lr`` and
+            ``StepRecord.lr``). Its clock counts samples: it is stepped once per
+            ``initial_batch_size`` examples processed (its "step" is ``samples // B0``), so a
+            schedule written in steps of the base batch, or in epochs, keeps its meaning when
+            B changes. Do not step it yourself.
         **config_overrides: flat settings applied on top of ``config``, e.g.
-            ``policy="goodput"``, ``max_batch_size=1024``.
+            ``policy="goodput"``, ``max_batch_size=1024``, ``max_grad_norm=1.0`` (clip the
+            gradient's L2 norm after the noise-scale norms are read and before the optimizer
+            step, unscaled under fp16), ``small_tail="drop"`` (a step too small for
+            BatchNorm at an epoch's end: carried into the next step by default, see
+            :class:`~autobatch.config.DataConfig`).
 
     Returns:
         A :class:`~autobatch.train.results.FitResult` with the model, metrics and history.
@@ -122,7 +155,8 @@ def fit(
     s = prepare(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr,
                 epochs=epochs, max_steps=max_steps, max_samples=max_samples, config=config,
                 callbacks=callbacks, device=device, checkpoint_dir=checkpoint_dir, eval_fn=eval_fn,
-                precision=precision, config_overrides=config_overrides)
+                precision=precision, config_overrides=config_overrides, forward_loss=forward_loss,
+                loss_items=loss_items, lr_scheduler=lr_scheduler)
     cfg, controller, stream, opt, info = s.cfg, s.controller, s.stream, s.opt, s.info
     result = (s.restore() if resume else None) or FitResult(model=model)
     step, samples = result.steps, result.samples
@@ -132,7 +166,8 @@ def fit(
 
     def run_eval() -> None:
         metrics = s.eval_fn(model) if s.eval_fn is not None else evaluate(
-            model, s.val_source, loss_fn, device=s.device, amp_dtype=s.amp_dtype)
+            model, s.val_source, loss_fn, forward_loss=forward_loss, loss_items=loss_items,
+            device=s.device, amp_dtype=s.amp_dtype)
         result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})
         result.final_metrics = dict(metrics)
         stop = None
@@ -151,21 +186,23 @@ def fit(
             signals.check()  # here, between steps, a checkpoint describes one moment
             # 1. the step's examples, in the epoch's seeded order, and this rank's share
             epoch_before = stream.epoch
-            indices = stream.take(controller.batch_size)
+            indices, tail = s.take(controller.batch_size)  # an epoch tail too small is carried
+            result.small_tails += tail
             step_b = len(indices)
-            # 2. the LR for this B and step
-            s.set_lr(step)
+            # 2. the LR for this B and step (x the user's schedule, on a clock in samples)
+            s.set_lr(step, samples)
             nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it
             # 3. forward/backward of every micro-batch; an OOM anywhere retries the step
             acc = forward_backward(s, local_share(indices, info), step_b, step)
             result.oom_retries += acc.oom_retries
             # 4. the loss and norms over all ranks: the step's one host sync is in end_step
-            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b)
-            train_loss = loss_sum / step_b
+            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b, acc.loss_unit)
+            train_loss = loss_sum / acc.total_items  # the mean over the step's loss items
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite
             if finite:
                 nonfinite.finite()
+                s.clip_gradients(norms)  # after the norms were read: the estimator sees them unclipped
                 if s.scaler is not None:
                     s.scaler.step(opt)
                     s.scaler.update()
@@ -186,7 +223,7 @@ def fit(
             record = StepRecord(  # pydantic-core validation: ~4 us, less than model_construct
                 step=step, epoch=stream.epochs_done, samples=samples, batch_size=controller.batch_size,
                 examples=step_b, micro_batch_size=max(acc.sizes, default=0), accum_steps=len(acc.sizes),
-                lr=opt.param_groups[0]["lr"], train_loss=train_loss, grad_sq=est.grad_sq,
+                lr=opt.param_groups[0]["lr"], base_lr=s.base_lr, train_loss=train_loss, grad_sq=est.grad_sq,
                 trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
                 noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
                 skipped=not finite,

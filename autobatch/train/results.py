@@ -19,7 +19,9 @@ class StepRecord(BaseModel):
 
     Sizes are global (all ranks) and in examples: ``batch_size`` is the chosen B,
     ``examples`` what the step held (fewer for the last step of an epoch); ``lr`` is the first parameter group's LR
-    used for this step; ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
+    used for this step, ``base_lr`` that group's LR before autobatch's factor (the user's
+    ``lr_scheduler`` at this point of its clock, else the base LR), so ``lr / base_lr`` is
+    the batch-size factor (scaling rule x cap x policy x warm-up); ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
     the estimator is ready) and ``noise_scale_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
     the fit started (evaluation included).
@@ -35,6 +37,7 @@ class StepRecord(BaseModel):
     micro_batch_size: int
     accum_steps: int
     lr: float
+    base_lr: float = math.nan
     train_loss: float
     grad_sq: float
     trace_cov: float
@@ -64,6 +67,8 @@ class FitResult(BaseModel):
         steps, samples, epochs: totals at the end (samples = examples processed).
         skipped_steps: steps skipped for a non-finite loss or gradient.
         oom_retries: micro-batch out-of-memory events recovered from.
+        small_tails: steps smaller than the model trains on (``config.data.small_tail``),
+            carried into the next step or dropped.
         max_micro_batch_size: the micro-batch cap in force at the end (None: uncapped).
         wall_time_s: seconds the fit took.
         stopped_by: why training ended ("max_steps", "max_samples", "epochs", "callback").
@@ -83,6 +88,7 @@ class FitResult(BaseModel):
     epochs: float = 0.0
     skipped_steps: int = 0
     oom_retries: int = 0
+    small_tails: int = 0
     max_micro_batch_size: int | None = None
     wall_time_s: float = 0.0
     stopped_by: str = ""

@@ -9,6 +9,7 @@ integers, which makes checkpoints exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,25 +26,39 @@ class SampleStream:
             by ``seed + epoch``); False keeps ``0..n-1`` order.
         seed: base seed of the permutations. Under data parallelism every rank uses the same
             stream and takes its own share of each step's indices.
+        order: ``order(epoch)`` -> the epoch's indices (int64), replacing the seeded
+            permutation, e.g. a DataLoader sampler's (:meth:`autobatch.data.BatchSource.sampler_order`);
+            ``num_examples`` is then the epoch's length, which every epoch's order must have.
+            It must be a function of the epoch alone, which keeps resuming exact.
 
     Attributes:
         epoch: the epoch the next index comes from (0-based).
         position: how many indices of that epoch were already handed out.
     """
 
-    def __init__(self, num_examples: int, *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, num_examples: int, *, shuffle: bool = True, seed: int = 0,
+                 order: Callable[[int], torch.Tensor] | None = None) -> None:
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1 (got num_examples={num_examples})")
         self.num_examples = num_examples
         self.shuffle = shuffle
         self.seed = seed
+        self.order = order
         self.epoch = 0
         self.position = 0
         self._order: torch.Tensor | None = None
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
-            if self.shuffle:
+            if self.order is not None:
+                self._order = self.order(self.epoch)
+                if len(self._order) != self.num_examples:
+                    raise ValueError(
+                        f"the sample order of epoch {self.epoch} has {len(self._order)} indices, "
+                        f"the first had {self.num_examples}; a sampler must draw the same number "
+                        "of examples every epoch"
+                    )
+            elif self.shuffle:
                 gen = torch.Generator().manual_seed(self.seed + self.epoch)
                 self._order = torch.randperm(self.num_examples, generator=gen)
             else:

@@ -112,6 +112,10 @@ class StepNormMeter:
         self.measuring = False
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
+        self._done: list[int] = []  # examples of the micro-batches run this step
+        # A measured step is split in two only when both halves hold this many examples
+        # (BatchNorm in train mode fails on one example).
+        self.min_micro = 1
 
     def split(self, step: int, num_examples: int,
               micro_sizes: Callable[[int, int], list[int]]) -> list[int]:
@@ -127,14 +131,15 @@ class StepNormMeter:
         # from the step alone, not from its share.
         self.measuring = self.method != "off" and (step < self.first or step % self.every == 0)
         sizes = micro_sizes(num_examples, 1) if num_examples else []
-        if self.measuring and self.method == "micro" and not self.info.enabled and len(sizes) == 1:
+        if (self.measuring and self.method == "micro" and not self.info.enabled and len(sizes) == 1
+                and num_examples >= 2 * self.min_micro):
             sizes = micro_sizes(num_examples, 2)  # one more forward/backward, at half size
         return sizes
 
     def begin_step(self, sizes: list[int]) -> None:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
         self.remove()  # what a failed attempt left
-        self._pe_sum, self._pe_count = None, 0
+        self._pe_sum, self._pe_count, self._done = None, 0, []
         if not self.measuring:
             return
         if self.method == "per_example":
@@ -145,28 +150,36 @@ class StepNormMeter:
             self._hooks = MicroBatchNormCollector(self._model)
             self._hooks.begin_step()
 
-    def after_backward(self, batch_size: int, loss_weight: float) -> None:
+    def after_backward(self, batch_size: int, loss_weight: float, items: int | None = None) -> None:
         """Close one micro-batch of ``batch_size`` examples whose mean loss was multiplied by
-        ``loss_weight`` (``b_i / B``, B global) before its backward."""
+        ``loss_weight`` (``items / total items``, over all ranks) before its backward.
+
+        ``items`` are its loss items (:mod:`autobatch.accumulate`; default: its examples). The
+        hooks get them (their weights must be proportional to their sizes); the estimator's
+        sizes stay in examples, as in :func:`autobatch.noise.measure.measure_noise_scale`.
+        """
+        self._done.append(batch_size)
         if self._hooks is not None:
-            self._hooks.after_backward(batch_size, loss_weight)
+            self._hooks.after_backward(batch_size if items is None else items, loss_weight)
         elif self._per_example is not None:
             sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
 
     def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int],
-                 global_batch: int) -> tuple[float, StepGradNorms | None]:
+                 global_batch: int, loss_unit: int | None = None) -> tuple[float, StepGradNorms | None]:
         """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
 
         Args:
-            loss_sum: this rank's loss summed over its examples and divided by
-                ``sizes[0]`` (a detached 0-d tensor on the device; None without examples).
-            sizes: this rank's micro-batch sizes.
+            loss_sum: this rank's loss summed over its loss items and divided by
+                ``loss_unit`` (a detached 0-d tensor on the device; None without examples).
+            sizes: this rank's micro-batch sizes (examples).
             global_batch: ``B``, examples in the step over all ranks.
+            loss_unit: what ``loss_sum`` was divided by (default ``sizes[0]``: the loss
+                items are the examples).
 
         Returns:
-            ``(loss_sum, norms)``: the loss summed over the step's ``B`` examples (all ranks),
+            ``(loss_sum, norms)``: the loss summed over the step's loss items (all ranks),
             and the estimator's inputs: on an unmeasured step (or one with fewer than two small
             batches) only ``big_sq_norm``, with ``small_sq_norms`` empty; None with
             ``method="off"``. Norms are of unscaled gradients of mean-reduced losses.
@@ -175,7 +188,8 @@ class StepNormMeter:
         if self.info.enabled:
             small, count, inv = self._small_batches(sizes, global_batch)
             device = self._params[0].device
-            loss_sum = loss_sum * sizes[0] if sizes else torch.zeros((), device=device)
+            unit = loss_unit if loss_unit is not None else sizes[0] if sizes else 0
+            loss_sum = loss_sum * unit if loss_sum is not None else torch.zeros((), device=device)
             totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
                                   torch.full((), inv, device=device)])
             totals, flat = all_reduce_gradients(self._params, self.info, totals)
@@ -203,7 +217,7 @@ class StepNormMeter:
         if self.info.enabled:
             loss_total, small_sum, count, inv = values[:4]
         else:
-            loss_total = values[0] * sizes[0]
+            loss_total = values[0] * (loss_unit if loss_unit is not None else sizes[0])
             small_sum = values[1] if self.measuring else math.nan
         if not big_norm:
             return loss_total, None
@@ -225,13 +239,19 @@ class StepNormMeter:
             # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
             small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._hooks.loss_weights)),
                         torch.zeros((), device=device))
-            return small, float(len(sizes)), sum(1.0 / b for b in sizes)
+            # micro-batches with no loss item ran no backward: only those that did count
+            return small, float(len(self._done)), sum(1.0 / b for b in self._done)
         if self._pe_sum is not None:
             return self._pe_sum, float(self._pe_count), float(self._pe_count)
         if self.measuring and self.info.enabled and sizes:
             weight = sizes[0] / global_batch  # the whole share is one micro-batch
             return grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight)), 1.0, 1.0 / sizes[0]
         return torch.zeros((), device=device), 0.0, 0.0
+
+    def fall_back_to_micro(self) -> None:
+        """Measure with micro-batch norms from now on (per-example norms proved unsupported)."""
+        self.remove()
+        self.method = "micro"
 
     def remove(self) -> None:
         """Remove the hooks of the current step, if any, from the model."""

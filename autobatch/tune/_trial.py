@@ -225,6 +225,7 @@ class TrialReporter(Callback):
                  device: Any, objective: str = DEFAULT_OBJECTIVE) -> None:
         self.trial, self.val, self.loss_fn, self.marks, self.device = trial, val, loss_fn, marks, device
         self.objective = objective
+        self.protocol: dict[str, Any] = {}  # forward_loss, loss_items: as given to fit
         self.model: nn.Module | None = None
         self.next = 0  # index into marks of the next evaluation
         self.samples = self.steps = self.batch_size = 0
@@ -245,7 +246,7 @@ class TrialReporter(Callback):
     def report(self, index: int) -> None:
         """Evaluate, report as evaluation ``index`` (1-based) and let the pruner decide."""
         assert self.model is not None
-        value = evaluate(self.model, self.val, self.loss_fn, device=self.device)["val_loss"]
+        value = evaluate(self.model, self.val, self.loss_fn, device=self.device, **self.protocol)["val_loss"]
         if not math.isfinite(value):
             raise Diverged(f"val_loss={value} at evaluation {index} ({self.samples} examples)")
         self.losses.append(value)
@@ -266,8 +267,9 @@ class Diverged(Exception):
 def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, Any]],
               make_model: ModelFactory, data: Any, val: BatchSource, loss_fn: Callable,
               optimizer: Any, config: FitConfig, total_samples: int, n_evals: int,
-              device: Any, objective: str = DEFAULT_OBJECTIVE) -> float:
-    """The objective: one adaptive-batch fit of ``total_samples`` examples.
+              device: Any, objective: str = DEFAULT_OBJECTIVE, protocol: dict[str, Any] | None = None) -> float:
+    """The objective: one adaptive-batch fit of ``total_samples`` examples (``protocol``:
+    ``forward_loss`` and ``loss_items``, passed to fit and to every evaluation).
 
     Returns the trial's score under ``objective`` (:mod:`autobatch.tune.objectives`) over its
     ``n_evals`` validation losses. Divergence ends the trial as pruned, its reason in the
@@ -283,12 +285,13 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
     marks = [math.ceil(total_samples * k / n_evals) for k in range(1, n_evals + 1)]
     reporter = TrialReporter(trial, val, loss_fn, marks, device, objective)
     reporter.model = model = make_model()
+    reporter.protocol = dict(protocol or {})
     cfg = FitConfig.from_any(config, **settings)
     start = time.perf_counter()
     try:
         opt = with_kwargs(fit_kw.get("optimizer", optimizer), optim_kw)
-        fit(model, data, loss_fn=loss_fn, optimizer=opt,
-            lr=fit_kw["lr"], max_samples=total_samples, config=cfg, callbacks=[reporter], device=device)
+        fit(model, data, loss_fn=loss_fn, optimizer=opt, lr=fit_kw["lr"], max_samples=total_samples,
+            config=cfg, callbacks=[reporter], device=device, **reporter.protocol)
         if reporter.reported < n_evals:  # a fit that stopped short of the last mark
             reporter.report(n_evals)
     except (FloatingPointError, Diverged) as err:

@@ -165,7 +165,7 @@ def tune_lr(
     model_fn: Callable[[], nn.Module],
     data: Any,
     *,
-    loss_fn: Callable[[Any, Any], Any],
+    loss_fn: Callable[[Any, Any], Any] | None = None,
     val_data: Any,
     n_trials: int,
     budget: float,
@@ -182,6 +182,8 @@ def tune_lr(
     objective: Literal["tail", "final", "best"] = "tail",
     device: Any = None,
     verbose: bool = False,
+    forward_loss: Callable[[nn.Module, Any], Any] | None = None,
+    loss_items: Any = "auto",
 ) -> TuneResult | None:
     """Find the base learning rate (at ``initial_batch_size``) with an Optuna study.
 
@@ -192,8 +194,9 @@ def tune_lr(
     Args:
         model_fn: builds a fresh, freshly initialised model on every call.
         data: training data in any form :func:`autobatch.fit` takes.
-        loss_fn: ``loss_fn(output, target)`` -> scalar, **mean-reduced** over the batch.
-        val_data: held-out data; its mean ``loss_fn`` is the objective.
+        loss_fn: the batch protocol's loss, as in :func:`autobatch.fit` (optional for dict
+            batches whose model returns ``.loss``), **mean-reduced** over the batch.
+        val_data: held-out data; its mean loss is the objective.
         n_trials: trials this call adds to the study (>= 1).
         budget: the training length of every trial, in ``budget_unit``: ``"epochs"``
             (passes over ``data``, fractional allowed) or ``"samples"`` (examples
@@ -223,6 +226,8 @@ def tune_lr(
             evaluations (what early stopping would keep).
         device: passed to :func:`autobatch.fit`.
         verbose: keep Optuna's per-trial log lines (silenced by default).
+        forward_loss, loss_items: the batch protocol's escape hatch and loss units, as in
+            :func:`autobatch.fit` (used by every trial's fit and evaluation).
 
     Returns:
         A :class:`TuneResult`; ``best_value`` is in ``objective``'s sense, and ``best_lr``
@@ -259,6 +264,7 @@ def tune_lr(
         study_name=study_name or "autobatch-tune-lr", named=study_name is not None,
         sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=problems,
+        protocol={"forward_loss": forward_loss, "loss_items": loss_items},
     )
 
 
@@ -267,7 +273,7 @@ def search(
     data: Any,
     *,
     space: Callable[[optuna.Trial], dict[str, Any]],
-    loss_fn: Callable[[Any, Any], Any],
+    loss_fn: Callable[[Any, Any], Any] | None = None,
     val_data: Any,
     n_trials: int,
     budget: float,
@@ -283,6 +289,8 @@ def search(
     objective: Literal["tail", "final", "best"] = "tail",
     device: Any = None,
     verbose: bool = False,
+    forward_loss: Callable[[nn.Module, Any], Any] | None = None,
+    loss_items: Any = "auto",
 ) -> TuneResult | None:
     """Search a user-given space of fit settings with the machinery of :func:`tune_lr`.
 
@@ -307,12 +315,13 @@ def search(
         study_name=study_name or "autobatch-search", named=study_name is not None,
         sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=[],
+        protocol={"forward_loss": forward_loss, "loss_items": loss_items},
     )
 
 
 def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
            storage, study_name, named, sampler, pruner, config, seed, n_evals, objective, device,
-           verbose, problems: list[str]) -> TuneResult | None:
+           verbose, problems: list[str], protocol: dict[str, Any]) -> TuneResult | None:
     """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
     if not callable(model_fn):
         problems.append(f"model_fn must be a function that builds a model (got {type(model_fn).__name__})")
@@ -334,8 +343,9 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     if problems:
         raise ValueError("; ".join(problems))
     cfg = FitConfig.from_any(config, progress=False)
-    n = len(as_batch_source(data))
-    val = as_batch_source(val_data, name="val_data")
+    check = protocol["forward_loss"] is None
+    n = len(as_batch_source(data, check_items=check))
+    val = as_batch_source(val_data, name="val_data", check_items=check)
     total = max(1, round(budget * n)) if budget_unit == "epochs" else int(budget)
     pruner = make_pruner(pruner, n_evals)
     comm_device = torch.device(device) if device is not None else torch.device(
@@ -348,7 +358,8 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
             lead_trial(trial, space, info, comm_device)
         return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
                          loss_fn=loss_fn, optimizer=optimizer, config=cfg,
-                         total_samples=total, n_evals=n_evals, device=device, objective=objective)
+                         total_samples=total, n_evals=n_evals, device=device, objective=objective,
+                         protocol=protocol)
 
     if not info.is_main:  # under torchrun: rank 0 owns the study, this rank follows its trials
         follow_trials(one_trial, info, comm_device)
