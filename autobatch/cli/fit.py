@@ -51,10 +51,7 @@ def _lr(text: str) -> float | str:
     """``--lr``: a number > 0, or ``auto``."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, or 'auto' (got {text!r})") from None
+    return positive_float(text)
 
 
 def _lr_factor(text: str) -> float | str:

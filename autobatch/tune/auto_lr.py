@@ -48,7 +48,8 @@ from torch import nn
 
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
-from autobatch.train._setup import build_optimizer, total_samples
+from autobatch.optimizers import build_optimizer
+from autobatch.train._setup import total_samples
 from autobatch.train.callbacks import Callback
 from autobatch.train.checkpoint import capture_rng, restore_rng
 from autobatch.train.evaluate import evaluate
@@ -160,7 +161,7 @@ def default_lr_range(optimizer: Any) -> tuple[float, float]:
         built = optimizer
     else:
         with torch.random.fork_rng(devices=[]):  # building the probe layer draws its init
-            built = build_optimizer(optimizer, nn.Linear(1, 1), 1e-3)
+            built = build_optimizer(optimizer, nn.Linear(1, 1).parameters(), 1e-3)
     return ADAPTIVE_RANGE if isinstance(built, _ADAPTIVE) else SGD_RANGE
 
 
