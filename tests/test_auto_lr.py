@@ -156,3 +156,26 @@ def test_a_resumed_run_reads_the_study_from_its_checkpoint(ex, tmp_path):
     save_checkpoint(tmp_path, {"result": result.model_dump(exclude={"model"})})  # what fit checkpoints
     again = resumed_search(tmp_path)
     assert again.lr == search.lr and again.trials == search.trials and again.samples == search.samples
+
+
+def test_fit_with_lr_auto_runs_the_study_then_the_run_and_records_it(ex):
+    # fit(lr="auto") = choose_base_lr on the same model and settings, then the full run from
+    # the chosen LR: the same LR and the same trained weights as doing the two by hand.
+    kwargs = dict(loss_fn=ex.loss_fn, val_data=ex.val_data, optimizer=ex.optimizer, epochs=4,
+                  initial_batch_size=B0, progress=False)
+    torch.manual_seed(0)
+    auto = autobatch.fit(ex.model_fn(), ex.train_data, lr="auto", **kwargs)
+    search = auto.lr_search
+    assert search is not None and 0 < search.fraction <= search.max_fraction <= 0.5
+    torch.manual_seed(0)
+    model = ex.model_fn()
+    by_hand = choose_base_lr(model, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                             optimizer=ex.optimizer, epochs=4, config={"initial_batch_size": B0, "progress": False})
+    assert by_hand.lr == search.lr
+    manual = autobatch.fit(model, ex.train_data, lr=by_hand.lr, **kwargs)
+    assert auto.final_metrics["val_loss"] == pytest.approx(manual.final_metrics["val_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"lr must be a number > 0 or 'auto' \(got lr='fast'\)"):
+        autobatch.fit(ex.model_fn(), ex.train_data, lr="fast", **kwargs)
+    with pytest.raises(ValueError, match=r"lr='auto' to choose it"):
+        autobatch.fit(ex.model_fn(), ex.train_data, optimizer=torch.optim.SGD,
+                      **{k: v for k, v in kwargs.items() if k != "optimizer"})

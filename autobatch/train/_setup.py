@@ -376,7 +376,8 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float | None) -> t
         return build_optimizer(spec, model.parameters(), lr)
     except ValueError as err:
         if lr is None and "lr is required" in str(err):
-            raise ValueError(f"{err}. In fit: pass lr=..., or an optimizer that holds its LR") from None
+            raise ValueError(f"{err}. In fit: pass lr=..., an optimizer that holds its LR, or lr='auto' "
+                             "to choose it with a short study first") from None
         raise
 
 
@@ -497,3 +498,29 @@ class _PlanSampler:
 
     def __len__(self) -> int:
         return len(self.owner._plan)
+
+
+def resolve_base_lr(lr: Any, model: nn.Module, data: Any, *, checkpoint_dir: Any, resume: bool,
+                    config: Any, config_overrides: dict[str, Any], **fit_args: Any) -> tuple[Any, Any]:
+    """``(lr, search)``: ``lr`` unchanged with ``search=None``, or for ``lr="auto"`` the base LR a
+    short study chose (:func:`autobatch.tune.auto_lr.choose_base_lr`; a resumed run reads the
+    study it already ran from its checkpoint instead of running a second one).
+
+    Raises:
+        ValueError: for a string other than ``"auto"``, or ``lr="auto"`` with a
+            ``forward_loss`` (the study trains through ``loss_fn``).
+    """
+    if not isinstance(lr, str):
+        return lr, None
+    if lr != "auto":
+        raise ValueError(f"lr must be a number > 0 or 'auto' (got lr={lr!r}); e.g. lr=0.1, or lr='auto' to "
+                         "choose it with a short study first")
+    if fit_args.pop("forward_loss", None) is not None or fit_args.get("loss_fn") is None:
+        raise ValueError("lr='auto' trains its trials through loss_fn(model(input), target): pass loss_fn (it "
+                         "does not support forward_loss or a model's own .loss yet), or pass a number as lr")
+    from autobatch.tune.auto_lr import choose_base_lr, resumed_search  # imports optuna
+
+    search = resumed_search(checkpoint_dir) if resume else None
+    if search is None:
+        search = choose_base_lr(model, data, config=FitConfig.from_any(config, **config_overrides), **fit_args)
+    return search.lr, search

@@ -48,7 +48,7 @@ from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
 from autobatch.optimizers import OptimizerSpec
-from autobatch.train._setup import Setup, prepare
+from autobatch.train._setup import Setup, prepare, resolve_base_lr
 from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._step import forward_backward
 from autobatch.train.callbacks import Callback, StopTraining
@@ -66,7 +66,7 @@ def fit(
     loss_fn: LossFn | None = None,
     val_data: Any = None,
     optimizer: OptimizerSpec = torch.optim.SGD,
-    lr: float | None = None,
+    lr: float | str | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
     max_samples: int | None = None,
@@ -106,6 +106,9 @@ def fit(
             unless ``lr`` is given; the memory probe runs on a faithful copy).
         lr: the base learning rate, meant for the base batch ``initial_batch_size`` (B0);
             the scaling rule maps it to every other B. Needed unless the optimizer holds it.
+            ``"auto"``: choose it first with a short successive-halving study on the same
+            model, data and settings (at most half the run's examples more; a 10% hold-out of
+            ``data`` scores it when ``val_data`` is None); ``FitResult.lr_search`` records it.
         epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
             ``epochs`` may be fractional. ``max_samples`` counts examples processed.
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
@@ -152,6 +155,11 @@ def fit(
             batch larger than the data, a non-scalar loss, model and data on different
             devices, or more than ``max_nonfinite_steps`` non-finite steps in a row.
     """
+    lr, lr_search = resolve_base_lr(  # lr="auto": a short study first (at most half the run's examples)
+        lr, model, data, checkpoint_dir=checkpoint_dir, resume=resume, config=config,
+        config_overrides=config_overrides, loss_fn=loss_fn, forward_loss=forward_loss, val_data=val_data,
+        optimizer=optimizer, epochs=epochs, max_steps=max_steps, max_samples=max_samples, device=device,
+        precision=precision)
     s = prepare(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr,
                 epochs=epochs, max_steps=max_steps, max_samples=max_samples, config=config,
                 callbacks=callbacks, device=device, checkpoint_dir=checkpoint_dir, eval_fn=eval_fn,
@@ -159,6 +167,7 @@ def fit(
                 loss_items=loss_items, lr_scheduler=lr_scheduler)
     cfg, controller, stream, opt, info = s.cfg, s.controller, s.stream, s.opt, s.info
     result = (s.restore() if resume else None) or FitResult(model=model)
+    result.lr_search = lr_search or result.lr_search
     step, samples = result.steps, result.samples
     nonfinite = NonFiniteSteps(model, opt, s.scaler, cfg.max_nonfinite_steps)
     start = time.perf_counter() - result.wall_time_s
