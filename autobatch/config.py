@@ -62,7 +62,7 @@ class BatchConfig(_Section):
         max_batch_size: largest global batch a policy may pick; ``None`` means the size of
             the training set (resolved by ``fit``).
         policy: the batch-size policy, a name from :data:`autobatch.registry.POLICIES`
-            (``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
+            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
             :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
             A named policy may need other settings (``"ramp"`` needs ``lr_milestones``).
         decide_every: optimizer steps between two batch-size decisions.
@@ -79,7 +79,7 @@ class BatchConfig(_Section):
     min_batch_size: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1, validate_default=True)
     # Any: the registry checks names and instances, so this module imports no plug-in.
-    policy: Any = "gns"
+    policy: Any = "budget"
     decide_every: int = Field(10, ge=1)
     max_growth: float = Field(2.0, gt=1.0)
     hysteresis: float = Field(0.05, ge=0.0, lt=1.0)

@@ -40,6 +40,8 @@ class BatchSizeController:
         min_micro_batches: micro-batches per step when B allows (2 gives the estimator its two
             batch sizes at no extra cost).
         max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
+        budget: what limits the run, ``"samples"`` or ``"steps"``
+            (:func:`autobatch.policies.budget.budget_kind`); the policy sees it.
 
     Attributes:
         batch_size: the current global batch size B.
@@ -59,6 +61,7 @@ class BatchSizeController:
         max_micro_batch_size: int | None = None,
         min_micro_batches: int = 2,
         max_lr_factor: float | None = None,
+        budget: str = "samples",
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -78,6 +81,8 @@ class BatchSizeController:
         self.max_micro_batch_size = max_micro_batch_size
         self.min_micro_batches = min_micro_batches
         self.max_lr_factor = max_lr_factor
+        self.budget = budget
+        self._loss = math.nan
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
@@ -103,6 +108,7 @@ class BatchSizeController:
         batch_size: int,
         step_time_s: float | None = None,
         norms: Any = None,
+        loss: float | None = None,
     ) -> None:
         """Record one finished optimizer step.
 
@@ -115,8 +121,10 @@ class BatchSizeController:
             norms: the step's gradient norms (an object with ``small_sq_norms``,
                 ``small_batch_size``, ``big_sq_norm``, ``big_batch_size``), or None when the
                 step gave no estimate (a single micro-batch).
+            loss: the step's mean training loss (for the policy's stability guard), or None.
         """
         self._step, self._epoch, self._samples = step, epoch, samples
+        self._loss = math.nan if loss is None else float(loss)
         if norms is not None:
             self.estimator.update(
                 norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm, norms.big_batch_size
@@ -144,19 +152,27 @@ class BatchSizeController:
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
             step_time_s={b: statistics.median(t) for b, t in self._step_times.items() if t},
+            budget=self.budget,
+            train_loss=self._loss,
+            max_lr_factor=self.max_lr_factor,
+            lr_rule=self._rule_factor,
+        )
+
+    def _rule_factor(self, batch_size: int) -> float:
+        """The scaling rule's factor at ``batch_size`` (global), at the current estimate."""
+        est = self.estimator
+        ready = est.ready
+        return self.scaling.factor(
+            batch_size,
+            self.base_batch_size,
+            grad_sq=est.grad_sq if ready else math.nan,
+            trace_cov=est.trace_cov if ready else math.nan,
         )
 
     def lr_factor(self) -> float:
         """LR(B) / base LR for the current B: the scaling rule (capped at ``max_lr_factor``)
         times the policy's own factor (the ramp policy decays the LR once B is capped)."""
-        est = self.estimator
-        ready = est.ready
-        factor = self.scaling.factor(
-            self.batch_size,
-            self.base_batch_size,
-            grad_sq=est.grad_sq if ready else math.nan,
-            trace_cov=est.trace_cov if ready else math.nan,
-        )
+        factor = self._rule_factor(self.batch_size)
         if self.max_lr_factor is not None:
             factor = min(factor, self.max_lr_factor)
         return factor * self.policy.lr_factor(self.context())

@@ -1,0 +1,142 @@
+"""``budget``: the noise scale, bounded by what the LR can follow under the run's budget.
+
+Which batch is best depends on what the run is short of (design note gns.md, last section):
+
+- **Samples** (``epochs`` or ``max_samples`` bind; the usual case). In McCandlish et al.'s
+  (2018) model a step of batch ``B`` makes ``1/(1 + B_noise/B)`` of a full-batch step's
+  progress, so per example a small batch is best, and SGD's final accuracy follows the noise
+  temperature ``LR/B`` (Smith & Le 2017): growing ``B`` without growing the LR is an LR
+  decay the run did not ask for. Measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, 3 seeds):
+  the ``gns`` policy with the LR factor capped at 2 let B reach 216-352 and finished 4.2
+  points below fixed B0 at base LR 0.05; the same run with B <= 64 and the linear rule
+  (LR x2, ``LR/B`` kept) finished 0.8 points *above* it in 0.52-0.55x the steps. So the batch
+  grows only as far as the LR factor can follow: ``B <= the largest B whose LR-rule factor
+  is <= F``, where ``F`` is the allowed factor (``max_lr_factor``, lowered by the
+  :class:`~autobatch.policies.guard.LossSpikeGuard` when a larger LR proved unstable). With
+  the linear rule (SGD) that is ``B0 x F``; with the square-root rule (Adam-family, Malladi
+  et al. 2022) ``B0 x F^2``. Below that bound B follows the noise scale as ``gns`` does
+  (never above ``B_noise``: past it Adam's best LR falls again, Li et al. 2024 "Surge").
+- **Steps** (only ``max_steps`` binds): more examples per step cost no steps, so B follows
+  the noise scale freely; the LR factor is still the rule's, capped at ``F``.
+
+The policy returns, as its own LR factor, whatever brings the controller's
+``min(rule(B), max_lr_factor)`` down to ``F``, so the guard's cut acts at once, before the
+batch shrinks at the next decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from autobatch.policies.base import PolicyContext, round_batch_size
+from autobatch.policies.gns import GNSPolicy
+from autobatch.policies.guard import LossSpikeGuard
+
+__all__ = ["BudgetPolicy", "budget_kind", "largest_batch_within"]
+
+Budget = Literal["samples", "steps"]
+
+
+def budget_kind(epochs: float | None, max_steps: int | None, max_samples: int | None) -> Budget:
+    """Which limit binds a run: ``"steps"`` when ``max_steps`` is the only one given, else
+    ``"samples"`` (epochs and example counts both limit the examples seen)."""
+    return "steps" if max_steps is not None and epochs is None and max_samples is None else "samples"
+
+
+def largest_batch_within(rule: Any, factor: float, lo: int, hi: int) -> int:
+    """The largest ``B`` in ``[lo, hi]`` with ``rule(B) <= factor`` (``lo`` if none).
+
+    ``rule`` maps a global batch size to the LR rule's factor and must not decrease with
+    ``B`` (true of every built-in rule). Bisection: ``O(log(hi - lo))`` calls.
+    """
+    tol = 1e-9 * max(1.0, factor)
+    if rule(hi) <= factor + tol:
+        return hi
+    if rule(lo) > factor + tol:
+        return lo
+    a, b = lo, hi  # rule(a) <= factor < rule(b)
+    while b - a > 1:
+        mid = (a + b) // 2
+        if rule(mid) <= factor + tol:
+            a = mid
+        else:
+            b = mid
+    return a
+
+
+class BudgetPolicy(GNSPolicy):
+    """Follow the noise scale like ``gns``, but under a sample budget never past the batch
+    the (guarded) LR factor can follow; see the module docstring for the reasons.
+
+    Args:
+        noise_multiplier, max_growth, hysteresis, round_to, confidence: as
+            :class:`~autobatch.policies.GNSPolicy`.
+        guard: the stability guard: True (default) for a fresh :class:`LossSpikeGuard`, an
+            instance to use, or False for none (the factor stays at ``max_lr_factor``).
+
+    The context's ``budget``, ``max_lr_factor``, ``lr_rule`` and ``train_loss`` come from the
+    controller. Without ``lr_rule`` (an old controller) the linear rule ``B/B0`` is assumed.
+    """
+
+    config_settings: ClassVar[Mapping[str, str]] = GNSPolicy.config_settings
+
+    def __init__(self, *, guard: LossSpikeGuard | bool = True, **gns_settings: Any) -> None:
+        super().__init__(**gns_settings)
+        self.guard = guard if isinstance(guard, LossSpikeGuard) else LossSpikeGuard()
+        self.use_guard = guard is not False
+        self._seen_step = -1
+
+    # -- what the LR may do ---------------------------------------------------------------
+    def allowed_factor(self, ctx: PolicyContext) -> float:
+        """``F``: the LR factor allowed now, ``max_lr_factor`` lowered by the guard."""
+        self._observe(ctx)
+        cap = ctx.max_lr_factor if ctx.max_lr_factor is not None else math.inf
+        return min(cap, self.guard.allowed) if self.use_guard else cap
+
+    def batch_cap(self, ctx: PolicyContext) -> int:
+        """The largest global batch whose LR-rule factor stays within :meth:`allowed_factor`
+        (``max_batch_size`` under a steps budget or an unbounded factor)."""
+        factor = self.allowed_factor(ctx)
+        if ctx.budget == "steps" or math.isinf(factor):
+            return ctx.max_batch_size
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        return largest_batch_within(rule, factor, ctx.base_batch_size, ctx.max_batch_size)
+
+    def _observe(self, ctx: PolicyContext) -> None:
+        # Called from both propose and lr_factor, possibly several times per step: feed the
+        # guard each step's loss once.
+        if not self.use_guard or ctx.step <= self._seen_step or not math.isfinite(ctx.train_loss):
+            return
+        self._seen_step = ctx.step
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        used = rule(ctx.batch_size)
+        if ctx.max_lr_factor is not None:
+            used = min(used, ctx.max_lr_factor)
+        self.guard.update(ctx.train_loss, min(used, self.guard.allowed))
+
+    # -- the policy ----------------------------------------------------------------------
+    def propose(self, ctx: PolicyContext) -> int:
+        cap = self.batch_cap(ctx)
+        proposal = super().propose(ctx)
+        if proposal <= cap:
+            return proposal
+        # Rounded down to an allowed size, so the LR factor at the new B stays within F.
+        rounded = round_batch_size(cap, self.round_to, ctx.min_batch_size, ctx.max_batch_size)
+        return rounded if rounded <= cap else max(ctx.min_batch_size, rounded - self.round_to)
+
+    def lr_factor(self, ctx: PolicyContext) -> float:
+        factor = self.allowed_factor(ctx)
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        used = rule(ctx.batch_size)
+        if ctx.max_lr_factor is not None:
+            used = min(used, ctx.max_lr_factor)
+        return 1.0 if used <= factor else factor / used
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guard": self.guard.state_dict(), "seen_step": self._seen_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.guard.load_state_dict(state.get("guard", {}))
+        self._seen_step = int(state.get("seen_step", -1))
