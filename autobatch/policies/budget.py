@@ -105,16 +105,24 @@ class BudgetPolicy(GNSPolicy):
         return largest_batch_within(rule, factor, ctx.base_batch_size, ctx.max_batch_size)
 
     def _observe(self, ctx: PolicyContext) -> None:
-        # Called from both propose and lr_factor, possibly several times per step: feed the
-        # guard each step's loss once.
-        if not self.use_guard or ctx.step <= self._seen_step or not math.isfinite(ctx.train_loss):
-            return
-        self._seen_step = ctx.step
         rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
         used = rule(ctx.batch_size)
         if ctx.max_lr_factor is not None:
             used = min(used, ctx.max_lr_factor)
-        self.guard.update(ctx.train_loss, min(used, self.guard.allowed))
+        self.observe_loss(ctx.step, ctx.train_loss, min(used, self.guard.allowed))
+
+    def observe_loss(self, step: int, loss: float, lr_factor: float) -> None:
+        """Feed the guard one step's mean training loss, once per step.
+
+        The controller's context carries the loss when the loop passes it to
+        ``BatchSizeController.observe``; a loop that does not can call this (e.g. from a
+        callback's ``on_step_end``, with ``lr_factor = record.lr / base_lr``). A step already
+        seen is ignored, so both ways may be used together.
+        """
+        if not self.use_guard or step <= self._seen_step or not math.isfinite(loss):
+            return
+        self._seen_step = step
+        self.guard.update(loss, lr_factor)
 
     # -- the policy ----------------------------------------------------------------------
     def propose(self, ctx: PolicyContext) -> int:
