@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(1)
     tuned = {"mnist1d": 0.2, "charlm": 3e-3}[args.task]
     epochs = args.epochs or {"mnist1d": 40.0, "charlm": 6.0}[args.task]
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
                             cwd=RESULTS.parent).stdout.strip()
     data = _load()
     data["criteria"] = CRITERIA

@@ -27,7 +27,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from autobatch.noise.micro_batch import LossReduction, MicroBatchGradNorms, StepGradNorms
+from autobatch.noise.micro_batch import (
+    LossReduction,
+    MicroBatchGradNorms,
+    StepGradNorms,
+)
 
 __all__ = ["PreconditionedGradNorms", "adam_preconditioner", "weighted_sq_norm"]
 
