@@ -33,15 +33,31 @@ def test_guard_fires_on_a_rise_above_the_running_minimum() -> None:
 
 def test_guard_uses_the_bias_corrected_ema_and_waits_for_min_updates() -> None:
     g = LossSpikeGuard(spike_ratio=1.5, smoothing=0.5, min_updates=2)
-    # EMA: 1 -> 1 -> (0.5*0.75 + 0.5*4) / 0.875 = 2.714 > 1.5 * 1 fires
+    # EMA: 1 -> 1 -> 4 clipped at 3 x 1: (0.5*0.75 + 0.5*3) / 0.875 = 2.143 > 1.5 * 1 fires
     assert g.update(1.0, 4.0) is False  # before min_updates: never
     assert g.update(1.0, 4.0) is False
     assert g.update(4.0, 4.0) is True
-    assert g.smoothed_loss == pytest.approx(2.375 / 0.875)
+    assert g.smoothed_loss == pytest.approx(1.875 / 0.875)
     assert g.allowed == 2.0  # 4 * 0.5
     g2 = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=5)
     assert [g2.update(x, 2.0) for x in (1.0, 9.0, 9.0, 9.0)] == [False] * 4  # too early
     assert g2.allowed == math.inf
+
+
+def test_guard_clips_a_single_outlier() -> None:
+    # 20 losses of 1 at smoothing 0.95: sum = weight = 1 - 0.95^20 = 0.6415. Then one batch at
+    # 100, clipped to 3: (0.95 * 0.6415 + 0.05 * 3) / (0.95 * 0.6415 + 0.05) = 1.152 < 1.5;
+    # unclipped it would be 8.5 and fire.
+    for clip, fires in ((3.0, False), (math.inf, True)):
+        g = LossSpikeGuard(smoothing=0.95, min_updates=1, outlier_clip=clip)
+        assert not any(g.update(1.0, 2.0) for _ in range(20))
+        assert g.update(100.0, 2.0) is fires
+    w = 1 - 0.95**20
+    g = LossSpikeGuard(smoothing=0.95, min_updates=1)
+    for _ in range(20):
+        g.update(1.0, 2.0)
+    g.update(100.0, 2.0)
+    assert g.smoothed_loss == pytest.approx((0.95 * w + 0.15) / (0.95 * w + 0.05))
 
 
 def test_guard_cuts_repeatedly_but_never_below_one_and_ignores_nan() -> None:

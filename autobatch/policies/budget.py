@@ -22,6 +22,26 @@ Which batch is best depends on what the run is short of (design note gns.md, las
 The policy returns, as its own LR factor, whatever brings the controller's
 ``min(rule(B), max_lr_factor)`` down to ``F``, so the guard's cut acts at once, before the
 batch shrinks at the next decision.
+
+Knobs: ``max_lr_factor`` (config, default 2: the LR never exceeds twice the base LR, so
+under a sample budget SGD's batch stays <= 2 x B0 and Adam's <= 4 x B0), the ``gns``
+settings (``noise_multiplier``, ``noise_confidence``, ``max_growth``, ``hysteresis``,
+``round_to``) and the guard's (``spike_ratio`` 1.5, ``smoothing`` 0.98, ``min_updates`` 50,
+``cut`` 0.5; constructor only).
+
+Rejected, with what was measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, seeds 0-2):
+
+- ``gns`` with the LR factor capped at 2 (the old default): B grew to 216-352, -4.2 points
+  mean at base LR 0.05, -0.6 at 0.2.
+- Letting B grow freely in the last 40% of the budget (annealing by batch): -2 to -3 points at
+  base LR 0.05, about -1 at 0.2.
+- A curvature bound (power-iteration ``lambda_max``, LR <= 2/lambda): at LR 0.05 it measured
+  ``lambda`` 16-26, i.e. a bound of 0.08-0.12, yet LR 0.1 helped; at 0.2 it sat at the edge
+  of stability (``lambda ~ 2/LR``) whether or not the increase hurt. It does not tell harmful
+  increases from harmless ones, so the guard watches the loss instead.
+- The AdaScale gain as the SGD rule: at ``B = B_noise`` it is only about half the linear
+  factor, so it too lowers ``LR/B``; the linear rule (capped at ``1 + B_noise/B0``) is now the
+  SGD default.
 """
 
 from __future__ import annotations

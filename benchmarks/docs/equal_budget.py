@@ -1,0 +1,128 @@
+"""Page for ``equal_budget.json``: fixed B0 against the default adaptive fit at equal epochs."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.docs._md import Page, listing, num, table, times, verdict
+
+written_for = "unset"  # the commentary was checked against these results
+
+TEMPLATE = """\
+The comparison a user makes first (issue 11): their usual run (fixed batch B0 = 32, their base
+LR, the same number of epochs) against `fit` with its defaults. Is the model as good, and in
+how many optimizer steps?
+
+## Protocol
+
+Per task, base LR in {{tuned/4, tuned/2, tuned}} and seed, two runs alternating in one process
+on 1 CPU thread: `policy="fixed"` with the estimator off and no LR scaling, and the default
+`fit` (policy `budget`: the noise scale bounded by the batch the LR factor can follow, the
+linear rule for SGD and the square-root rule for AdamW, LR factor at most 2, the loss-spike
+guard). The machine had 2 CPU cores shared with other jobs, so wall times are noisy.
+
+{tasks}
+
+```bash
+python -m benchmarks.equal_budget --task mnist1d
+python -m benchmarks.equal_budget --task charlm
+```
+
+## Results
+
+{tables}
+
+## Against the issue's Must show
+
+Per task x base LR: the adaptive mean final metric within {acc_mean} points (accuracy) or
+{loss_mean} (loss) of fixed B0; no seed more than {acc_seed} points (accuracy) or {loss_seed}
+(loss) behind its fixed-B0 twin; at most {steps}x the steps (mean of the per-seed ratios).
+
+{verdicts}
+
+{commentary}
+"""
+
+COMMENTARY = """\
+## Reading
+
+Written for one run; see the note at the top if the figures changed since.
+"""
+
+
+def _rows(data: Any, task: str) -> dict[float, dict[str, list[dict[str, Any]]]]:
+    out: dict[float, dict[str, list[dict[str, Any]]]] = {}
+    for r in data["runs"]:
+        if r["task"] == task:
+            out.setdefault(r["lr"], {}).setdefault(r["method"], []).append(r)
+    return dict(sorted(out.items()))
+
+
+def row_verdict(fixed: list[dict[str, Any]], adaptive: list[dict[str, Any]], higher: bool,
+                criteria: dict[str, float]) -> dict[str, Any]:
+    """The Must-show checks of one task x base-LR row over the seeds both methods ran.
+
+    Accuracy: differences in points; loss: relative excess of the adaptive loss."""
+    by_seed = {r["seed"]: r for r in fixed}
+    pairs = [(by_seed[a["seed"]], a) for a in adaptive if a["seed"] in by_seed]
+    if not pairs:
+        return {"seeds": 0}
+    if higher:
+        gaps = [a["metric"] - f["metric"] for f, a in pairs]  # >0 better
+        mean_gap = statistics.mean(a["metric"] for _, a in pairs) - statistics.mean(f["metric"] for f, _ in pairs)
+        mean_ok = mean_gap >= -criteria["acc_mean_points"]
+        seed_ok = min(gaps) >= -criteria["acc_seed_points"]
+    else:
+        gaps = [f["metric"] / a["metric"] - 1 for f, a in pairs]  # >0 better (lower loss)
+        mean_gap = statistics.mean(f["metric"] for f, _ in pairs) / statistics.mean(a["metric"] for _, a in pairs) - 1
+        mean_ok = mean_gap >= -criteria["loss_mean_rel"]
+        seed_ok = min(gaps) >= -criteria["acc_seed_points"] / 100
+    ratios = [a["steps"] / f["steps"] for f, a in pairs]
+    steps_ok = statistics.mean(ratios) <= criteria["steps_ratio"]
+    return {"seeds": len(pairs), "mean_gap": mean_gap, "worst_gap": min(gaps), "ratios": ratios,
+            "mean_ok": mean_ok, "seed_ok": seed_ok, "steps_ok": steps_ok,
+            "all_ok": mean_ok and seed_ok and steps_ok}
+
+
+def render(data: Any, source: Path) -> Page:
+    crit = data["criteria"]
+    tasks_text, tables, verdict_lines = [], [], []
+    met = total = 0
+    for task, meta in data["tasks"].items():
+        higher = meta.get("higher_is_better", task == "mnist1d")
+        tasks_text.append(f"- `{task}`: {meta['epochs']:g} epochs, tuned LR {meta['tuned_lr']:g}, metric "
+                          f"{meta.get('metric', 'final metric')} (commit `{meta.get('commit', '?')}`).")
+        rows = []
+        for lr, by_method in _rows(data, task).items():
+            fixed, adaptive = by_method.get("fixed", []), by_method.get("adaptive", [])
+            for f in sorted(fixed, key=lambda r: r["seed"]):
+                a = next((x for x in adaptive if x["seed"] == f["seed"]), None)
+                rows.append([f"{lr:g}", f["seed"], num(f["metric"], 2 if higher else 3),
+                             num(a["metric"], 2 if higher else 3) if a else "-", num(f["steps"]),
+                             num(a["steps"]) if a else "-", times(a["steps"] / f["steps"]) if a else "-",
+                             num(a["samples"]) if a else "-", f"{f['wall_s']:.0f} / {a['wall_s']:.0f}" if a else "-",
+                             a["max_batch_size"] if a else "-", a["guard_spikes"] if a else "-"])
+            v = row_verdict(fixed, adaptive, higher, crit)
+            if not v["seeds"]:
+                continue
+            total += 1
+            met += v["all_ok"]
+            unit = (lambda x: f"{x:+.2f} points") if higher else (lambda x: f"{-100 * x:+.2f}% loss")
+            verdict_lines.append(
+                f"- {task}, LR {lr:g} ({v['seeds']} seeds): mean {unit(v['mean_gap'])} {verdict(v['mean_ok'])}; "
+                f"worst seed {unit(v['worst_gap'])} {verdict(v['seed_ok'])}; steps "
+                f"{times(statistics.mean(v['ratios']))} (seeds {listing([times(r) for r in v['ratios']])}) "
+                f"{verdict(v['steps_ok'])}.")
+        tables.append(f"### {task}\n\n" + table(
+            ["base LR", "seed", "fixed B0", "adaptive", "fixed steps", "adaptive steps", "steps ratio",
+             "adaptive samples", "wall s (fixed / adaptive)", "adaptive max B", "guard cuts"],
+            rows, "rrrrrrrrrrr"))
+    body = TEMPLATE.format(
+        tasks="\n".join(tasks_text), tables="\n\n".join(tables), acc_mean=crit["acc_mean_points"],
+        loss_mean=f"{100 * crit['loss_mean_rel']:g}%", acc_seed=crit["acc_seed_points"],
+        loss_seed=f"{crit['acc_seed_points']:g}%", steps=crit["steps_ratio"],
+        verdicts="\n".join(verdict_lines) or "No complete row yet.", commentary=COMMENTARY)
+    summary = f"default fit vs fixed B0 at equal epochs: {met} of {total} task x LR rows meet all three checks"
+    return Page("Equal budget: default fit against fixed B0", summary, body, written_for)
