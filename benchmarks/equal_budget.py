@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=float, default=None, help="default: mnist1d 40, charlm 6")
     p.add_argument("--lr-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    p.add_argument("--charlm-chars", type=int, default=150_000)
+    p.add_argument("--charlm-chars", type=int, default=300_000)
     args = p.parse_args()
     torch.set_num_threads(1)
     tuned = {"mnist1d": 0.2, "charlm": 3e-3}[args.task]

@@ -49,6 +49,23 @@ COMMENTARY = """\
 ## Reading
 
 Written for one run; see the note at the top if the figures changed since.
+
+- mnist1d at base LR 0.05: the LR doubled with the batch (B 64, LR 0.1) and stayed stable;
+  the guard never cut, and the adaptive run ended 0.6-1.1 points *above* fixed B0 in
+  0.52-0.55x the steps: a larger LR at the same temperature `LR/B` is what an untuned LR
+  needed.
+- mnist1d at base LR 0.1 and 0.2: the doubled LR (0.2, 0.4) is past the stability edge for
+  part of the run. With the guard off (same policy, measured separately) every seed at base
+  LR 0.2 had a loss blow-up (4-epoch mean train loss 0.11 -> 1.07, 0.49 -> 1.00, 0.05 ->
+  0.43) and finished at 97.0 / 95.8 / 94.9 % against fixed 97.4 / 97.1 / 96.9 %, in
+  0.58-0.65x the steps. With the guard, the first spike cuts the LR factor to 1 and the batch
+  returns to B0: the accuracy is kept (within 0.7 points on every seed) but the steps saved
+  shrink to what was saved before the spike. A gentler cut (x0.7 instead of x0.5) gave the
+  same steps on all six runs: the factor in use at the spike was already near 1.4 (the noise
+  cap `1 + B_noise/B0`), so x0.7 also brought it to about 1.
+- So near the stability edge, equal quality and <= 0.6x the steps do not go together with
+  this design: the LR cannot follow the batch there, and growing the batch without it is an
+  LR decay, which cost 1-3 points when tried (annealing by batch in the last 40%).
 """
 
 
