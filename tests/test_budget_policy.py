@@ -135,3 +135,21 @@ def test_budget_kind() -> None:
     assert budget_kind(None, None, 10_000) == "samples"
     assert budget_kind(None, 500, None) == "steps"
     assert budget_kind(40, 500, None) == "samples"
+
+
+def test_the_controller_gives_the_policy_budget_loss_cap_and_rule() -> None:
+    from autobatch.noise import GradientNoiseScale
+    from autobatch.train.controller import BatchSizeController
+
+    guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
+    c = BatchSizeController(policy=BudgetPolicy(guard=guard), scaling=LinearScaling(),
+                            estimator=GradientNoiseScale(), base_batch_size=32, min_batch_size=32,
+                            max_batch_size=1024, max_lr_factor=2.0, budget="steps")
+    c.batch_size = 64  # as if the policy had grown it
+    c.observe(step=1, epoch=0.1, samples=64, batch_size=64, loss=1.0)
+    ctx = c.context()
+    assert (ctx.budget, ctx.train_loss, ctx.max_lr_factor) == ("steps", 1.0, 2.0)
+    assert ctx.lr_rule is not None and ctx.lr_rule(64) == 2.0 and ctx.lr_rule(256) == 8.0  # no noise yet: no cap
+    assert c.lr_factor() == 2.0
+    c.observe(step=2, epoch=0.2, samples=128, batch_size=64, loss=2.0)  # a spike at factor 2
+    assert c.lr_factor() == 1.0 and guard.allowed == 1.0
