@@ -20,7 +20,7 @@ default policy's guard from a callback (:meth:`BudgetPolicy.observe_loss`; a ste
 counts once, so this stays correct afterwards).
 
     python -m benchmarks.equal_budget --task mnist1d            # ~15 min on 2 shared cores
-    python -m benchmarks.equal_budget --task charlm
+    python -m benchmarks.equal_budget --task charlm           # ~20 min (300k characters, 6 epochs)
 
 Results are merged per (task, lr, seed, method) into ``benchmarks/results/equal_budget.json``
 after every run, so an interrupted benchmark keeps what it measured.
@@ -111,10 +111,12 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=None, help="default: mnist1d 40, charlm 6")
     p.add_argument("--lr-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--charlm-chars", type=int, default=300_000)
+    p.add_argument("--reuse-fixed", action="store_true",
+                   help="keep fixed-B0 rows already in the JSON (they do not depend on the policy)")
     args = p.parse_args()
     torch.set_num_threads(1)
     tuned = {"mnist1d": 0.2, "charlm": 3e-3}[args.task]
-    epochs = args.epochs or {"mnist1d": 40.0, "charlm": 6.0}[args.task]
+    epochs = args.epochs or {"mnist1d": 40.0, "charlm": 6.0}[args.task]  # charlm sized for 2 shared cores
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
                             cwd=RESULTS.parent).stdout.strip()
     data = _load()
@@ -131,6 +133,10 @@ def main() -> None:
             # alternate the order so that drift in machine load does not favour one method
             order = ["fixed", "adaptive"] if seed % 2 == 0 else ["adaptive", "fixed"]
             for method in order:
+                if args.reuse_fixed and method == "fixed" and any(
+                        (x["task"], x["method"], x["lr"], x["seed"]) == (args.task, "fixed", tuned * frac, seed)
+                        for x in _load().get("runs", [])):
+                    continue
                 row = run_one(args.task, method, tuned * frac, seed, epochs, args.charlm_chars)
                 row["lr_fraction"] = frac
                 print(json.dumps(row), flush=True)

@@ -173,10 +173,10 @@ def test_make_scaling() -> None:
 
 def test_default_scaling_by_optimizer_family() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert default_scaling(torch.optim.SGD(params, lr=0.1)) == "linear"
-    assert default_scaling(torch.optim.SGD) == "linear"
-    assert default_scaling(functools.partial(torch.optim.SGD, momentum=0.9)) == "linear"
-    assert default_scaling("SGD") == "linear"
+    assert default_scaling(torch.optim.SGD(params, lr=0.1)) == "adascale"
+    assert default_scaling(torch.optim.SGD) == "adascale"
+    assert default_scaling(functools.partial(torch.optim.SGD, momentum=0.9)) == "adascale"
+    assert default_scaling("SGD") == "adascale"
     assert default_scaling(torch.optim.Adam(params)) == "sqrt"
     assert default_scaling(torch.optim.AdamW) == "sqrt"
     assert default_scaling("adam") == "sqrt"

@@ -125,12 +125,8 @@ class NoScaling(LRScaling):
 def default_scaling(optimizer: object) -> str:
     """The default rule's name for an optimizer family.
 
-    ``"linear"`` for SGD (``torch.optim.SGD`` and subclasses, or the name ``"sgd"``): it keeps
-    SGD's noise temperature ``LR/B`` (Smith & Le 2017), which is what the final accuracy
-    follows at a fixed number of epochs, and it is capped at ``1 + B_noise/B0`` and by
-    ``max_lr_factor``. (Until 0.3 the default was ``"adascale"``, whose gain is only half the
-    linear factor at ``B = B_noise``: an LR decay the run did not ask for; see
-    :mod:`autobatch.policies.budget`.) ``"sqrt"`` for everything
+    ``"adascale"`` for SGD (``torch.optim.SGD`` and subclasses, or the name ``"sgd"``): the
+    linear rule's ideal below the critical batch, bounded above it. ``"sqrt"`` for everything
     else, which in practice means adaptive optimizers (Adam, AdamW, RMSprop, Adagrad, ...),
     whose square-root rule (Malladi et al. 2022) is also the milder guess for unknown ones.
 
@@ -145,4 +141,4 @@ def default_scaling(optimizer: object) -> str:
 
         cls = target if isinstance(target, type) else type(target)
         is_sgd = issubclass(cls, torch.optim.SGD)
-    return "linear" if is_sgd else "sqrt"
+    return "adascale" if is_sgd else "sqrt"
