@@ -283,8 +283,10 @@ class FitConfig(BaseModel):
         problems = _plugin_problems(cfg.settings())
         if problems:
             raise ValidationError.from_exception_data(cls.__name__, problems)
-        if cfg.lr.lr_scaling is None:
-            cfg.lr.lr_scaling = default_lr_scaling(cfg.batch.policy)
+        if cfg.lr.lr_scaling is None or isinstance(cfg.lr.lr_scaling, _PolicyDefault):
+            # Marked, so that a later change of policy picks that policy's default again.
+            picked = default_lr_scaling(cfg.batch.policy)
+            cfg.lr.lr_scaling = None if picked is None else _PolicyDefault(picked)
         return cfg
 
     def settings(self) -> dict[str, Any]:
@@ -329,6 +331,13 @@ class FitConfig(BaseModel):
             )
         _merge(merged, overrides)
         return cls.model_validate(merged)
+
+
+class _PolicyDefault(str):
+    """An LR rule name the config filled in from the policy's default (equal to the plain
+    name); a later change of policy replaces it, a name the user gave is kept."""
+
+    __slots__ = ()
 
 
 def _sections() -> dict[str, type[BaseModel]]:
