@@ -62,7 +62,7 @@ class BatchConfig(_Section):
         max_batch_size: largest global batch a policy may pick; ``None`` means the size of
             the training set (resolved by ``fit``).
         policy: the batch-size policy, a name from :data:`autobatch.registry.POLICIES`
-            (``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
+            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
             :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
             A named policy may need other settings (``"ramp"`` needs ``lr_milestones``).
         decide_every: optimizer steps between two batch-size decisions.
@@ -79,7 +79,7 @@ class BatchConfig(_Section):
     min_batch_size: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1, validate_default=True)
     # Any: the registry checks names and instances, so this module imports no plug-in.
-    policy: Any = "gns"
+    policy: Any = "budget"
     decide_every: int = Field(10, ge=1)
     max_growth: float = Field(2.0, gt=1.0)
     hysteresis: float = Field(0.05, ge=0.0, lt=1.0)
@@ -294,8 +294,10 @@ class FitConfig(BaseModel):
         problems = _plugin_problems(cfg.settings())
         if problems:
             raise ValidationError.from_exception_data(cls.__name__, problems)
-        if cfg.lr.lr_scaling is None:
-            cfg.lr.lr_scaling = default_lr_scaling(cfg.batch.policy)
+        if cfg.lr.lr_scaling is None or isinstance(cfg.lr.lr_scaling, _PolicyDefault):
+            # Marked, so that a later change of policy picks that policy's default again.
+            picked = default_lr_scaling(cfg.batch.policy)
+            cfg.lr.lr_scaling = None if picked is None else _PolicyDefault(picked)
         return cfg
 
     def settings(self) -> dict[str, Any]:
@@ -340,6 +342,13 @@ class FitConfig(BaseModel):
             )
         _merge(merged, overrides)
         return cls.model_validate(merged)
+
+
+class _PolicyDefault(str):
+    """An LR rule name the config filled in from the policy's default (equal to the plain
+    name); a later change of policy replaces it, a name the user gave is kept."""
+
+    __slots__ = ()
 
 
 def _sections() -> dict[str, type[BaseModel]]:

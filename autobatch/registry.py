@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 POLICIES: dict[str, str] = {
+    "budget": "autobatch.policies.budget:BudgetPolicy",
     "fixed": "autobatch.policies.fixed:FixedPolicy",
     "gns": "autobatch.policies.gns:GNSPolicy",
     "goodput": "autobatch.policies.goodput:GoodputPolicy",

@@ -34,9 +34,9 @@ def test_fit_command_trains_a_built_in_example_and_writes_plot_and_history(tmp_p
     out = capsys.readouterr().out
     assert code == 0
     assert "steps=40" in out and "batch size: 16" in out
-    history = json.loads((tmp_path / "synthetic-gns.json").read_text())
+    history = json.loads((tmp_path / "synthetic-budget.json").read_text())
     assert len(history["history"]) == 40 and history["steps"] == 40
-    assert (tmp_path / "synthetic-gns.png").stat().st_size > 10_000
+    assert (tmp_path / "synthetic-budget.png").stat().st_size > 10_000
 
 
 # -- bad settings: one line on stderr, exit status 2, nothing replaced ---------------------------
@@ -124,7 +124,7 @@ def test_checkpoint_dir_and_resume_continue_a_run_exactly(tmp_path, capsys) -> N
     import json
 
     def history(name: str) -> list[dict]:
-        return json.loads((tmp_path / name / "synthetic-gns.json").read_text())["history"]
+        return json.loads((tmp_path / name / "synthetic-budget.json").read_text())["history"]
 
     base = ["fit", "--example", "synthetic", "--no-progress", "--max-lr-factor", "none"]
     assert main([*base, "--max-steps", "30", "--out", str(tmp_path / "full")]) == 0

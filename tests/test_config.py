@@ -21,9 +21,10 @@ from autobatch.scaling import SqrtScaling
 def test_defaults_match_the_documented_values() -> None:
     cfg = FitConfig()
     assert (cfg.batch.initial_batch_size, cfg.batch.min_batch_size, cfg.batch.max_batch_size) == (32, None, None)
-    assert (cfg.batch.policy, cfg.batch.decide_every, cfg.batch.max_growth) == ("gns", 10, 2.0)
+    assert (cfg.batch.policy, cfg.batch.decide_every, cfg.batch.max_growth) == ("budget", 10, 2.0)
     assert (cfg.batch.hysteresis, cfg.batch.noise_multiplier, cfg.batch.round_to) == (0.05, 1.0, 8)
-    assert (cfg.lr.lr_scaling, cfg.lr.lr_milestones, cfg.lr.lr_decay, cfg.lr.warmup_steps) == (None, [], 0.1, 0)
+    # the budget policy asks for the linear rule when the config names none
+    assert (cfg.lr.lr_scaling, cfg.lr.lr_milestones, cfg.lr.lr_decay, cfg.lr.warmup_steps) == ("linear", [], 0.1, 0)
     assert (cfg.estimator.gns_method, cfg.estimator.gns_smoothing, cfg.estimator.gns_min_updates) == ("micro", 0.95, 3)
     assert (cfg.memory.probe_memory, cfg.memory.memory_budget, cfg.memory.memory_margin) == (None, None, 0.1)
     assert (cfg.data.shuffle, cfg.data.seed, cfg.data.num_workers) == (True, 0, 0)

@@ -79,7 +79,7 @@ def test_gns_policy_grows_the_batch_and_history_is_consistent(tmp_path) -> None:
     x, y = _regression(n=2048, noise=3.0)
     model = nn.Linear(8, 1)
     res = autobatch.fit(model, (x, y), loss_fn=_mse, val_data=(x[:256], y[:256]), lr=0.02,
-                        epochs=3, initial_batch_size=16, decide_every=5, progress=False)
+                        epochs=3, initial_batch_size=16, decide_every=5, policy="gns", progress=False)
     h = res.history
     assert res.steps == len(h) and res.samples == sum(r.examples for r in h)
     assert all(r.examples <= r.batch_size for r in h)
@@ -221,7 +221,7 @@ def test_dataloader_workers_give_the_same_run() -> None:
         (dict(initial_batch_size=1000), ValueError, "initial_batch_size=1000 is larger than the training set"),
         (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
          "max_batch_size must be >= min_batch_size"),
-        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: fixed, gns, goodput, ramp"),
+        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, ramp"),
         (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
         (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
         (dict(lr=None), ValueError, "lr is required"),
@@ -268,7 +268,7 @@ def test_estimator_off_runs_fixed_and_refuses_noise_driven_settings() -> None:
                         lr_scaling="none", gns_method="off", progress=False)
     assert all(math.isnan(r.noise_scale) for r in res.history) and res.steps == 5
     with pytest.raises(ValueError, match="gns_method='off' leaves policy='gns'"):
-        autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, max_steps=5,
+        autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.01, max_steps=5, policy="gns",
                       gns_method="off", progress=False)
 
 

@@ -69,12 +69,13 @@ def test_b_grows_and_follows_fit_on_the_same_model_data_and_seed() -> None:
     module = Regression()
     torch.manual_seed(0)
     reference = Regression()
-    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=1024)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=1024, policy="gns")
     _fit(module, loader(x, y, batch_size=16), cb, max_epochs=2)
     # fit with the callback's layout: micro-batches of 16 (the DataLoader's), B0 = 2 x 16,
     # B a multiple of 16.
     res = autobatch.fit(reference.net, (x, y), loss_fn=loss_fn, lr=0.05, epochs=2, initial_batch_size=32,
-                        max_micro_batch_size=16, round_to=16, decide_every=5, max_batch_size=1024)
+                        max_micro_batch_size=16, round_to=16, decide_every=5, max_batch_size=1024,
+                        policy="gns")
     ours, theirs = cb.history, res.history
     assert all(isinstance(r, StepRecord) for r in ours)
     assert max(r.batch_size for r in ours) >= 4 * 32  # B grew as the noise scale did

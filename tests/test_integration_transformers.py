@@ -43,7 +43,7 @@ def _args(tmp_path, **overrides) -> TrainingArguments:
 def _trainer(tmp_path, config=None, callbacks=None, **overrides) -> AdaptiveBatchTrainer:
     return AdaptiveBatchTrainer(model=example.tiny_gpt2(VOCAB), args=_args(tmp_path, **overrides),
                                 train_dataset=TRAIN, eval_dataset=EVAL, data_collator=example.collate,
-                                callbacks=callbacks, autobatch_config={"decide_every": 5, **(config or {})})
+                                callbacks=callbacks, autobatch_config={"decide_every": 5, "policy": "gns", **(config or {})})
 
 
 def test_b_grows_the_loss_falls_and_the_log_history_carries_both(tmp_path) -> None:

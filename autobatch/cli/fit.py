@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
-    p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
+    p.add_argument("--policy", default="budget", choices=sorted(POLICIES), help="batch-size policy (default: budget)")
     p.add_argument("--lr", type=_lr, default=None,
                    help="base LR at the base batch, > 0, or 'auto' to choose it with a short study "
                         "first (at most half the run's examples more; default: the example's)")

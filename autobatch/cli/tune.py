@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
     p.add_argument("--study", default=None, help="study name (default: tune-<example>); reuse it to resume")
     p.add_argument("--pruner", default="median", choices=sorted(PRUNERS), help="trial pruner (default: median)")
-    p.add_argument("--policy", default="gns", choices=sorted(POLICIES), help="batch-size policy (default: gns)")
+    p.add_argument("--policy", default="budget", choices=sorted(POLICIES), help="batch-size policy (default: budget)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="base batch B0 the LR is for (default: the example's)")
     p.add_argument("--seed", type=non_negative_int, default=0,

@@ -6,6 +6,9 @@ calls :meth:`BatchSizePolicy.propose`; it also multiplies the LR by
 sizes here are *global* (examples per optimizer step, all micro-batches together). One module
 per policy, named as in :data:`autobatch.registry.POLICIES`:
 
+- :mod:`~autobatch.policies.budget` (the default): ``gns`` under a budget-aware bound, the
+  largest batch the (guarded) LR factor can follow when samples bind the run.
+- :mod:`~autobatch.policies.guard`: the loss-spike guard that lowers the allowed LR factor.
 - :mod:`~autobatch.policies.gns`: follow ``noise_multiplier x B_simple``, the smoothed
   gradient noise scale (McCandlish et al. 2018), at most ``max_growth`` times per decision.
 - :mod:`~autobatch.policies.goodput`: maximise measured throughput x statistical efficiency
@@ -19,6 +22,7 @@ per policy, named as in :data:`autobatch.registry.POLICIES`:
 from __future__ import annotations
 
 from autobatch.policies.base import BatchSizePolicy, PolicyContext, round_batch_size
+from autobatch.policies.budget import BudgetPolicy, budget_kind
 from autobatch.policies.fixed import FixedPolicy
 from autobatch.policies.gns import GNSPolicy
 from autobatch.policies.goodput import (
@@ -27,17 +31,21 @@ from autobatch.policies.goodput import (
     goodput,
     statistical_efficiency,
 )
+from autobatch.policies.guard import LossSpikeGuard
 from autobatch.policies.ramp import RampPolicy
 from autobatch.registry import POLICIES, make_policy
 
 __all__ = [
     "POLICIES",
     "BatchSizePolicy",
+    "BudgetPolicy",
     "FixedPolicy",
     "GNSPolicy",
     "GoodputPolicy",
+    "LossSpikeGuard",
     "PolicyContext",
     "RampPolicy",
+    "budget_kind",
     "fit_step_time",
     "goodput",
     "make_policy",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +39,13 @@ class PolicyContext:
             limit: every step is a single micro-batch).
         step_time_s: median seconds per optimizer step measured at each global batch size
             seen so far (may be empty).
+        budget: what limits the run: ``"samples"`` (epochs or ``max_samples``; the
+            default) or ``"steps"`` (``max_steps`` alone); see
+            :func:`autobatch.policies.budget.budget_kind`.
+        train_loss: the last step's mean training loss (NaN if unknown).
+        max_lr_factor: the cap the controller puts on the LR rule's factor (None: none).
+        lr_rule: the LR rule's factor at a global batch size, at the current noise estimate
+            and before ``max_lr_factor`` (None when the controller does not say).
     """
 
     step: int
@@ -57,6 +64,12 @@ class PolicyContext:
     trace_cov_stderr: float = math.inf
     max_micro_batch_size: int | None = None
     step_time_s: dict[int, float] = field(default_factory=dict)
+    budget: str = "samples"
+    # compare=False: a context restored from a checkpoint equals the original although the
+    # last loss (a per-step input, NaN before any) and the bound rule are not the same objects.
+    train_loss: float = field(default=math.nan, compare=False)
+    max_lr_factor: float | None = None
+    lr_rule: Callable[[int], float] | None = field(default=None, compare=False)
 
     @property
     def noise_stderr(self) -> float:

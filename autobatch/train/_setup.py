@@ -32,6 +32,7 @@ from autobatch.noise.estimator import GradientNoiseScale
 from autobatch.noise.micro_batch import StepGradNorms, trainable_parameters
 from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec, build_optimizer
+from autobatch.policies.budget import budget_kind
 from autobatch.policies import make_policy
 from autobatch.scaling import default_scaling, make_scaling
 from autobatch.train._validate import validate_fit_args
@@ -305,7 +306,7 @@ def prepare(
                       "measuring with micro-batch norms instead", stacklevel=3)
         method = "micro"
     scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
-    if method == "off" and (cfg.batch.policy in ("gns", "goodput") or scaling_name == "adascale"):
+    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
         raise ValueError(
             f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
             "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
@@ -325,6 +326,7 @@ def prepare(
         min_micro_batches=1,
         max_lr_factor=cfg.lr.max_lr_factor,
         warmup_steps=cfg.lr.warmup_steps,
+        budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
     )
     meter = StepNormMeter(model, method, info, every=MEASURE_EVERY, scaler=scaler,
                           first=round(1 / (1 - cfg.estimator.gns_smoothing)))

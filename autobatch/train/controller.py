@@ -42,6 +42,8 @@ class BatchSizeController:
         max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
         warmup_steps: optimizer steps of linear LR warm-up from 0 (0: none); applied by
             :meth:`lr_factor` when it is given the step.
+        budget: what limits the run, ``"samples"`` or ``"steps"``
+            (:func:`autobatch.policies.budget.budget_kind`); the policy sees it.
 
     Attributes:
         batch_size: the current global batch size B.
@@ -62,6 +64,7 @@ class BatchSizeController:
         min_micro_batches: int = 2,
         max_lr_factor: float | None = None,
         warmup_steps: int = 0,
+        budget: str = "samples",
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -84,6 +87,8 @@ class BatchSizeController:
         self.min_micro_batches = min_micro_batches
         self.max_lr_factor = max_lr_factor
         self.warmup_steps = warmup_steps
+        self.budget = budget
+        self._loss = math.nan
         self.batch_size = base_batch_size
         self.num_decisions = 0
         self._step_times: dict[int, deque[float]] = {}
@@ -112,6 +117,7 @@ class BatchSizeController:
         batch_size: int,
         step_time_s: float | None = None,
         norms: Any = None,
+        loss: float | None = None,
     ) -> None:
         """Record one finished optimizer step.
 
@@ -127,8 +133,10 @@ class BatchSizeController:
                 the big norm is used (``GradientNoiseScale.update_big``). The estimator is
                 told the step, so its averages keep their memory in steps however sparse the
                 measurements (``GradientNoiseScale.update(step=)``).
+            loss: the step's mean training loss (for the policy's stability guard), or None.
         """
         self._step, self._epoch, self._samples = step, epoch, samples
+        self._loss = math.nan if loss is None else float(loss)
         if norms is not None and norms.small_sq_norms:
             self.estimator.update(norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm,
                                   norms.big_batch_size, step=step)
@@ -161,6 +169,21 @@ class BatchSizeController:
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
             step_time_s={b: self._medians[b] for b in self._step_times if b in self._medians},
+            budget=self.budget,
+            train_loss=self._loss,
+            max_lr_factor=self.max_lr_factor,
+            lr_rule=self._rule_factor,
+        )
+
+    def _rule_factor(self, batch_size: int) -> float:
+        """The scaling rule's factor at ``batch_size`` (global), at the current estimate."""
+        est = self.estimator
+        ready = est.ready
+        return self.scaling.factor(
+            batch_size,
+            self.base_batch_size,
+            grad_sq=est.grad_sq if ready else math.nan,
+            trace_cov=est.trace_cov if ready else math.nan,
         )
 
     def lr_factor(self, step: int | None = None) -> float:
@@ -168,7 +191,8 @@ class BatchSizeController:
 
         ``min(rule(B), max_lr_factor) x policy factor x warm-up(step)``: the scaling rule at
         the current B (capped), the policy's own factor (a step decay at the milestones; the
-        ramp policy decays the LR once B is capped), and the linear warm-up.
+        ramp policy decays the LR once B is capped; the budget policy brings the product down
+        to the LR factor its guard allows), and the linear warm-up.
 
         Args:
             step: optimizer steps done before the one this LR is for (0 for the first);
@@ -180,14 +204,7 @@ class BatchSizeController:
         return self._batch_lr_factor() * warmup
 
     def _batch_lr_factor(self) -> float:
-        est = self.estimator
-        ready = est.ready
-        factor = self.scaling.factor(
-            self.batch_size,
-            self.base_batch_size,
-            grad_sq=est.grad_sq if ready else math.nan,
-            trace_cov=est.trace_cov if ready else math.nan,
-        )
+        factor = self._rule_factor(self.batch_size)
         if self.max_lr_factor is not None:
             factor = min(factor, self.max_lr_factor)
         return factor * self.policy.lr_factor(self.context())

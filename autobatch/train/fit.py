@@ -227,7 +227,8 @@ def fit(
             # 6. the estimator, the step's record (B of this step), and every decide_every steps the
             #    batch-size decision for the next one
             controller.observe(step=step, epoch=stream.epochs_done, samples=samples, batch_size=step_b,
-                               step_time_s=step_time, norms=norms if finite else None)
+                               step_time_s=step_time, norms=norms if finite else None,
+                               loss=train_loss if finite else None)
             est = controller.estimator
             record = StepRecord(  # pydantic-core validation: ~4 us, less than model_construct
                 step=step, epoch=stream.epochs_done, samples=samples, batch_size=controller.batch_size,

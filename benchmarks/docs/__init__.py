@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs import ddp_overhead, fit_overhead, gns_accuracy, gns_overhead, integrations_overhead, probe, time_to_target, tune
+from benchmarks.docs import (adam_noise, ddp_overhead, equal_budget, fit_overhead, gns_accuracy, gns_overhead,
+                             integrations_overhead, probe, time_to_target, tune)
 from benchmarks.docs._md import Page
 
 __all__ = ["RENDERERS", "Page", "digest", "main", "render_all", "stale_pages", "write_pages"]
@@ -53,6 +54,8 @@ RENDERERS: dict[str, Renderer] = {
     "fit_overhead": fit_overhead.render,
     "ddp_overhead": ddp_overhead.render,
     "integrations_overhead": integrations_overhead.render,
+    "equal_budget": equal_budget.render,
+    "adam_noise": adam_noise.render,
 }
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     # One process: B0 = 16 is two micro-batches of 8 and B stays a multiple of 16, as it is
     # (one micro-batch of 8 per rank, times two ranks) under DDP.
     single = {} if ranks > 1 else {"initial_batch_size": 16, "round_to": 16}
-    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=512, **single)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=512, policy="gns", **single)
     strategy = {"strategy": "ddp", "devices": 2} if ranks > 1 else {}
     trainer = quiet_trainer(max_epochs=2, callbacks=[cb], **strategy)
     trainer.fit(model, loader(x, y, batch_size=8))

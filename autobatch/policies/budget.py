@@ -1,0 +1,181 @@
+"""``budget``: the noise scale, bounded by what the LR can follow under the run's budget.
+
+Which batch is best depends on what the run is short of (design note gns.md, last section):
+
+- **Samples** (``epochs`` or ``max_samples`` bind; the usual case). In McCandlish et al.'s
+  (2018) model a step of batch ``B`` makes ``1/(1 + B_noise/B)`` of a full-batch step's
+  progress, so per example a small batch is best, and SGD's final accuracy follows the noise
+  temperature ``LR/B`` (Smith & Le 2017): growing ``B`` without growing the LR is an LR
+  decay the run did not ask for. Measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, 3 seeds):
+  the ``gns`` policy with the LR factor capped at 2 let B reach 216-352 and finished 4.2
+  points below fixed B0 at base LR 0.05; the same run with B <= 64 and the linear rule
+  (LR x2, ``LR/B`` kept) finished 0.8 points *above* it in 0.52-0.55x the steps. So the batch
+  grows only as far as the LR factor can follow: ``B <= the largest B whose LR-rule factor
+  is <= F``, where ``F`` is the allowed factor (``max_lr_factor``, lowered by the
+  :class:`~autobatch.policies.guard.LossSpikeGuard` when a larger LR proved unstable). With
+  the linear rule (this policy's default, for every optimizer) that is ``B0 x F``; with the
+  square-root rule (Adam-family, Malladi et al. 2022) it would be ``B0 x F^2``. Below that bound B follows the noise scale as ``gns`` does
+  (never above ``B_noise``: past it Adam's best LR falls again, Li et al. 2024 "Surge").
+- **Steps** (only ``max_steps`` binds): more examples per step cost no steps, so B follows
+  the noise scale freely; the LR factor is still the rule's, capped at ``F``.
+
+The policy returns, as its own LR factor, whatever brings the controller's
+``min(rule(B), max_lr_factor)`` down to ``F``, so the guard's cut acts at once, before the
+batch shrinks at the next decision.
+
+Knobs: ``max_lr_factor`` (config, default 2: the LR never exceeds twice the base LR, so
+under a sample budget SGD's batch stays <= 2 x B0 and Adam's <= 4 x B0), the ``gns``
+settings (``noise_multiplier``, ``noise_confidence``, ``max_growth``, ``hysteresis``,
+``round_to``) and the guard's (``spike_ratio`` 1.5, ``smoothing`` 0.98, ``min_updates`` 50,
+``cut`` 0.5; constructor only).
+
+Rejected, with what was measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, seeds 0-2):
+
+- ``gns`` with the LR factor capped at 2 (the old default): B grew to 216-352, -4.2 points
+  mean at base LR 0.05, -0.6 at 0.2.
+- Letting B grow freely in the last 40% of the budget (annealing by batch): -2 to -3 points at
+  base LR 0.05, about -1 at 0.2.
+- A curvature bound (power-iteration ``lambda_max``, LR <= 2/lambda): at LR 0.05 it measured
+  ``lambda`` 16-26, i.e. a bound of 0.08-0.12, yet LR 0.1 helped; at 0.2 it sat at the edge
+  of stability (``lambda ~ 2/LR``) whether or not the increase hurt. It does not tell harmful
+  increases from harmless ones, so the guard watches the loss instead.
+- The AdaScale gain as the SGD rule: at ``B = B_noise`` it is only about half the linear
+  factor, so it too lowers ``LR/B``; this policy's default rule is the linear one (capped at
+  ``1 + B_noise/B0``), for SGD and Adam alike.
+- The square-root rule for Adam (Malladi et al. 2022) under a sample budget: on charlm
+  (AdamW, 6 epochs, B0 = 32, seed 0) it finished 4.4% / 3.1% above fixed B0's loss at base
+  LR 7.5e-4 / 1.5e-3 in 0.70x / 0.79x the steps; the linear rule 1.3% / 2.1% in 0.72x / 0.78x.
+  The square-root rule keeps Adam's SDE in the noise-dominated regime; these short runs were
+  short of optimizer progress, where the LR must follow the batch linearly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from autobatch.policies.base import PolicyContext, round_batch_size
+from autobatch.policies.gns import GNSPolicy
+from autobatch.policies.guard import LossSpikeGuard
+
+__all__ = ["BudgetPolicy", "budget_kind", "largest_batch_within"]
+
+Budget = Literal["samples", "steps"]
+
+
+def budget_kind(epochs: float | None, max_steps: int | None, max_samples: int | None) -> Budget:
+    """Which limit binds a run: ``"steps"`` when ``max_steps`` is the only one given, else
+    ``"samples"`` (epochs and example counts both limit the examples seen)."""
+    return "steps" if max_steps is not None and epochs is None and max_samples is None else "samples"
+
+
+def largest_batch_within(rule: Any, factor: float, lo: int, hi: int) -> int:
+    """The largest ``B`` in ``[lo, hi]`` with ``rule(B) <= factor`` (``lo`` if none).
+
+    ``rule`` maps a global batch size to the LR rule's factor and must not decrease with
+    ``B`` (true of every built-in rule). Bisection: ``O(log(hi - lo))`` calls.
+    """
+    tol = 1e-9 * max(1.0, factor)
+    if rule(hi) <= factor + tol:
+        return hi
+    if rule(lo) > factor + tol:
+        return lo
+    a, b = lo, hi  # rule(a) <= factor < rule(b)
+    while b - a > 1:
+        mid = (a + b) // 2
+        if rule(mid) <= factor + tol:
+            a = mid
+        else:
+            b = mid
+    return a
+
+
+class BudgetPolicy(GNSPolicy):
+    """Follow the noise scale like ``gns``, but under a sample budget never past the batch
+    the (guarded) LR factor can follow; see the module docstring for the reasons.
+
+    Args:
+        noise_multiplier, max_growth, hysteresis, round_to, confidence: as
+            :class:`~autobatch.policies.GNSPolicy`.
+        guard: the stability guard: True (default) for a fresh :class:`LossSpikeGuard`, an
+            instance to use, or False for none (the factor stays at ``max_lr_factor``).
+
+    The context's ``budget``, ``max_lr_factor``, ``lr_rule`` and ``train_loss`` come from the
+    controller. Without ``lr_rule`` (an old controller) the linear rule ``B/B0`` is assumed. The default LR rule is ``linear`` (see the module
+    docstring for why, Adam included).
+    """
+
+    config_settings: ClassVar[Mapping[str, str]] = GNSPolicy.config_settings
+    # The LR follows the batch linearly for every optimizer: under a sample budget the runs
+    # measured were short of optimizer progress, not of noise (charlm, AdamW, 6 epochs: the
+    # square-root rule finished 4.4% / 3.1% above fixed B0's loss at base LR 7.5e-4 / 1.5e-3,
+    # the linear rule 1.3% / 2.1%). A config that names a rule keeps it.
+    default_lr_scaling: ClassVar[str | None] = "linear"
+
+    def __init__(self, *, guard: LossSpikeGuard | bool = True, **gns_settings: Any) -> None:
+        super().__init__(**gns_settings)
+        self.guard = guard if isinstance(guard, LossSpikeGuard) else LossSpikeGuard()
+        self.use_guard = guard is not False
+        self._seen_step = -1
+
+    # -- what the LR may do ---------------------------------------------------------------
+    def allowed_factor(self, ctx: PolicyContext) -> float:
+        """``F``: the LR factor allowed now, ``max_lr_factor`` lowered by the guard."""
+        self._observe(ctx)
+        cap = ctx.max_lr_factor if ctx.max_lr_factor is not None else math.inf
+        return min(cap, self.guard.allowed) if self.use_guard else cap
+
+    def batch_cap(self, ctx: PolicyContext) -> int:
+        """The largest global batch whose LR-rule factor stays within :meth:`allowed_factor`
+        (``max_batch_size`` under a steps budget or an unbounded factor)."""
+        factor = self.allowed_factor(ctx)
+        if ctx.budget == "steps" or math.isinf(factor):
+            return ctx.max_batch_size
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        return largest_batch_within(rule, factor, ctx.base_batch_size, ctx.max_batch_size)
+
+    def _observe(self, ctx: PolicyContext) -> None:
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        used = rule(ctx.batch_size)
+        if ctx.max_lr_factor is not None:
+            used = min(used, ctx.max_lr_factor)
+        self.observe_loss(ctx.step, ctx.train_loss, min(used, self.guard.allowed))
+
+    def observe_loss(self, step: int, loss: float, lr_factor: float) -> None:
+        """Feed the guard one step's mean training loss, once per step.
+
+        The controller's context carries the loss when the loop passes it to
+        ``BatchSizeController.observe``; a loop that does not can call this (e.g. from a
+        callback's ``on_step_end``, with ``lr_factor = record.lr / base_lr``). A step already
+        seen is ignored, so both ways may be used together.
+        """
+        if not self.use_guard or step <= self._seen_step or not math.isfinite(loss):
+            return
+        self._seen_step = step
+        self.guard.update(loss, lr_factor)
+
+    # -- the policy ----------------------------------------------------------------------
+    def propose(self, ctx: PolicyContext) -> int:
+        cap = self.batch_cap(ctx)
+        proposal = super().propose(ctx)
+        if proposal <= cap:
+            return proposal
+        # Rounded down to an allowed size, so the LR factor at the new B stays within F.
+        rounded = round_batch_size(cap, self.round_to, ctx.min_batch_size, ctx.max_batch_size)
+        return rounded if rounded <= cap else max(ctx.min_batch_size, rounded - self.round_to)
+
+    def lr_factor(self, ctx: PolicyContext) -> float:
+        factor = self.allowed_factor(ctx)
+        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+        used = rule(ctx.batch_size)
+        if ctx.max_lr_factor is not None:
+            used = min(used, ctx.max_lr_factor)
+        return 1.0 if used <= factor else factor / used
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guard": self.guard.state_dict(), "seen_step": self._seen_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.guard.load_state_dict(state.get("guard", {}))
+        self._seen_step = int(state.get("seen_step", -1))

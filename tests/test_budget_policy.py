@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from autobatch.policies import BudgetPolicy, LossSpikeGuard, PolicyContext, budget_kind
+from autobatch.policies.budget import largest_batch_within
+from autobatch.scaling import LinearScaling, SqrtScaling
+
+
+def _ctx(**kw: object) -> PolicyContext:
+    base = {
+        "step": 100, "epoch": 1.0, "samples": 3200, "batch_size": 32, "base_batch_size": 32,
+        "min_batch_size": 32, "max_batch_size": 4096, "noise_scale": 500.0, "noise_ready": True,
+        "noise_stderr": 0.0, "max_lr_factor": 2.0, "lr_rule": lambda b: b / 32,
+    }
+    base.update(kw)
+    return PolicyContext(**base)  # type: ignore[arg-type]
+
+
+# -- the guard, against sequences computed by hand ----------------------------------------------
+def test_guard_fires_on_a_rise_above_the_running_minimum() -> None:
+    g = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)  # EMA = the loss itself
+    # min becomes 1.0, 0.8, 0.8; 0.9 <= 1.5 * 0.8 = 1.2; 1.3 > 1.2 fires: allowed = 2 * 0.5 = 1
+    assert [g.update(x, 2.0) for x in (1.0, 0.8, 0.9, 1.3)] == [False, False, False, True]
+    assert g.allowed == 1.0 and g.spikes == 1
+    # the minimum restarts at 1.3: 1.9 <= 1.95 does not fire, 2.0 > 1.95 would but the factor
+    # in use is 1 (nothing to cut)
+    assert [g.update(x, 1.0) for x in (1.9, 2.0)] == [False, False]
+    assert g.allowed == 1.0
+
+
+def test_guard_uses_the_bias_corrected_ema_and_waits_for_min_updates() -> None:
+    g = LossSpikeGuard(spike_ratio=1.5, smoothing=0.5, min_updates=2)
+    # EMA: 1 -> 1 -> 4 clipped at 3 x 1: (0.5*0.75 + 0.5*3) / 0.875 = 2.143 > 1.5 * 1 fires
+    assert g.update(1.0, 4.0) is False  # before min_updates: never
+    assert g.update(1.0, 4.0) is False
+    assert g.update(4.0, 4.0) is True
+    assert g.smoothed_loss == pytest.approx(1.875 / 0.875)
+    assert g.allowed == 2.0  # 4 * 0.5
+    g2 = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=5)
+    assert [g2.update(x, 2.0) for x in (1.0, 9.0, 9.0, 9.0)] == [False] * 4  # too early
+    assert g2.allowed == math.inf
+
+
+def test_guard_clips_a_single_outlier() -> None:
+    # 20 losses of 1 at smoothing 0.95: sum = weight = 1 - 0.95^20 = 0.6415. Then one batch at
+    # 100, clipped to 3: (0.95 * 0.6415 + 0.05 * 3) / (0.95 * 0.6415 + 0.05) = 1.152 < 1.5;
+    # unclipped it would be 8.5 and fire.
+    for clip, fires in ((3.0, False), (math.inf, True)):
+        g = LossSpikeGuard(smoothing=0.95, min_updates=1, outlier_clip=clip)
+        assert not any(g.update(1.0, 2.0) for _ in range(20))
+        assert g.update(100.0, 2.0) is fires
+    w = 1 - 0.95**20
+    g = LossSpikeGuard(smoothing=0.95, min_updates=1)
+    for _ in range(20):
+        g.update(1.0, 2.0)
+    g.update(100.0, 2.0)
+    assert g.smoothed_loss == pytest.approx((0.95 * w + 0.15) / (0.95 * w + 0.05))
+
+
+def test_guard_cuts_repeatedly_but_never_below_one_and_ignores_nan() -> None:
+    g = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
+    losses, factors = (1.0, 2.0, 3.5, 6.0), (8.0, 8.0, 4.0, 2.0)
+    fired = [g.update(x, f) for x, f in zip(losses, factors)]
+    # 2 > 1.5 (8 -> 4), min 2: 3.5 > 3 (4 -> 2), min 3.5: 6 > 5.25 (2 -> 1)
+    assert fired == [False, True, True, True] and g.allowed == 1.0
+    assert g.update(math.nan, 2.0) is False and g.smoothed_loss == 6.0
+
+
+def test_guard_state_round_trip_and_bad_settings() -> None:
+    g = LossSpikeGuard(smoothing=0.0, min_updates=1)
+    for x in (1.0, 2.0):
+        g.update(x, 2.0)
+    h = LossSpikeGuard(smoothing=0.0, min_updates=1)
+    h.load_state_dict(g.state_dict())
+    assert h.state_dict() == g.state_dict() and h.allowed == 1.0
+    with pytest.raises(ValueError, match=r"spike_ratio must be > 1 \(got spike_ratio=1.0\).*cut must be in"):
+        LossSpikeGuard(spike_ratio=1.0, cut=1.0)
+
+
+# -- the batch cap ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("rule", "factor", "expected"),
+    [(LinearScaling(), 2.0, 64), (SqrtScaling(), 2.0, 128), (LinearScaling(), 1.0, 32),
+     (LinearScaling(), 1.5, 48), (SqrtScaling(), 3.0, 288)],
+)
+def test_largest_batch_within_matches_the_closed_form(rule, factor: float, expected: int) -> None:
+    # linear: B0 x F; sqrt: B0 x F^2 (B0 = 32)
+    assert largest_batch_within(lambda b: rule.factor(b, 32), factor, 32, 4096) == expected
+    brute = max(b for b in range(32, 4097) if rule.factor(b, 32) <= factor + 1e-9)
+    assert expected == brute
+
+
+def test_largest_batch_within_edges() -> None:
+    assert largest_batch_within(lambda b: 1.0, 2.0, 32, 4096) == 4096  # no LR growth: no cap
+    assert largest_batch_within(lambda b: b / 8, 2.0, 32, 4096) == 32  # nothing fits: lo
+
+
+def test_budget_caps_the_batch_at_what_the_lr_can_follow_under_a_sample_budget() -> None:
+    p = BudgetPolicy(guard=False)
+    # gns alone would double 32 -> 64 -> 128 (noise scale 500); the linear factor caps at 2
+    b = 32
+    for _ in range(4):
+        b = p.propose(_ctx(batch_size=b))
+    assert b == 64
+    assert p.lr_factor(_ctx(batch_size=64)) == 1.0
+    # with the square-root rule, F = 2 allows 4 x B0
+    b = 32
+    for _ in range(4):
+        b = p.propose(_ctx(batch_size=b, lr_rule=lambda x: math.sqrt(x / 32)))
+    assert b == 128
+    # a steps budget: B follows the noise scale (500 = 62.5 x 8, ties round up to 504)
+    b = 32
+    for _ in range(6):
+        b = p.propose(_ctx(batch_size=b, budget="steps"))
+    assert b == 504
+
+
+def test_budget_guard_cut_lowers_the_lr_at_once_and_the_batch_at_the_next_decision() -> None:
+    guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
+    p = BudgetPolicy(guard=guard)
+    assert p.lr_factor(_ctx(step=1, batch_size=64, train_loss=1.0)) == 1.0
+    # a spike at B = 64 (factor 2 in use): allowed 1, so the LR factor 2 is halved
+    assert p.lr_factor(_ctx(step=2, batch_size=64, train_loss=2.0)) == 0.5
+    assert guard.spikes == 1
+    # the same step seen again (propose after lr_factor) does not feed the guard twice
+    assert p.propose(_ctx(step=2, batch_size=64, train_loss=2.0)) == 32
+    assert guard.spikes == 1 and p.state_dict()["seen_step"] == 2
+
+
+def test_budget_kind() -> None:
+    assert budget_kind(40, None, None) == "samples"
+    assert budget_kind(None, None, 10_000) == "samples"
+    assert budget_kind(None, 500, None) == "steps"
+    assert budget_kind(40, 500, None) == "samples"
+
+
+def test_the_controller_gives_the_policy_budget_loss_cap_and_rule() -> None:
+    from autobatch.noise import GradientNoiseScale
+    from autobatch.train.controller import BatchSizeController
+
+    guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
+    c = BatchSizeController(policy=BudgetPolicy(guard=guard), scaling=LinearScaling(),
+                            estimator=GradientNoiseScale(), base_batch_size=32, min_batch_size=32,
+                            max_batch_size=1024, max_lr_factor=2.0, budget="steps")
+    c.batch_size = 64  # as if the policy had grown it
+    c.observe(step=1, epoch=0.1, samples=64, batch_size=64, loss=1.0)
+    ctx = c.context()
+    assert (ctx.budget, ctx.train_loss, ctx.max_lr_factor) == ("steps", 1.0, 2.0)
+    assert ctx.lr_rule is not None and ctx.lr_rule(64) == 2.0 and ctx.lr_rule(256) == 8.0  # no noise yet: no cap
+    assert c.lr_factor() == 2.0
+    c.observe(step=2, epoch=0.2, samples=128, batch_size=64, loss=2.0)  # a spike at factor 2
+    assert c.lr_factor() == 1.0 and guard.allowed == 1.0
