@@ -2,8 +2,8 @@
 
 A plain loop (AdamW, the problem's default LR 3e-3, global batch ``--batch`` split into
 ``--micro`` micro-batches) carries two collectors on the same backward passes: the raw one
-(:class:`~autobatch.noise.MicroBatchGradNorms`, ``|G_b|^2``) and the preconditioned one
-(:class:`~autobatch.noise.preconditioned.PreconditionedGradNorms` with Adam's
+(:class:`~autobatch.noise.MicroBatchNormCollector`, ``|G_b|^2``) and the preconditioned one
+(:class:`~autobatch.noise.preconditioned.PreconditionedNormCollector` with Adam's
 ``1/(sqrt(v_hat)+eps)``), each feeding its own :class:`~autobatch.GradientNoiseScale`. Both
 estimates are recorded at every epoch, with the held-out loss.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from autobatch.noise import GradientNoiseScale, MicroBatchGradNorms
-from autobatch.noise.preconditioned import PreconditionedGradNorms, adam_preconditioner
+from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector
+from autobatch.noise.preconditioned import PreconditionedNormCollector, adam_preconditioner
 from autobatch.problems import get_example
 
 OUT = Path(__file__).resolve().parent / "results" / "adam_noise.json"
@@ -42,7 +42,7 @@ def main() -> None:
     model = ex.model_fn()
     opt = ex.optimizer(model.parameters(), ex.default_lr)
     (x, y), (vx, vy) = ex.train_data, ex.val_data
-    raw, pre = MicroBatchGradNorms(model), PreconditionedGradNorms(model, functools.partial(adam_preconditioner, opt))
+    raw, pre = MicroBatchNormCollector(model), PreconditionedNormCollector(model, functools.partial(adam_preconditioner, opt))
     est = {"raw": GradientNoiseScale(0.95), "preconditioned": GradientNoiseScale(0.95)}
     gen = torch.Generator().manual_seed(args.seed)
     rows, step, start = [], 0, time.perf_counter()

@@ -13,7 +13,7 @@ def _ctx(**kw: object) -> PolicyContext:
     base = {
         "step": 100, "epoch": 1.0, "samples": 3200, "batch_size": 32, "base_batch_size": 32,
         "min_batch_size": 32, "max_batch_size": 4096, "noise_scale": 500.0, "noise_ready": True,
-        "noise_stderr": 0.0, "max_lr_factor": 2.0, "lr_rule": lambda b: b / 32,
+        "noise_scale_stderr": 0.0, "max_lr_factor": 2.0, "lr_rule": lambda b: b / 32,
     }
     base.update(kw)
     return PolicyContext(**base)  # type: ignore[arg-type]

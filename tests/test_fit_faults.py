@@ -187,7 +187,7 @@ def _two_groups(model):
 @pytest.mark.parametrize(("setting", "match"), [
     ({"lr": float("inf")}, r"lr must be finite and > 0 \(got lr=inf\)"),
     ({"lr": -0.1}, r"lr must be finite and > 0 \(got lr=-0.1\)"),
-    ({"lr": "0.1"}, r"lr must be a number \(got lr='0.1', a str\)"),
+    ({"lr": "0.1"}, r"lr must be a number > 0 or 'auto' \(got lr='0.1'\)"),
     ({"lr": None, "optimizer": _sgd(-0.1)}, r"optimizer.param_groups\[0\]\['lr'\] must be finite and > 0 \(got .*=-0.1\)"),
     ({"lr": None, "optimizer": _two_groups}, r"param_groups\[1\]\['lr'\] must be finite and > 0 \(got .*=-1.0\)"),
     ({"optimizer": lambda m: torch.optim.SGD(nn.Linear(8, 1).parameters(), lr=0.1)},

@@ -112,7 +112,7 @@ def test_optimizer_specs_class_partial_and_an_adamw_instance_with_a_memory_budge
     held = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     res = autobatch.fit(nn.Linear(8, 1), (x, y), optimizer=held, **common)
     assert res.history[0].lr == 0.1
-    with pytest.raises(ValueError, match=r"lr is required.*pass lr=\.\.\., or an optimizer that holds its LR"):
+    with pytest.raises(ValueError, match=r"lr is required.*pass lr=\.\.\., an optimizer that holds its LR, or lr='auto'"):
         autobatch.fit(nn.Linear(8, 1), (x, y), optimizer=torch.optim.SGD, **common)
     # An AdamW instance (whose defaults hold keys its constructor refuses) under a budget: the
     # probe rebuilds it faithfully, and fit trains with the instance itself.

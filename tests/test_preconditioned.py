@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autobatch.noise import GradientNoiseScale
-from autobatch.noise.preconditioned import PreconditionedGradNorms, adam_preconditioner
+from autobatch.noise.preconditioned import PreconditionedNormCollector, adam_preconditioner
 from autobatch.testing import mlp, per_example_grads
 
 
@@ -21,7 +21,7 @@ def test_weighted_norms_equal_brute_force_micro_batch_gradients() -> None:
     w = _weights(prob.model)
     flat_w = torch.cat([w[p].reshape(-1) for p in prob.model.parameters()]).double()
     g = per_example_grads(prob.model, prob.x, prob.y, prob.loss_fn).double()  # (64, P)
-    collector = PreconditionedGradNorms(prob.model, lambda: w)
+    collector = PreconditionedNormCollector(prob.model, lambda: w)
     prob.model.zero_grad(set_to_none=True)
     collector.begin_step()
     for i in range(4):  # 4 micro-batches of 16, loss weight 16/64
@@ -51,7 +51,7 @@ def test_preconditioned_noise_scale_matches_the_exact_one() -> None:
 
     gns = GradientNoiseScale(smoothing=0.995)
     gen = torch.Generator().manual_seed(0)
-    with PreconditionedGradNorms(prob.model, lambda: w) as collector:
+    with PreconditionedNormCollector(prob.model, lambda: w) as collector:
         for _ in range(400):
             idx = torch.randint(0, 2048, (64,), generator=gen)  # with replacement: i.i.d. draws
             prob.model.zero_grad(set_to_none=True)
@@ -80,7 +80,7 @@ def test_adam_preconditioner_is_one_over_sqrt_v_hat_plus_eps() -> None:
     for p in model.parameters():
         assert torch.allclose(weights[p], 1 / ((v[p] / (1 - 0.99**3)).sqrt() + 1e-6), rtol=1e-5)
     # the collector reads them at each step's start
-    collector = PreconditionedGradNorms(model, functools.partial(adam_preconditioner, opt))
+    collector = PreconditionedNormCollector(model, functools.partial(adam_preconditioner, opt))
     collector.begin_step()
     assert set(collector._weights_now) == set(model.parameters())
     collector.remove()

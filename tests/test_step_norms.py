@@ -71,13 +71,11 @@ def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exac
     meter.remove()
 
 
-def test_a_step_split_by_the_memory_cap_uses_every_micro_batch_when_measured() -> None:
+def test_a_step_split_by_the_memory_cap_is_measured_for_free() -> None:
     model, x, y = _problem(12)
-    meter = StepNormMeter(model, "micro", DistInfo(), every=4)
-    sizes, _, norms = _run_step(meter, model, x, y, step=3, cap=5)  # not a measured step
-    assert sizes == [4, 4, 4] and norms.small_sq_norms == []
-    sizes, _, norms = _run_step(meter, model, x, y, step=4, cap=5)
-    assert sizes == [4, 4, 4]  # no extra split: the cap already gives three small batches
+    meter = StepNormMeter(model, "micro", DistInfo(), every=100)
+    sizes, _, norms = _run_step(meter, model, x, y, step=3, cap=5)  # not due, but split anyway
+    assert sizes == [4, 4, 4] and norms is not None
     thirds = [_grad(model, x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
     assert norms.small_sq_norms[0] == pytest.approx(sum(t.square().sum().item() for t in thirds) / 3, rel=1e-5)
     assert norms.small_batch_size == 4

@@ -9,12 +9,12 @@ the noise scale AdaptDL/Pollux measures for Adam (Qiao et al. 2021) and the reas
 critical batch is larger than SGD's (Zhang et al. 2019, noisy quadratic model). The
 two-batch estimator needs nothing new: it takes squared norms, and ``|P G_b|^2`` is the
 squared norm of ``G_b`` weighted element-wise by ``P``. So this module only supplies the
-weights (:func:`adam_preconditioner`) and a collector (:class:`PreconditionedGradNorms`) that
+weights (:func:`adam_preconditioner`) and a collector (:class:`PreconditionedNormCollector`) that
 weights the norms it reads; its output feeds :class:`~autobatch.GradientNoiseScale` exactly
-as :class:`~autobatch.noise.MicroBatchGradNorms`'s does.
+as :class:`~autobatch.noise.MicroBatchNormCollector`'s does.
 
 Conventions: ``v_hat = exp_avg_sq / (1 - beta2^t)`` as torch's Adam/AdamW compute it (no
-``amsgrad``); the weights are read at :meth:`PreconditionedGradNorms.begin_step`, i.e. the
+``amsgrad``); the weights are read at :meth:`PreconditionedNormCollector.begin_step`, i.e. the
 preconditioner of the previous optimizer step, which is what this step's update will (almost)
 use. Parameters without optimizer state yet (before the first step) get weight 1.
 """
@@ -29,11 +29,11 @@ from torch import nn
 
 from autobatch.noise.micro_batch import (
     LossReduction,
-    MicroBatchGradNorms,
+    MicroBatchNormCollector,
     StepGradNorms,
 )
 
-__all__ = ["PreconditionedGradNorms", "adam_preconditioner", "weighted_sq_norm"]
+__all__ = ["PreconditionedNormCollector", "adam_preconditioner", "weighted_sq_norm"]
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor]:
@@ -65,8 +65,8 @@ def weighted_sq_norm(grad: torch.Tensor, weight: torch.Tensor | None) -> torch.T
     return torch.linalg.vector_norm(g, dtype=torch.float32).square()
 
 
-class PreconditionedGradNorms(MicroBatchGradNorms):
-    """:class:`~autobatch.noise.MicroBatchGradNorms` with every norm taken in a diagonal
+class PreconditionedNormCollector(MicroBatchNormCollector):
+    """:class:`~autobatch.noise.MicroBatchNormCollector` with every norm taken in a diagonal
     preconditioner's geometry: ``|P G_b|^2`` and ``|P G_B|^2`` instead of ``|G_b|^2``, ``|G_B|^2``.
 
     Args:
@@ -74,7 +74,7 @@ class PreconditionedGradNorms(MicroBatchGradNorms):
         preconditioner: called at every :meth:`begin_step`; returns parameter -> weight
             tensor (e.g. ``functools.partial(adam_preconditioner, optimizer)``). A parameter it
             leaves out has weight 1.
-        loss_reduction: as for :class:`~autobatch.noise.MicroBatchGradNorms`.
+        loss_reduction: as for :class:`~autobatch.noise.MicroBatchNormCollector`.
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class PreconditionedGradNorms(MicroBatchGradNorms):
     def end_step(
         self, grad_scale: float = 1.0, *, min_micro_batches: int = 2, big_norm: bool = True
     ) -> StepGradNorms | None:
-        """As :meth:`MicroBatchGradNorms.end_step`, with ``|P G_B|^2`` read from ``.grad``."""
+        """As :meth:`MicroBatchNormCollector.end_step`, with ``|P G_B|^2`` read from ``.grad``."""
         weights, sizes = list(self._weights), list(self._sizes)
         norms = super().end_step(grad_scale, min_micro_batches=min_micro_batches, big_norm=False)
         if norms is None or not big_norm:

@@ -8,15 +8,15 @@ the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleNormCollec
 of which steps to measure and how to split them, and under data parallelism the gradient
 all-reduce that carries the step's numbers to every rank.
 
-Which steps are measured: the first ``first`` steps (the estimator's first window), then
-every ``every``-th. On such a step the small batches are the step's micro-batches
-(``gns_method="micro"``; a step of one micro-batch is split in two for it, one more
-forward/backward at half size), each rank's share under data parallelism, or single
-examples (``gns_method="per_example"``). Small batches that come for free (a step the memory
-cap split, ranks' shares) are thinned out too: each costs a pass over the gradients (a
-9.5M-parameter MLP under DDP: ~2% of a step). The estimator weighs an update as the steps
-since the previous one, so its averages keep their memory in steps
-(``GradientNoiseScale.update(step=)``).
+Which steps are measured (``gns_method="micro"``): a step whose small batches come for free
+(the memory cap split it into micro-batches, or ranks of a data-parallel run each hold a share)
+is always measured. A step of one micro-batch is measured on each of the first ``first`` steps
+(the estimator's first window), then every ``every``-th, split in two for it (one more
+forward/backward at half size). ``gns_method="per_example"`` measures the due steps. The
+estimator weighs an update as the steps since the previous one, so its averages keep their
+memory in steps (``GradientNoiseScale.update(step=)``). (Thinning the free steps too was tried:
+a regression problem whose noise scale grows then kept B at B0 for its first epoch, against
+three decisions with every free step measured.)
 
 Every step, measured or not, gives the whole step's norm ``|G_B|^2``, which averages ``|G|^2``
 over every step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
@@ -92,9 +92,10 @@ class StepNormMeter:
         model: the (unwrapped) model; hooks go on it now, until :meth:`remove`.
         method: ``"micro"``, ``"per_example"`` or ``"off"`` (only the loss is read).
         info: this process's place in a data-parallel run.
-        every: the small batches are measured every ``every`` steps...
-        first: ...and at each of the first ``first`` steps, so that the estimator's first
-            window is as full as when every step is measured.
+        every: a step that gives no small batches for free is measured every ``every``
+            steps (see the module docstring)...
+        first: ...and every one of the first ``first`` steps, so that the estimator's
+            first window is as full as when every step is measured.
         scaler: the AMP ``GradScaler`` whose scale is in the gradients, or None.
     """
 
@@ -129,11 +130,18 @@ class StepNormMeter:
         """
         # Every rank decides alike (a rank may hold no example at the very end of an epoch):
         # from the step alone, not from its share.
-        self.measuring = self.method != "off" and (step < self.first or step % self.every == 0)
+        due = step < self.first or step % self.every == 0
         sizes = micro_sizes(num_examples, 1) if num_examples else []
-        if (self.measuring and self.method == "micro" and not self.info.enabled and len(sizes) == 1
-                and num_examples >= 2 * self.min_micro):
-            sizes = micro_sizes(num_examples, 2)  # one more forward/backward, at half size
+        if self.method == "micro":
+            # Small batches that come for free (the memory cap split the step, or ranks each
+            # hold a share) are measured at every step; a step of one micro-batch only when due,
+            # split in two for it (one more forward/backward at half size).
+            free = self.info.enabled or len(sizes) > 1
+            self.measuring = free or due
+            if self.measuring and not free and num_examples >= 2 * self.min_micro:
+                sizes = micro_sizes(num_examples, 2)
+        else:
+            self.measuring = self.method == "per_example" and due
         return sizes
 
     def begin_step(self, sizes: list[int]) -> None:

@@ -19,7 +19,7 @@ same backward passes of one run.
 
 `charlm` ({chars:,} characters), AdamW at LR {lr:g}, global batch {batch} as {micro}
 micro-batches, seed {seed}. Two collectors hook the same backward passes: the raw
-`MicroBatchGradNorms` and `PreconditionedGradNorms` with `adam_preconditioner` (the previous
+`MicroBatchNormCollector` and `PreconditionedNormCollector` with `adam_preconditioner` (the previous
 step's `1/(sqrt(v_hat)+eps)`), each feeding its own `GradientNoiseScale` (EMA decay
 {smoothing}). Estimates read at the end of each epoch.
 
