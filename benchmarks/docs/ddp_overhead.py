@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.docs._md import Page, listing, num, span, table, times, verdict
 
-written_for = "c40be92b989a"  # the commentary was checked against these results
+written_for = "740405a1e26e"  # the commentary was checked against these results
 
 TEMPLATE = """\
 What the noise-scale estimator adds to a data-parallel training step (`fit` under torchrun).
