@@ -53,20 +53,28 @@ __all__ = [
 # for one release with a DeprecationWarning naming the new home.
 _MOVED = {
     "two_batch_estimates": "autobatch.noise", "evaluate": "autobatch.train",
-    # renamed as well: these resolve to the new classes with a second warning naming them
-    "MicroBatchGradNorms": "autobatch.noise", "PerExampleGradNorms": "autobatch.noise",
-    "MemoryProbe": "autobatch.memory",
     "LRScaling": "autobatch.scaling", "LinearScaling": "autobatch.scaling",
     "SqrtScaling": "autobatch.scaling", "AdaScaleScaling": "autobatch.scaling",
     "NoScaling": "autobatch.scaling", "BatchSizePolicy": "autobatch.policies",
     "FixedPolicy": "autobatch.policies", "GNSPolicy": "autobatch.policies",
     "GoodputPolicy": "autobatch.policies", "RampPolicy": "autobatch.policies",
 }
+# Renamed in 0.2 (old top-level name -> new home and name).
+_RENAMED = {
+    "MicroBatchGradNorms": ("autobatch.noise", "MicroBatchNormCollector"),
+    "PerExampleGradNorms": ("autobatch.noise", "PerExampleNormCollector"),
+    "MemoryProbe": ("autobatch", "MemoryProbeResult"),
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _RENAMED:
+        from autobatch._deprecation import renamed
+
+        module, new = _RENAMED[name]
+        return renamed(module, name, new, getattr(importlib.import_module(module), new))
     if name in _MOVED:
         import warnings
 

@@ -150,8 +150,8 @@ def test_byte_strings_are_read_alike_by_the_cli_fit_config_and_probe_memory() ->
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
     batch = (torch.randn(8, 32), torch.randint(0, 4, (8,)))
     loss = torch.nn.functional.cross_entropy
-    as_int = probe_memory(model, batch, loss, budget_bytes=150_000, mode="estimate", max_batch_size=4096)
-    as_text = probe_memory(model, batch, loss, budget_bytes="150KB", mode="estimate", max_batch_size=4096)
+    as_int = probe_memory(model, batch, loss, budget_bytes=150_000, mode="estimate", max_micro_batch_size=4096)
+    as_text = probe_memory(model, batch, loss, budget_bytes="150KB", mode="estimate", max_micro_batch_size=4096)
     assert as_text.budget_bytes == 150_000 and as_text.max_batch_size == as_int.max_batch_size
     assert 1 < as_int.max_batch_size < 4096  # the budget binds
     assert byte_size("4GiB") == FitConfig.from_any(memory_budget="4GiB").memory.memory_budget == 4 * 2**30

@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         probe = probe_memory(
             model, example, loss_fn, optimizer or torch.optim.Adam, device=args.device,
-            budget_bytes=args.budget, max_batch_size=args.max_batch_size, margin=args.margin,
+            budget_bytes=args.budget, max_micro_batch_size=args.max_batch_size, margin=args.margin,
             mode=args.mode,
         )
     except ValueError as err:  # a budget too small for one step, an example without a batch...
