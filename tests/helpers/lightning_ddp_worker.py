@@ -45,6 +45,12 @@ def main() -> None:
         "samples": cb.history[-1].samples,
         "weights": [p.detach().flatten().tolist() for p in model.parameters()],
     }))
+    # Tear the gloo group down while every rank is still here: a rank that exits with the group
+    # alive while its peer still talks to it can abort at interpreter exit ("terminate called
+    # without an active exception", SIGABRT), seen once in CI.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
