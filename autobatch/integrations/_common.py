@@ -11,9 +11,7 @@ from typing import Any
 import torch
 
 from autobatch.config import FitConfig
-from autobatch.noise.estimator import GradientNoiseScale
-from autobatch.policies import make_policy
-from autobatch.scaling import default_scaling, make_scaling
+from autobatch.train._setup import build_controller as fit_controller
 from autobatch.train.controller import BatchSizeController
 
 __all__ = ["LRFactor", "build_controller", "explicit_settings", "round_to_multiple"]
@@ -60,26 +58,9 @@ def build_controller(
             "gns_method='per_example' is not supported by the trainer integrations; use "
             "gns_method='micro' (micro-batch norms, free) or 'off'"
         )
-    scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
-    if cfg.estimator.gns_method == "off" and (cfg.batch.policy in ("gns", "goodput") or scaling_name == "adascale"):
-        raise ValueError(
-            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
-            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
-            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
-        )
-    return BatchSizeController(
-        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
-        scaling=make_scaling(scaling_name),
-        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
-        base_batch_size=base_batch_size,
-        min_batch_size=min(cfg.batch.min_batch_size or base_batch_size, base_batch_size),
-        max_batch_size=max_batch_size,
-        decide_every=cfg.batch.decide_every,
-        max_micro_batch_size=micro_batch_size,
-        min_micro_batches=min_micro_batches,
-        max_lr_factor=cfg.lr.max_lr_factor,
-        warmup_steps=cfg.lr.warmup_steps,
-    )
+    return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
+                          base_batch_size=base_batch_size, max_batch_size=max_batch_size,
+                          micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches)
 
 
 def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:

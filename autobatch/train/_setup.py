@@ -305,27 +305,11 @@ def prepare(
         warnings.warn(f"gns_method='per_example' is not supported for this model ({why}); "
                       "measuring with micro-batch norms instead", stacklevel=3)
         method = "micro"
-    scaling_name = cfg.lr.lr_scaling or default_scaling(opt)
-    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
-        raise ValueError(
-            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
-            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
-            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
-        )
-    controller = BatchSizeController(
-        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
-        scaling=make_scaling(scaling_name),
-        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
-        base_batch_size=b0,
-        min_batch_size=min(cfg.batch.min_batch_size or b0, b0),
-        max_batch_size=max_b,
-        decide_every=cfg.batch.decide_every,
-        max_micro_batch_size=max_micro,
+    controller = build_controller(
+        cfg, optimizer=opt, method=method, base_batch_size=b0, max_batch_size=max_b,
         # One micro-batch per step unless memory needs more: the meter splits the steps it
         # measures itself.
-        min_micro_batches=1,
-        max_lr_factor=cfg.lr.max_lr_factor,
-        warmup_steps=cfg.lr.warmup_steps,
+        micro_batch_size=max_micro, min_micro_batches=1,
         budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
     )
     meter = StepNormMeter(model, method, info, every=MEASURE_EVERY, scaler=scaler,
@@ -526,3 +510,46 @@ def resolve_base_lr(lr: Any, model: nn.Module, data: Any, *, checkpoint_dir: Any
     if search is None:
         search = choose_base_lr(model, data, config=FitConfig.from_any(config, **config_overrides), **fit_args)
     return search.lr, search
+
+
+def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
+                     micro_batch_size: int | None, min_micro_batches: int,
+                     budget: str = "samples") -> BatchSizeController:
+    """The batch-size controller for ``cfg`` (``fit``'s, and the trainer integrations'), with
+    the caller's sizes.
+
+    Args:
+        cfg: the settings (policy, LR rule, estimator, bounds).
+        optimizer: the optimizer (or its family's name, e.g. ``"sgd"``) whose family picks the
+            default LR rule.
+        method: the noise-scale method in use (``"micro"``, ``"per_example"`` or ``"off"``).
+        base_batch_size: B0, global examples per optimizer step at the start.
+        max_batch_size: the largest global B allowed (already clipped to the data set).
+        micro_batch_size: the micro-batch cap (per process), or None for none.
+        min_micro_batches: micro-batches per step and process when B allows.
+        budget: what limits the run (``"samples"`` or ``"steps"``), for the policy.
+
+    Raises:
+        ValueError: for a policy or LR rule that needs the noise scale while ``method="off"``.
+    """
+    scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
+    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
+        raise ValueError(
+            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
+            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
+            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
+        )
+    return BatchSizeController(
+        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
+        scaling=make_scaling(scaling_name),
+        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
+        base_batch_size=base_batch_size,
+        min_batch_size=min(cfg.batch.min_batch_size or base_batch_size, base_batch_size),
+        max_batch_size=max_batch_size,
+        decide_every=cfg.batch.decide_every,
+        max_micro_batch_size=micro_batch_size,
+        min_micro_batches=min_micro_batches,
+        max_lr_factor=cfg.lr.max_lr_factor,
+        warmup_steps=cfg.lr.warmup_steps,
+        budget=budget,
+    )
