@@ -5,7 +5,6 @@ kill -9 at random moments (checkpoint writes included) resuming to bit-identical
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pickle
 import random
@@ -31,6 +30,7 @@ from autobatch.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from tests.helpers import checkpoint_worker as worker_module
 
 
 def _draws() -> tuple:
@@ -191,19 +191,12 @@ def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monke
 
 
 # -- kill -9 ------------------------------------------------------------------------------------
-_WORKER = Path(__file__).parent / "helpers" / "checkpoint_worker.py"
-
-
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("checkpoint_worker", _WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_WORKER = Path(worker_module.__file__)  # run as a script by the subprocesses
 
 
 @pytest.mark.slow  # three subprocesses of a few seconds each
 def test_kill_9_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path) -> None:
-    worker = _load_worker()
+    worker = worker_module  # the reference run is the workers' own code
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the worker process
     try:

@@ -4,7 +4,6 @@ non-finite steps, bad settings, fp16 overflows."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import random
 import signal
@@ -20,21 +19,14 @@ from torch import nn
 import autobatch
 from autobatch.train import _setup
 from autobatch.train.checkpoint import load_checkpoint
+from tests.helpers import interrupt_worker as worker_module
 
-_WORKER = Path(__file__).parent / "helpers" / "interrupt_worker.py"
-
-
-def _load_worker():
-    # the worker's own module, so the test's reference run is the same code
-    spec = importlib.util.spec_from_file_location("interrupt_worker", _WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_WORKER = Path(worker_module.__file__)  # run as a script by the subprocesses
 
 
 @pytest.mark.slow
 def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_weights(tmp_path) -> None:
-    worker = _load_worker()
+    worker = worker_module  # the reference run is the workers' own code
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the worker process
     try:
