@@ -179,13 +179,34 @@ class EstimatorConfig(_Section):
             each step (free); ``"per_example"`` uses per-example gradient norms (``b = 1``);
             ``"off"`` measures nothing (only for the ``fixed`` and ``ramp`` policies with
             ``lr_scaling`` ``"linear"``, ``"sqrt"`` or ``"none"``; used to time the estimator).
-        gns_smoothing: EMA decay of the estimator (0.95: about 20 steps of memory).
+        gns_smoothing: EMA decay of the estimator (0.95: about 20 steps of memory); raised
+            when measurements are sparser than every 8th step (see ``gns_every``).
         gns_min_updates: updates before the estimate counts as ready.
+        gns_every: with ``gns_method="micro"``, a step of one micro-batch is split in two to
+            be measured every ``gns_every``-th step (and on each of the estimator's first
+            ``1/(1-gns_smoothing)`` steps); steps split by the memory cap or shared by
+            data-parallel ranks are measured at every step for free. ``"auto"``: the longest
+            interval (a power of two, up to 64) that keeps the splits within
+            ``gns_overhead`` of the training time, calibrated from step times
+            (:class:`~autobatch.train.step_norms.MeasureSchedule`), with the estimator's
+            memory stretched to hold as many measurements; faster on small models, but two
+            fresh runs may measure different steps (not bit-for-bit repeatable) and the
+            estimate is older.
+        gns_overhead: the fraction of training time ``gns_every="auto"`` lets the splits add.
     """
 
     gns_method: Literal["micro", "per_example", "off"] = "micro"
     gns_smoothing: float = Field(0.95, ge=0.0, lt=1.0)
     gns_min_updates: int = Field(3, ge=1)
+    gns_every: int | Literal["auto"] = 8
+    gns_overhead: float = Field(0.05, gt=0.0, lt=1.0)
+
+    @field_validator("gns_every")
+    @classmethod
+    def _check_every(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError(f"gns_every must be an int >= 1 or 'auto' (got {value})")
+        return value
 
 
 class MemoryConfig(_Section):

@@ -80,10 +80,11 @@ class BatchSource:
         ds = self.dataset
         if self.collate_fn is default_collate and isinstance(ds, (TensorDataset, TensorDictDataset)):
             # Fast path: one gather per tensor instead of len(indices) item lookups.
-            idx = torch.as_tensor(indices, dtype=torch.long)
+            idx = (indices if isinstance(indices, torch.Tensor) and indices.dtype == torch.long
+                   else torch.as_tensor(indices, dtype=torch.long))
             if isinstance(ds, TensorDictDataset):
-                return {k: t[idx.to(t.device)] for k, t in ds.tensors.items()}
-            return tuple(t[idx.to(t.device)] for t in ds.tensors)
+                return {k: t[idx if t.device == idx.device else idx.to(t.device)] for k, t in ds.tensors.items()}
+            return tuple([t[idx if t.device == idx.device else idx.to(t.device)] for t in ds.tensors])
         return self.collate_fn([ds[int(i)] for i in indices])
 
     def sampler_order(self, epoch: int, seed: int = 0) -> torch.Tensor:
@@ -255,8 +256,10 @@ def move_to(batch: Any, device: torch.device | str | None) -> Any:
     """
     if device is None:
         return batch
+    if isinstance(device, str):
+        device = torch.device(device)
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: move_to(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):

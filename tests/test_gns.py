@@ -198,3 +198,23 @@ def test_standard_errors_with_big_only_steps_match_the_spread_over_repeats() -> 
     assert np.median(stderrs, axis=0) == pytest.approx(spread, rel=0.2)
     # The whole-step norms of the other steps make |G|^2 less spread (here 0.22 vs 0.34).
     assert spread[0] < 0.75 * np.std(pairs_only)
+
+
+def test_results_read_between_updates_are_never_stale() -> None:
+    # The estimator memoizes its results per state: after every update, each one must equal
+    # that of a fresh estimator loaded with the same state (which has computed nothing yet).
+    est = GradientNoiseScale(0.9)
+    rng = np.random.default_rng(0)
+    names = ("grad_sq", "grad_sq_mean", "trace_cov", "noise_scale", "noise_scale_stderr",
+             "grad_sq_stderr", "trace_cov_stderr", "effective_samples", "ready")
+    for step in range(1, 30):
+        small, big = 2.0 + rng.random(), 1.0 + 0.5 * rng.random()
+        if step % 3:
+            est.update([small], 8, big, 16, step=step)
+        else:
+            est.update_big(big, 16, step=step)
+        read = [getattr(est, n) for n in names]  # fills the memo
+        fresh = GradientNoiseScale(0.9)
+        fresh.load_state_dict(est.state_dict())
+        assert read == pytest.approx([getattr(fresh, n) for n in names], nan_ok=True)
+        assert [getattr(est, n) for n in names] == pytest.approx(read, nan_ok=True)

@@ -10,7 +10,7 @@ from torch import nn
 
 from autobatch.train.distributed import DistInfo
 from autobatch.train.sampler import split_sizes
-from autobatch.train.step_norms import StepNormMeter, norms_from_totals
+from autobatch.train.step_norms import MeasureSchedule, StepNormMeter, norms_from_totals
 
 
 def _micro_sizes(cap: int | None):
@@ -101,3 +101,27 @@ def test_off_meter_reads_only_the_loss() -> None:
     sizes, loss_sum, norms = _run_step(meter, model, x, y, step=0)
     assert sizes == [8] and norms is None
     assert loss_sum == pytest.approx(((model(x) - y) ** 2).sum().item(), rel=1e-5)
+
+
+def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_measurements() -> None:
+    sched = MeasureSchedule("auto", overhead=0.05, base_batch=16, smoothing=0.95)
+    assert sched.interval(16) == MeasureSchedule.DEFAULT_EVERY  # not calibrated yet
+    for _ in range(6):  # the first window: split steps at 1.9 ms...
+        sched.observe(16, 1.9e-3, split_to_measure=True)
+    for _ in range(5):  # ...then unsplit ones at 1.0 ms: a split costs 0.9 of a step
+        sched.observe(16, 1.0e-3, split_to_measure=False)
+    assert sched.split_cost == pytest.approx(0.9)
+    # 0.9 / 2^k <= 5%: k = 5; at B = 64 the cost halves (sqrt(16/64)): k = 4
+    assert [sched.interval(b) for b in (16, 64, 256, 4096)] == [32, 16, 8, 2]
+    assert all(sched.split_cost * (16 / b) ** 0.5 / sched.interval(b) <= 0.05 for b in (16, 64, 256, 4096))
+    # The decay between two measurements stays that of every 8th step at 0.95.
+    assert sched.smoothing(16) ** 32 == pytest.approx(0.95**8)
+    assert sched.smoothing(4096) == 0.95
+    sched.observe(16, 5.0, split_to_measure=True)  # calibrated once: later times change nothing
+    assert sched.split_cost == pytest.approx(0.9)
+    again = MeasureSchedule("auto", overhead=0.05, base_batch=16)
+    again.load_state_dict(sched.state_dict())
+    assert again.interval(16) == 32
+    assert MeasureSchedule(3).interval(16) == 3 and MeasureSchedule(3).smoothing(16) == 0.95
+    with pytest.raises(ValueError, match="every must be an int >= 1 or 'auto'"):
+        MeasureSchedule(0)

@@ -20,7 +20,7 @@ average unclipped (clipping each draw biases it) and only the final average is f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["GradientNoiseScale", "noise_scale_interval", "two_batch_estimates"]
@@ -90,6 +90,22 @@ def noise_scale_interval(
     high = (trace_cov + z * trace_cov_stderr) / g_lo if g_lo > 0 else math.inf
     return low, high
 
+def _memoized(method: Callable[[GradientNoiseScale], Any]) -> property:
+    """A read-only property computed once per state of the estimator: the loop reads the same
+    results several times per step (the step's record, the policy's context), and each is a
+    few dozen float operations."""
+    name = method.__name__
+
+    def getter(self: GradientNoiseScale) -> Any:
+        memo = self._memo
+        if name not in memo:
+            memo[name] = method(self)
+        return memo[name]
+
+    getter.__doc__ = method.__doc__
+    return property(getter)
+
+
 class GradientNoiseScale:
     """Streaming estimate of ``|G|^2``, ``tr(Sigma)`` and ``B_simple = tr(Sigma)/|G|^2``.
 
@@ -131,6 +147,7 @@ class GradientNoiseScale:
 
     def reset(self) -> None:
         """Forget every update (the configuration is kept)."""
+        self._memo: dict[str, Any] = {}  # results of the current state (see _memoized)
         self.num_updates = 0
         self.num_rejected = 0
         # Two weighted averages, each kept as raw (not bias-corrected) sums m_* with total
@@ -219,6 +236,7 @@ class GradientNoiseScale:
         self._m_gg += weight_g * g * g
         self._last_pair_step = step
         self.num_updates += 1
+        self._memo.clear()
         return True
 
     def update_big(self, big_sq_norm: float, big_batch_size: float, *, step: int | None = None) -> bool:
@@ -255,6 +273,7 @@ class GradientNoiseScale:
         self._m_yc += weight * big * inv
         self._m_c += weight * inv
         self._m_cc += weight * inv * inv
+        self._memo.clear()
         return True
 
     def _decay(self, step: int | None, last: int | None) -> tuple[float, float]:
@@ -288,7 +307,7 @@ class GradientNoiseScale:
             return math.nan
         return max(self.grad_sq_mean, self.floor)
 
-    @property
+    @_memoized
     def grad_sq_mean(self) -> float:
         """Averaged ``|G|^2`` without the floor (may be negative); NaN before any update."""
         if self._wg == 0.0:
@@ -297,13 +316,13 @@ class GradientNoiseScale:
             return self._m_g / self._wg
         return (self._m_g + self._m_y - self.trace_cov * self._m_c) / self._wg
 
-    @property
+    @_memoized
     def grad_sq_stderr(self) -> float:
         """Standard error of the averaged ``|G|^2`` (inf with fewer than 2 updates)."""
         var = self._var_grad_sq()
         return math.inf if var is None else math.sqrt(var)
 
-    @property
+    @_memoized
     def trace_cov_stderr(self) -> float:
         """Standard error of the averaged ``tr(Sigma)`` (inf with fewer than 2 updates)."""
         var = self._var_trace_cov()
@@ -340,7 +359,7 @@ class GradientNoiseScale:
         c = self._m_c / self._wg  # weight of the big-only draws' shared -tr(Sigma)/B term
         return spread[0] / spread[1] + c * c * var_s
 
-    @property
+    @_memoized
     def trace_cov(self) -> float:
         """Averaged ``tr(Sigma)``: the per-example gradient variance summed over parameters;
         NaN before the first update. Can be slightly negative when the noise is tiny."""
@@ -351,14 +370,14 @@ class GradientNoiseScale:
         """``B_simple = tr(Sigma) / |G|^2`` in examples; NaN before the first update."""
         return self.trace_cov / self.grad_sq
 
-    @property
+    @_memoized
     def effective_samples(self) -> float:
         """Effective number of independent two-batch updates behind the averages,
         ``(sum of weights)^2 / (sum of squared weights)``; equals :attr:`num_updates` when
         ``smoothing`` is None and tends to ``(1+beta)/(1-beta)`` for an EMA of every step."""
         return 0.0 if self._q == 0.0 else self._w * self._w / self._q
 
-    @property
+    @_memoized
     def noise_scale_stderr(self) -> float:
         """Standard error of :attr:`noise_scale` from the spread of the single-step estimates
         (delta method on the ratio of the two averages); inf with fewer than 2 updates.
@@ -442,6 +461,7 @@ class GradientNoiseScale:
         self._q_x = float(state.get("q_x", state["q"]))
         self._last_pair_step = state.get("last_pair_step")
         self._last_g_step = state.get("last_g_step")
+        self._memo.clear()
 
     def __repr__(self) -> str:
         return (

@@ -271,6 +271,11 @@ class MicroBatchNormCollector:
         """Remove the hooks; the collector records nothing afterwards."""
         for handle in self._handles:
             handle.remove()
+        for p in self._params if self._handles else ():
+            # A removed hook leaves an empty dict that autograd still calls into on every
+            # backward (~1 us per parameter); with no hook of anyone else left, drop it.
+            if p._backward_hooks is not None and not p._backward_hooks:
+                p._backward_hooks = None
         self._handles = []
         self._active = False
 

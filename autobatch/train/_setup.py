@@ -47,16 +47,8 @@ from autobatch.train.controller import BatchSizeController
 from autobatch.train.distributed import DistInfo, setup_distributed
 from autobatch.train.results import FitResult
 from autobatch.train.sampler import SampleStream
-from autobatch.train.step_norms import StepNormMeter
+from autobatch.train.step_norms import MeasureSchedule, StepNormMeter
 
-# Steps between two measured steps when a step gives no small batches for free (see
-# autobatch.train.step_norms). Splitting a step in two costs from nothing to 1.7 steps (one CPU
-# thread: MNIST-1D CNN ~1.3 at B=16, ~0.1 at B=256; 1.1M-parameter MLP 1.7 at B=16). Measured
-# (benchmarks/fit_overhead.py, CNN, B=16, 500 steps): every 8th step 1.44x a plain loop, every
-# 16th 1.31x, every 32nd 1.23x (estimator off: 1.12x). Precision (tests/test_fit.py, B=64,
-# window 100 steps): the standard error of B_simple is 2.9% measuring every step, 6.3% every
-# 8th, 8.3% every 16th (per-example norms: 1.7%, 1.9%, 2.1%), |G|^2 being read at every step.
-MEASURE_EVERY = 8
 
 
 @dataclass
@@ -204,6 +196,8 @@ class Setup:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.controller.load_state_dict(ckpt["controller"])
+        if ckpt.get("measure_schedule") is not None:  # absent from checkpoints before it existed
+            self.meter.schedule.load_state_dict(ckpt["measure_schedule"])
         self.stream.load_state_dict(ckpt["stream"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -220,6 +214,7 @@ class Setup:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "controller": self.controller.state_dict(),
+            "measure_schedule": self.meter.schedule.state_dict(),
             "stream": self.stream.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": capture_rng(),
@@ -312,8 +307,11 @@ def prepare(
         micro_batch_size=max_micro, min_micro_batches=1,
         budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
     )
-    meter = StepNormMeter(model, method, info, every=MEASURE_EVERY, scaler=scaler,
-                          first=round(1 / (1 - cfg.estimator.gns_smoothing)))
+    est = cfg.estimator
+    schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0,
+                               smoothing=est.gns_smoothing)
+    meter = StepNormMeter(model, method, info, every=schedule, scaler=scaler,
+                          first=round(1 / (1 - est.gns_smoothing)), estimator=controller.estimator)
     meter.min_micro = min_micro
     return Setup(
         cfg=cfg, model=model,

@@ -160,11 +160,13 @@ def _accumulate(s: Setup, batches: Any, sizes: list[int], counts: list[int] | No
             loss = micro_batch_loss(s.forward_model, batch, s.loss_fn, s.device, s.amp_dtype,
                                     s.forward_loss)
             weight = items / total
-            scaled = loss.float() * weight if weight != 1.0 else loss.float()
+            if loss.dtype != torch.float32:
+                loss = loss.float()
+            scaled = loss * weight if weight != 1.0 else loss
             (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
             s.meter.after_backward(size, weight, items)
             if loss_sum is None:
-                loss_sum, unit = loss.detach().float(), items
+                loss_sum, unit = loss.detach(), items
             else:
-                loss_sum = loss_sum + loss.detach().float() * (items / unit)
+                loss_sum = loss_sum + loss.detach() * (items / unit)
     return loss_sum, unit

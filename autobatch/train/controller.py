@@ -146,11 +146,18 @@ class BatchSizeController:
             self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
             self._stale.add(batch_size)
 
-    def context(self) -> PolicyContext:
-        """What the policy sees: counters, bounds, the noise estimate and measured step times."""
-        for b in self._stale:
-            self._medians[b] = statistics.median(self._step_times[b])
-        self._stale.clear()
+    def context(self, *, refresh_times: bool = True) -> PolicyContext:
+        """What the policy sees: counters, bounds, the noise estimate and measured step times.
+
+        Args:
+            refresh_times: recompute the median step times changed since the last refresh
+                (a sort per batch size); the LR, assembled every step, leaves them as they
+                were at the last decision, which is where they are read.
+        """
+        if refresh_times:
+            for b in self._stale:
+                self._medians[b] = statistics.median(self._step_times[b])
+            self._stale.clear()
         est = self.estimator
         return PolicyContext(
             step=self._step,
@@ -207,7 +214,7 @@ class BatchSizeController:
         factor = self._rule_factor(self.batch_size)
         if self.max_lr_factor is not None:
             factor = min(factor, self.max_lr_factor)
-        return factor * self.policy.lr_factor(self.context())
+        return factor * self.policy.lr_factor(self.context(refresh_times=False))
 
     def maybe_decide(self) -> int | None:
         """Every ``decide_every`` observed steps, ask the policy for the next B.

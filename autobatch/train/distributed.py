@@ -20,6 +20,7 @@ memory can tell the others before anyone blocks in a gradient all-reduce:
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
 
-    @property
+    @functools.cached_property  # read several times per step
     def enabled(self) -> bool:
         return self.world_size > 1
 

@@ -222,6 +222,7 @@ def fit(
                 result.skipped_steps += 1
                 nonfinite.skip(step, stream.epochs_done, train_loss, norms)
             step_time = time.perf_counter() - acc.started  # the attempt that fit, not the OOMs
+            s.meter.observe_time(step_b, step_time)  # how often to measure ("auto" gns_every)
             step += 1
             samples += step_b
             # 6. the estimator, the step's record (B of this step), and every decide_every steps the

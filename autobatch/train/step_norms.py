@@ -11,8 +11,20 @@ all-reduce that carries the step's numbers to every rank.
 Which steps are measured (``gns_method="micro"``): a step whose small batches come for free
 (the memory cap split it into micro-batches, or ranks of a data-parallel run each hold a share)
 is always measured. A step of one micro-batch is measured on each of the first ``first`` steps
-(the estimator's first window), then every ``every``-th, split in two for it (one more
-forward/backward at half size). ``gns_method="per_example"`` measures the due steps. The
+(the estimator's first decisions), then every ``every``-th, split in two for it (one more
+forward/backward at half size). :class:`MeasureSchedule` chooses ``every``: given (``fit``'s
+default is 8), or ``"auto"``, so that the splits add at most ``overhead`` (a fraction, default
+5%) to the training time.
+"auto" times the first split steps and a few unsplit steps at the base batch ``B0`` once (the
+relative cost ``c0`` of a split), then measures every ``2^k``-th step, the smallest power of
+two with ``c(B) / 2^k <= overhead``, where ``c(B) = c0 sqrt(B0 / B)``: a split costs one more
+call's fixed overhead, which weighs less in a bigger step (MNIST-1D CNN on one CPU thread:
+0.98 at B=16, 0.78 at 64, 0.41 at 256; a 1.1M-parameter MLP 0.09 at 256). The calibration is
+kept in checkpoints, so a resumed run measures the same steps; two fresh runs can calibrate to
+different intervals, which is why "auto" is not the default. The
+interval and the estimator's memory go together: with sparse measurements the EMA decay per
+step is raised so that about as many measurements stay in memory as at every 8th step
+(:meth:`MeasureSchedule.smoothing`). ``gns_method="per_example"`` measures the due steps. The
 estimator weighs an update as the steps since the previous one, so its averages keep their
 memory in steps (``GradientNoiseScale.update(step=)``). (Thinning the free steps too was tried:
 a regression problem whose noise scale grows then kept B at B0 for its first epoch, against
@@ -20,17 +32,20 @@ three decisions with every free step measured.)
 
 Every step, measured or not, gives the whole step's norm ``|G_B|^2``, which averages ``|G|^2``
 over every step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
-``B_simple >> B`` is not thinned out. Hooks are attached for the measured steps only: an idle
-Python tensor hook still costs every backward a call per parameter. Everything stays on the
-device until :meth:`StepNormMeter.end_step`, whose single ``.tolist()`` is the step's host
-sync.
+``B_simple >> B`` is not thinned out. (Reading it only on the measured steps saved a small
+CNN's step 6% on one CPU thread, but a policy then grew the batch more slowly: a regression
+problem reached B=72 in 201 steps instead of B=80 in 145.) Hooks are attached for the
+measured steps only: an idle Python tensor hook still costs every backward a call per
+parameter. Everything stays on the device until :meth:`StepNormMeter.end_step`, whose single
+``.tolist()`` is the step's host sync.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -44,7 +59,7 @@ from autobatch.noise.micro_batch import (
 from autobatch.noise.per_example import PerExampleNormCollector
 from autobatch.train.distributed import DistInfo, all_reduce_gradients
 
-__all__ = ["StepNormMeter", "norms_from_totals"]
+__all__ = ["MeasureSchedule", "StepNormMeter", "norms_from_totals"]
 
 Method = Literal["micro", "per_example", "off"]
 
@@ -81,6 +96,78 @@ def norms_from_totals(
     )
 
 
+class MeasureSchedule:
+    """Which unsplit steps are split in two to measure the noise scale (module docstring).
+
+    Args:
+        every: measure every ``every``-th step, or ``"auto"``: the interval that keeps the
+            splits' cost within ``overhead`` of the training time, calibrated once from step
+            times at ``base_batch``.
+        overhead: the fraction of training time the splits may add (``"auto"`` only).
+        base_batch: ``B0``, the batch the calibration times (global examples).
+        smoothing: the estimator's EMA decay per step as configured (``gns_smoothing``).
+    """
+
+    #: Interval before the calibration, and the one whose memory :meth:`smoothing` keeps.
+    DEFAULT_EVERY = 8
+    #: Longest interval "auto" picks.
+    MAX_EVERY = 64
+    #: Unsplit and split steps timed (after ``_SKIP`` warm-up steps) for the calibration.
+    _TIMED = 5
+    _SKIP = 2
+
+    def __init__(self, every: int | Literal["auto"], *, overhead: float = 0.05, base_batch: int = 1,
+                 smoothing: float = 0.95) -> None:
+        if every != "auto" and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1 or 'auto' (got every={every!r})")
+        if not 0.0 < overhead < 1.0:
+            raise ValueError(f"overhead must be in (0, 1) (got overhead={overhead})")
+        self.every, self.overhead, self.base_batch, self.base_smoothing = every, overhead, base_batch, smoothing
+        self.split_cost: float | None = None  # c0, once calibrated
+        self._split_times: list[float] = []
+        self._plain_times: list[float] = []
+
+    def interval(self, batch: int) -> int:
+        """Steps between two measured (split) steps at global batch ``batch``."""
+        if self.every != "auto":
+            return self.every
+        if self.split_cost is None:
+            return self.DEFAULT_EVERY
+        cost = self.split_cost * math.sqrt(self.base_batch / max(batch, 1))
+        k = max(0, math.ceil(math.log2(max(cost / self.overhead, 1.0))))
+        return min(2**k, self.MAX_EVERY)
+
+    def smoothing(self, batch: int) -> float:
+        """The estimator's EMA decay per step at ``batch``: the configured one, raised when
+        measurements are sparser than every :attr:`DEFAULT_EVERY`-th step so that the decay
+        between two measurements stays ``smoothing ** DEFAULT_EVERY``."""
+        every = self.interval(batch)
+        if every <= self.DEFAULT_EVERY:
+            return self.base_smoothing
+        return max(self.base_smoothing, self.base_smoothing ** (self.DEFAULT_EVERY / every))
+
+    def observe(self, batch: int, seconds: float, split_to_measure: bool) -> None:
+        """Time one step for the calibration: ``split_to_measure`` if it was split only to be
+        measured (not by the memory cap, not under data parallelism)."""
+        if self.every != "auto" or self.split_cost is not None or batch != self.base_batch:
+            return
+        times = self._split_times if split_to_measure else self._plain_times
+        times.append(seconds)
+        if len(self._split_times) > self._SKIP + self._TIMED // 2 and len(self._plain_times) >= self._TIMED:
+            split = statistics.median(self._split_times[self._SKIP:])
+            plain = statistics.median(self._plain_times)
+            self.split_cost = max(split / plain - 1.0, 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"split_cost": self.split_cost, "split_times": list(self._split_times),
+                "plain_times": list(self._plain_times)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.split_cost = state["split_cost"]
+        self._split_times = [float(t) for t in state["split_times"]]
+        self._plain_times = [float(t) for t in state["plain_times"]]
+
+
 class StepNormMeter:
     """Per-step loss and gradient norms for ``autobatch.fit``.
 
@@ -93,17 +180,21 @@ class StepNormMeter:
         method: ``"micro"``, ``"per_example"`` or ``"off"`` (only the loss is read).
         info: this process's place in a data-parallel run.
         every: a step that gives no small batches for free is measured every ``every``
-            steps (see the module docstring)...
+            steps, or as a :class:`MeasureSchedule` decides (see the module docstring)...
         first: ...and every one of the first ``first`` steps, so that the estimator's
-            first window is as full as when every step is measured.
+            first decisions see as many measurements as when every step is measured.
         scaler: the AMP ``GradScaler`` whose scale is in the gradients, or None.
+        estimator: the estimator whose EMA decay follows the schedule's interval
+            (:meth:`MeasureSchedule.smoothing`), or None.
     """
 
-    def __init__(self, model: nn.Module, method: Method, info: DistInfo, *, every: int = 1,
-                 first: int = 0, scaler: torch.amp.GradScaler | None = None) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1 (got every={every})")
-        self.method, self.info, self.every, self.first, self.scaler = method, info, every, first, scaler
+    def __init__(self, model: nn.Module, method: Method, info: DistInfo, *,
+                 every: int | MeasureSchedule = 1, first: int = 0,
+                 scaler: torch.amp.GradScaler | None = None, estimator: Any = None) -> None:
+        self.schedule = every if isinstance(every, MeasureSchedule) else MeasureSchedule(every)
+        self.method, self.info, self.first, self.scaler = method, info, first, scaler
+        self.estimator = estimator
+        self._forced = False  # this step was split only to be measured
         self._model = model
         self._params = trainable_parameters(model)
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
@@ -111,6 +202,7 @@ class StepNormMeter:
         self._hooks: MicroBatchNormCollector | None = None
         self._per_example: PerExampleNormCollector | None = None
         self.measuring = False
+        self._timed = False
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
         self._done: list[int] = []  # examples of the micro-batches run this step
@@ -130,8 +222,9 @@ class StepNormMeter:
         """
         # Every rank decides alike (a rank may hold no example at the very end of an epoch):
         # from the step alone, not from its share.
-        due = step < self.first or step % self.every == 0
+        due = step < self.first or step % self.schedule.interval(num_examples) == 0
         sizes = micro_sizes(num_examples, 1) if num_examples else []
+        self._forced = False
         if self.method == "micro":
             # Small batches that come for free (the memory cap split the step, or ranks each
             # hold a share) are measured at every step; a step of one micro-batch only when due,
@@ -140,9 +233,20 @@ class StepNormMeter:
             self.measuring = free or due
             if self.measuring and not free and num_examples >= 2 * self.min_micro:
                 sizes = micro_sizes(num_examples, 2)
+                self._forced = True
+            self._timed = not free  # a step of one micro-batch, or one split only to be measured
         else:
             self.measuring = self.method == "per_example" and due
+            self._timed = False
         return sizes
+
+    def observe_time(self, batch: int, seconds: float) -> None:
+        """The step just finished took ``seconds`` at global batch ``batch``: feed the
+        schedule's calibration, and set the estimator's EMA decay for the interval at ``batch``."""
+        if self._timed:
+            self.schedule.observe(batch, seconds, self._forced)
+        if self.estimator is not None and self.schedule.every == "auto":
+            self.estimator.smoothing = self.schedule.smoothing(batch)
 
     def begin_step(self, sizes: list[int]) -> None:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
