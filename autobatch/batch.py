@@ -125,6 +125,9 @@ def forward_and_loss(
     """
     if forward_loss is not None:
         return check_scalar_loss(forward_loss(model, batch), "forward_loss"), None
+    if type(batch) is tuple and len(batch) >= 2 and loss_fn is not None:  # the common case, first
+        output = model(*batch[:-1])
+        return check_scalar_loss(loss_fn(output, batch[-1])), output
     if isinstance(batch, Mapping):
         output = model(**batch)
         if loss_fn is None:

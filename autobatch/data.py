@@ -87,6 +87,15 @@ class BatchSource:
             return tuple([t[idx if t.device == idx.device else idx.to(t.device)] for t in ds.tensors])
         return self.collate_fn([ds[int(i)] for i in indices])
 
+    def on_device(self, device: torch.device) -> bool:
+        """Whether every batch :meth:`batch` returns is already on ``device`` (in-memory
+        tensors there, collated by the fast path), so it need not be moved."""
+        ds = self.dataset
+        if self.collate_fn is not default_collate or not isinstance(ds, (TensorDataset, TensorDictDataset)):
+            return False
+        tensors = ds.tensors.values() if isinstance(ds, TensorDictDataset) else ds.tensors
+        return all(t.device == device for t in tensors)
+
     def sampler_order(self, epoch: int, seed: int = 0) -> torch.Tensor:
         """One epoch of the user's sampler: the indices it yields, as an int64 tensor.
 

@@ -98,6 +98,7 @@ class Setup:
     meter: StepNormMeter
     forward_loss: ForwardLoss | None = None
     loss_mode: Any = "examples"
+    move_batches: bool = True  # False when the data set's tensors already sit on the device
     scheduler: Any = None
     min_step: int = 1
     callbacks: list[Callback] = field(default_factory=list)
@@ -147,11 +148,11 @@ class Setup:
         """The next step's indices, and 1 if a step too small for the model (an epoch's
         tail) was carried into it or dropped (``config.data.small_tail``), else 0."""
         indices = self.stream.take(batch_size)
-        if len(indices) >= self.min_step:
+        if indices.shape[0] >= self.min_step:
             return indices, 0
         if self.cfg.data.small_tail == "drop":
             return self.stream.take(batch_size), 1
-        return torch.cat([indices, self.stream.take(batch_size - len(indices))]), 1
+        return torch.cat([indices, self.stream.take(batch_size - indices.shape[0])]), 1
 
     def clip_gradients(self, norms: StepGradNorms | None) -> None:
         """Clip the step's gradient to ``max_grad_norm`` (if set), after the norms were
@@ -328,6 +329,7 @@ def prepare(
         loss_mode=resolve_loss_items(loss_items, source.batch(torch.arange(1)), loss_fn=loss_fn,
                                      forward_loss=forward_loss),
         scheduler=scheduler, min_step=min_micro * info.world_size,
+        move_batches=not source.on_device(device),
         callbacks=list(callbacks),
         bar=progress_bar(cfg, total_samples(epochs, max_samples, n)) if info.is_main else None,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
@@ -462,8 +464,8 @@ class MicroBatchLoader:
     def micro_batches(self, indices: torch.Tensor, sizes: list[int]):
         chunks = torch.split(indices, sizes) if len(sizes) > 1 else (indices,)
         if self._loader is None:
-            for chunk in chunks:
-                yield len(chunk), self.source.batch(chunk)
+            for size, chunk in zip(sizes, chunks):
+                yield size, self.source.batch(chunk)
             return
         self._plan = [c.tolist() for c in chunks]
         yield from zip(sizes, self._loader)

@@ -38,7 +38,8 @@ __all__ = ["Accumulated", "forward_backward", "micro_batch_loss"]
 
 
 def micro_batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, device: torch.device,
-                     amp_dtype: torch.dtype | None, forward_loss: ForwardLoss | None = None) -> torch.Tensor:
+                     amp_dtype: torch.dtype | None, forward_loss: ForwardLoss | None = None, *,
+                     move: bool = True) -> torch.Tensor:
     """The mean loss of one micro-batch, by the batch protocol (:func:`autobatch.batch.forward_and_loss`).
 
     Args:
@@ -48,11 +49,13 @@ def micro_batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, devic
             is mean-reduced over the micro-batch's loss items.
         device: where the batch goes.
         amp_dtype: the autocast dtype, or None for full precision.
+        move: False when the batch is known to be on ``device`` already.
 
     Raises:
         ValueError: if the loss is not a scalar tensor.
     """
-    batch = move_to(batch, device)
+    if move:
+        batch = move_to(batch, device)
     if amp_dtype is None:  # even a disabled autocast context costs ~5% of a small CPU step
         return forward_and_loss(model, batch, loss_fn, forward_loss)[0]
     with torch.autocast(device.type, dtype=amp_dtype):
@@ -106,7 +109,7 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
     total = global_batch if s.loss_mode == "examples" else None
     while True:
         started = time.perf_counter()
-        sizes = s.meter.split(step, len(indices), s.controller.micro_sizes)
+        sizes = s.meter.split(step, indices.shape[0], s.controller.micro_sizes)
         batches, counts = s.loader.micro_batches(indices, sizes), None
         if s.loss_mode != "examples":
             # Items are counted before the first backward (the weights need the total), so the
@@ -158,7 +161,7 @@ def _accumulate(s: Setup, batches: Any, sizes: list[int], counts: list[int] | No
             if items == 0:  # all its targets ignored: nothing in the mean, and a NaN mean loss
                 continue
             loss = micro_batch_loss(s.forward_model, batch, s.loss_fn, s.device, s.amp_dtype,
-                                    s.forward_loss)
+                                    s.forward_loss, move=s.move_batches)
             weight = items / total
             if loss.dtype != torch.float32:
                 loss = loss.float()

@@ -197,7 +197,7 @@ def fit(
             epoch_before = stream.epoch
             indices, tail = s.take(controller.batch_size)  # an epoch tail too small is carried
             result.small_tails += tail
-            step_b = len(indices)
+            step_b = indices.shape[0]
             # 2. the LR for this B and step (x the user's schedule, on a clock in samples)
             s.set_lr(step, samples)
             nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it

@@ -81,8 +81,9 @@ class SampleStream:
         if n < 1:
             raise ValueError(f"take needs n >= 1 (got n={n})")
         order = self._epoch_order()
-        out = order[self.position : self.position + n]
-        self.position += len(out)
+        end = min(self.position + n, self.num_examples)
+        out = order[self.position : end]
+        self.position = end
         if self.position >= self.num_examples:
             self.epoch += 1
             self.position = 0
@@ -117,6 +118,8 @@ class SampleStream:
 def split_sizes(total: int, parts: int) -> list[int]:
     """Split ``total`` examples into ``parts`` nearly equal sizes (the first ones larger by one
     where it does not divide), dropping empty parts: ``split_sizes(10, 4) == [3, 3, 2, 2]``."""
+    if parts == 1:
+        return [total] if total > 0 else []
     if parts < 1:
         raise ValueError(f"parts must be >= 1 (got parts={parts})")
     base, extra = divmod(total, parts)

@@ -54,6 +54,7 @@ from autobatch.noise.micro_batch import (
     MicroBatchNormCollector,
     StepGradNorms,
     grad_sq_norm,
+    grad_sq_norm_of,
     trainable_parameters,
 )
 from autobatch.noise.per_example import PerExampleNormCollector
@@ -197,6 +198,7 @@ class StepNormMeter:
         self._forced = False  # this step was split only to be measured
         self._model = model
         self._params = trainable_parameters(model)
+        self._big_norm = grad_sq_norm_of(self._params)
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
         # a call per parameter (~10% of a small CNN's step) even when it records nothing.
         self._hooks: MicroBatchNormCollector | None = None
@@ -314,7 +316,7 @@ class StepNormMeter:
                 small, count, inv = self._small_batches(sizes, global_batch)
                 parts.append(small)
             if big_norm:
-                parts.append(grad_sq_norm(self._params))
+                parts.append(self._big_norm())
         self.remove()
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
