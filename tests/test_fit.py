@@ -391,3 +391,31 @@ def test_lr_is_base_times_rule_times_schedule_times_warmup() -> None:
     warmup = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0]
     decay = [1.0] * 4 + [0.5] * 4
     assert [r.lr for r in res.history] == pytest.approx([0.1 * w * d for w, d in zip(warmup, decay)])
+
+
+def test_auto_measurement_interval_follows_its_calibration_and_survives_a_resume(tmp_path) -> None:
+    from autobatch.train.checkpoint import load_checkpoint
+    from autobatch.train.step_norms import MeasureSchedule
+
+    x, y = _regression(n=4096)
+    args = dict(loss_fn=_mse, lr=0.01, initial_batch_size=16, policy="fixed", gns_every="auto",
+                checkpoint_dir=tmp_path, progress=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    first = autobatch.fit(model, (x, y), max_steps=100, **args)
+    saved = load_checkpoint(tmp_path)["measure_schedule"]
+    assert saved["split_cost"] is not None  # calibrated from this run's step times
+    sched = MeasureSchedule("auto", base_batch=16)
+    sched.load_state_dict(saved)
+    every = sched.interval(16)
+    assert every & (every - 1) == 0 and 1 <= every <= MeasureSchedule.MAX_EVERY  # a power of two
+    # The first 20 steps are all measured (split in two), then the calibration's interval.
+    split = [r.step for r in first.history if r.accum_steps == 2]
+    assert split[:20] == list(range(1, 21))
+    late = [s for s in split if s > 60]
+    assert late and all((s - 1) % every == 0 for s in late)
+    # A resumed run keeps the calibration: no new timing, the same interval.
+    second = autobatch.fit(model, (x, y), max_steps=200, resume=True, **args)
+    assert load_checkpoint(tmp_path)["measure_schedule"]["split_cost"] == saved["split_cost"]
+    resumed = [r.step for r in second.history[100:] if r.accum_steps == 2]
+    assert resumed == [s for s in range(101, 201) if (s - 1) % every == 0]
