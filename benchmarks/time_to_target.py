@@ -78,6 +78,7 @@ TASKS: dict[str, TaskSpec] = {
         sizes=(16, 32, 64, 128, 256), budget_epochs=15, cap_epochs=60, max_batch_size=1024,
         milestones=(3, 6, 12), decay=0.5, long_slack=0.005,
         adaptive=(
+            ("default (budget)", {}),  # fit's defaults: the budget policy, linear LR rule
             ("gns/adascale", {"policy": "gns", "lr_scaling": "adascale"}),
             ("gns/linear", {"policy": "gns", "lr_scaling": "linear"}),
             ("gns/adascale x0.5", {"policy": "gns", "lr_scaling": "adascale", "noise_multiplier": 0.5}),
@@ -301,15 +302,19 @@ def run_task(name: str, seeds: list[int], quick: bool, previous: dict | None = N
     b0 = ex.default_batch_size
     base_lr = tuned.get(b0) or ex.default_lr
     configs: list[tuple[str, int, float, dict[str, Any]]] = [
-        (f"fixed B={b}", b, tuned[b], {"policy": "fixed"}) for b in sizes if tuned[b] is not None
+        # Baselines at their fastest settings: nothing to measure at a fixed batch.
+        (f"fixed B={b}", b, tuned[b], {"policy": "fixed", "gns_method": "off"}) for b in sizes
+        if tuned[b] is not None
     ]
     milestones = list(spec.milestones)
     if spec.step_decay:
         configs.append((f"fixed B={b0} step decay", b0, base_lr,
-                        {"policy": "fixed", "lr_milestones": milestones, "lr_decay": spec.decay}))
+                        {"policy": "fixed", "gns_method": "off", "lr_milestones": milestones,
+                         "lr_decay": spec.decay}))
     if spec.ramp:
         configs.append((f"ramp B0={b0}", b0, base_lr,
-                        {"policy": "ramp", "lr_milestones": milestones, "lr_decay": spec.decay}))
+                        {"policy": "ramp", "gns_method": "off", "lr_milestones": milestones,
+                         "lr_decay": spec.decay}))
     for label, overrides in spec.adaptive:
         if not quick or label in spec.quick_adaptive:
             configs.append((label, b0, base_lr, overrides))
