@@ -419,3 +419,20 @@ def test_auto_measurement_interval_follows_its_calibration_and_survives_a_resume
     assert load_checkpoint(tmp_path)["measure_schedule"]["split_cost"] == saved["split_cost"]
     resumed = [r.step for r in second.history[100:] if r.accum_steps == 2]
     assert resumed == [s for s in range(101, 201) if (s - 1) % every == 0]
+
+
+def test_step_records_built_without_validation_equal_validated_ones() -> None:
+    # fit builds its per-step records with StepRecord.trusted (no validation); each must be
+    # exactly what validating the same values gives, field types included.
+    from autobatch.train.results import StepRecord
+
+    x, y = _regression(n=256)
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))  # noqa: E731
+    res = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=_mse, lr=0.05, epochs=2, initial_batch_size=16,
+                        lr_scheduler=sched, progress=False)
+    for record in res.history:
+        validated = StepRecord(**record.model_dump())
+        assert record == validated and record.model_dump() == validated.model_dump()
+        assert all(type(getattr(record, k)) is type(getattr(validated, k)) for k in StepRecord.model_fields)
+    assert {type(r.lr) for r in res.history} == {float} and res.history[-1].noise_scale_stderr > 0
+    assert StepRecord.trusted(**res.history[3].model_dump()) == res.history[3]
