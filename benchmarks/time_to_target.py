@@ -73,6 +73,8 @@ class TaskSpec:
     quick_adaptive: tuple[str, ...] = ()
 
 
+FASTEST_FIXED = {"policy": "fixed", "gns_method": "off", "lr_scaling": "none"}
+
 TASKS: dict[str, TaskSpec] = {
     "mnist1d": TaskSpec(
         sizes=(16, 32, 64, 128, 256), budget_epochs=15, cap_epochs=60, max_batch_size=1024,
@@ -302,19 +304,18 @@ def run_task(name: str, seeds: list[int], quick: bool, previous: dict | None = N
     b0 = ex.default_batch_size
     base_lr = tuned.get(b0) or ex.default_lr
     configs: list[tuple[str, int, float, dict[str, Any]]] = [
-        # Baselines at their fastest settings: nothing to measure at a fixed batch.
-        (f"fixed B={b}", b, tuned[b], {"policy": "fixed", "gns_method": "off"}) for b in sizes
+        # Baselines at their fastest settings: nothing to measure at a fixed batch (and no LR
+        # rule to apply: B stays B0).
+        (f"fixed B={b}", b, tuned[b], FASTEST_FIXED) for b in sizes
         if tuned[b] is not None
     ]
     milestones = list(spec.milestones)
     if spec.step_decay:
         configs.append((f"fixed B={b0} step decay", b0, base_lr,
-                        {"policy": "fixed", "gns_method": "off", "lr_milestones": milestones,
-                         "lr_decay": spec.decay}))
+                        {**FASTEST_FIXED, "lr_milestones": milestones, "lr_decay": spec.decay}))
     if spec.ramp:
         configs.append((f"ramp B0={b0}", b0, base_lr,
-                        {"policy": "ramp", "gns_method": "off", "lr_milestones": milestones,
-                         "lr_decay": spec.decay}))
+                        {"policy": "ramp", "lr_milestones": milestones, "lr_decay": spec.decay}))
     for label, overrides in spec.adaptive:
         if not quick or label in spec.quick_adaptive:
             configs.append((label, b0, base_lr, overrides))
