@@ -81,6 +81,7 @@ TASKS: dict[str, TaskSpec] = {
         milestones=(3, 6, 12), decay=0.5, long_slack=0.005,
         adaptive=(
             ("default (budget)", {}),  # fit's defaults: the budget policy, linear LR rule
+            ("default (gns_every=auto)", {"gns_every": "auto"}),  # measured steps within 5% of the time
             ("gns/adascale", {"policy": "gns", "lr_scaling": "adascale"}),
             ("gns/linear", {"policy": "gns", "lr_scaling": "linear"}),
             ("gns/adascale x0.5", {"policy": "gns", "lr_scaling": "adascale", "noise_multiplier": 0.5}),
