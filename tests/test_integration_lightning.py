@@ -277,3 +277,20 @@ def test_import_autobatch_imports_neither_trainer() -> None:
             "print(sorted(m for m in ('lightning', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_default_policys_stability_guard_sees_every_steps_loss() -> None:
+    # The budget policy (the default) cuts its LR factor when the smoothed training loss
+    # spikes; the callback must feed it each step's loss, as fit does. Reference: the guard's
+    # bias-corrected EMA recomputed from the callback's history.
+    x, y = regression_data()
+    torch.manual_seed(0)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
+    _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=1)
+    guard = cb.controller.policy.guard
+    losses = [r.train_loss for r in cb.history]
+    ema = weight = 0.0
+    for loss in losses[:-1]:  # each loss reaches the guard when the next step's LR is set
+        loss = min(loss, guard.outlier_clip * ema / weight) if weight else loss
+        ema, weight = guard.smoothing * ema + (1 - guard.smoothing) * loss, guard.smoothing * weight + (1 - guard.smoothing)
+    assert len(losses) > 50 and guard.smoothed_loss == pytest.approx(ema / weight, rel=1e-9)

@@ -153,3 +153,17 @@ def test_the_example_script_runs_and_learns(capsys) -> None:
     trainer = example.main(epochs=2.0)
     assert trainer.history[-1].train_loss < trainer.history[0].train_loss - 1.0
     assert "steps; B (step, size)" in capsys.readouterr().out
+
+
+def test_the_default_policys_stability_guard_sees_every_steps_loss(tmp_path) -> None:
+    # As in fit: each step's loss reaches the budget policy's guard (its bias-corrected EMA,
+    # recomputed here from the trainer's history).
+    trainer = _trainer(tmp_path, config={"policy": "budget"}, num_train_epochs=1)
+    trainer.train()
+    guard = trainer.batch_controller.policy.guard
+    losses = [r.train_loss for r in trainer.history]
+    ema = weight = 0.0
+    for loss in losses[:-1]:  # each loss reaches the guard when the next step's LR is set
+        loss = min(loss, guard.outlier_clip * ema / weight) if weight else loss
+        ema, weight = guard.smoothing * ema + (1 - guard.smoothing) * loss, guard.smoothing * weight + (1 - guard.smoothing)
+    assert len(losses) > 20 and guard.smoothed_loss == pytest.approx(ema / weight, rel=1e-9)

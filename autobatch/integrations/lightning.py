@@ -377,7 +377,8 @@ class AdaptiveBatchSize(pl.Callback):
         norms, loss = plan.get("norms"), plan.get("loss", math.nan)
         finite = math.isfinite(loss) and (norms is None or math.isfinite(norms.big_sq_norm))
         controller.observe(step=self._steps, epoch=epochs_done, samples=self._samples, batch_size=total,
-                           step_time_s=time.perf_counter() - plan["t0"], norms=norms if finite else None)
+                           step_time_s=time.perf_counter() - plan["t0"], norms=norms if finite else None,
+                           loss=loss if finite else None)  # the step's mean over all ranks, for the guard
         est = controller.estimator
         record = StepRecord(
             step=self._steps, epoch=epochs_done, samples=self._samples, batch_size=controller.batch_size,

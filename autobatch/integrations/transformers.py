@@ -385,7 +385,8 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         finite = math.isfinite(loss) and (norms is None or math.isfinite(norms.big_sq_norm))
         stream = self._stream
         controller.observe(step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=len(step),
-                           step_time_s=time.perf_counter() - pending["t0"], norms=norms if finite else None)
+                           step_time_s=time.perf_counter() - pending["t0"], norms=norms if finite else None,
+                           loss=loss if finite else None)  # for the default policy's stability guard
         est = controller.estimator
         self.history.append(StepRecord(
             step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=controller.batch_size,
