@@ -436,3 +436,24 @@ def test_step_records_built_without_validation_equal_validated_ones() -> None:
         assert all(type(getattr(record, k)) is type(getattr(validated, k)) for k in StepRecord.model_fields)
     assert {type(r.lr) for r in res.history} == {float} and res.history[-1].noise_scale_stderr > 0
     assert StepRecord.trusted(**res.history[3].model_dump()) == res.history[3]
+
+
+def test_an_oom_retry_leaves_no_trace_in_batchnorm_statistics() -> None:
+    # The failed attempt's forwards updated the running statistics before running out of
+    # memory; the retry must start from the buffers as they were before the step.
+    x, y = _regression(n=512, d=64)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 1))
+
+    model = make()
+    res = autobatch.fit(model, (x, y), loss_fn=_mse, lr=0.01, max_steps=3, initial_batch_size=256,
+                        policy="fixed", memory_budget=600_000, probe_memory=False, progress=False)
+    assert res.oom_retries >= 1
+    again = make()
+    ref = autobatch.fit(again, (x, y), loss_fn=_mse, lr=0.01, max_steps=3, initial_batch_size=256,
+                        policy="fixed", max_micro_batch_size=res.max_micro_batch_size, progress=False)
+    assert ref.oom_retries == 0 and [r.accum_steps for r in ref.history] == [r.accum_steps for r in res.history]
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked too

@@ -49,6 +49,12 @@ class NonFiniteSteps:
         if self._buffers:
             torch._foreach_copy_(self._copies, self._buffers)
 
+    def restore_buffers(self) -> None:
+        """Put the buffers back as :meth:`before_step` found them (after an attempt that ran
+        out of memory, whose forwards already updated BatchNorm statistics)."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._copies)
+
     def finite(self) -> None:
         """The step was finite and taken."""
         self.in_row = 0
@@ -65,8 +71,7 @@ class NonFiniteSteps:
         Raises:
             FloatingPointError: after ``max_in_row`` non-finite steps in a row.
         """
-        if self._buffers:
-            torch._foreach_copy_(self._buffers, self._copies)
+        self.restore_buffers()
         if self.scaler is not None and any(
             p.grad is not None for g in self.opt.param_groups for p in g["params"]
         ):

@@ -19,6 +19,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +88,8 @@ class Accumulated:
     total_items: int = 0
 
 
-def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: int) -> Accumulated:
+def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: int,
+                     before_retry: Callable[[], None] | None = None) -> Accumulated:
     """Run forward/backward over this rank's ``indices``, retrying the step after an OOM.
 
     Each micro-batch's mean loss is weighted by ``items_i / total_items`` before its backward
@@ -101,6 +103,8 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
         indices: this rank's share of the step's examples.
         global_batch: ``B``, examples in the step over all ranks.
         step: optimizer steps done before this one.
+        before_retry: called before the step is run again after an OOM (``fit`` puts the
+            buffers, e.g. BatchNorm statistics, back as they were before the step).
 
     Raises:
         ValueError: a step with no loss item on any rank (every target -100).
@@ -145,6 +149,8 @@ def forward_backward(s: Setup, indices: torch.Tensor, global_batch: int, step: i
         if not failed:
             return Accumulated(loss_sum, sizes, started, retries, unit, total)
         release_after_oom(s.model, s.opt, s.device)
+        if before_retry is not None:
+            before_retry()
         s.controller.on_oom(failed)
         retries += 1
 

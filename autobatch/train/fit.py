@@ -201,8 +201,8 @@ def fit(
             # 2. the LR for this B and step (x the user's schedule, on a clock in samples)
             s.set_lr(step, samples)
             nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it
-            # 3. forward/backward of every micro-batch; an OOM anywhere retries the step
-            acc = forward_backward(s, local_share(indices, info), step_b, step)
+            # 3. forward/backward of every micro-batch; an OOM anywhere retries the step (buffers reset)
+            acc = forward_backward(s, local_share(indices, info), step_b, step, nonfinite.restore_buffers)
             result.oom_retries += acc.oom_retries
             # 4. the loss and norms over all ranks: the step's one host sync is in end_step
             loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b, acc.loss_unit)
