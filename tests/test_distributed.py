@@ -142,3 +142,22 @@ def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tm
     if prune:  # rank 0's pruner stopped trials 1-3 on both ranks (no hang, same trials after)
         states = [t["state"] for t in r0["trials"]]
         assert states[1:] == ["PRUNED"] * 3, states
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_matches(tmp_path) -> None:
+    # Rank 1 alone is signalled; the flag rides in the step's gradient all-reduce, so both
+    # ranks stop after the same step (no collective of its own), rank 0 writes the checkpoint,
+    # and the resumed pair ends with the weights of a pair never stopped.
+    args = ("--max-steps", "30", "--policy", "gns", "--checkpoint", str(tmp_path / "ckpt"))
+    r0, r1 = _run(tmp_path / "stopped", *args, "--sigterm-rank1-at", "12", ranks=2)
+    assert r0["exit"] == r1["exit"] == 143
+    assert r0["last_step"] == r1["last_step"] == 13  # signalled after step 12's all-reduce
+    from autobatch.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "ckpt")["result"]["steps"] == 13
+    resumed = _run(tmp_path / "resumed", *args, "--resume", ranks=2)
+    full = _run(tmp_path / "full", "--max-steps", "30", "--policy", "gns", ranks=2)
+    assert resumed[0]["weights"] == resumed[1]["weights"] == full[0]["weights"]
+    assert resumed[0]["batch_sizes"] == full[0]["batch_sizes"] and resumed[0]["steps"] == 30

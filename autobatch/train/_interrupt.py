@@ -19,8 +19,10 @@ from there to the same weights and the same sample count as a run never interrup
 
 Handlers are installed only from the main thread (Python delivers signals there only), only
 over Python's defaults (a handler of the user's own is left alone), and the previous ones
-are put back when ``fit`` ends. Under ``torchrun`` every rank must stop at the same step, so
-the ranks agree on a pending signal with one small all-reduce per step.
+are put back when ``fit`` ends. Under ``torchrun`` every rank must stop at the same step: each
+rank's pending signal rides in the step's gradient all-reduce (:meth:`DeferredSignals.flags`,
+summed over ranks), so the ranks agree without a collective or host sync of their own; a
+signal that arrives after a rank's all-reduce is agreed on in the next step's.
 """
 
 from __future__ import annotations
@@ -68,16 +70,28 @@ class DeferredSignals:
             raise KeyboardInterrupt  # the second Ctrl-C: leave now
         self.pending = self.pending or signum
 
-    def check(self) -> None:
+    def flags(self) -> tuple[float, float]:
+        """``(SIGTERM, SIGINT)`` pending on this rank, each 0 or 1: what the step's all-reduce
+        sums over ranks for :meth:`check`."""
+        return float(self.pending == signal.SIGTERM), float(self.pending == signal.SIGINT)
+
+    def check(self, agreed: tuple[float, float] | None = None) -> None:
         """Raise for a signal received since the last call (between two steps only).
 
+        Args:
+            agreed: under data parallelism, :meth:`flags` summed over ranks by the last step's
+                all-reduce; None: agree with a small all-reduce of its own (before the first
+                step, after the last). Every rank stops at the same step, or one waits forever.
+
         Raises:
-            KeyboardInterrupt: after SIGINT.
-            Preempted: after SIGTERM.
+            KeyboardInterrupt: after SIGINT (on any rank).
+            Preempted: after SIGTERM (on any rank; it wins over SIGINT).
         """
         pending = self.pending or 0
-        if self.info.enabled:  # every rank stops at the same step, or one waits forever
+        if self.info.enabled and agreed is None:
             pending = int(agree_max(pending, self.info, self.device))
+        elif self.info.enabled:
+            pending = signal.SIGTERM if agreed[0] > 0 else signal.SIGINT if agreed[1] > 0 else 0
         if pending:
             self.pending = None
             raise Preempted() if pending == signal.SIGTERM else KeyboardInterrupt

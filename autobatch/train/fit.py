@@ -192,7 +192,7 @@ def fit(
     signals = DeferredSignals(s.info, s.device)  # SIGINT/SIGTERM wait for the step to finish
     try:
         while (reason := s.stop_reason(step, samples)) is None:
-            signals.check()  # here, between steps, a checkpoint describes one moment
+            signals.check(s.meter.agreed_signals)  # between steps, a checkpoint describes one moment
             # 1. the step's examples, in the epoch's seeded order, and this rank's share
             epoch_before = stream.epoch
             indices, tail = s.take(controller.batch_size)  # an epoch tail too small is carried
@@ -205,7 +205,7 @@ def fit(
             acc = forward_backward(s, local_share(indices, info), step_b, step, nonfinite.restore_buffers)
             result.oom_retries += acc.oom_retries
             # 4. the loss and norms over all ranks: the step's one host sync is in end_step
-            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b, acc.loss_unit)
+            loss_sum, norms = s.meter.end_step(acc.loss_sum, acc.sizes, step_b, acc.loss_unit, signals.flags())
             train_loss = loss_sum / acc.total_items  # the mean over the step's loss items
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 5. the optimizer step, unless the loss or gradient is not finite

@@ -205,6 +205,7 @@ class StepNormMeter:
         self._per_example: PerExampleNormCollector | None = None
         self.measuring = False
         self._timed = False
+        self.agreed_signals: tuple[float, float] | None = None  # see end_step
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
         self._done: list[int] = []  # examples of the micro-batches run this step
@@ -280,8 +281,9 @@ class StepNormMeter:
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
 
-    def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int],
-                 global_batch: int, loss_unit: int | None = None) -> tuple[float, StepGradNorms | None]:
+    def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int], global_batch: int,
+                 loss_unit: int | None = None,
+                 signal_flags: tuple[float, float] = (0.0, 0.0)) -> tuple[float, StepGradNorms | None]:
         """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
 
         Args:
@@ -291,6 +293,9 @@ class StepNormMeter:
             global_batch: ``B``, examples in the step over all ranks.
             loss_unit: what ``loss_sum`` was divided by (default ``sizes[0]``: the loss
                 items are the examples).
+            signal_flags: this rank's pending signals (``DeferredSignals.flags``); under data
+                parallelism they are summed over ranks with the gradients and left in
+                :attr:`agreed_signals` (None on one process).
 
         Returns:
             ``(loss_sum, norms)``: the loss summed over the step's loss items (all ranks),
@@ -305,7 +310,8 @@ class StepNormMeter:
             unit = loss_unit if loss_unit is not None else sizes[0] if sizes else 0
             loss_sum = loss_sum * unit if loss_sum is not None else torch.zeros((), device=device)
             totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
-                                  torch.full((), inv, device=device)])
+                                  torch.full((), inv, device=device),
+                                  *(torch.full((), f, device=device) for f in signal_flags)])
             totals, flat = all_reduce_gradients(self._params, self.info, totals)
             parts = [totals]
             if big_norm:
@@ -330,6 +336,7 @@ class StepNormMeter:
         scale = values.pop() if self.scaler is not None else 1.0
         if self.info.enabled:
             loss_total, small_sum, count, inv = values[:4]
+            self.agreed_signals = (values[4], values[5])
         else:
             loss_total = values[0] * (loss_unit if loss_unit is not None else sizes[0])
             small_sum = values[1] if self.measuring else math.nan

@@ -8,6 +8,7 @@ process (plain `python ddp_worker.py OUT ...`).
 import argparse
 import json
 import os
+import signal
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--lr-scaling", default=None)
     p.add_argument("--max-micro", type=int, default=None, help="max_micro_batch_size")
     p.add_argument("--rank1-budget", type=int, default=None, help="memory budget on rank 1 only")
+    p.add_argument("--sigterm-rank1-at", type=int, default=None,
+                   help="rank 1 sends itself SIGTERM at the end of this step")
     args = p.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -38,15 +41,37 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     rank = int(os.environ.get("RANK", "0"))
     budget = {"memory_budget": args.rank1_budget, "probe_memory": False} if args.rank1_budget and rank == 1 else {}
-    res = autobatch.fit(
+    seen = []
+
+    class Steps(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            seen.append(record.step)
+            if rank == 1 and record.step == args.sigterm_rank1_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # held by fit until the step is done
+
+    try:
+        res = _fit(model, x, y, args, budget, [Steps()])
+    except SystemExit as err:  # fit's Preempted, after the checkpoint
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
+            json.dump({"rank": rank, "exit": err.code, "last_step": seen[-1]}, fh)
+        return
+    write(args, rank, model, res)
+
+
+def _fit(model, x, y, args, budget, callbacks):
+    return autobatch.fit(
         model, (x, y), loss_fn=lambda o, t: ((o - t) ** 2).mean(), lr=args.lr,
         max_steps=args.max_steps, initial_batch_size=args.batch, policy=args.policy,
         decide_every=4, gns_smoothing=args.smoothing, progress=False,
         checkpoint_dir=args.checkpoint, resume=args.resume,
         optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
         max_micro_batch_size=args.max_micro, gns_method=args.gns_method, lr_scaling=args.lr_scaling,
-        **budget,
+        callbacks=callbacks, **budget,
     )
+
+
+def write(args, rank, model, res) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     last = res.history[-1]
     est = [r for r in res.history if r.noise_scale == r.noise_scale]
