@@ -119,6 +119,17 @@ def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_me
     assert sched.smoothing(4096) == 0.95
     sched.observe(16, 5.0, split_to_measure=True)  # calibrated once: later times change nothing
     assert sched.split_cost == pytest.approx(0.9)
+    # The policy moved B before any unsplit step at B0: the calibration compares steps at the
+    # batch they share, referred to B0 (a split at 64 costs 0.45 = 0.9 x sqrt(16/64)).
+    moved = MeasureSchedule("auto", overhead=0.05, base_batch=16)
+    for _ in range(12):
+        moved.observe(16, 1.9e-3, split_to_measure=True)
+    for _ in range(3):
+        moved.observe(64, 2.0e-3, split_to_measure=False)
+    assert moved.split_cost is None  # no split step at 64 yet
+    for _ in range(3):
+        moved.observe(64, 2.9e-3, split_to_measure=True)
+    assert moved.split_cost == pytest.approx(0.9) and moved.interval(64) == 16
     again = MeasureSchedule("auto", overhead=0.05, base_batch=16)
     again.load_state_dict(sched.state_dict())
     assert again.interval(16) == 32

@@ -15,9 +15,9 @@ is always measured. A step of one micro-batch is measured on each of the first `
 forward/backward at half size). :class:`MeasureSchedule` chooses ``every``: given (``fit``'s
 default is 8), or ``"auto"``, so that the splits add at most ``overhead`` (a fraction, default
 5%) to the training time.
-"auto" times the first split steps and a few unsplit steps at the base batch ``B0`` once (the
-relative cost ``c0`` of a split), then measures every ``2^k``-th step, the smallest power of
-two with ``c(B) / 2^k <= overhead``, where ``c(B) = c0 sqrt(B0 / B)``: a split costs one more
+"auto" compares the first split steps with unsplit steps at the same batch once (the relative
+cost of a split, referred to the base batch ``B0``: ``c0``), then measures every ``2^k``-th
+step, the smallest power of two with ``c(B) / 2^k <= overhead``, where ``c(B) = c0 sqrt(B0 / B)``: a split costs one more
 call's fixed overhead, which weighs less in a bigger step (MNIST-1D CNN on one CPU thread:
 0.98 at B=16, 0.78 at 64, 0.41 at 256; a 1.1M-parameter MLP 0.09 at 256). The calibration is
 kept in checkpoints, so a resumed run measures the same steps; two fresh runs can calibrate to
@@ -102,10 +102,10 @@ class MeasureSchedule:
 
     Args:
         every: measure every ``every``-th step, or ``"auto"``: the interval that keeps the
-            splits' cost within ``overhead`` of the training time, calibrated once from step
-            times at ``base_batch``.
+            splits' cost within ``overhead`` of the training time, calibrated once from the
+            times of split and unsplit steps at the same batch (:meth:`observe`).
         overhead: the fraction of training time the splits may add (``"auto"`` only).
-        base_batch: ``B0``, the batch the calibration times (global examples).
+        base_batch: ``B0``, the batch the calibration is referred to (global examples).
         smoothing: the estimator's EMA decay per step as configured (``gns_smoothing``).
     """
 
@@ -113,9 +113,11 @@ class MeasureSchedule:
     DEFAULT_EVERY = 8
     #: Longest interval "auto" picks.
     MAX_EVERY = 64
-    #: Unsplit and split steps timed (after ``_SKIP`` warm-up steps) for the calibration.
-    _TIMED = 5
+    #: Steps ignored at the start (allocator and cache warm-up), then split steps needed for
+    #: the calibration, each with at least :attr:`_PLAIN` unsplit steps at the same batch.
     _SKIP = 2
+    _SPLITS = 3
+    _PLAIN = 3
 
     def __init__(self, every: int | Literal["auto"], *, overhead: float = 0.05, base_batch: int = 1,
                  smoothing: float = 0.95) -> None:
@@ -124,9 +126,10 @@ class MeasureSchedule:
         if not 0.0 < overhead < 1.0:
             raise ValueError(f"overhead must be in (0, 1) (got overhead={overhead})")
         self.every, self.overhead, self.base_batch, self.base_smoothing = every, overhead, base_batch, smoothing
-        self.split_cost: float | None = None  # c0, once calibrated
-        self._split_times: list[float] = []
-        self._plain_times: list[float] = []
+        self.split_cost: float | None = None  # c0 (at base_batch), once calibrated
+        self._seen = 0
+        self._split_times: dict[int, list[float]] = {}  # batch -> seconds of split steps
+        self._plain_times: dict[int, list[float]] = {}  # batch -> seconds of unsplit steps
 
     def interval(self, batch: int) -> int:
         """Steps between two measured (split) steps at global batch ``batch``."""
@@ -149,24 +152,36 @@ class MeasureSchedule:
 
     def observe(self, batch: int, seconds: float, split_to_measure: bool) -> None:
         """Time one step for the calibration: ``split_to_measure`` if it was split only to be
-        measured (not by the memory cap, not under data parallelism)."""
-        if self.every != "auto" or self.split_cost is not None or batch != self.base_batch:
+        measured (not by the memory cap, not under data parallelism).
+
+        A split step is compared with the unsplit steps at the same batch (the policy may move
+        the batch meanwhile); each batch's relative cost is referred to ``base_batch`` by the
+        ``sqrt`` model above, and the calibration is their median, fixed from then on.
+        """
+        if self.every != "auto" or self.split_cost is not None:
             return
-        times = self._split_times if split_to_measure else self._plain_times
-        times.append(seconds)
-        if len(self._split_times) > self._SKIP + self._TIMED // 2 and len(self._plain_times) >= self._TIMED:
-            split = statistics.median(self._split_times[self._SKIP:])
-            plain = statistics.median(self._plain_times)
-            self.split_cost = max(split / plain - 1.0, 0.0)
+        self._seen += 1
+        if self._seen <= self._SKIP:
+            return
+        (self._split_times if split_to_measure else self._plain_times).setdefault(batch, []).append(seconds)
+        costs = [
+            (statistics.median(split) / statistics.median(self._plain_times[b]) - 1.0) * math.sqrt(b / self.base_batch)
+            for b, split in self._split_times.items() if len(self._plain_times.get(b, ())) >= self._PLAIN
+            for _ in split  # one vote per split step
+        ]
+        if len(costs) >= self._SPLITS:
+            self.split_cost = max(statistics.median(costs), 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"split_cost": self.split_cost, "split_times": list(self._split_times),
-                "plain_times": list(self._plain_times)}
+        return {"split_cost": self.split_cost, "seen": self._seen,
+                "split_times": {b: list(t) for b, t in self._split_times.items()},
+                "plain_times": {b: list(t) for b, t in self._plain_times.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.split_cost = state["split_cost"]
-        self._split_times = [float(t) for t in state["split_times"]]
-        self._plain_times = [float(t) for t in state["plain_times"]]
+        self._seen = int(state.get("seen", 0))
+        self._split_times = {int(b): [float(x) for x in t] for b, t in state["split_times"].items()}
+        self._plain_times = {int(b): [float(x) for x in t] for b, t in state["plain_times"].items()}
 
 
 class StepNormMeter:
