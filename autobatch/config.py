@@ -185,8 +185,8 @@ class EstimatorConfig(_Section):
         gns_every: with ``gns_method="micro"``, a step of one micro-batch is split in two to
             be measured every ``gns_every``-th step (and on each of the estimator's first
             ``1/(1-gns_smoothing)`` steps); steps split by the memory cap or shared by
-            data-parallel ranks are measured at every step for free. ``"auto"``: the longest
-            interval (a power of two, up to 64) that keeps the splits within
+            data-parallel ranks are measured at every step for free. ``"auto"``: every 8th
+            step, or less often (a power of two, up to 64) where that keeps the splits within
             ``gns_overhead`` of the training time, calibrated from step times
             (:class:`~autobatch.train.step_norms.MeasureSchedule`), with the estimator's
             memory stretched to hold as many measurements; faster on small models, but two

@@ -106,13 +106,17 @@ def test_off_meter_reads_only_the_loss() -> None:
 def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_measurements() -> None:
     sched = MeasureSchedule("auto", overhead=0.05, base_batch=16, smoothing=0.95)
     assert sched.interval(16) == MeasureSchedule.DEFAULT_EVERY  # not calibrated yet
-    for _ in range(6):  # the first window: split steps at 1.9 ms...
-        sched.observe(16, 1.9e-3, split_to_measure=True)
-    for _ in range(5):  # ...then unsplit ones at 1.0 ms: a split costs 0.9 of a step
+    for _ in range(6):  # the first window's split steps (warm-up): not counted
+        sched.observe(16, 9.9e-3, split_to_measure=True)
+    for _ in range(8):  # unsplit steps at 1.0 ms...
         sched.observe(16, 1.0e-3, split_to_measure=False)
+    for _ in range(2):  # ...among which split ones at 1.9 ms: a split costs 0.9 of a step
+        sched.observe(16, 1.9e-3, split_to_measure=True)
+    assert sched.split_cost is None  # two split steps are not enough
+    sched.observe(16, 1.9e-3, split_to_measure=True)
     assert sched.split_cost == pytest.approx(0.9)
-    # 0.9 / 2^k <= 5%: k = 5; at B = 64 the cost halves (sqrt(16/64)): k = 4
-    assert [sched.interval(b) for b in (16, 64, 256, 4096)] == [32, 16, 8, 2]
+    # 0.9 / 2^k <= 5%: k = 5; at B = 64 the cost halves (sqrt(16/64)): k = 4; never below 8
+    assert [sched.interval(b) for b in (16, 64, 256, 4096)] == [32, 16, 8, 8]
     assert all(sched.split_cost * (16 / b) ** 0.5 / sched.interval(b) <= 0.05 for b in (16, 64, 256, 4096))
     # The decay between two measurements stays that of every 8th step at 0.95.
     assert sched.smoothing(16) ** 32 == pytest.approx(0.95**8)
@@ -124,7 +128,7 @@ def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_me
     moved = MeasureSchedule("auto", overhead=0.05, base_batch=16)
     for _ in range(12):
         moved.observe(16, 1.9e-3, split_to_measure=True)
-    for _ in range(3):
+    for _ in range(8):
         moved.observe(64, 2.0e-3, split_to_measure=False)
     assert moved.split_cost is None  # no split step at 64 yet
     for _ in range(3):

@@ -15,13 +15,16 @@ forward, backward, step), at the same fixed batch and number of steps.
 
 ## Protocol
 
-Each case trains a freshly seeded copy of one model for the same steps at a fixed B, five ways,
+Each case trains a freshly seeded copy of one model for the same steps at a fixed B, six ways,
 alternating in rounds ({rounds} rounds, the order rotating, after a warm-up round), one torch
 thread, {timer}:
 
 - **plain**: the user's loop; **control**: the same loop timed as a variant (the harness's noise);
 - **off**: `fit(policy="fixed", lr_scaling="none", gns_method="off")`: the loop's machinery only;
-- **micro**: the same with the noise-scale estimator on (the default `gns_method`);
+- **micro**: the same with the noise-scale estimator on (the default `gns_method`, measuring every
+  8th step: the default `gns_every`);
+- **micro, auto interval**: `gns_every="auto"`, the measuring interval chosen so that the split
+  steps add at most 5% (`gns_overhead`), calibrated from the run's own step times;
 - **per_example**: with exact per-example norms.
 
 A ratio is the median over rounds of variant time / plain time in the same round. With the
@@ -51,15 +54,15 @@ standard error of the estimate. On models whose step is tens of milliseconds (ch
 
 def render(data: Any, source: Path) -> Page:
     cases, targets = data["cases"], data["targets"]
-    variants = ["control", "off", "micro", "per_example"]
+    variants = ["control", "off", "micro", "micro_auto", "per_example"]
 
     def cell(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}x"
 
     rows = [[name, f"{c['params']:,}", str(c["batch_size"]), f"{c['plain_ms_per_step']:.2f} ms",
              *[cell(c["ratio"].get(v)) for v in variants]] for name, c in cases.items()]
-    tbl = table(["case", "params", "B", "plain step", "control", "off", "micro (on)", "per-example"], rows,
-                "lrrrrrrr")
+    tbl = table(["case", "params", "B", "plain step", "control", "off", "micro (on)", "micro, auto interval",
+                 "per-example"], rows, "lrrrrrrrr")
     checks = [(case, variant, target, cases[case]["ratio"].get(variant))
               for case, per in targets.items() for variant, target in per.items() if case in cases]
     verdicts = listing([f"{case} {variant} {cell(got)} (target <= {target}x) {verdict(got is not None and got <= target)}"
