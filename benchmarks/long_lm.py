@@ -208,6 +208,15 @@ def _run(arm: str, batch_size: int, lr: float, seed: int, overrides: dict[str, A
 
 
 FIXED = {"policy": "fixed", "gns_method": "off", "lr_scaling": "none"}
+_RAMP = {"policy": "ramp", "lr_milestones": RAMP_MILESTONES, "lr_decay": 0.5, "max_batch_size": SIZES[-1],
+         "gns_method": "off"}
+#: The arms that start at the smallest size with its tuned LR (fit overrides); run to OVERRUN x budget.
+ARMS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gns": {"policy": "gns"},
+    "ramp": {**_RAMP, "lr_scaling": "linear"},  # the default fit's rule for AdamW (budget: linear, x2 cap)
+    "ramp-constant-lr": {**_RAMP, "lr_scaling": "none"},  # Megatron's ramp leaves the LR alone
+}
 
 
 def tuned_lrs(runs: list[dict[str, Any]]) -> dict[int, float]:
@@ -246,7 +255,8 @@ def pilot() -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phase", nargs="+", default=["pilot", "tune", "fixed", "default", "ramp", "gns"],
-                   choices=["pilot", "tune", "fixed", "default", "ramp", "gns", "summary"])
+                   choices=["pilot", "tune", "fixed", *ARMS, "summary"],
+                   help="what to run (runs already in the JSON are kept); 'summary' only recomputes it")
     args = p.parse_args()
     torch.set_num_threads(1)
     if "pilot" in args.phase:
@@ -261,14 +271,9 @@ def main() -> None:
         if "fixed" in args.phase:
             for b in SIZES:
                 _run("fixed", b, lrs[b], seed, FIXED)
-        if "default" in args.phase:
-            _run("default", b0, lrs[b0], seed, {}, OVERRUN)
-        if "ramp" in args.phase:
-            _run("ramp", b0, lrs[b0], seed, {"policy": "ramp", "lr_milestones": RAMP_MILESTONES, "lr_decay": 0.5,
-                                             "max_batch_size": SIZES[-1], "lr_scaling": "linear",
-                                             "gns_method": "off"}, OVERRUN)
-        if "gns" in args.phase:
-            _run("gns", b0, lrs[b0], seed, {"policy": "gns"}, OVERRUN)
+        for arm, overrides in ARMS.items():
+            if arm in args.phase:
+                _run(arm, b0, lrs[b0], seed, overrides, OVERRUN)
     data = load()
     data.update(settings())
     data["summary"] = summarise(data["runs"])
@@ -284,7 +289,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     for r in sorted(runs, key=lambda r: -r["lr"]) if r["arm"] == "pilot" and r["noise_growth"]]
     arms: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        if r["arm"] in ("fixed", "default", "ramp", "gns") and r["seed"] in SEEDS:
+        if (r["arm"] == "fixed" or r["arm"] in ARMS) and r["seed"] in SEEDS:
             label = f"fixed B={r['batch_size']}" if r["arm"] == "fixed" else r["arm"]
             arms.setdefault(label, []).append(r)
     fixed = {k: v for k, v in arms.items() if k.startswith("fixed") and len(v) == len(SEEDS)}
@@ -302,8 +307,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for r in rows:
             hit = reach(r["curve"], target)
             per_seed.append({"seed": r["seed"], "reached": hit,
-                             "ratios": None if hit is None else {
-                                 k: hit[k] / ref[k] for k in ("steps", "samples", "wall_s")}})
+                             "ratios": None if hit is None else {"steps": hit["step"] / ref["steps"],
+                                 "samples": hit["samples"] / ref["samples"], "wall_s": hit["wall_s"] / ref["wall_s"]}})
         ratios = [s["ratios"] for s in per_seed]
         med = None
         if len(rows) == len(SEEDS):

@@ -32,6 +32,8 @@ samples and in less time?
 - `ramp`: batch warm-up as Megatron and OLMo do it, B x2 at epochs {milestones} ({b0} ->
   {bmax}), at B = {b0}'s tuned LR with the default fit's LR rule for AdamW (`linear`, the
   factor capped at `max_lr_factor` = 2), estimator off.
+- `ramp-constant-lr`: the same ramp with `lr_scaling="none"` (the LR stays at B = {b0}'s, as
+  Megatron's batch ramp-up leaves it).
 - `default`: `autobatch.fit` with its defaults (policy `budget`: linear LR rule, factor <= 2,
   so under a sample budget B <= 2 x B0) from B0 = {b0} at its tuned LR; `gns`: the same with
   `policy="gns"`. Seeds {seeds}.
@@ -84,7 +86,7 @@ COMMENTARY = """\
 Commentary to be written against the final figures.
 """
 
-ARM_ORDER = ("default", "gns", "ramp")
+ARM_ORDER = ("default", "gns", "ramp", "ramp-constant-lr")
 
 
 def _ratio(x: float | None) -> str:
