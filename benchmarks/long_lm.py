@@ -28,7 +28,7 @@ to first reach it are interpolated on its eval curve, and divided by the best fi
 median figures over its run. Must show (issue 11): the default reaches the target in <= 0.6x the
 steps at <= 1.2x the samples and less wall time, median of 3 seeds.
 
-    python -m benchmarks.long_lm                  # all 41 runs, ~40 min on 1 core (45-60 s a run)
+    python -m benchmarks.long_lm                  # all 42 runs, ~40 min on 1 core (45-60 s a run)
     python -m benchmarks.long_lm --phase pilot    # the noise-scale growth check, ~2 min
     python -m benchmarks.long_lm --phase summary  # recompute the summary from the runs
 

@@ -43,10 +43,11 @@ samples and in less time?
 - Target: the best fixed B's mean final loss over seeds {seeds}. Every run's steps, samples
   and wall time to first reach it are interpolated (linearly in loss) between evaluations,
   and divided by the best fixed B's median steps, samples and wall time over its whole run.
-- Machine: {machine}. Wall times are indicative only. Commit `{commit}`.
+- Machine: {machine}. Wall times are indicative only. Commit `{commit}` (`-dirty`: the
+  benchmark's own files were being written; `autobatch/` was unchanged).
 
 ```bash
-python -m benchmarks.long_lm                 # all phases (41 runs, ~40 min), resumable
+python -m benchmarks.long_lm                 # all phases (42 runs, ~40 min), resumable
 python -m benchmarks.long_lm --phase pilot   # the noise-scale check alone
 ```
 
