@@ -1,9 +1,10 @@
-"""The plain maths of benchmarks/time_to_target.py against hand-computed answers."""
+"""The plain maths of benchmarks/time_to_target.py and long_lm.py against hand-computed answers."""
 
 import math
 
 import pytest
 
+from benchmarks import long_lm
 from benchmarks import time_to_target as ttt
 
 
@@ -25,3 +26,21 @@ def test_first_reach_needs_consecutive_evaluations() -> None:
     assert ttt.first_reach(curve, 0.9, True, sustain=1)["samples"] == 1
     assert ttt.first_reach(curve, 0.99, True, sustain=1) is None
     assert not ttt.meets(float("nan"), 0.0, False)
+
+
+def test_long_lm_reach_interpolates_between_evaluations() -> None:
+    curve = [{"step": 10 * i, "samples": 160 * i, "wall_s": 1.0 * i, "loss": loss}
+             for i, loss in enumerate([3.0, 2.0, 1.6, 1.2, 1.5])]
+    # 1.5 lies a quarter of the way from 1.6 (step 20) to 1.2 (step 30)
+    assert long_lm.reach(curve, 1.5) == pytest.approx({"step": 22.5, "samples": 360.0, "wall_s": 2.25})
+    assert long_lm.reach(curve, 3.5) == {"step": 0, "samples": 0, "wall_s": 0.0}  # met at the first eval
+    assert long_lm.reach(curve, 1.0) is None
+    curve[1]["loss"] = None  # a diverged evaluation never counts
+    assert long_lm.reach(curve, 1.9)["step"] == pytest.approx(0 + 20 * (3.0 - 1.9) / (3.0 - 1.6))
+
+
+def test_long_lm_growth_compares_first_5_and_last_10_percent_of_ready_values() -> None:
+    noise = [math.nan] * 7 + [2.0] * 5 + [5.0] * 75 + [40.0] * 10 + [math.nan]  # 90 ready values
+    g = long_lm.growth(noise)
+    assert (g["first"], g["last"], g["growth"], g["ready_steps"]) == (2.0, 40.0, 20.0, 90)
+    assert long_lm.growth([1.0] * 19) is None  # too few ready steps to say
