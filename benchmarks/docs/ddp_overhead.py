@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.docs._md import Page, listing, num, span, table, times, verdict
 
-written_for = "740405a1e26e"  # the commentary was checked against these results
+written_for = "01f643646f6e"  # the commentary was checked against these results
 
 TEMPLATE = """\
 What the noise-scale estimator adds to a data-parallel training step (`fit` under torchrun).
@@ -46,8 +46,14 @@ model only roughly against a 3% target, and a rerun on a busier machine can land
 side of it (the run recorded load average {load}). With the estimator on, each rank's local
 gradient is one small batch: its squared norm is taken before the all-reduce, and the loss and
 norm totals ride in the same all-reduce as the gradients (no extra collective); the global
-norm is read from the reduced flat buffer ({grad_mb:.0f} MB on the largest model). The small
-model's step is a few milliseconds, so that fixed work shows most there.
+norm is read from the reduced flat buffer ({grad_mb:.0f} MB on the largest model). The local
+norm and the global one are two more passes over the gradients besides the copy into the
+flat buffer, a few percent of a step on this CPU's memory bandwidth at every size, which is
+where the medium and large models sit against the target. A pending SIGINT or SIGTERM rides
+in the same all-reduce too (both variants), so the loop has no collective of its own.
+The gradient all-reduce still runs after the step's last backward, not overlapped with it:
+the ranks first agree on any out-of-memory error (before any collective), which DDP's
+bucketed reducer, starting its all-reduces during the backward, would not allow.
 """
 
 
