@@ -85,6 +85,7 @@ FIT_CNN = ["fit", "--example", "mnist1d", "--max-steps", "2", "--no-progress"]
         (["tune", "--example", "synthetic", "--storage", "studies.db"],
          r"autobatch tune: error: storage 'studies.db' is not a URL"),
         (["fit", "--example", "nosuch"], r"argument --example: invalid choice: 'nosuch'"),
+        ([*FIT, "--gns-every", "0"], r"argument --gns-every: must be an integer >= 1, or 'auto' \(got '0'\)"),
     ],
 )
 def test_a_bad_setting_prints_one_line_and_exits_2(argv, message, capsys, tmp_path, monkeypatch) -> None:
@@ -118,6 +119,11 @@ def test_given_values_are_used_not_replaced_by_the_example_defaults(tmp_path, ca
     history = json.loads((tmp_path / "synthetic-fixed.json").read_text())["history"]
     assert [r["batch_size"] for r in history] == [5, 5, 5]
     assert history[0]["lr"] == pytest.approx(0.001)
+    # --gns-every: after the estimator's first 20 steps (all measured), every 4th step is split
+    code = main([*FIT, "--max-steps", "40", "--policy", "fixed", "--gns-every", "4", "--out", str(tmp_path)])
+    assert code == 0
+    history = json.loads((tmp_path / "synthetic-fixed.json").read_text())["history"]
+    assert [r["step"] for r in history if r["accum_steps"] == 2] == [*range(1, 21), 21, 25, 29, 33, 37]
 
 
 def test_checkpoint_dir_and_resume_continue_a_run_exactly(tmp_path, capsys) -> None:

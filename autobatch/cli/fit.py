@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="LR rule between batch sizes (default: by optimizer)")
     p.add_argument("--max-lr-factor", type=_lr_factor, default=None,
                    help="cap on the LR scaling factor, > 0 (default 2; 'none' removes the cap)")
+    p.add_argument("--gns-every", type=_every, default=None,
+                   help="split a step in two to measure the noise scale every N steps (default 8), or "
+                        "'auto': as rarely as keeps the splits within 5%% of the time")
     p.add_argument("--epochs", type=positive_float, default=None, help="epochs to train (default: the example's)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=non_negative_int, default=0, help="model init and shuffling seed")
@@ -52,6 +55,16 @@ def _lr(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
     return positive_float(text)
+
+
+def _every(text: str) -> int | str:
+    """``--gns-every``: an integer >= 1, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or 'auto' (got {text!r})") from None
 
 
 def _lr_factor(text: str) -> float | str:
@@ -84,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides["max_lr_factor"] = None if args.max_lr_factor == "none" else args.max_lr_factor
     if args.budget is not None:
         overrides["memory_budget"] = args.budget
+    if args.gns_every is not None:
+        overrides["gns_every"] = args.gns_every
     if args.no_progress:
         overrides["progress"] = False
     epochs = args.epochs if args.epochs is not None or args.max_steps is not None else ex.default_epochs
