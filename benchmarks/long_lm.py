@@ -184,9 +184,12 @@ def load() -> dict[str, Any]:
 
 
 def save_run(row: dict[str, Any]) -> None:
+    """Merge one finished run into the JSON, written before the summary is recomputed, so a
+    failing summary never loses a measured run (``--phase summary`` recomputes it later)."""
     data = load()
     data["runs"] = [x for x in data["runs"] if _key(x) != _key(row)] + [row]
     data.update(settings())
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
     data["summary"] = summarise(data["runs"])
     OUT.write_text(json.dumps(data, indent=1) + "\n")
 
