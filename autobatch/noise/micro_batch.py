@@ -95,46 +95,6 @@ def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 _SMALL_MODEL = 100_000  # parameters
 
 
-class FlatGradientDifferences:
-    """Per-micro-batch squared gradient norms without hooks, for small models.
-
-    After the ``i``-th micro-batch's backward the accumulated gradient is copied into one flat
-    vector ``v_i``; that micro-batch's (weighted) gradient is ``v_i - v_(i-1)``, so its squared
-    norm is one subtraction and one dot product, and ``|v_k|^2`` is the whole step's. Two
-    flat copies of the gradient are alive at a time, which is why this is for small models
-    (:data:`_SMALL_MODEL` parameters, float32); it costs a few kernels per micro-batch where
-    per-parameter hooks cost a Python call and a norm per parameter (MNIST-1D CNN on one CPU
-    thread: about 0.2 ms less per measured step).
-
-    Args:
-        params: the parameters, in a fixed order; a missing ``.grad`` counts as zeros.
-    """
-
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.params = params
-        self.raw: list[torch.Tensor] = []  # |w_i s G_i|^2 per micro-batch, on the device
-        self.weights: list[float] = []
-        self._last: torch.Tensor | None = None
-
-    @staticmethod
-    def suits(params: list[torch.Tensor]) -> bool:
-        """Whether ``params`` are small and float32 enough for this (else use hooks)."""
-        return sum(p.numel() for p in params) <= _SMALL_MODEL and all(p.dtype == torch.float32 for p in params)
-
-    def after_backward(self, loss_weight: float) -> None:
-        """Record the micro-batch whose backward just ran (its loss multiplied by ``loss_weight``)."""
-        v = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
-                       for p in self.params])
-        d = v if self._last is None else v - self._last
-        self.raw.append(torch.dot(d, d))
-        self.weights.append(float(loss_weight))
-        self._last = v
-
-    def big_sq_norm(self) -> torch.Tensor | None:
-        """``|v_k|^2``, the whole step's squared gradient norm (None before any backward)."""
-        return None if self._last is None else torch.dot(self._last, self._last)
-
-
 def grad_sq_norm_of(params: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
     """:func:`grad_sq_norm` of a fixed parameter list, with its per-call checks (model size,
     dtypes) done once: a loop reading the norm every step of a small model spends more on

@@ -314,9 +314,6 @@ def prepare(
     meter = StepNormMeter(model, method, info, every=schedule, scaler=scaler,
                           first=round(1 / (1 - est.gns_smoothing)), estimator=controller.estimator)
     meter.min_micro = min_micro
-    if cfg.memory.memory_budget is not None:
-        # Under a byte budget the step holds what the probe counted: no flat gradient copies.
-        meter.use_flat_differences = False
     return Setup(
         cfg=cfg, model=model,
         # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed

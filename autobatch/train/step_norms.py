@@ -35,12 +35,9 @@ Every step, measured or not, gives the whole step's norm ``|G_B|^2``, which aver
 over every step (``GradientNoiseScale.update_big``): the noisier of the two quantities when
 ``B_simple >> B`` is not thinned out. (Reading it only on the measured steps saved a small
 CNN's step 6% on one CPU thread, but a policy then grew the batch more slowly: a regression
-problem reached B=72 in 201 steps instead of B=80 in 145.) The micro-batches of a measured step
-are measured, for a small float32 model in one process, by differences of the flat accumulated
-gradient after each backward (:class:`~autobatch.noise.micro_batch.FlatGradientDifferences`:
-0.3 ms less per measured step than hooks on the MNIST-1D CNN; off under a byte budget, since
-it holds two flat copies), otherwise by parameter hooks, attached for the measured steps only:
-an idle Python tensor hook still costs every backward a call per parameter. Everything stays on the device until :meth:`StepNormMeter.end_step`, whose single
+problem reached B=72 in 201 steps instead of B=80 in 145.) Hooks are attached for the
+measured steps only: an idle Python tensor hook still costs every backward a call per
+parameter. Everything stays on the device until :meth:`StepNormMeter.end_step`, whose single
 ``.tolist()`` is the step's host sync.
 """
 
@@ -55,7 +52,6 @@ import torch
 from torch import nn
 
 from autobatch.noise.micro_batch import (
-    FlatGradientDifferences,
     MicroBatchNormCollector,
     StepGradNorms,
     grad_sq_norm,
@@ -226,10 +222,6 @@ class StepNormMeter:
         self._model = model
         self._params = trainable_parameters(model)
         self._big_norm = grad_sq_norm_of(self._params)
-        # Small float32 models measure their micro-batches by flat-gradient differences, not
-        # hooks; a caller holding steps to a byte budget turns this off (two flat copies).
-        self.use_flat_differences = FlatGradientDifferences.suits(self._params)
-        self._diffs: FlatGradientDifferences | None = None
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
         # a call per parameter (~10% of a small CNN's step) even when it records nothing.
         self._hooks: MicroBatchNormCollector | None = None
@@ -292,8 +284,6 @@ class StepNormMeter:
             self._per_example = PerExampleNormCollector(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
-        elif not self.info.enabled and self.use_flat_differences:
-            self._diffs = FlatGradientDifferences(self._params)
         elif not self.info.enabled or len(sizes) > 1:
             self._hooks = MicroBatchNormCollector(self._model)
             self._hooks.begin_step()
@@ -307,9 +297,7 @@ class StepNormMeter:
         sizes stay in examples, as in :func:`autobatch.noise.measure.measure_noise_scale`.
         """
         self._done.append(batch_size)
-        if self._diffs is not None:
-            self._diffs.after_backward(loss_weight)
-        elif self._hooks is not None:
+        if self._hooks is not None:
             self._hooks.after_backward(batch_size if items is None else items, loss_weight)
         elif self._per_example is not None:
             sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
@@ -357,8 +345,7 @@ class StepNormMeter:
                 small, count, inv = self._small_batches(sizes, global_batch)
                 parts.append(small)
             if big_norm:
-                big = self._diffs.big_sq_norm() if self._diffs is not None else None
-                parts.append(big if big is not None else self._big_norm())
+                parts.append(self._big_norm())
         self.remove()
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))
@@ -391,10 +378,6 @@ class StepNormMeter:
         """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
         their count and ``sum_i 1/b_i``."""
         device = self._params[0].device
-        if self._diffs is not None:
-            small = sum((r * (1.0 / (w * w)) for r, w in zip(self._diffs.raw, self._diffs.weights)),
-                        torch.zeros((), device=device))
-            return small, float(len(self._done)), sum(1.0 / b for b in self._done)
         if self._hooks is not None:
             raw = self._hooks.finish_step()
             # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
@@ -420,4 +403,3 @@ class StepNormMeter:
             if hooks is not None:
                 hooks.remove()
         self._hooks = self._per_example = None
-        self._diffs = None
