@@ -140,3 +140,9 @@ def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_me
     assert MeasureSchedule(3).interval(16) == 3 and MeasureSchedule(3).smoothing(16) == 0.95
     with pytest.raises(ValueError, match="every must be an int >= 1 or 'auto'"):
         MeasureSchedule(0)
+    # Never calibrated (no split step among unsplit ones): its memory stays bounded.
+    idle = MeasureSchedule("auto", base_batch=16)
+    for i in range(500):
+        idle.observe(16 + 8 * (i % 3), 1e-3, split_to_measure=False)
+    assert idle.split_cost is None
+    assert {b: len(t) for b, t in idle.state_dict()["plain_times"].items()} == {16: 64, 24: 64, 32: 64}

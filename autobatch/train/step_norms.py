@@ -119,6 +119,8 @@ class MeasureSchedule:
     _SKIP = 2
     _SPLITS = 3
     _PLAIN = 8
+    #: Unsplit step times kept per batch (the latest), so an uncalibrated run stays bounded.
+    _KEEP = 64
 
     def __init__(self, every: int | Literal["auto"], *, overhead: float = 0.05, base_batch: int = 1,
                  smoothing: float = 0.95) -> None:
@@ -169,9 +171,15 @@ class MeasureSchedule:
         self._seen += 1
         if self._seen <= self._SKIP:
             return
-        if split_to_measure and len(self._plain_times.get(batch, ())) < self._PLAIN:
+        if not split_to_measure:
+            plain = self._plain_times.setdefault(batch, [])
+            plain.append(seconds)
+            del plain[:-self._KEEP]
             return
-        (self._split_times if split_to_measure else self._plain_times).setdefault(batch, []).append(seconds)
+        if len(self._plain_times.get(batch, ())) < self._PLAIN:
+            return
+        # A new vote only comes with a split step: the calibration is tried then.
+        self._split_times.setdefault(batch, []).append(seconds)
         costs = [
             (statistics.median(split) / statistics.median(self._plain_times[b]) - 1.0) * math.sqrt(b / self.base_batch)
             for b, split in self._split_times.items() if len(self._plain_times.get(b, ())) >= self._PLAIN
