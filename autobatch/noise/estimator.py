@@ -90,6 +90,7 @@ def noise_scale_interval(
     high = (trace_cov + z * trace_cov_stderr) / g_lo if g_lo > 0 else math.inf
     return low, high
 
+
 def _memoized(method: Callable[[GradientNoiseScale], Any]) -> property:
     """A read-only property computed once per state of the estimator: the loop reads the same
     results several times per step (the step's record, the policy's context), and each is a

@@ -50,7 +50,6 @@ from autobatch.train.sampler import SampleStream
 from autobatch.train.step_norms import MeasureSchedule, StepNormMeter
 
 
-
 @dataclass
 class Setup:
     """What the loop of ``fit`` works with. Sizes are global unless named local.

@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
