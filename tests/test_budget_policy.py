@@ -153,3 +153,115 @@ def test_the_controller_gives_the_policy_budget_loss_cap_and_rule() -> None:
     assert c.lr_factor() == 2.0
     c.observe(step=2, epoch=0.2, samples=128, batch_size=64, loss=2.0)  # a spike at factor 2
     assert c.lr_factor() == 1.0 and guard.allowed == 1.0
+
+
+# -- annealing by batch once the LR has found its edge ------------------------------------------
+def test_guard_is_calm_only_near_the_lowest_average_of_the_run() -> None:
+    g = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=2)  # EMA = the loss itself
+    g.update(1.0, 2.0)
+    assert not g.calm()  # before min_updates
+    g.update(0.5, 2.0)
+    assert g.calm()  # 0.5 <= 1.5 x 0.5
+    assert g.update(0.9, 2.0)  # 0.9 > 1.5 x 0.5: a spike; the running minimum restarts at 0.9...
+    assert not g.calm()  # ...but calm compares with the run's best, 0.5: 0.9 > 0.75
+    g.update(0.76, 1.0)
+    assert not g.calm()
+    g.update(0.75, 1.0)
+    assert g.calm()  # recovered to 1.5 x the best
+    h = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=2)
+    h.load_state_dict(g.state_dict())
+    h.update(0.8, 1.0)
+    assert not h.calm()  # the best (0.5) came back with the state
+
+
+def _spiked_policy(anneal_after: float | None = 0.5) -> BudgetPolicy:
+    guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
+    p = BudgetPolicy(guard=guard, anneal_after=anneal_after)
+    p.lr_factor(_ctx(step=1, batch_size=64, train_loss=1.0))
+    p.lr_factor(_ctx(step=2, batch_size=64, train_loss=2.0))  # a spike at factor 2: allowed 1
+    p.lr_factor(_ctx(step=3, batch_size=32, train_loss=1.0))  # recovered: calm again
+    assert guard.spikes == 1 and guard.allowed == 1.0 and guard.calm()
+    return p
+
+
+@pytest.mark.parametrize(("progress", "loss", "budget", "anneal_after", "expected"), [
+    (0.4, 1.0, "samples", 0.5, 32),  # before the anneal: the batch the LR can follow (F = 1)
+    (math.nan, 1.0, "samples", 0.5, 32),  # progress unknown: never anneals
+    (0.6, 1.0, "samples", None, 32),  # annealing switched off
+    (0.6, 1.6, "samples", 0.5, 32),  # a spike being recovered from (1.6 > 1.5 x 1): not calm
+    (0.6, 1.0, "samples", 0.5, 64),  # calm, past half the budget: B follows the noise scale
+])
+def test_budget_anneals_by_batch_only_after_a_cut_past_anneal_after_and_while_calm(
+        progress: float, loss: float, budget: str, anneal_after: float | None, expected: int) -> None:
+    p = _spiked_policy(anneal_after)
+    ctx = _ctx(step=4, batch_size=32, train_loss=loss, progress=progress, budget=budget)
+    assert p.propose(ctx) == expected  # gns moves 32 -> 64 (max_growth 2) towards 500
+    if expected == 64:
+        # the LR stays at what the guard allows: the rule's factor 2 at B = 64 is divided by 2
+        assert p.lr_factor(_ctx(step=5, batch_size=64, train_loss=1.0, progress=0.6)) == 0.5
+        assert p.propose(_ctx(step=6, batch_size=64, train_loss=1.0, progress=0.6)) == 128
+
+
+def test_budget_without_a_spike_does_not_anneal() -> None:
+    p = BudgetPolicy(guard=LossSpikeGuard(smoothing=0.0, min_updates=1))
+    b = 32
+    for step in range(1, 6):
+        b = p.propose(_ctx(step=step, batch_size=b, train_loss=1.0, progress=0.9))
+    assert b == 64  # the LR can follow up to F = 2: no edge found, no LR decay by batch
+
+
+def test_anneal_after_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"anneal_after must be in \[0, 1\] or None \(got anneal_after=1.5\)"):
+        BudgetPolicy(anneal_after=1.5)
+
+
+def test_controller_progress_is_the_fraction_of_the_budget_done() -> None:
+    from autobatch.noise import GradientNoiseScale
+    from autobatch.train._setup import budget_total
+    from autobatch.train.controller import BatchSizeController
+
+    assert budget_total(2.5, None, None, 400) == 1000  # epochs x examples
+    assert budget_total(2.5, None, 600, 400) == 600  # the smaller limit binds
+    assert budget_total(None, 50, None, 400) == 50  # steps
+    for budget, total, expected in (("samples", 1000.0, 0.64), ("steps", 50.0, 0.2), ("samples", None, math.nan)):
+        c = BatchSizeController(policy=BudgetPolicy(), scaling=LinearScaling(), estimator=GradientNoiseScale(),
+                                base_batch_size=32, min_batch_size=32, max_batch_size=1024, budget=budget,
+                                budget_total=total)
+        c.observe(step=10, epoch=1.6, samples=640, batch_size=64)
+        assert c.context().progress == pytest.approx(expected, nan_ok=True)
+
+
+def test_fit_tells_the_policy_how_far_through_its_budget_it_is() -> None:
+    import torch
+
+    import autobatch
+    from autobatch.policies import BatchSizePolicy
+
+    class Record(BatchSizePolicy):
+        seen: list[tuple[int, float]] = []
+
+        def propose(self, ctx: PolicyContext) -> int:
+            self.seen.append((ctx.samples, ctx.progress))
+            return ctx.batch_size
+
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 3), torch.randn(100, 1)
+    policy = Record()
+    autobatch.fit(torch.nn.Linear(3, 1), (x, y), loss_fn=torch.nn.functional.mse_loss, lr=0.01, epochs=3,
+                  initial_batch_size=10, policy=policy, gns_method="off", lr_scaling="none", progress=False,
+                  decide_every=1)
+    assert policy.seen and all(p == pytest.approx(s / 300) for s, p in policy.seen)
+    assert policy.seen[-1][1] == pytest.approx(1.0)
+
+
+def test_budget_anneal_stops_at_anneal_factor_times_the_followed_batch_and_drops_back_on_a_spike() -> None:
+    p = _spiked_policy()  # the guard allows factor 1: the LR follows B0 = 32 only
+    b, step = 32, 4
+    sizes = []
+    for _ in range(5):
+        b = p.propose(_ctx(step=step, batch_size=b, train_loss=1.0, progress=0.7, noise_scale=5000.0))
+        sizes.append(b)
+        step += 1
+    assert sizes == [64, 128, 256, 256, 256]  # x2 per decision up to 8 x 32, whatever the noise scale
+    # a loss 1.6x the run's best: not calm, back to the batch the LR can follow at once
+    assert p.propose(_ctx(step=step, batch_size=256, train_loss=1.6, progress=0.7)) == 32

@@ -46,6 +46,9 @@ class PolicyContext:
         max_lr_factor: the cap the controller puts on the LR rule's factor (None: none).
         lr_rule: the LR rule's factor at a global batch size, at the current noise estimate
             and before ``max_lr_factor`` (None when the controller does not say).
+        progress: the fraction of the run's budget done, in ``[0, 1]``: samples seen over the
+            sample budget (``budget="samples"``) or steps over ``max_steps``; NaN when the
+            loop does not say (e.g. a trainer integration, whose total is its own).
     """
 
     step: int
@@ -70,6 +73,7 @@ class PolicyContext:
     train_loss: float = field(default=math.nan, compare=False)
     max_lr_factor: float | None = None
     lr_rule: Callable[[int], float] | None = field(default=None, compare=False)
+    progress: float = math.nan
 
     @property
     def noise_stderr(self) -> float:

@@ -81,6 +81,7 @@ class LossSpikeGuard:
         self._weight = 0.0  # EMA bias-correction denominator, 1 - smoothing^n
         self._updates = 0
         self._min = math.inf
+        self._best = math.inf  # lowest EMA of the run (never restarted)
 
     @property
     def smoothed_loss(self) -> float:
@@ -109,6 +110,7 @@ class LossSpikeGuard:
         ema = self.smoothed_loss
         if self._updates < self.min_updates:
             return False
+        self._best = min(self._best, ema)
         if ema > self.spike_ratio * self._min and lr_factor > 1.0:
             self.allowed = max(1.0, min(self.allowed, lr_factor) * self.cut)
             self.spikes += 1
@@ -117,10 +119,16 @@ class LossSpikeGuard:
         self._min = min(self._min, ema)
         return False
 
+    def calm(self) -> bool:
+        """Whether the loss is settled: the guard has seen ``min_updates`` losses and their
+        average is within ``spike_ratio`` of the lowest average of the run (False while a
+        spike, cut or not, has not been recovered from)."""
+        return self._updates >= self.min_updates and self.smoothed_loss <= self.spike_ratio * self._best
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`update` depends on."""
+        """Everything :meth:`update` and :meth:`calm` depend on."""
         return {"allowed": self.allowed, "spikes": self.spikes, "sum": self._sum,
-                "weight": self._weight, "updates": self._updates, "min": self._min}
+                "weight": self._weight, "updates": self._updates, "min": self._min, "best": self._best}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (an empty state leaves a fresh guard)."""
@@ -128,3 +136,4 @@ class LossSpikeGuard:
         self.spikes = int(state.get("spikes", 0))
         self._sum, self._weight = float(state.get("sum", 0.0)), float(state.get("weight", 0.0))
         self._updates, self._min = int(state.get("updates", 0)), float(state.get("min", math.inf))
+        self._best = float(state.get("best", self._min))

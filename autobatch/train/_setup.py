@@ -306,6 +306,7 @@ def prepare(
         # measures itself.
         micro_batch_size=max_micro, min_micro_batches=1,
         budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
+        budget_total=budget_total(epochs, max_steps, max_samples, n),
     )
     est = cfg.estimator
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0,
@@ -511,9 +512,19 @@ def resolve_base_lr(lr: Any, model: nn.Module, data: Any, *, checkpoint_dir: Any
     return search.lr, search
 
 
+def budget_total(epochs: float | None, max_steps: int | None, max_samples: int | None, n: int) -> float:
+    """The size of the budget that binds (see :func:`~autobatch.policies.budget.budget_kind`):
+    ``max_steps`` in optimizer steps when it alone is given, else the examples allowed, the
+    smaller of ``epochs x n`` and ``max_samples`` (``n``: examples in the training set)."""
+    if budget_kind(epochs, max_steps, max_samples) == "steps":
+        return float(max_steps)  # type: ignore[arg-type]
+    return min(epochs * n if epochs is not None else math.inf,
+               max_samples if max_samples is not None else math.inf)
+
+
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
                      micro_batch_size: int | None, min_micro_batches: int,
-                     budget: str = "samples") -> BatchSizeController:
+                     budget: str = "samples", budget_total: float | None = None) -> BatchSizeController:
     """The batch-size controller for ``cfg`` (``fit``'s, and the trainer integrations'), with
     the caller's sizes.
 
@@ -527,6 +538,7 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         micro_batch_size: the micro-batch cap (per process), or None for none.
         min_micro_batches: micro-batches per step and process when B allows.
         budget: what limits the run (``"samples"`` or ``"steps"``), for the policy.
+        budget_total: that budget's size (examples or steps), or None when unknown.
 
     Raises:
         ValueError: for a policy or LR rule that needs the noise scale while ``method="off"``.
@@ -551,4 +563,5 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         max_lr_factor=cfg.lr.max_lr_factor,
         warmup_steps=cfg.lr.warmup_steps,
         budget=budget,
+        budget_total=budget_total,
     )

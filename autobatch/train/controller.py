@@ -44,6 +44,9 @@ class BatchSizeController:
             :meth:`lr_factor` when it is given the step.
         budget: what limits the run, ``"samples"`` or ``"steps"``
             (:func:`autobatch.policies.budget.budget_kind`); the policy sees it.
+        budget_total: the size of that budget, in examples (``"samples"``) or optimizer steps
+            (``"steps"``), or None when unknown; the policy sees the fraction done
+            (:attr:`PolicyContext.progress`).
 
     Attributes:
         batch_size: the current global batch size B.
@@ -65,6 +68,7 @@ class BatchSizeController:
         max_lr_factor: float | None = None,
         warmup_steps: int = 0,
         budget: str = "samples",
+        budget_total: float | None = None,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -88,6 +92,7 @@ class BatchSizeController:
         self.max_lr_factor = max_lr_factor
         self.warmup_steps = warmup_steps
         self.budget = budget
+        self.budget_total = budget_total
         self._loss = math.nan
         self.batch_size = base_batch_size
         self.num_decisions = 0
@@ -180,7 +185,15 @@ class BatchSizeController:
             train_loss=self._loss,
             max_lr_factor=self.max_lr_factor,
             lr_rule=self._rule_factor,
+            progress=self._progress(),
         )
+
+    def _progress(self) -> float:
+        """The fraction of the budget done (NaN when its size is unknown)."""
+        if not self.budget_total:
+            return math.nan
+        done = self._step if self.budget == "steps" else self._samples
+        return min(1.0, done / self.budget_total)
 
     def _rule_factor(self, batch_size: int) -> float:
         """The scaling rule's factor at ``batch_size`` (global), at the current estimate."""
