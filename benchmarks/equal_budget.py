@@ -12,8 +12,13 @@ Tasks:
 - ``mnist1d``: the MNIST-1D CNN (``autobatch.problems.mnist1d.make_cnn``), 6,000 train / 1,500
   test examples (``make_data(num_samples=7500)``), plain SGD, B0 = 32, tuned LR 0.2, metric
   test accuracy in percent; the model is seeded with ``torch.manual_seed(seed)``.
-- ``charlm``: the character transformer (``autobatch.problems.charlm``), AdamW, B0 = 32,
-  tuned LR = the problem's ``default_lr`` (3e-3), metric held-out loss in nats per character.
+- ``charlm``: the character transformer (``autobatch.problems.charlm``), AdamW, 300k
+  characters, 6 epochs, B0 = 32, tuned LR = the problem's ``default_lr`` (3e-3), metric
+  held-out loss in nats per character. A short horizon: the loss still falls fast at the end.
+- ``charlm-long``: the same model on the whole text (320k characters requested) for 12
+  epochs, B0 = 16 and tuned LR 1.5e-3: the best fixed batch and its LR in the tuned sweep of
+  ``benchmarks/long_lm.py`` (every LR grid minimum interior), the horizon over which the
+  noise scale grows >= 10x.
 
 Until ``fit`` passes the step's loss to ``BatchSizeController.observe``, the run feeds the
 default policy's guard from a callback (:meth:`BudgetPolicy.observe_loss`; a step fed twice
@@ -21,6 +26,7 @@ counts once, so this stays correct afterwards).
 
     python -m benchmarks.equal_budget --task mnist1d            # ~15 min on 2 shared cores
     python -m benchmarks.equal_budget --task charlm           # ~20 min (300k characters, 6 epochs)
+    python -m benchmarks.equal_budget --task charlm-long      # ~15 min (320k characters, 12 epochs)
 
 Results are merged per (task, lr, seed, method) into ``benchmarks/results/equal_budget.json``
 after every run, so an interrupted benchmark keeps what it measured.
@@ -58,6 +64,14 @@ class _FeedGuard(Callback):
         self.policy.observe_loss(record.step, record.train_loss, record.lr / self.base_lr)
 
 
+# tuned LR, epochs, B0, characters of text (charlm tasks)
+TASKS: dict[str, dict[str, Any]] = {
+    "mnist1d": {"tuned_lr": 0.2, "epochs": 40.0, "initial_batch_size": 32, "chars": None},
+    "charlm": {"tuned_lr": 3e-3, "epochs": 6.0, "initial_batch_size": 32, "chars": 300_000},  # sized for 2 shared cores
+    "charlm-long": {"tuned_lr": 1.5e-3, "epochs": 12.0, "initial_batch_size": 16, "chars": 320_000},
+}
+
+
 def _task(name: str, seed: int, charlm_chars: int) -> dict[str, Any]:
     if name == "mnist1d":
         from autobatch.problems.mnist1d import make_cnn, make_data
@@ -71,7 +85,8 @@ def _task(name: str, seed: int, charlm_chars: int) -> dict[str, Any]:
             "optimizer": ex.optimizer, "metric": "val_loss", "higher": False, "scale": 1.0}
 
 
-def run_one(task: str, method: str, lr: float, seed: int, epochs: float, charlm_chars: int) -> dict[str, Any]:
+def run_one(task: str, method: str, lr: float, seed: int, epochs: float, charlm_chars: int,
+            initial_batch_size: int = 32) -> dict[str, Any]:
     """One fit; returns its row."""
     t = _task(task, seed, charlm_chars)
     kw: dict[str, Any] = {}
@@ -85,7 +100,7 @@ def run_one(task: str, method: str, lr: float, seed: int, epochs: float, charlm_
         callbacks = [_FeedGuard(policy, lr)]
     start = time.perf_counter()
     r = autobatch.fit(t["model"], t["train"], loss_fn=t["loss_fn"], val_data=t["val"], optimizer=t["optimizer"],
-                      lr=lr, epochs=epochs, initial_batch_size=32, progress=False, callbacks=callbacks, **kw)
+                      lr=lr, epochs=epochs, initial_batch_size=initial_batch_size, progress=False, callbacks=callbacks, **kw)
     wall = time.perf_counter() - start
     sizes = [h.batch_size for h in r.history]
     return {
@@ -106,26 +121,28 @@ def _save(data: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=["mnist1d", "charlm"], required=True)
+    p.add_argument("--task", choices=list(TASKS), required=True)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=float, default=None, help="default: mnist1d 40, charlm 6")
+    p.add_argument("--epochs", type=float, default=None, help="default: mnist1d 40, charlm 6, charlm-long 12")
     p.add_argument("--lr-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    p.add_argument("--charlm-chars", type=int, default=300_000)
+    p.add_argument("--charlm-chars", type=int, default=None, help="default: charlm 300k, charlm-long 320k")
     p.add_argument("--reuse-fixed", action="store_true",
                    help="keep fixed-B0 rows already in the JSON (they do not depend on the policy)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    tuned = {"mnist1d": 0.2, "charlm": 3e-3}[args.task]
-    epochs = args.epochs or {"mnist1d": 40.0, "charlm": 6.0}[args.task]  # charlm sized for 2 shared cores
+    spec = TASKS[args.task]
+    tuned, b0 = spec["tuned_lr"], spec["initial_batch_size"]
+    epochs = args.epochs or spec["epochs"]
+    chars = args.charlm_chars or spec["chars"]
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
                             cwd=RESULTS.parent).stdout.strip()
     data = _load()
     data["criteria"] = CRITERIA
     data.setdefault("tasks", {})[args.task] = {
-        "tuned_lr": tuned, "epochs": epochs, "initial_batch_size": 32, "commit": commit,
-        "metric": {"mnist1d": "test accuracy (%)", "charlm": "val loss (nats/char)"}[args.task],
+        "tuned_lr": tuned, "epochs": epochs, "initial_batch_size": b0, "commit": commit,
+        "metric": "test accuracy (%)" if args.task == "mnist1d" else "val loss (nats/char)",
         "higher_is_better": args.task == "mnist1d",
-        "charlm_chars": args.charlm_chars if args.task == "charlm" else None,
+        "charlm_chars": chars,
         "machine": "2 shared CPU cores, 1 torch thread per run; other jobs ran at the same time",
     }
     for seed in range(args.seeds):
@@ -137,7 +154,7 @@ def main() -> None:
                         (x["task"], x["method"], x["lr"], x["seed"]) == (args.task, "fixed", tuned * frac, seed)
                         for x in _load().get("runs", [])):
                     continue
-                row = run_one(args.task, method, tuned * frac, seed, epochs, args.charlm_chars)
+                row = run_one(args.task, method, tuned * frac, seed, epochs, chars, b0)
                 row["lr_fraction"] = frac
                 print(json.dumps(row), flush=True)
                 data = _load()

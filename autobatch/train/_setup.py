@@ -419,6 +419,8 @@ def sample_stream(source: BatchSource, cfg: FitConfig) -> SampleStream:
 
 
 def total_samples(epochs: float | None, max_samples: int | None, n: int) -> int | None:
+    """Examples the run may process: the smaller of ``epochs x n`` and ``max_samples``
+    (None when neither is given)."""
     limits = [x for x in (epochs * n if epochs is not None else None, max_samples) if x is not None]
     return int(min(limits)) if limits else None
 
@@ -518,8 +520,7 @@ def budget_total(epochs: float | None, max_steps: int | None, max_samples: int |
     smaller of ``epochs x n`` and ``max_samples`` (``n``: examples in the training set)."""
     if budget_kind(epochs, max_steps, max_samples) == "steps":
         return float(max_steps)  # type: ignore[arg-type]
-    return min(epochs * n if epochs is not None else math.inf,
-               max_samples if max_samples is not None else math.inf)
+    return float(total_samples(epochs, max_samples, n))  # type: ignore[arg-type]
 
 
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,

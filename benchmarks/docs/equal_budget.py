@@ -11,23 +11,25 @@ from benchmarks.docs._md import Page, listing, num, table, times, verdict
 written_for = "91a4e4d1aaa8"  # the commentary was checked against these results
 
 TEMPLATE = """\
-The comparison a user makes first (issue 11): their usual run (fixed batch B0 = 32, their base
+The comparison a user makes first (issue 11): their usual run (a fixed batch B0, their base
 LR, the same number of epochs) against `fit` with its defaults. Is the model as good, and in
 how many optimizer steps?
 
 ## Protocol
 
-Per task, base LR in {{tuned/4, tuned/2, tuned}} and seed, two runs alternating in one process
-on 1 CPU thread: `policy="fixed"` with the estimator off and no LR scaling, and the default
-`fit` (policy `budget`: the noise scale bounded by the batch the LR factor can follow, the
-linear rule for SGD and the square-root rule for AdamW, LR factor at most 2, the loss-spike
-guard). The machine had 2 CPU cores shared with other jobs, so wall times are noisy.
+Per task, base LR in {{tuned/4, tuned/2, tuned}} and seed (the model's initialisation; seeds
+0, 1 and 2), two runs alternating in one process on 1 CPU thread: `policy="fixed"` with the
+estimator off and no LR scaling, and the default `fit` (policy `budget`: the noise scale
+bounded by the batch the LR can follow, the linear LR rule, LR factor at most 2, the loss-spike
+guard, and once the guard has cut, from half the budget on, the batch annealed to 8x what the
+LR can follow). The machine had 2 CPU cores shared with other jobs, so wall times are noisy.
 
 {tasks}
 
 ```bash
 python -m benchmarks.equal_budget --task mnist1d
 python -m benchmarks.equal_budget --task charlm
+python -m benchmarks.equal_budget --task charlm-long
 ```
 
 ## Results
@@ -119,8 +121,10 @@ def render(data: Any, source: Path) -> Page:
     met = total = 0
     for task, meta in data["tasks"].items():
         higher = meta.get("higher_is_better", task == "mnist1d")
-        tasks_text.append(f"- `{task}`: {meta['epochs']:g} epochs, tuned LR {meta['tuned_lr']:g}, metric "
-                          f"{meta.get('metric', 'final metric')} (commit `{meta.get('commit', '?')}`).")
+        tasks_text.append(f"- `{task}`: {meta['epochs']:g} epochs, B0 = {meta.get('initial_batch_size', 32)}, "
+                          f"tuned LR {meta['tuned_lr']:g}, metric {meta.get('metric', 'final metric')}"
+                          + (f", {meta['charlm_chars']:,} characters of text" if meta.get("charlm_chars") else "")
+                          + f" (commit `{meta.get('commit', '?')}`).")
         rows = []
         for lr, by_method in _rows(data, task).items():
             fixed, adaptive = by_method.get("fixed", []), by_method.get("adaptive", [])
