@@ -136,13 +136,11 @@ def main() -> None:
     chars = args.charlm_chars or spec["chars"]
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
                             cwd=RESULTS.parent).stdout.strip()
-    data = _load()
-    data["criteria"] = CRITERIA
-    data.setdefault("tasks", {})[args.task] = {
+    meta = {
         "tuned_lr": tuned, "epochs": epochs, "initial_batch_size": b0, "commit": commit,
         "metric": "test accuracy (%)" if args.task == "mnist1d" else "val loss (nats/char)",
         "higher_is_better": args.task == "mnist1d",
-        "charlm_chars": chars,
+        "charlm_chars": chars if args.task != "mnist1d" else None,
         "machine": "2 shared CPU cores, 1 torch thread per run; other jobs ran at the same time",
     }
     for seed in range(args.seeds):
@@ -162,8 +160,7 @@ def main() -> None:
                 data["runs"] = [x for x in data.get("runs", [])
                                 if (x["task"], x["method"], x["lr"], x["seed"]) != key] + [row]
                 data["criteria"] = CRITERIA
-                data.setdefault("tasks", {}).setdefault(args.task, {}).update(
-                    {"tuned_lr": tuned, "epochs": epochs, "commit": commit})
+                data.setdefault("tasks", {}).setdefault(args.task, {}).update(meta)
                 _save(data)
 
 

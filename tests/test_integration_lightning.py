@@ -292,3 +292,19 @@ def test_the_default_policys_stability_guard_sees_every_steps_loss() -> None:
     losses = [r.train_loss for r in cb.history]
     # each loss reaches the guard when the next step's LR is set: all but the last
     assert len(losses) > 50 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses[:-1]), rel=1e-9)
+
+
+def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is() -> None:
+    # As in fit: progress = examples seen / (max_epochs x training set), so the budget
+    # policy's late anneal can happen inside Lightning too; max_steps alone gives a steps budget.
+    x, y = regression_data()
+    torch.manual_seed(0)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
+    _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=2)
+    ctx = cb.controller.context()
+    assert ctx.budget == "samples" and ctx.progress == pytest.approx(cb.history[-1].samples / (2 * len(x)))
+    assert ctx.progress == pytest.approx(1.0, abs=0.05)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
+    _fit(Regression(), loader(x, y, batch_size=16), cb, max_steps=10)
+    ctx = cb.controller.context()
+    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0)

@@ -165,3 +165,17 @@ def test_the_default_policys_stability_guard_sees_every_steps_loss(tmp_path) -> 
     losses = [r.train_loss for r in trainer.history]
     # each loss reaches the guard when the next step's LR is set: all but the last
     assert len(losses) > 20 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses[:-1]), rel=1e-9)
+
+
+def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path) -> None:
+    # progress = examples seen / (num_train_epochs x training set), as fit computes it; with
+    # max_steps > 0 (which overrides the epochs in the Trainer) a steps budget.
+    trainer = _trainer(tmp_path, config={"policy": "budget"}, num_train_epochs=1)
+    trainer.train()
+    ctx = trainer.batch_controller.context()
+    assert ctx.budget == "samples" and ctx.progress == pytest.approx(trainer.history[-1].samples / len(TRAIN))
+    assert ctx.progress == pytest.approx(1.0)
+    trainer = _trainer(tmp_path, max_steps=6)
+    trainer.train()
+    ctx = trainer.batch_controller.context()
+    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0)

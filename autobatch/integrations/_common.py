@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from autobatch.config import FitConfig
+from autobatch.policies.budget import budget_kind
+from autobatch.train._setup import budget_total
 from autobatch.train._setup import build_controller as fit_controller
 from autobatch.train.controller import BatchSizeController
 
@@ -33,8 +35,11 @@ def build_controller(
     max_batch_size: int,
     micro_batch_size: int | None,
     min_micro_batches: int,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    num_examples: int | None = None,
 ) -> BatchSizeController:
-    """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes.
+    """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes and length.
 
     Args:
         cfg: the settings (policy, LR rule, estimator, bounds).
@@ -44,6 +49,10 @@ def build_controller(
         max_batch_size: the largest global B allowed (already clipped to the data set).
         micro_batch_size: the micro-batch cap (per process), or None for none.
         min_micro_batches: micro-batches per step and process when B allows.
+        epochs, max_steps: the trainer's run length (None or <= 0: not set), so that the
+            policy sees what binds and how far through it the run is
+            (:attr:`~autobatch.policies.PolicyContext.progress`), as in ``fit``.
+        num_examples: examples in the training set (for an epoch budget).
 
     Raises:
         ValueError: for settings the integrations do not use (named with what replaces them)
@@ -58,9 +67,15 @@ def build_controller(
             "gns_method='per_example' is not supported by the trainer integrations; use "
             "gns_method='micro' (micro-batch norms, free) or 'off'"
         )
+    epochs = epochs if epochs is not None and epochs > 0 else None
+    max_steps = max_steps if max_steps is not None and max_steps > 0 else None
+    budget = budget_kind(epochs, max_steps, None)
+    known = max_steps is not None if budget == "steps" else epochs is not None and num_examples is not None
     return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
                           base_batch_size=base_batch_size, max_batch_size=max_batch_size,
-                          micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches)
+                          micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches,
+                          budget=budget,
+                          budget_total=budget_total(epochs, max_steps, None, num_examples or 0) if known else None)
 
 
 def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:

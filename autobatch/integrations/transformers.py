@@ -217,6 +217,9 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             cfg, optimizer=family,
             base_batch_size=b0, max_batch_size=min(cfg.batch.max_batch_size or n, n),
             micro_batch_size=cfg.memory.max_micro_batch_size, min_micro_batches=2,
+            # as the Trainer reads them: max_steps > 0 overrides num_train_epochs
+            epochs=None if self.args.max_steps > 0 else self.args.num_train_epochs,
+            max_steps=self.args.max_steps, num_examples=n,
         )
         self._cfg = cfg
         self._stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
