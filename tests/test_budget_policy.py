@@ -238,7 +238,8 @@ def test_fit_tells_the_policy_how_far_through_its_budget_it_is() -> None:
     from autobatch.policies import BatchSizePolicy
 
     class Record(BatchSizePolicy):
-        seen: list[tuple[int, float]] = []
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
 
         def propose(self, ctx: PolicyContext) -> int:
             self.seen.append((ctx.samples, ctx.progress))
