@@ -266,3 +266,34 @@ def test_budget_anneal_stops_at_anneal_factor_times_the_followed_batch_and_drops
     assert sizes == [64, 128, 256, 256, 256]  # x2 per decision up to 8 x 32, whatever the noise scale
     # a loss 1.6x the run's best: not calm, back to the batch the LR can follow at once
     assert p.propose(_ctx(step=step, batch_size=256, train_loss=1.6, progress=0.7)) == 32
+
+
+def test_budget_leaves_the_decay_to_a_users_lr_scheduler() -> None:
+    p = _spiked_policy()
+    ctx = _ctx(step=4, batch_size=32, train_loss=1.0, progress=0.7)
+    assert p.annealing(ctx)
+    ctx.lr_scheduled = True
+    assert not p.annealing(ctx) and p.propose(ctx) == 32
+
+
+def test_fit_tells_the_policy_about_a_users_lr_scheduler() -> None:
+    import torch
+
+    import autobatch
+    from autobatch.policies import BatchSizePolicy
+
+    class Record(BatchSizePolicy):
+        def __init__(self) -> None:
+            self.seen: set[bool] = set()
+
+        def propose(self, ctx: PolicyContext) -> int:
+            self.seen.add(ctx.lr_scheduled)
+            return ctx.batch_size
+
+    x, y = torch.randn(100, 3), torch.randn(100, 1)
+    for scheduler, expected in ((None, {False}), (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5), {True})):
+        policy = Record()
+        autobatch.fit(torch.nn.Linear(3, 1), (x, y), loss_fn=torch.nn.functional.mse_loss, lr=0.01, epochs=1,
+                      initial_batch_size=10, policy=policy, gns_method="off", lr_scaling="none", progress=False,
+                      decide_every=1, lr_scheduler=scheduler)
+        assert policy.seen == expected

@@ -308,3 +308,4 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is() -> Non
     _fit(Regression(), loader(x, y, batch_size=16), cb, max_steps=10)
     ctx = cb.controller.context()
     assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0)
+    assert not ctx.lr_scheduled  # Regression configures no scheduler: the anneal stays available

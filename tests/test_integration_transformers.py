@@ -175,7 +175,8 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path
     ctx = trainer.batch_controller.context()
     assert ctx.budget == "samples" and ctx.progress == pytest.approx(trainer.history[-1].samples / len(TRAIN))
     assert ctx.progress == pytest.approx(1.0)
-    trainer = _trainer(tmp_path, max_steps=6)
+    assert ctx.lr_scheduled  # the Trainer's default linear decay: the policy leaves the decay to it
+    trainer = _trainer(tmp_path, max_steps=6, lr_scheduler_type="constant")
     trainer.train()
     ctx = trainer.batch_controller.context()
-    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0)
+    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0) and not ctx.lr_scheduled

@@ -38,6 +38,7 @@ def build_controller(
     epochs: float | None = None,
     max_steps: int | None = None,
     num_examples: int | None = None,
+    lr_scheduled: bool = False,
 ) -> BatchSizeController:
     """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes and length.
 
@@ -53,6 +54,8 @@ def build_controller(
             policy sees what binds and how far through it the run is
             (:attr:`~autobatch.policies.PolicyContext.progress`), as in ``fit``.
         num_examples: examples in the training set (for an epoch budget).
+        lr_scheduled: whether the trainer's LR schedule decays the LR (the policy then leaves
+            the decay to it).
 
     Raises:
         ValueError: for settings the integrations do not use (named with what replaces them)
@@ -74,7 +77,7 @@ def build_controller(
     return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
                           base_batch_size=base_batch_size, max_batch_size=max_batch_size,
                           micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches,
-                          budget=budget,
+                          budget=budget, lr_scheduled=lr_scheduled,
                           budget_total=budget_total(epochs, max_steps, None, num_examples or 0) if known else None)
 
 

@@ -235,6 +235,7 @@ class AdaptiveBatchSize(pl.Callback):
             self._cfg, optimizer=trainer.optimizers[0], base_batch_size=b0, max_batch_size=max_b,
             micro_batch_size=m, min_micro_batches=1 if w > 1 else 2,
             epochs=trainer.max_epochs, max_steps=trainer.max_steps, num_examples=n,
+            lr_scheduled=bool(trainer.lr_scheduler_configs),
         )
         self._unit, self._world, self._micro, self._n = unit, w, m, n
         self._info = DistInfo(trainer.global_rank, w)

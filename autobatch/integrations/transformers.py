@@ -67,6 +67,9 @@ from autobatch.train.sampler import SampleStream
 
 __all__ = ["AdaptiveBatchTrainer", "StepBatch"]
 
+# TrainingArguments.lr_scheduler_type values that keep the LR constant after any warm-up
+_CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
 _STATE_KEY = "AdaptiveBatchTrainer"
 
 
@@ -220,6 +223,9 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             # as the Trainer reads them: max_steps > 0 overrides num_train_epochs
             epochs=None if self.args.max_steps > 0 else self.args.num_train_epochs,
             max_steps=self.args.max_steps, num_examples=n,
+            # the Trainer's default schedule ("linear") decays the LR to 0; the constant ones do not
+            lr_scheduled=self.lr_scheduler is not None or str(getattr(
+                self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) not in _CONSTANT_SCHEDULES,
         )
         self._cfg = cfg
         self._stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)

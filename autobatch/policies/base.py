@@ -48,7 +48,9 @@ class PolicyContext:
             and before ``max_lr_factor`` (None when the controller does not say).
         progress: the fraction of the run's budget done, in ``[0, 1]``: samples seen over the
             sample budget (``budget="samples"``) or steps over ``max_steps``; NaN when the
-            loop does not say (e.g. a trainer integration, whose total is its own).
+            loop does not say.
+        lr_scheduled: whether the user's LR scheduler shapes the base LR (``fit``'s
+            ``lr_scheduler``, or a trainer's decaying schedule): the run's LR decay is theirs.
     """
 
     step: int
@@ -74,6 +76,7 @@ class PolicyContext:
     max_lr_factor: float | None = None
     lr_rule: Callable[[int], float] | None = field(default=None, compare=False)
     progress: float = math.nan
+    lr_scheduled: bool = False
 
     @property
     def noise_stderr(self) -> float:

@@ -36,6 +36,9 @@ is a schedule, not the noise scale: near interpolation (train loss 1e-3) the est
 between 3 and 400 and was often undefined, and following it to B = 600-3,600 cost 0.2-0.6
 points more on seeds 0-2. A run whose guard never fired (its LR could follow the batch) does
 not anneal: there, at base LR 0.05, doubling LR and batch ended 0.6-1.1 points above fixed B0.
+Nor does a run with a user's LR scheduler (``PolicyContext.lr_scheduled``; the Hugging Face
+Trainer's default linear decay included): its LR decay is the user's, and a batch anneal on
+top would decay twice.
 
 The policy returns, as its own LR factor, whatever brings the controller's
 ``min(rule(B), max_lr_factor)`` down to ``F``, so the guard's cut acts at once, before the
@@ -183,10 +186,12 @@ class BudgetPolicy(GNSPolicy):
         """Whether the batch may outgrow the LR now: under a sample budget, past
         ``anneal_after`` of it, once the guard has found the LR's stability edge (a spike
         cut the factor) and while the loss is calm (no spike being recovered from). The batch
-        then follows the noise scale at the LR it has, an LR decay by batch for the rest of
-        the run."""
+        then grows to ``anneal_factor`` x the batch the LR can follow, at the LR it has: an LR
+        decay by batch for the rest of the run. Never with a user's LR scheduler (``ctx.lr_scheduled``): the run's decay is
+        theirs, and a second one by batch would compound it."""
         return (self.anneal_after is not None and self.use_guard and ctx.budget == "samples"
-                and ctx.progress >= self.anneal_after and self.guard.spikes > 0 and self.guard.calm())
+                and not ctx.lr_scheduled and ctx.progress >= self.anneal_after
+                and self.guard.spikes > 0 and self.guard.calm())
 
     def _observe(self, ctx: PolicyContext) -> None:
         rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)

@@ -306,7 +306,7 @@ def prepare(
         # measures itself.
         micro_batch_size=max_micro, min_micro_batches=1,
         budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
-        budget_total=budget_total(epochs, max_steps, max_samples, n),
+        budget_total=budget_total(epochs, max_steps, max_samples, n), lr_scheduled=scheduler is not None,
     )
     est = cfg.estimator
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0,
@@ -525,7 +525,8 @@ def budget_total(epochs: float | None, max_steps: int | None, max_samples: int |
 
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
                      micro_batch_size: int | None, min_micro_batches: int,
-                     budget: str = "samples", budget_total: float | None = None) -> BatchSizeController:
+                     budget: str = "samples", budget_total: float | None = None,
+                     lr_scheduled: bool = False) -> BatchSizeController:
     """The batch-size controller for ``cfg`` (``fit``'s, and the trainer integrations'), with
     the caller's sizes.
 
@@ -540,6 +541,7 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         min_micro_batches: micro-batches per step and process when B allows.
         budget: what limits the run (``"samples"`` or ``"steps"``), for the policy.
         budget_total: that budget's size (examples or steps), or None when unknown.
+        lr_scheduled: whether a user's LR scheduler shapes the base LR.
 
     Raises:
         ValueError: for a policy or LR rule that needs the noise scale while ``method="off"``.
@@ -565,4 +567,5 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         warmup_steps=cfg.lr.warmup_steps,
         budget=budget,
         budget_total=budget_total,
+        lr_scheduled=lr_scheduled,
     )

@@ -47,6 +47,7 @@ class BatchSizeController:
         budget_total: the size of that budget, in examples (``"samples"``) or optimizer steps
             (``"steps"``), or None when unknown; the policy sees the fraction done
             (:attr:`PolicyContext.progress`).
+        lr_scheduled: whether a user's LR scheduler shapes the base LR (the policy sees it).
 
     Attributes:
         batch_size: the current global batch size B.
@@ -69,6 +70,7 @@ class BatchSizeController:
         warmup_steps: int = 0,
         budget: str = "samples",
         budget_total: float | None = None,
+        lr_scheduled: bool = False,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
             raise ValueError(
@@ -93,6 +95,7 @@ class BatchSizeController:
         self.warmup_steps = warmup_steps
         self.budget = budget
         self.budget_total = budget_total
+        self.lr_scheduled = lr_scheduled
         self._loss = math.nan
         self.batch_size = base_batch_size
         self.num_decisions = 0
@@ -186,6 +189,7 @@ class BatchSizeController:
             max_lr_factor=self.max_lr_factor,
             lr_rule=self._rule_factor,
             progress=self._progress(),
+            lr_scheduled=self.lr_scheduled,
         )
 
     def _progress(self) -> float:
