@@ -29,9 +29,10 @@ accuracy when tried as a fixed ramp). The batch then grows by ``max_growth`` per
 ``anneal_factor`` (8) x the batch the LR can follow, and drops back to that batch while the
 loss is not calm. Measured on the MNIST-1D CNN (SGD, B0 = 32, 40 epochs, seeds 3-7, outside
 the benchmark's seeds 0-2), mean accuracy against fixed B0 and steps: at base LR 0.2 (the tuned
-one) -0.18 points in 0.52x the steps (without the anneal -0.12 in 0.95x); at 0.1, -0.27 in
-0.49x (without: -0.01 in 0.79x). Starting at 0.6 of the budget kept 0.1 point more but took
-0.61x the steps at LR 0.2; a factor of 4 saved fewer steps for the same accuracy. The target
+one) -0.11 points in 0.53x the steps (without the anneal +0.01 in 0.96x); at 0.1, -0.27 in
+0.48x (without: -0.01 in 0.79x). Starting at 0.6 of the budget kept about 0.1 point more but
+took 0.62x the steps at LR 0.2; a factor of 4 saved fewer steps for about the same accuracy
+(-0.12 in 0.59x at LR 0.2, -0.23 in 0.53x at 0.1). The target
 is a schedule, not the noise scale: near interpolation (train loss 1e-3) the estimate swung
 between 3 and 400 and was often undefined, and following it to B = 600-3,600 cost 0.2-0.6
 points more on seeds 0-2. A run whose guard never fired (its LR could follow the batch) does
