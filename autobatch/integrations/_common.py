@@ -35,9 +35,9 @@ def build_controller(
     max_batch_size: int,
     micro_batch_size: int | None,
     min_micro_batches: int,
+    num_examples: int,
     epochs: float | None = None,
     max_steps: int | None = None,
-    num_examples: int | None = None,
     lr_scheduled: bool = False,
 ) -> BatchSizeController:
     """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes and length.
@@ -72,13 +72,11 @@ def build_controller(
         )
     epochs = epochs if epochs is not None and epochs > 0 else None
     max_steps = max_steps if max_steps is not None and max_steps > 0 else None
-    budget = budget_kind(epochs, max_steps, None)
-    known = max_steps is not None if budget == "steps" else epochs is not None and num_examples is not None
     return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
                           base_batch_size=base_batch_size, max_batch_size=max_batch_size,
                           micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches,
-                          budget=budget, lr_scheduled=lr_scheduled,
-                          budget_total=budget_total(epochs, max_steps, None, num_examples or 0) if known else None)
+                          budget=budget_kind(epochs, max_steps, None), lr_scheduled=lr_scheduled,
+                          budget_total=budget_total(epochs, max_steps, None, num_examples))
 
 
 def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:

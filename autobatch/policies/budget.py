@@ -76,7 +76,7 @@ Rejected, with what was measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, seeds 0
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 from autobatch.policies.base import PolicyContext, growth_window, round_batch_size
@@ -171,35 +171,42 @@ class BudgetPolicy(GNSPolicy):
 
     def batch_cap(self, ctx: PolicyContext) -> int:
         """The largest global batch whose LR-rule factor stays within :meth:`allowed_factor`
-        (``max_batch_size`` under a steps budget or an unbounded factor)."""
-        factor = self.allowed_factor(ctx)
+        (``max_batch_size`` under a steps budget, an unbounded factor or an anneal)."""
+        return self._cap(ctx, self.allowed_factor(ctx))
+
+    def _cap(self, ctx: PolicyContext, factor: float) -> int:
         if ctx.budget == "steps" or math.isinf(factor) or self.annealing(ctx):
             return ctx.max_batch_size
         return self._following(ctx, factor)
 
     @staticmethod
-    def _following(ctx: PolicyContext, factor: float) -> int:
+    def _rule(ctx: PolicyContext) -> Callable[[int], float]:
+        """The LR rule's factor as a function of the global batch (linear when not given)."""
+        return ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
+
+    def _following(self, ctx: PolicyContext, factor: float) -> int:
         """The largest batch whose LR-rule factor is within ``factor``."""
-        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
-        return largest_batch_within(rule, factor, ctx.base_batch_size, ctx.max_batch_size)
+        return largest_batch_within(self._rule(ctx), factor, ctx.base_batch_size, ctx.max_batch_size)
+
+    def _in_use(self, ctx: PolicyContext) -> float:
+        """The rule's factor at the current batch, capped at ``max_lr_factor``."""
+        used = self._rule(ctx)(ctx.batch_size)
+        return used if ctx.max_lr_factor is None else min(used, ctx.max_lr_factor)
 
     def annealing(self, ctx: PolicyContext) -> bool:
         """Whether the batch may outgrow the LR now: under a sample budget, past
         ``anneal_after`` of it, once the guard has found the LR's stability edge (a spike
         cut the factor) and while the loss is calm (no spike being recovered from). The batch
         then grows to ``anneal_factor`` x the batch the LR can follow, at the LR it has: an LR
-        decay by batch for the rest of the run. Never with a user's LR scheduler (``ctx.lr_scheduled``): the run's decay is
-        theirs, and a second one by batch would compound it."""
+        decay by batch for the rest of the run. Never with a user's LR scheduler
+        (``ctx.lr_scheduled``): the run's decay is theirs, and a second one by batch would
+        compound it."""
         return (self.anneal_after is not None and self.use_guard and ctx.budget == "samples"
                 and not ctx.lr_scheduled and ctx.progress >= self.anneal_after
                 and self.guard.spikes > 0 and self.guard.calm())
 
     def _observe(self, ctx: PolicyContext) -> None:
-        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
-        used = rule(ctx.batch_size)
-        if ctx.max_lr_factor is not None:
-            used = min(used, ctx.max_lr_factor)
-        self.observe_loss(ctx.step, ctx.train_loss, min(used, self.guard.allowed))
+        self.observe_loss(ctx.step, ctx.train_loss, min(self._in_use(ctx), self.guard.allowed))
 
     def observe_loss(self, step: int, loss: float, lr_factor: float) -> None:
         """Feed the guard one step's mean training loss, once per step.
@@ -216,13 +223,14 @@ class BudgetPolicy(GNSPolicy):
 
     # -- the policy ----------------------------------------------------------------------
     def propose(self, ctx: PolicyContext) -> int:
-        cap = self.batch_cap(ctx)
+        factor = self.allowed_factor(ctx)  # feeds the guard this step's loss first
         if self.annealing(ctx):
             # anneal_factor x the batch the LR can follow, approached by max_growth per decision
             # (a schedule, not the noise scale: see the module docstring)
-            target = self.anneal_factor * self._following(ctx, self.allowed_factor(ctx))
+            target = self.anneal_factor * self._following(ctx, factor)
             lo, hi = growth_window(ctx.batch_size, self.max_growth, ctx.min_batch_size, ctx.max_batch_size)
             return round_batch_size(min(max(target, lo), hi), self.round_to, lo, hi)
+        cap = self._cap(ctx, factor)
         proposal = super().propose(ctx)
         if proposal <= cap:
             return proposal
@@ -232,10 +240,7 @@ class BudgetPolicy(GNSPolicy):
 
     def lr_factor(self, ctx: PolicyContext) -> float:
         factor = self.allowed_factor(ctx)
-        rule = ctx.lr_rule or (lambda b: b / ctx.base_batch_size)
-        used = rule(ctx.batch_size)
-        if ctx.max_lr_factor is not None:
-            used = min(used, ctx.max_lr_factor)
+        used = self._in_use(ctx)
         return 1.0 if used <= factor else factor / used
 
     def state_dict(self) -> dict[str, Any]:

@@ -514,13 +514,15 @@ def resolve_base_lr(lr: Any, model: nn.Module, data: Any, *, checkpoint_dir: Any
     return search.lr, search
 
 
-def budget_total(epochs: float | None, max_steps: int | None, max_samples: int | None, n: int) -> float:
+def budget_total(epochs: float | None, max_steps: int | None, max_samples: int | None, n: int) -> float | None:
     """The size of the budget that binds (see :func:`~autobatch.policies.budget.budget_kind`):
     ``max_steps`` in optimizer steps when it alone is given, else the examples allowed, the
-    smaller of ``epochs x n`` and ``max_samples`` (``n``: examples in the training set)."""
+    smaller of ``epochs x n`` and ``max_samples`` (``n``: examples in the training set); None
+    when no limit is given."""
     if budget_kind(epochs, max_steps, max_samples) == "steps":
         return float(max_steps)  # type: ignore[arg-type]
-    return float(total_samples(epochs, max_samples, n))  # type: ignore[arg-type]
+    total = total_samples(epochs, max_samples, n)
+    return None if total is None else float(total)
 
 
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
