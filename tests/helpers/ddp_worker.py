@@ -95,10 +95,7 @@ def write(args, rank, model, res) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Tear the gloo group down while every rank is still here, as the worker ends: left to
-    # interpreter exit, a rank aborted once in CI ("terminate called without an active
-    # exception", exit -6) after a passing run.
-    from autobatch.train.distributed import _destroy_if_initialized
+    from ddp_exit import finish
 
-    _destroy_if_initialized()
+    main()
+    finish()
