@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from autobatch.batch import ForwardLoss, LossFn, forward_and_loss, is_causal_lm
-from autobatch.data import batch_size_of, move_to
+from autobatch.data import batch_size_of, canonical_device, move_to
 
 __all__ = ["Accumulated", "LossItems", "MicroStep", "accumulate_gradients", "count_loss_items",
            "resolve_loss_items"]
@@ -239,7 +239,7 @@ def accumulate_gradients(
             "target is ignored (-100); check the labels, or pass loss_items=f(batch) -> count"
         )
     first_param = next(model.parameters(), None)
-    dev = torch.device(device) if device is not None else (
+    dev = canonical_device(device) if device is not None else (
         first_param.device if first_param is not None else torch.device("cpu"))
     loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
     items_done: list[int] = []

@@ -10,13 +10,17 @@ change to the probe, the training loop, mixed precision or the data path):
 - ``fp16_inf_skip``: ``fit(precision="fp16")`` (GradScaler) with an inf injected into a
   gradient on chosen steps: those steps leave the weights untouched, the others update
   them, and GradScaler never raises "No inf checks were recorded prior to update".
-- ``bf16_autocast``: ``fit(precision="bf16")``: layers run in bfloat16, the loss falls.
+- ``bf16_autocast``: ``fit(precision="bf16")``: layers run in bfloat16, in the memory probe's
+  steps as in training, and the loss falls.
 - ``pinned_workers``: ``fit`` with DataLoader workers and pinned host memory (num_workers=2
   on CUDA) against the same fit loading in the main process: the same weights.
 - ``nccl_one_process``: a one-process ``nccl`` group (world_size 1, in a subprocess): an
   all-reduce, then ``fit`` under the initialised group.
 - ``checkpoint_resume``: a fit with dropout stopped and resumed from its checkpoint (CUDA
   RNG states, ``weights_only`` load) against one uninterrupted run: the same weights.
+
+Every fit is given ``device=torch.device("cuda")``, without an index, as users write it (the
+model's tensors report ``cuda:0``).
 
 It prints a pass/fail table and writes ``benchmarks/results/gpu_check.json``. Without CUDA it
 says it needs a GPU, marks every check "skipped (no CUDA)" and exits 0 (writing JSON only
@@ -87,8 +91,9 @@ def check_probe_real_oom(device: torch.device) -> tuple[bool, str]:
         return True, "skipped on CPU (the device limit is what this exercises)"
     limit = 512 * MiB
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
@@ -96,9 +101,9 @@ def check_probe_real_oom(device: torch.device) -> tuple[bool, str]:
         example = (torch.randn(4, 1024), torch.randint(0, 10, (4,)))
         # The budget claims twice what the allocator allows: the estimate overshoots.
         probe = probe_memory(model, example, nn.functional.cross_entropy, torch.optim.Adam, device=device,
-                             budget_bytes=2 * limit, margin=0.1, max_batch_size=2**17, mode="real")
+                             budget_bytes=2 * limit, margin=0.1, max_micro_batch_size=2**17, mode="real")
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         torch.cuda.empty_cache()
     ooms = sorted(b for b, peak in probe.measured.items() if peak is None)
     best = probe.max_batch_size

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import autobatch
 from autobatch.cli import main
@@ -86,6 +87,8 @@ FIT_CNN = ["fit", "--example", "mnist1d", "--max-steps", "2", "--no-progress"]
          r"autobatch tune: error: storage 'studies.db' is not a URL"),
         (["fit", "--example", "nosuch"], r"argument --example: invalid choice: 'nosuch'"),
         ([*FIT, "--gns-every", "0"], r"argument --gns-every: must be an integer >= 1, or 'auto' \(got '0'\)"),
+        pytest.param([*FIT, "--device", "cuda"], r"argument --device: device 'cuda' is not available on this machine",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ],
 )
 def test_a_bad_setting_prints_one_line_and_exits_2(argv, message, capsys, tmp_path, monkeypatch) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from autobatch.data import as_batch_source, batch_size_of, move_to, split_batch
+from autobatch.data import as_batch_source, batch_size_of, canonical_device, move_to, split_batch
 
 
 def test_tuple_of_arrays_becomes_float32_inputs_and_keeps_labels() -> None:
@@ -56,3 +56,17 @@ def test_split_move_and_size_on_nested_batches() -> None:
     assert move_to(batch, "cpu")[1].device.type == "cpu"
     with pytest.raises(ValueError, match="0-d tensor"):
         batch_size_of(torch.tensor(1.0))
+
+
+def test_canonical_device_gives_the_index_tensors_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found on an H200: fit(device="cuda") with the model on cuda:0 failed the probe's
+    # same-device check, because torch.device("cuda") != torch.device("cuda:0").
+    assert torch.device("cuda") != torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert canonical_device("cuda") == torch.device("cuda", 1)
+    assert canonical_device(torch.device("cuda")) == torch.device("cuda:1")
+    assert canonical_device("cuda:0") == torch.device("cuda", 0)  # an explicit index stays
+    assert canonical_device("cpu") == torch.device("cpu") == torch.zeros(1).device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert canonical_device("cuda") == torch.device("cuda")  # left for the caller to report

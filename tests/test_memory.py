@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 import autobatch
 from autobatch.cli import main
+from autobatch.memory._count import LiveStorageBytes
 from autobatch.memory.probe import MemoryProbeResult, largest_fitting, probe_memory
 
 # ---------------------------------------------------------------------------- models
@@ -476,3 +477,33 @@ def test_max_batch_size_is_the_deprecated_name_of_max_micro_batch_size() -> None
         update={"wall_time_s": old.wall_time_s})
     with pytest.raises(ValueError, match="pass max_micro_batch_size only"):
         probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_micro_batch_size=8, max_batch_size=8)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_mixed_precision_step_is_probed_under_autocast(case: str) -> None:
+    # Found on an H200: fit(precision="bf16") probed an fp32 step. The reference is the same
+    # live-storage count on a real bf16 autocast run (real tensors, no fake mode); the CPU
+    # profiler would also see scratch that bf16 kernels allocate and free inside one op.
+    make_model, make_batch, loss_fn = CASES[case]
+    model, make_optimizer = make_model(), OPTIMIZERS["adam"]
+    for batch_size in (1, 160):
+        estimate = {precision: probe_memory(
+            model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**40, margin=0,
+            max_micro_batch_size=batch_size, mode="estimate", precision=precision).peak_bytes_at_max
+            for precision in ("fp32", "bf16")}
+        replica, batch = copy.deepcopy(model).train(), make_batch(batch_size)
+        optimizer = make_optimizer(replica.parameters())
+        counter = LiveStorageBytes("cpu")
+        with counter:
+            counter.track(replica, batch)
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn(replica(*batch[:-1]), batch[-1])
+                loss.backward()
+                del loss
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert estimate["bf16"] == pytest.approx(counter.peak_bytes, rel=1e-3), batch_size
+    assert estimate["bf16"] < 0.9 * estimate["fp32"]  # at 160 the bf16 activations dominate
+    with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'bf16', 'fp16' \(got precision='half'\)"):
+        probe_memory(model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**30, precision="half")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autobatch.cli._args import byte_size, fail, non_negative_int, positive_float, positive_int
+from autobatch.cli._args import byte_size, device, fail, non_negative_int, positive_float, positive_int
 
 __all__ = ["add_parser"]
 
@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "'auto': as rarely as keeps the splits within 5%% of the time")
     p.add_argument("--epochs", type=positive_float, default=None, help="epochs to train (default: the example's)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda, cuda:1, ... to train on (default: cpu)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="model init and shuffling seed")
     p.add_argument("--budget", type=byte_size, default=None,
                    help="memory budget, e.g. 2GiB (probes the micro-batch)")
@@ -102,9 +104,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     epochs = args.epochs if args.epochs is not None or args.max_steps is not None else ex.default_epochs
+    if args.device is not None:
+        overrides["device"] = args.device
     try:
         result = autobatch.fit(
-            ex.model_fn(),
+            ex.model_fn().to(args.device or "cpu"),
             ex.train_data,
             loss_fn=ex.loss_fn,
             val_data=ex.val_data,

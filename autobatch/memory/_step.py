@@ -5,6 +5,8 @@ steps on the device).
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,6 +130,7 @@ class Workload:
     forward_loss: ForwardLoss | None
     optimizer: Any
     make_optimizer: OptimizerMaker
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) of mixed precision
 
     def real_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer real steps use: the user's instance itself, or one over the model."""
@@ -144,10 +147,13 @@ def run_steps(work: Workload, optimizer: torch.optim.Optimizer, batch: Any) -> N
     buffers). The second pass runs with that state and the first pass's gradients alive, as a
     later micro-batch of an accumulated step does, and its backward adds into the existing
     gradients; so the peak covers the steady state and gradient accumulation, and no later
-    step of a training loop peaks higher for the same batch.
+    step of a training loop peaks higher for the same batch. With mixed precision
+    (``work.autocast``) the forward and the loss run under ``torch.autocast``, as fit's step.
     """
     for _ in range(2):
-        loss, output = forward_and_loss(work.model, batch, work.loss_fn, work.forward_loss)
+        with (torch.autocast(work.autocast[0], dtype=work.autocast[1]) if work.autocast is not None
+              else contextlib.nullcontext()):
+            loss, output = forward_and_loss(work.model, batch, work.loss_fn, work.forward_loss)
         del output
         loss.backward()
         del loss

@@ -26,7 +26,7 @@ from torch import nn
 from autobatch.accumulate import LossItems, resolve_loss_items
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
-from autobatch.data import BatchSource, as_batch_source
+from autobatch.data import BatchSource, as_batch_source, canonical_device
 from autobatch.memory.oom import MemoryBudget
 from autobatch.noise.estimator import GradientNoiseScale
 from autobatch.noise.micro_batch import StepGradNorms, trainable_parameters
@@ -294,7 +294,7 @@ def prepare(
     min_micro = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
     if should_probe(cfg, device):
         max_micro, min_micro = probe_micro_cap(model, source, loss_fn, forward_loss, optimizer, lr,
-                                               device, cfg, max_b, max_micro)
+                                               device, cfg, max_b, max_micro, precision)
     method = cfg.estimator.gns_method
     if method == "per_example" and (why := per_example_supported(model)) is not None:
         warnings.warn(f"gns_method='per_example' is not supported for this model ({why}); "
@@ -344,7 +344,7 @@ def prepare(
 def resolve_device(model: nn.Module, source: BatchSource, device: torch.device | str | None) -> torch.device:
     model_device = trainable_parameters(model)[0].device  # raises if nothing is trainable
     if device is not None:
-        return torch.device(device)
+        return canonical_device(device)
     ds = source.dataset
     tensors = getattr(ds, "tensors", None)
     if tensors and tensors[0].device != model_device:
@@ -391,9 +391,10 @@ def should_probe(cfg: FitConfig, device: torch.device) -> bool:
 def probe_micro_cap(model: nn.Module, source: BatchSource, loss_fn: LossFn | None,
                     forward_loss: ForwardLoss | None, optimizer: OptimizerSpec, lr: float | None,
                     device: torch.device, cfg: FitConfig, max_b: int,
-                    max_micro: int | None) -> tuple[int, int]:
+                    max_micro: int | None, precision: str) -> tuple[int, int]:
     """The memory probe's micro-batch cap (within ``max_micro``) and the smallest micro-batch
-    the model trains on. The probe gets the user's optimizer spec: an instance is rebuilt
+    the model trains on, probed at the step's ``precision`` (the autocast fit runs under).
+    The probe gets the user's optimizer spec: an instance is rebuilt
     faithfully over stand-ins (:func:`autobatch.optimizers.copy_for`), a class or factory
     with fit's ``lr`` bound."""
     from autobatch.memory.probe import probe_memory
@@ -403,7 +404,7 @@ def probe_micro_cap(model: nn.Module, source: BatchSource, loss_fn: LossFn | Non
     probe = probe_memory(
         model, source, loss_fn, optimizer=spec, forward_loss=forward_loss, device=device,
         budget_bytes=cfg.memory.memory_budget, max_micro_batch_size=max_b,
-        margin=cfg.memory.memory_margin,
+        margin=cfg.memory.memory_margin, precision=precision,
     )
     cap = probe.max_batch_size
     return (min(cap, max_micro) if max_micro is not None else cap), probe.min_batch_size

@@ -19,7 +19,7 @@ from autobatch.batch import (
     output_logits,
     target_of,
 )
-from autobatch.data import as_batch_source, move_to
+from autobatch.data import as_batch_source, canonical_device, move_to
 
 __all__ = ["evaluate"]
 
@@ -87,7 +87,7 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
     source = as_batch_source(data, name="val_data", check_items=forward_loss is None)
     first = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (
+    device = canonical_device(device) if device is not None else (
         first.device if first is not None else torch.device("cpu"))
     order = source.sampler_order(0) if source.sampler is not None else torch.arange(len(source))
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None

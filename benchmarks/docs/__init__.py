@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.docs import (adam_noise, ddp_overhead, equal_budget, fit_overhead, gns_accuracy, gns_overhead,
-                             integrations_overhead, long_lm, probe, time_to_target, tune)
+                             gpu_check, integrations_overhead, long_lm, probe, time_to_target, tune)
 from benchmarks.docs._md import Page
 
 __all__ = ["RENDERERS", "Page", "digest", "main", "render_all", "stale_pages", "write_pages"]
@@ -57,6 +57,7 @@ RENDERERS: dict[str, Renderer] = {
     "equal_budget": equal_budget.render,
     "adam_noise": adam_noise.render,
     "long_lm": long_lm.render,
+    "gpu_check": gpu_check.render,
 }
 
 
