@@ -3,6 +3,10 @@
 The test suite runs on CPU; this script is the check to run on a CUDA machine (after a
 change to the probe, the training loop, mixed precision or the data path):
 
+- ``probe_estimate``: the memory probe's fake-tensor estimate on the GPU against the allocator's
+  real peak of the same two Adam steps (``torch.cuda.max_memory_allocated``), for an MLP, a
+  CNN with BatchNorm and a small transformer, in fp32 and bf16, at two batch sizes each; it
+  passes when every estimate is within 10% (the default margin) of the measured peak.
 - ``probe_real_oom``: ``probe_memory(mode="real")`` on a device made small with
   ``torch.cuda.set_per_process_memory_fraction`` and a budget twice that size, so the
   estimate overshoots, the first real step runs out of memory for real, and the probe
@@ -234,7 +238,107 @@ def check_checkpoint_resume(device: torch.device) -> tuple[bool, str]:
     return diff == 0.0, f"stopped at 9 of 20 steps, resumed: max weight difference {diff:.3g}"
 
 
+def _estimate_cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], Callable, tuple[int, int]]]:
+    """Models for the estimate check: (model factory, batch of n, loss, two batch sizes)."""
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+    def cnn_bn() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.Conv2d(64, 128, 3, stride=2), nn.BatchNorm2d(128), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(1000, 256)
+            layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.1, batch_first=True)
+            self.body = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+            self.head = nn.Linear(256, 1000)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(self.emb(x)))
+
+    def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    ce = nn.functional.cross_entropy
+    return {
+        "mlp": (mlp, lambda n: (torch.randn(n, 1024), torch.randint(0, 10, (n,))), ce, (256, 4096)),
+        "cnn_bn": (cnn_bn, lambda n: (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))), ce, (64, 512)),
+        "transformer": (LM, lambda n: (torch.randint(0, 1000, (n, 128)), torch.randint(0, 1000, (n, 128))),
+                        lm_loss, (16, 128)),
+    }
+
+
+def _measured_peak(model: nn.Module, batch: tuple, loss_fn: Callable, amp: torch.dtype | None,
+                   device: torch.device) -> int:
+    """Peak bytes of the probe's workload run for real on ``device`` (two Adam steps, the
+    gradients set to None after the second): the allocator's peak on CUDA, the live-storage
+    count on CPU (smoke mode). Parameters, buffers and the batch are counted as resident."""
+    import contextlib
+
+    from autobatch.memory._count import LiveStorageBytes
+
+    opt = torch.optim.Adam(model.parameters())
+    resident = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), *batch))
+
+    def steps() -> None:
+        for _ in range(2):
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                loss = loss_fn(model(*batch[:-1]), batch[-1])
+            loss.backward()
+            del loss
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type != "cuda":
+        counter = LiveStorageBytes(device)
+        with counter:
+            counter.track(model, batch)
+            steps()
+        return counter.peak_bytes
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    steps()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before + resident
+
+
+#: the estimate may differ from the measured peak by this fraction (the default margin) at most
+ESTIMATE_TOLERANCE = 0.10
+
+
+def check_probe_estimate(device: torch.device) -> tuple[bool, str]:
+    """The probe's fake-tensor estimate on the device against the real peak of the same steps."""
+    from autobatch import probe_memory
+
+    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    ratios, worst = [], (1.0, "")
+    for name, (make_model, make_batch, loss_fn, sizes) in _estimate_cases().items():
+        for precision, amp in precisions.items():
+            for n in sizes if device.type == "cuda" else (4,):  # smoke mode: the code path only
+                torch.manual_seed(0)
+                model = make_model().to(device)
+                estimate = probe_memory(model, make_batch(2), loss_fn, torch.optim.Adam, device=device,
+                                        budget_bytes=2**40, max_micro_batch_size=n, margin=0,
+                                        mode="estimate", precision=precision).peak_bytes_at_max
+                batch = tuple(t.to(device) for t in make_batch(n))
+                measured = _measured_peak(model, batch, loss_fn, amp, device)
+                ratio = estimate / measured
+                ratios.append(f"{name}/{precision}/{n} {ratio:.3f} ({measured / MiB:.0f} MiB)")
+                if abs(ratio - 1) > abs(worst[0] - 1):
+                    worst = (ratio, ratios[-1])
+                del model, batch
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    ok = abs(worst[0] - 1) <= ESTIMATE_TOLERANCE
+    return ok, "estimate / measured peak: " + "; ".join(ratios)
+
+
 CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
+    "probe_estimate": check_probe_estimate,
     "probe_real_oom": check_probe_real_oom,
     "fp16_inf_skip": check_fp16_inf_skip,
     "bf16_autocast": check_bf16_autocast,

@@ -151,7 +151,10 @@ class BatchSizeController:
         elif norms is not None:
             self.estimator.update_big(norms.big_sq_norm, norms.big_batch_size, step=step)
         if step_time_s is not None and batch_size == self.batch_size:
-            self._step_times.setdefault(batch_size, deque(maxlen=_TIME_WINDOW)).append(step_time_s)
+            times = self._step_times.get(batch_size)
+            if times is None:  # (setdefault would build a deque every step)
+                times = self._step_times[batch_size] = deque(maxlen=_TIME_WINDOW)
+            times.append(step_time_s)
             self._stale.add(batch_size)
 
     def context(self, *, refresh_times: bool = True) -> PolicyContext:
