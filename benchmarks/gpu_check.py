@@ -3,10 +3,12 @@
 The test suite runs on CPU; this script is the check to run on a CUDA machine (after a
 change to the probe, the training loop, mixed precision or the data path):
 
-- ``probe_estimate``: the memory probe's fake-tensor estimate on the GPU against the allocator's
-  real peak of the same two Adam steps (``torch.cuda.max_memory_allocated``), for an MLP, a
-  CNN with BatchNorm and a small transformer, in fp32 and bf16, at two batch sizes each; it
-  passes when every estimate is within 10% (the default margin) of the measured peak.
+- ``probe_estimate``: the memory probe's fake-tensor estimate on the GPU against the same two
+  Adam steps run for real, for an MLP, a CNN with BatchNorm and a small transformer, in fp32
+  and bf16, at two batch sizes each. It passes when every estimate is within 1% of the real
+  steps' live tensor storages (counted at the dispatcher, as the estimate counts); the
+  allocator's peak (``torch.cuda.max_memory_allocated``) is reported beside it, its excess
+  being scratch that kernels allocate inside one op (cuDNN workspaces, for instance).
 - ``probe_real_oom``: ``probe_memory(mode="real")`` on a device made small with
   ``torch.cuda.set_per_process_memory_fraction`` and a budget twice that size, so the
   estimate overshoots, the first real step runs out of memory for real, and the probe
@@ -272,18 +274,25 @@ def _estimate_cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int]
 
 
 def _measured_peak(model: nn.Module, batch: tuple, loss_fn: Callable, amp: torch.dtype | None,
-                   device: torch.device) -> int:
-    """Peak bytes of the probe's workload run for real on ``device`` (two Adam steps, the
-    gradients set to None after the second): the allocator's peak on CUDA, the live-storage
-    count on CPU (smoke mode). Parameters, buffers and the batch are counted as resident."""
+                   device: torch.device, optimizer: Callable = torch.optim.Adam) -> tuple[int, int]:
+    """Peak bytes of the probe's workload run for real on ``device`` (two steps, the
+    gradients set to None after the second), two ways: the device allocator's peak (CUDA; the
+    second figure on CPU) and the live tensor storages counted at the dispatcher (what the
+    fake-tensor estimate counts: no scratch an op allocates and frees inside itself).
+    Parameters, buffers and the batch are counted as resident."""
     import contextlib
 
     from autobatch.memory._count import LiveStorageBytes
 
-    opt = torch.optim.Adam(model.parameters())
+    opt = optimizer(model.parameters())
     resident = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), *batch))
-
-    def steps() -> None:
+    counter = LiveStorageBytes(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with counter:
+        counter.track(model, batch)
         for _ in range(2):
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 loss = loss_fn(model(*batch[:-1]), batch[-1])
@@ -291,31 +300,24 @@ def _measured_peak(model: nn.Module, batch: tuple, loss_fn: Callable, amp: torch
             del loss
             opt.step()
         opt.zero_grad(set_to_none=True)
-
     if device.type != "cuda":
-        counter = LiveStorageBytes(device)
-        with counter:
-            counter.track(model, batch)
-            steps()
-        return counter.peak_bytes
+        return counter.peak_bytes, counter.peak_bytes
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    steps()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before + resident
+    return torch.cuda.max_memory_allocated(device) - before + resident, counter.peak_bytes
 
 
-#: the estimate may differ from the measured peak by this fraction (the default margin) at most
-ESTIMATE_TOLERANCE = 0.10
+#: the estimate may differ from the real steps' live-storage count by this fraction at most
+ESTIMATE_TOLERANCE = 0.01
 
 
 def check_probe_estimate(device: torch.device) -> tuple[bool, str]:
-    """The probe's fake-tensor estimate on the device against the real peak of the same steps."""
+    """The probe's fake-tensor estimate on the device against the same steps run for real:
+    their live-storage count (must agree) and the allocator's peak (the gap is scratch that
+    kernels allocate inside one op, e.g. cuDNN workspaces, which no storage count sees)."""
     from autobatch import probe_memory
 
     precisions = {"fp32": None, "bf16": torch.bfloat16}
-    ratios, worst = [], (1.0, "")
+    rows, worst = [], 0.0
     for name, (make_model, make_batch, loss_fn, sizes) in _estimate_cases().items():
         for precision, amp in precisions.items():
             for n in sizes if device.type == "cuda" else (4,):  # smoke mode: the code path only
@@ -325,16 +327,14 @@ def check_probe_estimate(device: torch.device) -> tuple[bool, str]:
                                         budget_bytes=2**40, max_micro_batch_size=n, margin=0,
                                         mode="estimate", precision=precision).peak_bytes_at_max
                 batch = tuple(t.to(device) for t in make_batch(n))
-                measured = _measured_peak(model, batch, loss_fn, amp, device)
-                ratio = estimate / measured
-                ratios.append(f"{name}/{precision}/{n} {ratio:.3f} ({measured / MiB:.0f} MiB)")
-                if abs(ratio - 1) > abs(worst[0] - 1):
-                    worst = (ratio, ratios[-1])
+                allocator, counted = _measured_peak(model, batch, loss_fn, amp, device)
+                worst = max(worst, abs(estimate / counted - 1))
+                rows.append(f"{name}/{precision}/{n} {estimate / counted:.3f} of the count, "
+                            f"{estimate / allocator:.3f} of the allocator's {allocator / MiB:.0f} MiB")
                 del model, batch
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    ok = abs(worst[0] - 1) <= ESTIMATE_TOLERANCE
-    return ok, "estimate / measured peak: " + "; ".join(ratios)
+    return worst <= ESTIMATE_TOLERANCE, "estimate / real peak: " + "; ".join(rows)
 
 
 CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {

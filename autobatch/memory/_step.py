@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -176,6 +176,29 @@ def optimizer_maker(optimizer: OptimizerSpec | None, model: torch.nn.Module) -> 
 
 
 # ---------------------------------------------------------------------------- measuring
+@contextlib.contextmanager
+def _optimizers_take_the_real_path() -> Iterator[None]:
+    """Let torch.optim pick its default implementation for fake parameters as for real ones.
+
+    An optimizer left to choose (``foreach=None``) takes the multi-tensor path only when every
+    parameter's type is a plain tensor, so over fake tensors it took the single-tensor path,
+    whose temporaries differ: on an H200, Adam's step at an MLP's batch 256 peaked 17 MiB (4%)
+    above the estimate. FakeTensor is listed among the accepted types while the fake step runs.
+    """
+    import torch.optim.optimizer as optim_base
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    types = getattr(optim_base, "_foreach_supported_types", None)
+    if not isinstance(types, list) or FakeTensor in types:  # another torch: leave it alone
+        yield
+        return
+    types.append(FakeTensor)
+    try:
+        yield
+    finally:
+        types.remove(FakeTensor)
+
+
 def fake_peak(work: Workload, batch_size: int, device: torch.device) -> int:
     """Peak live bytes of :func:`run_steps` at ``batch_size`` on ``device``, allocating nothing.
 
@@ -199,7 +222,8 @@ def fake_peak(work: Workload, batch_size: int, device: torch.device) -> int:
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level, log.level = log.level, logging.CRITICAL
     try:
-        with fake_mode, counter, _reparametrize_module(model, state, tie_weights=True):
+        with fake_mode, counter, _reparametrize_module(model, state, tie_weights=True), \
+                _optimizers_take_the_real_path():
             counter.track(state)
             batch = fake_resized(work.template, batch_size, device)
             counter.track(batch)
