@@ -22,6 +22,9 @@ change to the probe, the training loop, mixed precision or the data path):
   on CUDA) against the same fit loading in the main process: the same weights.
 - ``nccl_one_process``: a one-process ``nccl`` group (world_size 1, in a subprocess): an
   all-reduce, then ``fit`` under the initialised group.
+- ``lightning`` and ``hf_trainer``: the two integrations on their examples' unchanged models
+  (the Lightning callback with ``precision="bf16-mixed"``, ``AdaptiveBatchTrainer`` with
+  ``bf16=True``): the model trains on the GPU, B changes and the loss falls.
 - ``checkpoint_resume``: a fit with dropout stopped and resumed from its checkpoint (CUDA
   RNG states, ``weights_only`` load) against one uninterrupted run: the same weights.
 
@@ -337,6 +340,74 @@ def check_probe_estimate(device: torch.device) -> tuple[bool, str]:
     return worst <= ESTIMATE_TOLERANCE, "estimate / real peak: " + "; ".join(rows)
 
 
+def _example(name: str):
+    """A module of ``examples/`` (not a package), loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_lightning(device: torch.device) -> tuple[bool, str]:
+    """The Lightning callback on the example's unchanged LightningModule, on the GPU in bf16."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autobatch.integrations.lightning import AdaptiveBatchSize
+
+    ex = _example("lightning_example")
+    warnings.filterwarnings("ignore", module="lightning")
+    torch.manual_seed(0)
+    model = ex.MNIST1DClassifier()
+    (x, y), (x_val, y_val) = model.example.train_data, model.example.val_data
+    adaptive = AdaptiveBatchSize(max_batch_size=1024)
+    trainer = pl.Trainer(max_epochs=2, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                         precision="bf16-mixed", callbacks=[adaptive], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
+                DataLoader(TensorDataset(x_val, y_val), batch_size=500))
+    history, accuracy = adaptive.history, float(trainer.callback_metrics["val_accuracy"])
+    sizes = sorted({r.batch_size for r in history})
+    on = trainer.strategy.root_device  # (the model itself is back on the CPU after fit)
+    ok = on.type == device.type and len(sizes) > 1 and accuracy > 0.3 and math.isfinite(history[-1].train_loss)
+    return ok, (f"{len(history)} steps on {on}, B in {sizes[0]}..{sizes[-1]}, val_accuracy {accuracy:.3f} "
+                "(chance 0.1)")
+
+
+def check_hf_trainer(device: torch.device) -> tuple[bool, str]:
+    """AdaptiveBatchTrainer on the example's tiny GPT-2, on the GPU in bf16."""
+    import tempfile
+
+    from transformers import TrainingArguments
+    from transformers.utils import logging
+
+    from autobatch.integrations.transformers import AdaptiveBatchTrainer
+
+    ex = _example("hf_trainer_example")
+    logging.set_verbosity_error()
+    train, evaluation, vocab_size = ex.make_dataset()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, num_train_epochs=2,
+                                 learning_rate=3e-3, logging_steps=10, save_strategy="no", report_to=[],
+                                 use_cpu=device.type != "cuda", bf16=True, disable_tqdm=True)
+        trainer = AdaptiveBatchTrainer(model=ex.tiny_gpt2(vocab_size), args=args, train_dataset=train,
+                                       eval_dataset=evaluation, data_collator=ex.collate,
+                                       autobatch_config={"decide_every": 5, "max_batch_size": 256})
+        trainer.train()
+    history = trainer.history
+    first = sum(r.train_loss for r in history[:5]) / 5
+    last = sum(r.train_loss for r in history[-5:]) / 5
+    sizes = sorted({r.batch_size for r in history})
+    on = next(trainer.model.parameters()).device
+    ok = on.type == device.type and last < first - 0.5 and len(sizes) > 1
+    return ok, f"{len(history)} steps on {on}, B in {sizes[0]}..{sizes[-1]}, train loss {first:.2f} -> {last:.2f}"
+
+
 CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
     "probe_estimate": check_probe_estimate,
     "probe_real_oom": check_probe_real_oom,
@@ -345,6 +416,8 @@ CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
     "pinned_workers": check_pinned_workers,
     "nccl_one_process": check_nccl_one_process,
     "checkpoint_resume": check_checkpoint_resume,
+    "lightning": check_lightning,
+    "hf_trainer": check_hf_trainer,
 }
 
 

@@ -444,9 +444,13 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             super()._track_num_input_tokens(batch)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
-        # The Trainer reports num_train_samples x steps run / max_steps as the examples seen;
-        # with a growing B only the examples actually processed are right.
+        # With a growing B only the examples actually processed are right as the examples seen.
         if self.batch_controller is not None:
-            steps_run = max(self.state.global_step - self._initial_global_step, 1)
-            num_train_samples = (self._samples - self._samples_at_start) * max(self.state.max_steps, 1) / steps_run
+            num_train_samples = self._samples - self._samples_at_start
+            if hasattr(self, "_initial_global_step"):
+                # Recent 5.x Trainers report num_train_samples x steps run / max_steps (this
+                # call's share of the schedule, set in the same release as this attribute);
+                # earlier ones (5.17 tested) report num_train_samples as given.
+                steps_run = max(self.state.global_step - self._initial_global_step, 1)
+                num_train_samples = num_train_samples * max(self.state.max_steps, 1) / steps_run
         return super()._finalize_training(trial, num_train_samples, start_time)
