@@ -161,3 +161,37 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_matche
     full = _run(tmp_path / "full", "--max-steps", "30", "--policy", "gns", ranks=2)
     assert resumed[0]["weights"] == resumed[1]["weights"] == full[0]["weights"]
     assert resumed[0]["batch_sizes"] == full[0]["batch_sizes"] and resumed[0]["steps"] == 30
+
+
+def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> None:
+    import torch
+    from torch import nn
+
+    from autobatch.train.distributed import DistInfo, FlatGradientBuffer, all_reduce_gradients
+
+    # A one-process group sums each tensor with itself alone: what is under test is the
+    # gathering into the kept buffer and the scattering back, against a new buffer each time.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        info = DistInfo(rank=0, world_size=2)  # enabled, as on any data-parallel run
+        model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+        params = list(model.parameters())
+        kept, pointers = FlatGradientBuffer(), set()
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, float(step + 1)) + torch.randn_like(p)
+            expected = [p.grad.clone() for p in params]
+            extra = torch.tensor([1.5, float(step)])
+            reference = torch.cat([g.reshape(-1) for g in expected])
+            totals, flat = kept.all_reduce(params, info, extra)
+            pointers.add(flat.data_ptr())
+            assert torch.equal(flat, reference) and torch.equal(totals, extra)
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, expected, strict=True))
+        assert len(pointers) == 1  # one buffer for the three steps
+        params[-1].grad = None  # a parameter no example reached: zeros, and the same size
+        totals, flat = all_reduce_gradients(params, info, torch.tensor([2.0]), buffer=None)
+        assert flat.numel() == sum(p.numel() for p in params) and torch.equal(params[-1].grad, torch.zeros(3))
+        _, flat = kept.all_reduce(params[:2], info, torch.tensor([2.0]))  # another size: a new buffer
+        assert flat.data_ptr() not in pointers and flat.numel() == 5 * 7 + 7
+    finally:
+        dist.destroy_process_group()

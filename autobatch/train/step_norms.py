@@ -59,7 +59,7 @@ from autobatch.noise.micro_batch import (
     trainable_parameters,
 )
 from autobatch.noise.per_example import PerExampleNormCollector
-from autobatch.train.distributed import DistInfo, all_reduce_gradients
+from autobatch.train.distributed import DistInfo, FlatGradientBuffer
 
 __all__ = ["MeasureSchedule", "StepNormMeter", "norms_from_totals"]
 
@@ -230,6 +230,7 @@ class StepNormMeter:
         self._model = model
         self._params = trainable_parameters(model)
         self._big_norm = grad_sq_norm_of(self._params)
+        self._flat = FlatGradientBuffer()  # the data-parallel all-reduce's, kept between steps
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
         # a call per parameter (~10% of a small CNN's step) even when it records nothing.
         self._hooks: MicroBatchNormCollector | None = None
@@ -343,7 +344,7 @@ class StepNormMeter:
             totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
                                   torch.full((), inv, device=device),
                                   *(torch.full((), f, device=device) for f in signal_flags)])
-            totals, flat = all_reduce_gradients(self._params, self.info, totals)
+            totals, flat = self._flat.all_reduce(self._params, self.info, totals)
             parts = [totals]
             if big_norm:
                 parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
