@@ -277,8 +277,8 @@ def _estimate_cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int]
 
 
 def _measured_peak(model: nn.Module, batch: tuple, loss_fn: Callable, amp: torch.dtype | None,
-                   device: torch.device, optimizer: Callable = torch.optim.Adam) -> tuple[int, int]:
-    """Peak bytes of the probe's workload run for real on ``device`` (two steps, the
+                   device: torch.device) -> tuple[int, int]:
+    """Peak bytes of the probe's workload run for real on ``device`` (two Adam steps, the
     gradients set to None after the second), two ways: the device allocator's peak (CUDA; the
     second figure on CPU) and the live tensor storages counted at the dispatcher (what the
     fake-tensor estimate counts: no scratch an op allocates and frees inside itself).
@@ -287,7 +287,7 @@ def _measured_peak(model: nn.Module, batch: tuple, loss_fn: Callable, amp: torch
 
     from autobatch.memory._count import LiveStorageBytes
 
-    opt = optimizer(model.parameters())
+    opt = torch.optim.Adam(model.parameters())
     resident = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), *batch))
     counter = LiveStorageBytes(device)
     if device.type == "cuda":

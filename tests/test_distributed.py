@@ -189,7 +189,7 @@ def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> 
             assert all(torch.equal(p.grad, g) for p, g in zip(params, expected, strict=True))
         assert len(pointers) == 1  # one buffer for the three steps
         params[-1].grad = None  # a parameter no example reached: zeros, and the same size
-        totals, flat = all_reduce_gradients(params, info, torch.tensor([2.0]), buffer=None)
+        totals, flat = all_reduce_gradients(params, info, torch.tensor([2.0]))
         assert flat.numel() == sum(p.numel() for p in params) and torch.equal(params[-1].grad, torch.zeros(3))
         _, flat = kept.all_reduce(params[:2], info, torch.tensor([2.0]))  # another size: a new buffer
         assert flat.data_ptr() not in pointers and flat.numel() == 5 * 7 + 7

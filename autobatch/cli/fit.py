@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     try:
         result = autobatch.fit(
-            ex.model_fn().to(args.device or "cpu"),
+            ex.model_fn(),  # fit moves it to the device
             ex.train_data,
             loss_fn=ex.loss_fn,
             val_data=ex.val_data,

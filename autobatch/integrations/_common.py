@@ -11,8 +11,6 @@ from typing import Any
 import torch
 
 from autobatch.config import FitConfig
-from autobatch.policies.budget import budget_kind
-from autobatch.train._setup import budget_total
 from autobatch.train._setup import build_controller as fit_controller
 from autobatch.train.controller import BatchSizeController
 
@@ -75,8 +73,8 @@ def build_controller(
     return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
                           base_batch_size=base_batch_size, max_batch_size=max_batch_size,
                           micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches,
-                          budget=budget_kind(epochs, max_steps, None), lr_scheduled=lr_scheduled,
-                          budget_total=budget_total(epochs, max_steps, None, num_examples))
+                          epochs=epochs, max_steps=max_steps, num_examples=num_examples,
+                          lr_scheduled=lr_scheduled)
 
 
 def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:

@@ -305,8 +305,8 @@ def prepare(
         # One micro-batch per step unless memory needs more: the meter splits the steps it
         # measures itself.
         micro_batch_size=max_micro, min_micro_batches=1,
-        budget=budget_kind(epochs, max_steps, max_samples),  # what limits the run, for the policy
-        budget_total=budget_total(epochs, max_steps, max_samples, n), lr_scheduled=scheduler is not None,
+        epochs=epochs, max_steps=max_steps, max_samples=max_samples, num_examples=n,
+        lr_scheduled=scheduler is not None,
     )
     est = cfg.estimator
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0,
@@ -528,7 +528,8 @@ def budget_total(epochs: float | None, max_steps: int | None, max_samples: int |
 
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
                      micro_batch_size: int | None, min_micro_batches: int,
-                     budget: str = "samples", budget_total: float | None = None,
+                     epochs: float | None = None, max_steps: int | None = None,
+                     max_samples: int | None = None, num_examples: int = 0,
                      lr_scheduled: bool = False) -> BatchSizeController:
     """The batch-size controller for ``cfg`` (``fit``'s, and the trainer integrations'), with
     the caller's sizes.
@@ -542,8 +543,10 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         max_batch_size: the largest global B allowed (already clipped to the data set).
         micro_batch_size: the micro-batch cap (per process), or None for none.
         min_micro_batches: micro-batches per step and process when B allows.
-        budget: what limits the run (``"samples"`` or ``"steps"``), for the policy.
-        budget_total: that budget's size (examples or steps), or None when unknown.
+        epochs, max_steps, max_samples: the run's length (None: not set), from which the
+            policy learns what limits the run (:func:`~autobatch.policies.budget.budget_kind`)
+            and how far through it the run is (:func:`budget_total`).
+        num_examples: examples in the training set (for an epoch budget).
         lr_scheduled: whether a user's LR scheduler shapes the base LR.
 
     Raises:
@@ -568,7 +571,7 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         min_micro_batches=min_micro_batches,
         max_lr_factor=cfg.lr.max_lr_factor,
         warmup_steps=cfg.lr.warmup_steps,
-        budget=budget,
-        budget_total=budget_total,
+        budget=budget_kind(epochs, max_steps, max_samples),
+        budget_total=budget_total(epochs, max_steps, max_samples, num_examples),
         lr_scheduled=lr_scheduled,
     )

@@ -133,56 +133,8 @@ def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_gradients(
-    params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor, *,
-    buffer: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SUM every parameter's ``.grad`` and the numbers ``extra`` over ranks in one flat
-    all-reduce, and write the summed gradients back into ``.grad``. A parameter with no
-    gradient on this rank (no example reached it) takes part as zeros.
-
-    Carrying the step's loss and norm totals in the gradient's all-reduce saves a collective
-    (and its latency) per step.
-
-    Args:
-        params: the trainable parameters, in the same order on every rank.
-        info: this process's place in the run (must be distributed).
-        extra: a 1-D tensor of numbers to sum along (the loss, norm totals).
-        buffer: a flat buffer to gather into, kept by the caller from the last step (see
-            :class:`FlatGradientBuffer`); a new one is allocated when None or when its size
-            or dtype does not fit.
-
-    Returns:
-        ``(extra_summed, flat_gradient)``: the summed ``extra`` (float32) and the summed
-        gradient as one flat tensor (a view of the all-reduce's buffer, for a norm of the
-        reduced gradient without another pass over the parameters). The view is valid until
-        the buffer is used again.
-    """
-    if not info.enabled:
-        raise ValueError("all_reduce_gradients needs a data-parallel run (got world_size=1)")
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    # float32 at least: half-precision gradients are summed (and the totals carried) wider.
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    pieces = [g.reshape(-1).to(dtype) for g in grads] + [extra.to(dtype)]
-    size = sum(t.numel() for t in pieces)
-    if buffer is not None and buffer.numel() == size and buffer.dtype == dtype and buffer.device == extra.device:
-        flat = torch.cat(pieces, out=buffer)
-    else:
-        flat = torch.cat(pieces)
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
-    return flat[offset:].float(), flat[:offset]
-
-
 class FlatGradientBuffer:
-    """The flat buffer of :func:`all_reduce_gradients`, kept from one step to the next.
+    """One flat SUM all-reduce of the gradients, into a buffer kept from one step to the next.
 
     A new buffer every step costs its allocation each time: above glibc's largest mmap
     threshold (32 MiB, a model of 8M float32 parameters) every allocation is a fresh mapping
@@ -196,10 +148,53 @@ class FlatGradientBuffer:
 
     def all_reduce(self, params: list[nn.Parameter], info: DistInfo,
                    extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`all_reduce_gradients` into the kept buffer (replaced if it does not fit)."""
-        totals, flat = all_reduce_gradients(params, info, extra, buffer=self._buffer)
-        self._buffer = flat._base if flat._base is not None else flat
-        return totals, flat
+        """SUM every parameter's ``.grad`` and the numbers ``extra`` over ranks in one flat
+        all-reduce, and write the summed gradients back into ``.grad``. A parameter with no
+        gradient on this rank (no example reached it) takes part as zeros.
+
+        Carrying the step's loss and norm totals in the gradient's all-reduce saves a
+        collective (and its latency) per step. The kept buffer is replaced when the size or
+        dtype changes.
+
+        Args:
+            params: the trainable parameters, in the same order on every rank.
+            info: this process's place in the run (must be distributed).
+            extra: a 1-D tensor of numbers to sum along (the loss, norm totals).
+
+        Returns:
+            ``(extra_summed, flat_gradient)``: the summed ``extra`` (float32) and the summed
+            gradient as one flat tensor (a view of the kept buffer, for a norm of the reduced
+            gradient without another pass over the parameters; valid until the next call).
+        """
+        if not info.enabled:
+            raise ValueError("all_reduce_gradients needs a data-parallel run (got world_size=1)")
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        # float32 at least: half-precision gradients are summed (and the totals carried) wider.
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        pieces = [g.reshape(-1).to(dtype) for g in grads] + [extra.to(dtype)]
+        kept = self._buffer
+        if (kept is not None and kept.numel() == sum(t.numel() for t in pieces) and kept.dtype == dtype
+                and kept.device == extra.device):
+            flat = torch.cat(pieces, out=kept)
+        else:
+            flat = self._buffer = torch.cat(pieces)
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+        return flat[offset:].float(), flat[:offset]
+
+
+def all_reduce_gradients(
+    params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`FlatGradientBuffer.all_reduce` into a new buffer (a loop keeps one instead)."""
+    return FlatGradientBuffer().all_reduce(params, info, extra)
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
