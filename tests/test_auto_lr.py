@@ -17,6 +17,7 @@ from autobatch.tune.auto_lr import (
     DEFAULT_FRACTION,
     MIN_RUNG_STEPS,
     VAL_FRACTION,
+    _lower_neighbour_second,
     _pick,
     choose_base_lr,
     default_lr_range,
@@ -95,6 +96,28 @@ def test_given_val_data_scores_trials_on_it_and_trains_on_all_data(ex):
     assert "complete" in search.table()
 
 
+def test_an_adam_study_keeps_the_best_trial_and_its_lower_neighbour(ex):
+    # AdamW on the synthetic problem: rung 0 ranks the LR above its best second, yet the
+    # finalists are its best and the LR one grid step below (the study's intermediate values).
+    def adamw(params, lr):
+        return torch.optim.AdamW(params, lr=lr)
+
+    search = choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
+                            optimizer=adamw, max_samples=8192, config={"initial_batch_size": B0},
+                            lr_range=(3e-3, 0.3))
+    assert len(search.rungs) == 2
+    first = {t.params["lr"]: t.intermediate_values[search.rungs[0]] for t in search.study.trials}
+    best, second = sorted(first, key=first.get)[:2]
+    i = search.candidates.index(best)
+    assert i > 0 and second != search.candidates[i - 1], "the case must tell the rule from plain ranking"
+    finalists = {t.params["lr"]: t.intermediate_values[search.rungs[1]] for t in search.study.trials
+                 if t.state.name == "COMPLETE"}
+    assert set(finalists) == {best, search.candidates[i - 1]}
+    winner = min(finalists, key=finalists.get)
+    j = search.candidates.index(winner)
+    assert search.lr == pytest.approx(math.sqrt(winner * search.candidates[j - 1])) and search.refined
+
+
 def test_refuses_a_run_too_short_for_a_study_and_a_run_without_a_length(ex):
     with pytest.raises(ValueError, match=r"too short for lr='auto'.*pass an lr, or train longer"):
         choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, max_steps=20,
@@ -137,6 +160,17 @@ def test_schedule_and_parabola_by_hand():
     finalists = [SimpleNamespace(lr=0.04, score=1.2), SimpleNamespace(lr=0.16, score=1.1)]
     assert _pick(finalists, grid) == (pytest.approx(0.08), True)
     assert _pick([finalists[0], SimpleNamespace(lr=0.64, score=1.5)], grid) == (0.04, False)
+    # Adam-like: half a grid step below the winner, whoever else is there
+    assert _pick(finalists, grid, adaptive=True) == (pytest.approx(0.08), True)
+    lower_won = [SimpleNamespace(lr=0.04, score=1.0), SimpleNamespace(lr=0.16, score=1.1)]
+    assert _pick(lower_won, grid, adaptive=True) == (pytest.approx(0.02), True)
+    assert _pick([SimpleNamespace(lr=0.01, score=1.0), finalists[0]], grid, adaptive=True) == (0.01, False)
+    rung = [SimpleNamespace(lr=lr, score=sc) for lr, sc in zip(grid, (3.0, 2.0, 1.0, 1.5))]
+    assert _pick(rung, grid, adaptive=True) == (pytest.approx(0.08), True)  # not the parabola
+    by_score = sorted(rung, key=lambda t: t.score)  # 0.16, 0.64, 0.04, 0.01
+    assert [t.lr for t in _lower_neighbour_second(by_score, grid)] == [0.16, 0.04, 0.64, 0.01]
+    rung[1].score = math.inf  # a diverged neighbour is not a finalist
+    assert [t.lr for t in _lower_neighbour_second(sorted(rung, key=lambda t: t.score), grid)] == [0.16, 0.64, 0.01, 0.04]
     xs = [math.log(0.1), math.log(0.2), math.log(0.4)]
     ys = [(x - math.log(0.25)) ** 2 + 1.0 for x in xs]
     assert math.exp(parabola_vertex(xs, ys)) == pytest.approx(0.25)
