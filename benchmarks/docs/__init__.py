@@ -28,8 +28,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs import (adam_noise, ddp_overhead, equal_budget, fit_overhead, gns_accuracy, gns_overhead,
-                             gpu_check, integrations_overhead, long_lm, probe, time_to_target, tune)
+from benchmarks.docs import (
+    adam_noise,
+    auto_lr_adam,
+    ddp_overhead,
+    equal_budget,
+    fit_overhead,
+    gns_accuracy,
+    gns_overhead,
+    gpu_check,
+    integrations_overhead,
+    long_lm,
+    probe,
+    time_to_target,
+    tune,
+)
 from benchmarks.docs._md import Page
 
 __all__ = ["RENDERERS", "Page", "digest", "main", "render_all", "stale_pages", "write_pages"]
@@ -50,6 +63,7 @@ RENDERERS: dict[str, Renderer] = {
     "gns_overhead": gns_overhead.render,
     "probe": probe.render,
     "tune": tune.render,
+    "auto_lr_adam": auto_lr_adam.render,
     "time_to_target": time_to_target.render,
     "fit_overhead": fit_overhead.render,
     "ddp_overhead": ddp_overhead.render,
