@@ -50,8 +50,9 @@ def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_wei
                 proc.send_signal(sig)
                 if trial < survive:
                     line = proc.stdout.readline()
-                    while line.split()[0] != "stopped":  # steps that ended before the signal
+                    while line and line.split()[0] != "stopped":  # steps that ended before the signal
                         line = proc.stdout.readline()
+                    assert line, f"the worker ended before 'stopped' (at_step {at_step}): {proc.stderr.read()}"
                     name = "KeyboardInterrupt" if sig == signal.SIGINT else "Preempted"
                     assert line.split()[1] == name, line
                 else:
