@@ -118,6 +118,34 @@ def test_an_adam_study_keeps_the_best_trial_and_its_lower_neighbour(ex):
     assert search.lr == pytest.approx(math.sqrt(winner * search.candidates[j - 1])) and search.refined
 
 
+def test_a_trial_is_the_start_of_the_run_it_is_for_budget_included():
+    # A run bounded by max_steps only lets B follow the noise scale past 2 x B0; a run bounded
+    # by examples does not. Each finished trial must match a direct fit with the run's own
+    # limit, stopped at the trial's last rung, not a fit bounded by the rung's examples.
+    noisy = get_example("synthetic", num_train=4096, num_val=1024, noise_std=2.0)
+    run = {"max_steps": 1600}
+    search = choose_base_lr(noisy.model_fn(), noisy.train_data, loss_fn=noisy.loss_fn, val_data=noisy.val_data,
+                            optimizer=noisy.optimizer, config={"initial_batch_size": B0}, lr_range=(0.02, 0.08),
+                            **run)
+
+    class Stop(autobatch.Callback):
+        def on_step_end(self, record):
+            if record.samples >= search.rungs[-1]:
+                raise autobatch.StopTraining("rung")
+
+    def direct(lr, **limits):
+        result = autobatch.fit(noisy.model_fn(), noisy.train_data, loss_fn=noisy.loss_fn, optimizer=noisy.optimizer,
+                               lr=lr, initial_batch_size=B0, progress=False, callbacks=[Stop()], **limits)
+        return result.steps, result.history[-1].batch_size
+
+    complete = [row for row in search.trials if row.state == "COMPLETE"]
+    assert complete
+    for row in complete:
+        trial = (row.steps, row.final_batch_size)
+        assert trial == direct(row.params["lr"], **run)
+        assert trial != direct(row.params["lr"], max_samples=search.rungs[-1])  # the budget shows
+
+
 def test_refuses_a_run_too_short_for_a_study_and_a_run_without_a_length(ex):
     with pytest.raises(ValueError, match=r"too short for lr='auto'.*pass an lr, or train longer"):
         choose_base_lr(ex.model_fn(), ex.train_data, loss_fn=ex.loss_fn, max_steps=20,

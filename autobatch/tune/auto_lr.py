@@ -13,8 +13,9 @@ most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
    that, 2x shorter rungs keep the best half; :data:`SCHEDULES`): cheap rungs drop the LRs
    that barely move the loss or blow it up, the long one ranks the plausible ones. Survivors *continue*
    where they stopped (``autobatch.fit``'s checkpoints), so no example is trained twice.
-   Trials see the same adaptive batch, LR rule and data order as the run: a trial of ``r``
-   examples is the first ``r`` examples of a run at that LR. When the budget cannot give rung
+   Trials see the same adaptive batch, LR rule, budget (the run's own stopping rules, a
+   callback ending each segment) and data order as the run: with ``val_data`` given, a trial
+   of ``r`` examples is the first ``r`` examples of a run at that LR. When the budget cannot give rung
    0 at least :data:`MIN_RUNG_STEPS` steps at the base batch, a single rung trains as many
    candidates as fit to 1/8 of the run (3 on a third of the study each if not even 2 fit).
 3. Every rung ranks trials at equal numbers of examples by the objective ``"tail"``
@@ -61,7 +62,7 @@ from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.optimizers import build_optimizer
 from autobatch.train._setup import total_samples
-from autobatch.train.callbacks import Callback
+from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.train.checkpoint import capture_rng, restore_rng
 from autobatch.train.evaluate import evaluate
 from autobatch.tune.objectives import score
@@ -244,12 +245,14 @@ def parabola_vertex(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 class _Segment(Callback):
-    """Evaluates one trial at given numbers of examples and remembers the losses."""
+    """Evaluates one trial at given numbers of examples, remembers the losses, and ends the
+    segment at the first step that reaches ``stop_at`` examples (the run's own stopping rules
+    stay in force, so its policy sees the run's budget)."""
 
     def __init__(self, model: nn.Module, val: BatchSource, loss_fn: Callable, marks: list[int],
-                 device: Any, losses: list[float]) -> None:
+                 device: Any, losses: list[float], stop_at: int) -> None:
         self.model, self.val, self.loss_fn, self.device = model, val, loss_fn, device
-        self.marks, self.losses = list(marks), losses
+        self.marks, self.losses, self.stop_at = list(marks), losses, stop_at
         self.samples = self.steps = self.batch_size = 0
 
     def on_step_end(self, record) -> None:
@@ -260,6 +263,8 @@ class _Segment(Callback):
             self.losses.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"val_loss={loss} after {record.samples} examples")
+        if record.samples >= self.stop_at:
+            raise StopTraining(f"end of the rung at {self.stop_at} examples")
 
 
 def choose_base_lr(
@@ -354,6 +359,7 @@ def choose_base_lr(
     candidates = [low * (high / low) ** (i / (n0 - 1)) for i in range(n0)]
     factory = _factory(optimizer)
     adaptive = _is_adaptive(optimizer)
+    limits = {"epochs": epochs, "max_steps": max_steps, "max_samples": max_samples}
     trial_cfg = FitConfig.from_any(cfg, progress=False, eval_every=None, checkpoint_every=None)
 
     rng = capture_rng()
@@ -372,7 +378,8 @@ def choose_base_lr(
             alive = trials
             for k, rung in enumerate(rungs):
                 for t in alive:
-                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, trial_cfg, device, precision)
+                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, limits, trial_cfg, device,
+                                 precision)
                 by_score = sorted(alive, key=lambda t: t.score)
                 cut = survivors[k + 1] if k + 1 < len(rungs) else len(by_score)
                 ranked = _lower_neighbour_second(by_score, candidates) if cut == 2 and adaptive else by_score
@@ -430,20 +437,22 @@ class _Trial:
             study.tell(self.trial, state=optuna.trial.TrialState.PRUNED)
 
 
-def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: int, cfg: FitConfig,
-                 device, precision) -> None:
+def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: int, limits: dict[str, Any],
+                 cfg: FitConfig, device, precision) -> None:
     """Train trial ``t`` on to ``rung`` examples (from the initial weights, or from its
-    checkpoint) and score it on its evaluations at 7/8 of the rung and at its end."""
+    checkpoint) and score it on its evaluations at 7/8 of the rung and at its end. ``limits``
+    are the run's stopping rules (``epochs``, ``max_steps``, ``max_samples``): the trial's fit
+    has them, so that its policy sees the run's budget, and a callback ends it at the rung."""
     from autobatch.train.fit import fit
 
     marks = [math.ceil(rung * 7 / 8), rung]
     seen = len(t.losses)
-    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t.samples], device, t.losses)
+    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t.samples], device, t.losses, rung)
     if not t.samples:
         model.load_state_dict(initial)
     start = time.perf_counter()
     try:
-        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t.lr, max_samples=rung, config=cfg,
+        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t.lr, **limits, config=cfg,
             callbacks=[segment], device=device, checkpoint_dir=t.folder, resume=True, precision=precision)
     except FloatingPointError as err:
         t.score, t.reason = math.inf, f"diverged: {err}"
