@@ -1,8 +1,9 @@
 """A small fit that checkpoints only when interrupted, for SIGINT/SIGTERM tests (tests/test_fit.py).
 
 ``python interrupt_worker.py DIR SURVIVE`` trains (resuming from ``DIR/last.pt`` when there is
-one) and prints each finished step's number; the test sends SIGINT or SIGTERM at random
-moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
+one) and prints each finished step's number, then waits for the test's go-ahead on stdin
+(lock step: a worker running ahead of a test that reads its output late, under load, once
+finished its run before the signal came); the test sends SIGINT or SIGTERM at random moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
 checkpoint is written) and the run resumes from the checkpoint in a fresh model, in the same
 process (a process start costs seconds); the next one ends the process. No periodic checkpoint: the only ``last.pt`` is the interrupt's
 own, so a step counted wrongly there shows in the final weights. Dropout and BatchNorm make
@@ -18,15 +19,16 @@ from torch import nn
 
 import autobatch
 
-MAX_STEPS = 240
-# Room for 12 interrupts: each costs 1-3 steps plus the steps the worker runs before the signal
-# lands (the test reads the step numbers behind the worker; about 4 at a 4 ms delay on an idle
-# machine, more on a loaded one). At 80 steps a loaded CI machine once ran out of steps.
+MAX_STEPS = 80
 
 
 class _Say(autobatch.Callback):
+    """Prints each finished step's number, then waits for a line on stdin (the test's go-ahead;
+    EOF lets the run go on freely), so the test picks the step a signal lands in."""
+
     def on_step_end(self, record) -> None:
         print(record.step, flush=True)
+        sys.stdin.readline()
 
 
 def run(directory: str, say: bool = False) -> tuple[nn.Module, autobatch.FitResult]:
