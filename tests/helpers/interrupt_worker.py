@@ -1,9 +1,8 @@
 """A small fit that checkpoints only when interrupted, for SIGINT/SIGTERM tests (tests/test_fit.py).
 
 ``python interrupt_worker.py DIR SURVIVE`` trains (resuming from ``DIR/last.pt`` when there is
-one) and prints each finished step's number, then waits for the test's go-ahead on stdin
-(lock step: a worker running ahead of a test that reads its output late, under load, once
-finished its run before the signal came); the test sends SIGINT or SIGTERM at random moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
+one) and prints each finished step's number; the test sends SIGINT or SIGTERM at random
+moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
 checkpoint is written) and the run resumes from the checkpoint in a fresh model, in the same
 process (a process start costs seconds); the next one ends the process. No periodic checkpoint: the only ``last.pt`` is the interrupt's
 own, so a step counted wrongly there shows in the final weights. Dropout and BatchNorm make
@@ -12,6 +11,7 @@ the RNG and the buffers part of what must be restored.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import torch
@@ -23,12 +23,8 @@ MAX_STEPS = 80
 
 
 class _Say(autobatch.Callback):
-    """Prints each finished step's number, then waits for a line on stdin (the test's go-ahead;
-    EOF lets the run go on freely), so the test picks the step a signal lands in."""
-
     def on_step_end(self, record) -> None:
         print(record.step, flush=True)
-        sys.stdin.readline()
 
 
 def run(directory: str, say: bool = False) -> tuple[nn.Module, autobatch.FitResult]:
@@ -49,6 +45,10 @@ def run(directory: str, say: bool = False) -> tuple[nn.Module, autobatch.FitResu
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the test's in-process runs, so the arithmetic is the same
+    # A shell that starts the test suite in the background (``cmd &``) leaves SIGINT ignored in
+    # it and in every child, and fit rightly keeps a handler it did not install; a user's
+    # process has Python's own, which this worker stands for.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     survive = int(sys.argv[2])
     while True:
         try:
