@@ -32,7 +32,7 @@ most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
    larger Adam LR than the whole run does (Bjorck et al. 2024, "Scaling optimal LR across
    token horizons": the best LR falls as the horizon grows). Measured on the charlm
    transformer (AdamW, 1 epoch, 15 LRs x1.44 apart, 3 seeds): the best LR after 1/16 and
-   1/8 of the run was 3.75e-3 on every seed, from 5/16 of the run on 1.8e-3 (1.8-2.6e-3 per
+   1/8 of the run was 3.75e-3 on every seed, from 5/16 of the run on 1.8e-3 (1.3-2.6e-3 per
    seed), the best LR of the whole run; the rule before this one let a 17-step rung drop
    1e-3 and settled on 5.6e-3 (+6.2% loss). The best trial's upper neighbour is never a
    finalist, so an LR above the short trials' best is never chosen.
@@ -188,12 +188,7 @@ def default_lr_range(optimizer: Any) -> tuple[float, float]:
     Args:
         optimizer: a class, a factory ``f(params, lr)`` or a built optimizer, as ``fit`` takes.
     """
-    if isinstance(optimizer, torch.optim.Optimizer):
-        built = optimizer
-    else:
-        with torch.random.fork_rng(devices=[]):  # building the probe layer draws its init
-            built = build_optimizer(optimizer, nn.Linear(1, 1).parameters(), 1e-3)
-    return ADAPTIVE_RANGE if isinstance(built, _ADAPTIVE) else SGD_RANGE
+    return ADAPTIVE_RANGE if _is_adaptive(optimizer) else SGD_RANGE
 
 
 def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tuple[list[int], list[int]] | None:
