@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "ForwardLoss",
     "LossFn",
     "check_scalar_loss",
@@ -40,6 +41,10 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 ForwardLoss = Callable[[nn.Module, Any], torch.Tensor]
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``precision`` (fit's, the memory probe's) -> the dtype the forward and loss autocast to
+(None: no autocast)."""
 
 
 def check_scalar_loss(loss: Any, source: str = "loss_fn") -> torch.Tensor:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from autobatch.config import parse_bytes
 from autobatch._state import preserved_state
-from autobatch.batch import ForwardLoss, LossFn
+from autobatch.batch import AUTOCAST_DTYPES, ForwardLoss, LossFn
 from autobatch.data import canonical_device
 from autobatch.memory import _step as step
 from autobatch.memory.oom import is_oom_error, release_after_oom
@@ -33,7 +33,6 @@ __all__ = ["MemoryProbeResult", "largest_fitting", "probe_memory"]
 
 Mode = Literal["auto", "estimate", "real"]
 _MODES = ("auto", "estimate", "real")
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
 # Back-off factor after a real step ran out of memory (the estimate cannot say by how much).
 _OOM_SHRINK = 0.9
 _MAX_REAL_ATTEMPTS = 8
@@ -219,8 +218,8 @@ def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: 
         problems.append(f"margin must be in [0, 1) (got margin={margin})")
     if mode not in _MODES:
         problems.append(f"mode must be one of {', '.join(map(repr, _MODES))} (got mode={mode!r})")
-    if precision not in _AUTOCAST:
-        problems.append(f"precision must be one of {', '.join(map(repr, _AUTOCAST))} (got precision={precision!r})")
+    if precision not in AUTOCAST_DTYPES:
+        problems.append(f"precision must be one of {', '.join(map(repr, AUTOCAST_DTYPES))} (got precision={precision!r})")
     if problems:
         raise ValueError("invalid probe_memory arguments: " + "; ".join(problems))
     return budget
@@ -356,7 +355,7 @@ def probe_memory(
             f"{_model_device(model)}); call model.to({str(device)!r}) first or use mode='estimate'"
         )
     template = step.template_batch(example, check_items=forward_loss is None)
-    amp_dtype = _AUTOCAST[precision]
+    amp_dtype = AUTOCAST_DTYPES[precision]
     work = step.Workload(model, template, loss_fn, forward_loss, optimizer,
                          step.optimizer_maker(optimizer, model),
                          autocast=(device.type, amp_dtype) if amp_dtype is not None else None)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from autobatch.accumulate import LossItems, resolve_loss_items
-from autobatch.batch import ForwardLoss, LossFn
+from autobatch.batch import AUTOCAST_DTYPES, ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source, canonical_device
 from autobatch.memory.oom import MemoryBudget
@@ -368,18 +368,16 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float | None) -> t
 
 
 def precision_setup(precision: str, device: torch.device):
-    if precision == "fp32":
-        return None, None
-    if precision == "bf16":
-        return torch.bfloat16, None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(
-                f"precision='fp16' needs a CUDA device (got device={device}); use "
-                "precision='bf16' on CPU"
-            )
-        return torch.float16, torch.amp.GradScaler("cuda")
-    raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16' (got precision={precision!r})")
+    if not isinstance(precision, str) or precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16' (got precision={precision!r})")
+    if precision != "fp16":
+        return AUTOCAST_DTYPES[precision], None
+    if device.type != "cuda":
+        raise ValueError(
+            f"precision='fp16' needs a CUDA device (got device={device}); use "
+            "precision='bf16' on CPU"
+        )
+    return AUTOCAST_DTYPES[precision], torch.amp.GradScaler("cuda")
 
 
 def should_probe(cfg: FitConfig, device: torch.device) -> bool:
