@@ -20,7 +20,7 @@ first met. The fixed-B medians are fitted to ``S = S_min + E_min / B``, the trad
 against it. A second, longer-horizon target is derived from the fixed runs: the best
 fixed-B median metric at ``budget_epochs``, relaxed by ``long_slack``.
 
-    python benchmarks/time_to_target.py --task all            # about 35 min on 2 shared cores
+    python benchmarks/time_to_target.py --task all            # about 40 min on 2 shared cores
     python benchmarks/time_to_target.py --task mnist1d --quick  # a 2-minute smoke run
 
 Results are merged per task into ``benchmarks/results/time_to_target.json`` (two tasks may run
@@ -509,7 +509,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per configuration (default: 2 for mnist1d, 1 for charlm; 1 with --quick)")
+                        help="seeds per configuration (default: 6 for mnist1d, 1 for charlm; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few sizes, no grid widening, one adaptive run")
     parser.add_argument("--only", default=None,
                         help="comma-separated run labels to (re)run with the tuned LRs already in the "
@@ -536,7 +536,7 @@ def main() -> None:
         plot(results, out.with_suffix(".png"))
         names = []
     for name in names:
-        n_seeds = args.seeds or (1 if args.quick or name == "charlm" else 2)
+        n_seeds = args.seeds or (1 if args.quick or name == "charlm" else 6)
         print(f"== {name}", flush=True)
         previous = None
         if args.only:
