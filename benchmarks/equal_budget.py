@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import autobatch
 from autobatch.policies import BudgetPolicy
 from autobatch.problems import get_example
 from autobatch.train.callbacks import Callback
+from benchmarks._run_info import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "equal_budget.json"
@@ -134,8 +134,8 @@ def main() -> None:
     tuned, b0 = spec["tuned_lr"], spec["initial_batch_size"]
     epochs = args.epochs or spec["epochs"]
     chars = args.charlm_chars or spec["chars"]
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
-                            cwd=RESULTS.parent).stdout.strip()
+    commit = git_commit()
+    commit = commit[:7] + commit[40:]  # the short hash, '-dirty' kept
     meta = {
         "tuned_lr": tuned, "epochs": epochs, "initial_batch_size": b0, "commit": commit,
         "metric": "test accuracy (%)" if args.task == "mnist1d" else "val loss (nats/char)",
