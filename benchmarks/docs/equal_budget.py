@@ -8,7 +8,7 @@ from typing import Any
 
 from benchmarks.docs._md import Page, listing, num, table, times, verdict
 
-written_for = "37242e03ad90"  # the commentary was checked against these results
+written_for = "8b82bb91db02"  # the commentary was checked against these results
 
 TEMPLATE = """\
 The comparison a user makes first (issue 11): their usual run (a fixed batch B0, their base
@@ -83,20 +83,20 @@ Written for one run; see the note at the top if the figures changed since.
   long-horizon sweep, `benchmarks/long_lm.py`): every row met with room. B grew to 32 with
   the LR doubled after the estimator's first window and stayed there; at tuned/4 and tuned/2
   the doubled LR is simply better (-3.0% and -1.1% loss against fixed B0), at the tuned LR
-  +0.28% (worst seed +0.44%), in 0.53-0.56x the steps. No guard cut, so no anneal: these
-  runs were made while the anneal was being written, and code without it computes the same
-  (the anneal needs a cut).
-- **charlm (6 epochs, B0 = 32): missed, and no schedule we tried would meet it.** The fixed
-  rows are from an older commit (`--reuse-fixed`; fixed runs do not use the policy), the
-  adaptive rows from this one. At this horizon the loss still falls fast at the end and the
+  +0.28% (worst seed +0.44%), in 0.53-0.56x the steps. No guard cut, so no anneal (it
+  needs a cut). Rerun at the commit above, every figure reproduced the previous record,
+  made while the anneal was being written.
+- **charlm (6 epochs, B0 = 32): missed, and no schedule we tried would meet it.** Every row was
+  rerun at one commit: the adaptive rows reproduced the previous record exactly, the fixed
+  rows (then from an older commit, whose steps were split in two micro-batches) moved by up
+  to 0.013 nats, which took the tuned-LR row from +1.34% to +1.40%. At this horizon the loss still falls fast at the end and the
   noise scale stays near B0 (B grew to 48-64): steps, not samples, bind. On seed 0 at the
-  tuned LR (fixed B0: 1.606) every larger batch at equal samples lost: fixed B = 64 at LR 3e-3,
+  tuned LR (fixed B0: 1.606 with the code of these trials, 1.608 now) every larger batch at equal samples lost: fixed B = 64 at LR 3e-3,
   4.2e-3 and 6e-3: 1.752, 1.786, 1.947 (+9% or worse); B = 56 at 5.25e-3: 1.836; B0 then
   4x or 8x from half the budget: 1.716 (+6.9%) and 1.778 (+10.7%). So 0.6x the steps within
-  1% of B0's loss is out of reach here; the default stays within 0.6-1.3% in 0.76-0.80x.
+  1% of B0's loss is out of reach here; the default stays within 0.6-1.4% (means per LR) in 0.76-0.80x.
   The same model trained long enough for the noise scale to grow is the charlm-long task.
-- Wall times are not comparable across rows: the machine's 2 cores were shared with other
-  jobs (the short charlm's fixed rows ran beside other benchmarks).
+- Wall times are indicative only: the machine's 2 cores may be shared with other jobs.
 """
 
 
