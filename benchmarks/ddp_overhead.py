@@ -4,9 +4,10 @@ Run it as a module from the repository root: it relaunches itself under
 ``torchrun --nproc-per-node=2`` (gloo on CPU). In one torchrun session the two variants alternate round by round, each round a short
 ``autobatch.fit`` of the same model and data:
 
-- ``off``: ``gns_method="off"`` (no hooks, no norm all-reduce);
+- ``off``: ``gns_method="off"`` (no norm is read);
 - ``micro``: ``gns_method="micro"``: each rank's local gradient is a small batch of the
-  estimator (hooks on the parameters, one 3-scalar all-reduce and the global norm per step).
+  estimator: its squared norm is read from the gathered gradient before the all-reduce, and
+  the global one after it; the totals ride in the gradient's all-reduce.
 
 Both use the fixed policy (the same B every step) and no LR scaling, so the two variants do
 the same optimisation work. The per-step time of a round is the median of the step-to-step
@@ -14,7 +15,7 @@ differences after a warm-up, in wall-clock time and in the rank's CPU time (all 
 compute and gloo's), which other jobs on a shared machine disturb less; the reported ratios
 are the medians over rounds of (micro / off) in the same round, for a few model sizes.
 
-    python -m benchmarks.ddp_overhead            # about 2-3 minutes on this 2-core CPU
+    python -m benchmarks.ddp_overhead            # about 3-4 minutes on this 2-core CPU
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "ddp_overhead.json"
 # name -> (input width, hidden width, depth); global batch 256 = 128 per rank
 MODELS = {"mlp-small": (64, 256, 2), "mlp-medium": (256, 1024, 3), "mlp-large": (512, 2048, 3)}
 BATCH = 256
+# Steps per fit, so that a round lasts about a second or more: with 30 steps (0.1 s) the small
+# model's per-round on/off ratios spread from 0.68 to 2.01, scheduler noise and not the estimator.
+STEPS = {"mlp-small": 300, "mlp-medium": 30, "mlp-large": 30}
 
 
 def _model(width: int, hidden: int, depth: int) -> nn.Module:
@@ -72,11 +76,12 @@ def _step_time(method: str, spec: tuple[int, int, int], steps: int) -> tuple[flo
     return statistics.median(wall), statistics.median(cpu)
 
 
-def worker(rounds: int, steps: int) -> None:
+def worker(rounds: int, steps_override: int | None) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     rows = {}
     for name, spec in MODELS.items():
+        steps = steps_override or STEPS[name]
         ratios, cpu_ratios, off_ms, on_ms = [], [], [], []
         for r in range(rounds):
             order = ("off", "micro") if r % 2 == 0 else ("micro", "off")  # rotate the position
@@ -87,6 +92,7 @@ def worker(rounds: int, steps: int) -> None:
             on_ms.append(t["micro"][0] * 1e3)
         rows[name] = {
             "params": sum(p.numel() for p in _model(*spec).parameters()),
+            "steps_per_run": steps,
             "step_ms_off": statistics.median(off_ms),
             "step_ms_micro": statistics.median(on_ms),
             "ratio_median": statistics.median(ratios),
@@ -96,7 +102,7 @@ def worker(rounds: int, steps: int) -> None:
         }
     if rank == 0:
         out = {"world_size": int(os.environ["WORLD_SIZE"]), "backend": "gloo", "device": "cpu",
-               "global_batch": BATCH, "rounds": rounds, "steps_per_run": steps,
+               "global_batch": BATCH, "rounds": rounds,
                "torch": torch.__version__, "target_ratio": 1.03, "commit": git_commit(),
                "load_average": os.getloadavg(), "models": rows}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -110,14 +116,16 @@ def worker(rounds: int, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"steps per fit for every model (default: per model, {STEPS})")
     args = p.parse_args()
     if "RANK" in os.environ:
         worker(args.rounds, args.steps)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "benchmarks.ddp_overhead", "--rounds", str(args.rounds), "--steps", str(args.steps)]
+           "-m", "benchmarks.ddp_overhead", "--rounds", str(args.rounds)]
+    cmd += ["--steps", str(args.steps)] if args.steps else []
     root = Path(__file__).resolve().parent.parent
     sys.exit(subprocess.call(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}))
 

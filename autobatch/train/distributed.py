@@ -146,8 +146,8 @@ class FlatGradientBuffer:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def all_reduce(self, params: list[nn.Parameter], info: DistInfo,
-                   extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def all_reduce(self, params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor, *,
+                   local_sq_norm: tuple[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """SUM every parameter's ``.grad`` and the numbers ``extra`` over ranks in one flat
         all-reduce, and write the summed gradients back into ``.grad``. A parameter with no
         gradient on this rank (no example reached it) takes part as zeros.
@@ -160,6 +160,10 @@ class FlatGradientBuffer:
             params: the trainable parameters, in the same order on every rank.
             info: this process's place in the run (must be distributed).
             extra: a 1-D tensor of numbers to sum along (the loss, norm totals).
+            local_sq_norm: ``(index, factor)``: before the sum, ``extra[index]`` becomes this
+                rank's squared gradient norm times ``factor``, read from the gathered buffer
+                (one dot product; gathering the gradients a second time for it cost a small
+                model's step more than the dot itself).
 
         Returns:
             ``(extra_summed, flat_gradient)``: the summed ``extra`` (float32) and the summed
@@ -167,7 +171,7 @@ class FlatGradientBuffer:
             gradient without another pass over the parameters; valid until the next call).
         """
         if not info.enabled:
-            raise ValueError("all_reduce_gradients needs a data-parallel run (got world_size=1)")
+            raise ValueError("FlatGradientBuffer.all_reduce needs a data-parallel run (got world_size=1)")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -181,6 +185,11 @@ class FlatGradientBuffer:
             flat = torch.cat(pieces, out=kept)
         else:
             flat = self._buffer = torch.cat(pieces)
+        if local_sq_norm is not None:
+            size = flat.numel() - extra.numel()
+            index, factor = local_sq_norm
+            grad = flat[:size]
+            flat[size + index] = torch.dot(grad, grad) * factor
         dist.all_reduce(flat)
         offset = 0
         for g in grads:

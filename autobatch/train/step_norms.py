@@ -54,7 +54,6 @@ from torch import nn
 from autobatch.noise.micro_batch import (
     MicroBatchNormCollector,
     StepGradNorms,
-    grad_sq_norm,
     grad_sq_norm_of,
     trainable_parameters,
 )
@@ -337,14 +336,20 @@ class StepNormMeter:
         """
         big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
         if self.info.enabled:
-            small, count, inv = self._small_batches(sizes, global_batch)
             device = self._params[0].device
+            share = self._whole_share_weight(sizes, global_batch)
+            if share is None:
+                small, count, inv = self._small_batches(sizes, global_batch)
+            else:  # the norm is read from the gathered gradient, in the all-reduce below
+                small, count, inv = torch.zeros((), device=device), 1.0, 1.0 / sizes[0]
             unit = loss_unit if loss_unit is not None else sizes[0] if sizes else 0
             loss_sum = loss_sum * unit if loss_sum is not None else torch.zeros((), device=device)
             totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
                                   torch.full((), inv, device=device),
                                   *(torch.full((), f, device=device) for f in signal_flags)])
-            totals, flat = self._flat.all_reduce(self._params, self.info, totals)
+            totals, flat = self._flat.all_reduce(
+                self._params, self.info, totals,
+                local_sq_norm=None if share is None else (1, 1.0 / (share * share)))
             parts = [totals]
             if big_norm:
                 parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
@@ -396,10 +401,14 @@ class StepNormMeter:
             return small, float(len(self._done)), sum(1.0 / b for b in self._done)
         if self._pe_sum is not None:
             return self._pe_sum, float(self._pe_count), float(self._pe_count)
-        if self.measuring and self.info.enabled and sizes:
-            weight = sizes[0] / global_batch  # the whole share is one micro-batch
-            return grad_sq_norm(self._params).to(device) * (1.0 / (weight * weight)), 1.0, 1.0 / sizes[0]
         return torch.zeros((), device=device), 0.0, 0.0
+
+    def _whole_share_weight(self, sizes: list[int], global_batch: int) -> float | None:
+        """On a measured data-parallel step whose rank share is one micro-batch without hooks,
+        that share's loss weight ``b / B`` (its gradient is the small batch); else None."""
+        if self.measuring and self._hooks is None and self._pe_sum is None and sizes:
+            return sizes[0] / global_batch
+        return None
 
     def fall_back_to_micro(self) -> None:
         """Measure with micro-batch norms from now on (per-example norms proved unsupported)."""
