@@ -65,7 +65,12 @@ Rejected, with what was measured (MNIST-1D CNN, SGD, B0 = 32, 40 epochs, seeds 0
   increases from harmless ones, so the guard watches the loss instead.
 - The AdaScale gain as the SGD rule: at ``B = B_noise`` it is only about half the linear
   factor, so it too lowers ``LR/B``; this policy's default rule is the linear one (capped at
-  ``1 + B_noise/B0``), for SGD and Adam alike.
+  ``1 + B_noise/B0``), for SGD and Adam alike. Measured with this policy
+  (``fit(..., lr_scaling="adascale")``; seeds 0-2, against fixed B0): at base LR 0.05 -0.60
+  points mean (the linear rule: +0.71), at 0.2 0.65x the steps (linear: 0.51x). It is the
+  better rule where the base LR is already tuned to the stability edge: on the time-to-target
+  benchmark (MNIST-1D, B0 = 16, its tuned LR 0.2, seeds 0-5) it reached 90% accuracy in 0.66x
+  fixed B0's steps with a final 94.2%, the linear rule in 0.90x with 92.9%.
 - The square-root rule for Adam (Malladi et al. 2022) under a sample budget: on charlm
   (AdamW, 6 epochs, B0 = 32, seed 0) it finished 4.4% / 3.1% above fixed B0's loss at base
   LR 7.5e-4 / 1.5e-3 in 0.70x / 0.79x the steps; the linear rule 1.3% / 2.1% in 0.72x / 0.78x.
