@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-__all__ = ["git_commit"]
+__all__ = ["git_commit", "short_commit"]
 
 
 # Benchmark outputs: a results file or a generated page changed since the commit does not make
@@ -26,3 +26,9 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty.strip() else "")
+
+
+def short_commit() -> str:
+    """:func:`git_commit` with the hash shortened to 7 characters ("-dirty" kept)."""
+    commit = git_commit()
+    return commit if commit == "unknown" else commit[:7] + commit[40:]

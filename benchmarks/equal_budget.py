@@ -46,7 +46,7 @@ import autobatch
 from autobatch.policies import BudgetPolicy
 from autobatch.problems import get_example
 from autobatch.train.callbacks import Callback
-from benchmarks._run_info import git_commit
+from benchmarks._run_info import short_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "equal_budget.json"
@@ -134,8 +134,7 @@ def main() -> None:
     tuned, b0 = spec["tuned_lr"], spec["initial_batch_size"]
     epochs = args.epochs or spec["epochs"]
     chars = args.charlm_chars or spec["chars"]
-    commit = git_commit()
-    commit = commit[:7] + commit[40:]  # the short hash, '-dirty' kept
+    commit = short_commit()
     meta = {
         "tuned_lr": tuned, "epochs": epochs, "initial_batch_size": b0, "commit": commit,
         "metric": "test accuracy (%)" if args.task == "mnist1d" else "val loss (nats/char)",

@@ -34,7 +34,6 @@ import fcntl
 import json
 import math
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,9 +47,13 @@ import autobatch
 from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.problems import Example, get_example
 
+try:
+    from benchmarks._run_info import short_commit
+except ImportError:  # run as a script (python benchmarks/time_to_target.py): benchmarks/ is on the path
+    from _run_info import short_commit  # type: ignore[no-redef]
+
 RESULTS = Path(__file__).resolve().parent / "results"
-COMMIT = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                        cwd=RESULTS.parent).stdout.strip()  # the code each run used
+COMMIT = short_commit()  # the code each run used
 SUSTAIN = 2  # a target counts as reached at the first of this many consecutive evaluations meeting it
 
 
@@ -93,7 +96,7 @@ TASKS: dict[str, TaskSpec] = {
     "charlm": TaskSpec(  # slimmed to fit a contended 2-core CPU: 2 sizes, 3-point grid, no ramp
         sizes=(32, 128), budget_epochs=7, cap_epochs=20, max_batch_size=512,
         milestones=(1, 2, 4), decay=0.5, long_slack=0.02,
-        adaptive=(("gns/sqrt", {"policy": "gns", "lr_scaling": "sqrt"}),),
+        adaptive=(("default (budget)", {}), ("gns/sqrt", {"policy": "gns", "lr_scaling": "sqrt"})),
         step_decay=False, ramp=False, widen=False,
         quick_sizes=(32, 128), quick_adaptive=("gns/sqrt",),
     ),
