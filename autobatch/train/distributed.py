@@ -185,18 +185,17 @@ class FlatGradientBuffer:
             flat = torch.cat(pieces, out=kept)
         else:
             flat = self._buffer = torch.cat(pieces)
+        size = flat.numel() - extra.numel()  # the gradients' part; the totals follow it
         if local_sq_norm is not None:
-            size = flat.numel() - extra.numel()
             index, factor = local_sq_norm
-            grad = flat[:size]
-            flat[size + index] = torch.dot(grad, grad) * factor
+            flat[size + index] = torch.dot(flat[:size], flat[:size]) * factor
         dist.all_reduce(flat)
         offset = 0
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
-        return flat[offset:].float(), flat[:offset]
+        return flat[size:].float(), flat[:size]
 
 
 def all_reduce_gradients(

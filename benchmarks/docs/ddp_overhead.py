@@ -73,15 +73,12 @@ bucketed reducer, starting its all-reduces during the backward, would not allow.
 """
 
 
-def _steps(data: dict[str, Any], model: dict[str, Any]) -> int:
-    """Steps a round for one model (one figure for all in runs before per-model steps)."""
-    return int(model.get("steps_per_run", data.get("steps_per_run", 0)))
 
 
 def render(data: Any, source: Path) -> Page:
     models, target = data["models"], data["target_ratio"]
     rows = [
-        [name, num(m["params"]), num(_steps(data, m)), f"{m['step_ms_off']:.1f} ms", f"{m['step_ms_micro']:.1f} ms",
+        [name, num(m["params"]), num(m["steps_per_run"]), f"{m['step_ms_off']:.1f} ms", f"{m['step_ms_micro']:.1f} ms",
          f"{m['ratio_median']:.3f}", span(m["ratios"], lambda x: f"{x:.2f}"),
          f"{m['cpu_ratio_median']:.3f}", verdict(m["ratio_median"] <= target)]
         for name, m in models.items()
@@ -89,12 +86,12 @@ def render(data: Any, source: Path) -> Page:
     tbl = table(["model", "params", "steps a round", "step off", "step on", "on/off (median)", "per-round on/off",
                  "CPU time on/off", "target"], rows, "lrrrrrlrl")
     biggest = max(models.values(), key=lambda m: m["params"])
-    timed_ms = sum((m["step_ms_off"] + m["step_ms_micro"]) * _steps(data, m) for m in models.values())
-    steps = {_steps(data, m) for m in models.values()}
+    timed_ms = sum((m["step_ms_off"] + m["step_ms_micro"]) * m["steps_per_run"] for m in models.values())
+    steps = {m["steps_per_run"] for m in models.values()}
     body = TEMPLATE.format(
         world=data["world_size"], backend=data["backend"], device=data["device"].upper(),
         batch=data["global_batch"], rounds=data["rounds"],
-        steps=listing([f"{num(_steps(data, m))} for {name}" for name, m in models.items()]) if len(steps) > 1
+        steps=listing([f"{num(m['steps_per_run'])} for {name}" for name, m in models.items()]) if len(steps) > 1
         else f"{num(steps.pop())} for every model",
         torch=data["torch"], lower_bound=timed_ms / 1e3 * data["rounds"],
         table=tbl, target=times(target),
