@@ -26,19 +26,19 @@ those that ignore ``num_items_in_batch``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from autobatch.batch import ForwardLoss, LossFn, forward_and_loss, is_causal_lm
-from autobatch.data import batch_size_of, canonical_device, move_to
+from autobatch.batch import ForwardLoss, LossFn, forward_and_loss, shifts_labels
+from autobatch.data import batch_size_of, move_to
+from autobatch.devices import autocast, canonical_device, model_device
 
-__all__ = ["Accumulated", "LossItems", "MicroStep", "accumulate_gradients", "count_loss_items",
-           "resolve_loss_items"]
+__all__ = ["Accumulated", "LossItems", "MicroStep", "WeightedLoss", "accumulate_gradients", "count_loss_items",
+           "count_step_items", "resolve_loss_items"]
 
 LossItems = Literal["auto", "examples", "tokens"] | Callable[[Any], "int | torch.Tensor"]
 _NAMES = ("auto", "examples", "tokens")
@@ -77,7 +77,7 @@ def _token_targets(batch: Any, model: nn.Module | None, shifted_by_model: bool) 
                 f"loss_items='tokens' counts batch['labels'] != -100, but this dict batch has no "
                 f"'labels' tensor (keys {sorted(batch)}); pass loss_items=f(batch) -> count"
             )
-        if shifted_by_model and model is not None and is_causal_lm(model):
+        if shifted_by_model and model is not None and shifts_labels(model):
             return target[..., 1:]  # the model predicts labels[t + 1] at position t
         return target
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[-1], torch.Tensor):
@@ -153,18 +153,53 @@ class Accumulated:
     """What one accumulated step did (this process's share).
 
     Attributes:
-        loss_sum: sum over micro-batches of ``mean loss x items``, a detached float32 0-d
-            tensor on the device (no host sync); the step's mean loss is ``loss_sum /
-            total_items`` (sum ``loss_sum`` over processes first under data parallelism).
+        loss: ``sum_i weight_i x mean loss_i`` over this process's micro-batches, a detached
+            float32 0-d tensor on the device (no host sync; None when no micro-batch had a
+            loss item): the step's mean loss, or under data parallelism this process's part of
+            it (summed over processes, it is the step's mean over all its loss items).
         total_items: the denominator every weight used (over all processes).
-        items: loss items per micro-batch, in order.
+        items: loss items per micro-batch, in order (those with none were skipped).
         examples: examples per micro-batch, in order.
     """
 
-    loss_sum: torch.Tensor
+    loss: torch.Tensor | None
     total_items: int
     items: list[int]
     examples: list[int]
+
+
+WeightedLoss = Callable[[Any, float], torch.Tensor]
+"""``weighted_loss(micro_batch, weight) -> loss``: the scalar whose backward a micro-batch runs,
+its mean loss already multiplied by ``weight`` (e.g. a Hugging Face loss given
+``num_items_in_batch``, a sum over the micro-batch's tokens divided by the step's)."""
+
+
+def count_step_items(
+    micro_batches: Sequence[Any], loss_items: LossItems = "auto", *, model: nn.Module | None = None,
+    loss_fn: LossFn | None = None, forward_loss: ForwardLoss | None = None,
+    all_reduce_items: Callable[[int], int] | None = None,
+) -> tuple[list[int], int]:
+    """The loss items of each micro-batch of a step (one host sync for all), and the step's
+    total over processes: what :func:`accumulate_gradients` weighs them by.
+
+    Args:
+        micro_batches: the step's (collated) micro-batches on this process.
+        loss_items, model, loss_fn, forward_loss: as in :func:`count_loss_items`.
+        all_reduce_items: sums a count over processes (data parallelism); None for one process.
+
+    Raises:
+        ValueError: as :func:`count_loss_items`, or for a step with no loss item at all.
+    """
+    counts = _to_ints([count_loss_items(b, loss_items, model=model, loss_fn=loss_fn, forward_loss=forward_loss)
+                       for b in micro_batches])
+    local = sum(counts)
+    total = all_reduce_items(local) if all_reduce_items is not None else local
+    if total <= 0:
+        raise ValueError(
+            f"this step has no loss item (loss_items={loss_items!r} counted {total}): every "
+            "target is ignored (-100); check the labels, or pass loss_items=f(batch) -> count"
+        )
+    return counts, total
 
 
 def accumulate_gradients(
@@ -176,14 +211,19 @@ def accumulate_gradients(
     loss_items: LossItems = "auto",
     step_examples: int | None = None,
     all_reduce_items: Callable[[int], int] | None = None,
+    counts: Sequence[int] | None = None,
+    total_items: int | None = None,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
+    weighted_loss: WeightedLoss | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     after_backward: Callable[[MicroStep], None] | None = None,
 ) -> Accumulated:
     """Forward and backward every micro-batch of one step, each loss weighted by
     ``items_i / total_items``, so that ``.grad`` gains the gradient of the step's mean loss.
 
+    The one implementation of this weighting: ``autobatch.fit``, :func:`~autobatch.noise.measure.measure_noise_scale`
+    and the Hugging Face integration all call it, and a custom loop can too.
     Gradients are added to ``.grad`` (zero them before, step the optimizer after). Micro-
     batches with no loss item (all targets ignored) are skipped: they contribute nothing to
     the mean, and a mean over zero items would be NaN.
@@ -200,8 +240,14 @@ def accumulate_gradients(
             collated first, to count the items before the first backward.
         all_reduce_items: sums an item count over processes (data parallelism: an
             all-reduce); None for one process.
+        counts, total_items: the micro-batches' loss items and the step's total over
+            processes, when counted already (:func:`count_step_items`, e.g. outside a block
+            that retries after an out-of-memory error, so that every process reaches the
+            count's all-reduce); then ``micro_batches`` must be a sequence.
         device: where each micro-batch is moved; None leaves it in place.
         amp_dtype: autocast dtype for the forward and loss (None: no autocast).
+        weighted_loss: replaces ``forward_and_loss(...) x weight`` (see :data:`WeightedLoss`);
+            ``device`` and ``amp_dtype`` are then the caller's business.
         backward: runs the backward of the weighted loss (default ``loss.backward()``; e.g.
             ``lambda loss: scaler.scale(loss).backward()`` for fp16).
         after_backward: called after each micro-batch's backward with a :class:`MicroStep`
@@ -212,40 +258,37 @@ def accumulate_gradients(
 
     Raises:
         ValueError: for a non-scalar loss (see :func:`autobatch.batch.check_scalar_loss`),
-            bad ``loss_items``, or a step with no loss item at all.
+            bad ``loss_items``, a step with no loss item at all, or ``counts`` without
+            ``total_items``.
     """
-    iterator = iter(micro_batches)
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError("accumulate_gradients got no micro-batch")
-    mode = resolve_loss_items(loss_items, first, loss_fn=loss_fn, forward_loss=forward_loss)
-    stream = mode == "examples" and step_examples is not None
-    if stream:
-        batches: Iterable[Any] = _chain(first, iterator)
-        counts: list[int] | None = None
-        total = int(step_examples)
+    if counts is not None:
+        if total_items is None:
+            raise ValueError("accumulate_gradients(counts=...) needs total_items=, the step's loss items "
+                             "over all processes (count_step_items returns both)")
+        batches: Iterable[Any] = micro_batches
+        total = int(total_items)
     else:
-        batches = [first, *iterator]
-        raw = [count_loss_items(b, mode, model=model, loss_fn=loss_fn, forward_loss=forward_loss)
-               for b in batches]
-        counts = _to_ints(raw)  # one host sync for all the counts of the step
-        local = sum(counts)
-        total = all_reduce_items(local) if all_reduce_items is not None else local
+        iterator = iter(micro_batches)
+        first = next(iterator, None)
+        if first is None:
+            raise ValueError("accumulate_gradients got no micro-batch")
+        mode = resolve_loss_items(loss_items, first, loss_fn=loss_fn, forward_loss=forward_loss)
         if mode == "examples" and step_examples is not None:
-            total = int(step_examples)
+            batches, total = _chain([first], iterator), int(step_examples)
+            del first  # streamed: each micro-batch is freed once the next one runs
+        else:
+            batches = [first, *iterator]
+            counts, total = count_step_items(batches, mode, model=model, loss_fn=loss_fn,
+                                             forward_loss=forward_loss, all_reduce_items=all_reduce_items)
+            if mode == "examples" and step_examples is not None:
+                total = int(step_examples)
     if total <= 0:
-        raise ValueError(
-            f"this step has no loss item (loss_items={loss_items!r} counted {total}): every "
-            "target is ignored (-100); check the labels, or pass loss_items=f(batch) -> count"
-        )
-    first_param = next(model.parameters(), None)
-    dev = canonical_device(device) if device is not None else (
-        first_param.device if first_param is not None else torch.device("cpu"))
-    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        raise ValueError(f"total_items must be > 0 (got {total}); it is the step's loss items over all processes")
+    dev = canonical_device(device) if device is not None else None
+    cast = autocast(dev if dev is not None else model_device(model), amp_dtype)  # reentrant: once per step
+    loss_sum: torch.Tensor | None = None
     items_done: list[int] = []
     examples_done: list[int] = []
-    autocast = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
     for index, batch in enumerate(batches):
         examples = batch_size_of(batch)
         items = examples if counts is None else counts[index]
@@ -253,24 +296,33 @@ def accumulate_gradients(
         examples_done.append(examples)
         if items == 0:
             continue
-        batch = move_to(batch, device)
         weight = items / total
-        with autocast:
-            loss, _ = forward_and_loss(model, batch, loss_fn, forward_loss)
-        scaled = loss.float() * weight
+        if weighted_loss is not None:
+            scaled = weighted_loss(batch, weight)
+        else:
+            batch = move_to(batch, dev)
+            with cast:
+                mean = forward_and_loss(model, batch, loss_fn, forward_loss)[0]
+            if mean.dtype != torch.float32:
+                mean = mean.float()
+            scaled = mean * weight if weight != 1.0 else mean
+            del mean
         if backward is None:
             scaled.backward()
         else:
             backward(scaled)
-        loss_sum += loss.detach().float() * items
+        # One micro-batch of weight 1 costs no tensor op here (a small step's overhead counts),
+        # and no storage outlives the micro-batch but the sum's (a budget counts every byte).
+        loss_sum = scaled.detach() if loss_sum is None else loss_sum + scaled.detach()
+        del scaled
         if after_backward is not None:
             after_backward(MicroStep(index, batch, examples, items, weight))
-        del loss, scaled
     return Accumulated(loss_sum, total, items_done, examples_done)
 
 
-def _chain(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
-    yield first
+def _chain(first: list[Any], rest: Iterable[Any]) -> Iterable[Any]:
+    """``first[0]``, then ``rest``, holding no reference to ``first[0]`` once it is handed out."""
+    yield first.pop()
     yield from rest
 
 

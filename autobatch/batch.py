@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 __all__ = [
-    "AUTOCAST_DTYPES",
     "ForwardLoss",
     "LossFn",
     "check_scalar_loss",
     "forward_and_loss",
-    "is_causal_lm",
+    "shifts_labels",
     "output_logits",
     "target_of",
     "unwrap_model",
@@ -41,11 +40,6 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 ForwardLoss = Callable[[nn.Module, Any], torch.Tensor]
-
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""``precision`` (fit's, the memory probe's) -> the dtype the forward and loss autocast to
-(None: no autocast)."""
-
 
 def check_scalar_loss(loss: Any, source: str = "loss_fn") -> torch.Tensor:
     """Return ``loss`` if it is a 0-d floating tensor, else raise naming its shape and the fix.
@@ -78,17 +72,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face causal LM, which shifts its labels by one position
-    inside ``forward`` (position ``t`` predicts ``labels[t + 1]``)."""
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s own loss shifts its labels by one position (position ``t`` predicts
+    ``labels[t + 1]``): a Hugging Face causal LM. Its loss then averages over ``labels[..., 1:]``,
+    which is what token counts and next-token accuracy must read.
+
+    The one check every entry point uses (token counts in :mod:`autobatch.accumulate`, the
+    Hugging Face integration's ``num_items_in_batch``, accuracy in :mod:`autobatch.evaluate`):
+    the model's loss type maps to the causal LM loss (as ``transformers.Trainer`` checks it),
+    or its class is a causal LM (GPT-2 leaves its loss type unset); encoder-decoder models
+    are excluded (they feed right-shifted decoder inputs and compare unshifted labels).
+    """
     model = unwrap_model(model)
-    if not type(model).__module__.startswith("transformers."):
+    if not any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__):
         return False
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss:
+        return True
     names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(cls.__name__ in names or cls.__name__.endswith("ForCausalLM")
-               for cls in type(model).__mro__)
+    return any(cls.__name__ in names or cls.__name__.endswith("ForCausalLM") for cls in type(model).__mro__)
 
 
 def _output_loss(output: Any) -> torch.Tensor:

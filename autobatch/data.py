@@ -258,21 +258,6 @@ def batch_size_of(batch: Any) -> int:
     raise TypeError(f"cannot find a batch dimension in a {type(batch).__name__}")
 
 
-def canonical_device(device: torch.device | str | int) -> torch.device:
-    """``device`` as the tensors on it report it: an accelerator device without an index
-    (``"cuda"``) gets the backend's current index (``cuda:0``), since a tensor is always on an
-    indexed device and ``torch.device("cuda") != torch.device("cuda:0")``. CPU and meta
-    devices, and devices that already have an index, come back unchanged."""
-    dev = torch.device(device)
-    if dev.index is not None or dev.type in ("cpu", "meta"):
-        return dev
-    backend = getattr(torch, dev.type, None)
-    if backend is None or not backend.is_available():
-        return dev  # the caller reports the missing device with its own context
-    current = getattr(backend, "current_device", None)
-    return torch.device(dev.type, current() if current is not None else 0)
-
-
 def move_to(batch: Any, device: torch.device | str | None) -> Any:
     """Move every tensor of a (nested) batch to ``device``; ``None`` leaves it in place.
 

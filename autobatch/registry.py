@@ -8,7 +8,7 @@ problem's data set:
 - :data:`POLICIES`: batch-size policies (:class:`~autobatch.policies.BatchSizePolicy`);
 - :data:`LR_SCALINGS`: LR rules (:class:`~autobatch.scaling.LRScaling`);
 - :data:`PRUNERS`: Optuna pruners for :mod:`autobatch.tune`, built from the reports per trial;
-- :data:`EXAMPLES`: built-in problems (:mod:`autobatch.problems`).
+- :data:`PROBLEMS`: built-in problems (:mod:`autobatch.problems`).
 
 :func:`create` is the one "name or instance" lookup: a name builds its entry, an instance of
 the family's base class is used as given, and anything else is an error that lists the names
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     import optuna
 
     from autobatch.policies.base import BatchSizePolicy
-    from autobatch.problems import Example
+    from autobatch.problems import Problem
     from autobatch.scaling.base import LRScaling
 
 __all__ = [
-    "EXAMPLES",
+    "PROBLEMS",
     "FAMILIES",
     "LR_SCALINGS",
     "POLICIES",
@@ -46,7 +46,7 @@ __all__ = [
     "create",
     "default_lr_scaling",
     "from_config",
-    "get_example",
+    "get_problem",
     "lookup",
     "make_policy",
     "make_pruner",
@@ -77,8 +77,8 @@ PRUNERS: dict[str, str] = {
     "none": "autobatch.tune.pruners:no_pruning",
 }
 
-# build(seed=0, **options) -> Example
-EXAMPLES: dict[str, str] = {
+# build(seed=0, **options) -> Problem
+PROBLEMS: dict[str, str] = {
     "charlm": "autobatch.problems.charlm:build",
     "mnist1d": "autobatch.problems.mnist1d:build",
     "synthetic": "autobatch.problems.synthetic:build",
@@ -109,7 +109,7 @@ FAMILIES: dict[str, Family] = {
                          "None (the optimizer family's default), or an LRScaling instance"),
     "pruner": Family("pruner", PRUNERS, "optuna.pruners:BasePruner",
                      "None (median), or an optuna.pruners.BasePruner instance"),
-    "example": Family("example", EXAMPLES, None,
+    "problem": Family("problem", PROBLEMS, None,
                       "or build your own model and data and call autobatch.fit directly"),
 }
 
@@ -162,7 +162,7 @@ def create(family: str, spec: Any, /, **kwargs: Any) -> Any:
 
     Args:
         family: a key of :data:`FAMILIES` (``"policy"``, ``"lr_scaling"``, ``"pruner"``,
-            ``"example"``).
+            ``"problem"``).
         spec: a name from the family's dict, or an instance of its base class.
         **kwargs: keyword arguments of the class or builder (ignored for an instance).
 
@@ -283,15 +283,15 @@ def make_pruner(pruner: str | optuna.pruners.BasePruner | None, n_evals: int) ->
     return create("pruner", "median" if pruner is None else pruner, n_evals=n_evals)
 
 
-def get_example(name: str, seed: int = 0, **options: Any) -> Example:
-    """Build the built-in problem registered as ``name`` in :data:`EXAMPLES`.
+def get_problem(name: str, seed: int = 0, **options: Any) -> Problem:
+    """Build the built-in problem registered as ``name`` in :data:`PROBLEMS`.
 
     Args:
-        name: one of :data:`EXAMPLES`.
+        name: one of :data:`PROBLEMS`.
         seed: seeds the model initialisation (not the data).
         **options: the example's own keyword options (see each module's ``build``).
 
     Raises:
         ValueError: for an unknown name or option, listing the allowed ones.
     """
-    return create("example", name, seed=seed, **options)
+    return create("problem", name, seed=seed, **options)

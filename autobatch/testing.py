@@ -26,7 +26,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass
-class Problem:
+class ExactCase:
     name: str
     model: nn.Module
     x: torch.Tensor
@@ -70,7 +70,7 @@ class TinyTransformer(nn.Module):
         return self.head(h)
 
 
-def _settle(problem: Problem, steps: int, lr: float) -> Problem:
+def _settle(problem: ExactCase, steps: int, lr: float) -> ExactCase:
     """Full-batch gradient descent, deterministic: moves the parameters towards a minimum,
     where |G| shrinks and the noise scale grows."""
     opt = torch.optim.SGD(problem.model.parameters(), lr=lr)
@@ -82,25 +82,25 @@ def _settle(problem: Problem, steps: int, lr: float) -> Problem:
     return problem
 
 
-def logistic(n: int = 4096, d: int = 64, steps: int = 0, seed: int = 0) -> Problem:
+def logistic(n: int = 4096, d: int = 64, steps: int = 0, seed: int = 0) -> ExactCase:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
     w = torch.randn(d, generator=gen) / math.sqrt(d) * 2.0
     y = (torch.rand(n, generator=gen) < torch.sigmoid(x @ w)).float()
     torch.manual_seed(seed)
-    return _settle(Problem("logistic", nn.Linear(d, 1), x, y, _bce), steps, lr=0.5)
+    return _settle(ExactCase("logistic", nn.Linear(d, 1), x, y, _bce), steps, lr=0.5)
 
 
-def mlp(n: int = 4096, d: int = 32, classes: int = 10, steps: int = 0, seed: int = 0) -> Problem:
+def mlp(n: int = 4096, d: int = 32, classes: int = 10, steps: int = 0, seed: int = 0) -> ExactCase:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
     y = (x @ torch.randn(d, classes, generator=gen) + torch.randn(n, classes, generator=gen)).argmax(1)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, classes))
-    return _settle(Problem("mlp", model, x, y, F.cross_entropy), steps, lr=0.5)
+    return _settle(ExactCase("mlp", model, x, y, F.cross_entropy), steps, lr=0.5)
 
 
-def cnn(n: int = 4096, classes: int = 4, steps: int = 0, seed: int = 0) -> Problem:
+def cnn(n: int = 4096, classes: int = 4, steps: int = 0, seed: int = 0) -> ExactCase:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=gen)
     y = (x.mean(dim=(1, 2)) @ torch.randn(8, classes, generator=gen)).argmax(1)
@@ -113,10 +113,10 @@ def cnn(n: int = 4096, classes: int = 4, steps: int = 0, seed: int = 0) -> Probl
         nn.Flatten(),
         nn.Linear(8 * 3 * 3, classes),
     )
-    return _settle(Problem("cnn", model, x, y, F.cross_entropy), steps, lr=0.5)
+    return _settle(ExactCase("cnn", model, x, y, F.cross_entropy), steps, lr=0.5)
 
 
-def sequence(n: int = 4096, vocab: int = 16, length: int = 8, steps: int = 0, seed: int = 0) -> Problem:
+def sequence(n: int = 4096, vocab: int = 16, length: int = 8, steps: int = 0, seed: int = 0) -> ExactCase:
     """Next-token prediction on sequences from a fixed random first-order Markov chain."""
     gen = torch.Generator().manual_seed(seed)
     transition = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=gen), dim=1)
@@ -126,10 +126,10 @@ def sequence(n: int = 4096, vocab: int = 16, length: int = 8, steps: int = 0, se
         tokens[:, t + 1] = torch.multinomial(transition[tokens[:, t]], 1, generator=gen).squeeze(1)
     torch.manual_seed(seed)
     model = TinyTransformer(vocab, 16, length)
-    return _settle(Problem("sequence", model, tokens[:, :-1], tokens[:, 1:], _token_ce), steps, lr=0.5)
+    return _settle(ExactCase("sequence", model, tokens[:, :-1], tokens[:, 1:], _token_ce), steps, lr=0.5)
 
 
-PROBLEMS: dict[str, Callable[..., Problem]] = {
+EXACT_CASES: dict[str, Callable[..., ExactCase]] = {
     "logistic": logistic,
     "mlp": mlp,
     "cnn": cnn,
@@ -184,7 +184,7 @@ class Exact:
     trace_cov: float
 
 
-def exact_noise_scale(problem: Problem, chunk: int = 1024) -> Exact:
+def exact_noise_scale(problem: ExactCase, chunk: int = 1024) -> Exact:
     """Population |G|^2, tr(Sigma) and B_simple of the whole data set (float64 sums)."""
     total, total_sq = None, 0.0
     n = problem.x.shape[0]

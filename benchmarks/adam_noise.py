@@ -24,7 +24,7 @@ import torch
 
 from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector
 from autobatch.noise.preconditioned import PreconditionedNormCollector, adam_preconditioner
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 
 OUT = Path(__file__).resolve().parent / "results" / "adam_noise.json"
 
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    ex = get_example("charlm", seed=args.seed, max_chars=args.chars)
+    ex = get_problem("charlm", seed=args.seed, max_chars=args.chars)
     model = ex.model_fn()
     opt = ex.optimizer(model.parameters(), ex.default_lr)
     (x, y), (vx, vy) = ex.train_data, ex.val_data

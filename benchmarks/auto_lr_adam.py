@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import autobatch
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.tune.auto_lr import choose_base_lr
 from benchmarks._run_info import git_commit
 from benchmarks.tune import Cache
@@ -72,7 +72,7 @@ TASKS = {
 
 
 def _example(task: Task, seed: int):
-    ex = get_example(task.example, seed=seed, **task.options)
+    ex = get_problem(task.example, seed=seed, **task.options)
     optimizer = (lambda params, lr: torch.optim.AdamW(params, lr=lr)) if task.adamw else ex.optimizer
     return ex, optimizer, round(task.epochs * len(ex.train_data[1]))
 

@@ -44,7 +44,7 @@ import torch
 
 import autobatch
 from autobatch.policies import BudgetPolicy
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.train.callbacks import Callback
 from benchmarks._run_info import short_commit
 
@@ -80,7 +80,7 @@ def _task(name: str, seed: int, charlm_chars: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         return {"model": make_cnn(), "train": train, "val": val, "loss_fn": torch.nn.functional.cross_entropy,
                 "optimizer": torch.optim.SGD, "metric": "val_accuracy", "higher": True, "scale": 100.0}
-    ex = get_example("charlm", seed=seed, max_chars=charlm_chars)
+    ex = get_problem("charlm", seed=seed, max_chars=charlm_chars)
     return {"model": ex.model_fn(), "train": ex.train_data, "val": ex.val_data, "loss_fn": ex.loss_fn,
             "optimizer": ex.optimizer, "metric": "val_loss", "higher": False, "scale": 1.0}
 

@@ -69,11 +69,11 @@ class Case:
 
 
 def _cases(only: list[str] | None) -> list[Case]:
-    from autobatch.problems import get_example
+    from autobatch.registry import get_problem
     from autobatch.testing import TinyTransformer
 
-    mnist = get_example("mnist1d")
-    (x, y), charlm = mnist.train_data, get_example("charlm")
+    mnist = get_problem("mnist1d")
+    (x, y), charlm = mnist.train_data, get_problem("charlm")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(64, (4096, 33), generator=g)
 

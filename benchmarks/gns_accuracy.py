@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from autobatch.testing import PROBLEMS, exact_noise_scale  # noqa: E402
+from autobatch.testing import EXACT_CASES, exact_noise_scale  # noqa: E402
 
 from autobatch import measure_noise_scale  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     print(f"{'problem':9s} {'method':12s} {'B_simple':>8s} {'B':>4s} {'ratio':>6s} {'bias':>7s} {'spread':>7s} {'worst':>7s}")
-    for name, build in PROBLEMS.items():
+    for name, build in EXACT_CASES.items():
         problem = build(n=args.n, steps=SETTLE[name])
         exact = exact_noise_scale(problem)
         for ratio in args.ratios:

@@ -115,7 +115,7 @@ def check_probe_real_oom(device: torch.device) -> tuple[bool, str]:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
         torch.cuda.empty_cache()
     ooms = sorted(b for b, peak in probe.measured.items() if peak is None)
-    best = probe.max_batch_size
+    best = probe.max_micro_batch_size
     peak = probe.measured.get(best)
     ok = bool(ooms) and peak is not None and peak <= limit and best < min(ooms)
     return ok, (f"real OOM at batch {ooms}, backed off to {best} "

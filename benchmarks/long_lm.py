@@ -49,7 +49,8 @@ from typing import Any
 import torch
 
 import autobatch
-from autobatch.problems import Example, get_example
+from autobatch.problems import Problem
+from autobatch.registry import get_problem
 from autobatch.train.callbacks import Callback
 from benchmarks._run_info import git_commit
 
@@ -107,7 +108,7 @@ class _Evaluator(Callback):
     """Evaluates every ``every`` samples and at the first step reaching ``budget`` samples
     (marked ``at_budget``), and records the curve; wall time excludes evaluation."""
 
-    def __init__(self, ex: Example, model: torch.nn.Module, every: int, budget: int) -> None:
+    def __init__(self, ex: Problem, model: torch.nn.Module, every: int, budget: int) -> None:
         self.ex, self.model, self.every, self.budget = ex, model, every, budget
         self.next, self.eval_s = every, 0.0
         self.curve: list[dict[str, Any]] = []
@@ -132,9 +133,9 @@ class _Evaluator(Callback):
         return next((c for c in self.curve if c.get("at_budget")), None)
 
 
-def example(seed: int) -> Example:
+def example(seed: int) -> Problem:
     """The task: charlm on the whole text, model initialised from ``seed``."""
-    return get_example("charlm", seed=seed, max_chars=CHARS)
+    return get_problem("charlm", seed=seed, max_chars=CHARS)
 
 
 def run_one(arm: str, batch_size: int, lr: float, seed: int, overrides: dict[str, Any],

@@ -188,25 +188,25 @@ def run(repeats: int) -> dict:
                 bases.append(doubling_then_bisection(model, make_batch, loss_fn, make_opt, budget))
                 base_times.append(time.perf_counter() - t)
             probe, (base_b, base_steps) = probes[0], bases[0]
-            assert all(p.max_batch_size == probe.max_batch_size for p in probes)
+            assert all(p.max_micro_batch_size == probe.max_micro_batch_size for p in probes)
             assert all(b == bases[0] for b in bases)
             truth = base_b
             check = [0]
             truth_ok = fits(model, make_batch, loss_fn, make_opt, truth, budget, check) and (
                 truth == CAP or not fits(model, make_batch, loss_fn, make_opt, truth + 1, budget,
                                          check))
-            indep = profiler_peak(model, make_batch(probe.max_batch_size), loss_fn, make_opt)
+            indep = profiler_peak(model, make_batch(probe.max_micro_batch_size), loss_fn, make_opt)
             rows.append({
                 "model": name,
                 "budget_mib": budget_mib,
                 "true_max": truth,
                 "truth_checked": truth_ok,
-                "probe_found": probe.max_batch_size,
-                "probe_fraction_of_true": probe.max_batch_size / truth,
+                "probe_found": probe.max_micro_batch_size,
+                "probe_fraction_of_true": probe.max_micro_batch_size / truth,
                 "probe_real_steps": probe.real_steps,
                 "probe_fake_evaluations": len(probe.estimated),
                 "probe_wall_s_median": statistics.median(probe_times),
-                "probe_estimated_peak_mib": probe.estimated.get(probe.max_batch_size, 0) / MiB,
+                "probe_estimated_peak_mib": probe.estimated.get(probe.max_micro_batch_size, 0) / MiB,
                 "probe_profiler_peak_mib": indep / MiB,
                 "profiler_peak_within_budget": indep <= budget,
                 "baseline_found": base_b,

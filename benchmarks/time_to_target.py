@@ -45,7 +45,8 @@ import torch
 
 import autobatch
 from autobatch.train.callbacks import Callback, StopTraining
-from autobatch.problems import Example, get_example
+from autobatch.problems import Problem
+from autobatch.registry import get_problem
 
 try:
     from benchmarks._run_info import short_commit
@@ -167,7 +168,7 @@ class _Tracker(Callback):
     """Evaluates at geometrically spaced steps, records the curve, reads the metric at the
     budget, and stops at the target (tuning), after budget and target, or past a step limit."""
 
-    def __init__(self, ex: Example, model: torch.nn.Module, *, budget_samples: int | None,
+    def __init__(self, ex: Problem, model: torch.nn.Module, *, budget_samples: int | None,
                  step_limit: int | None, ratio: float = 1.02, first: int = 10) -> None:
         self.ex, self.model = ex, model
         self.budget_samples, self.step_limit = budget_samples, step_limit
@@ -204,7 +205,7 @@ class _Tracker(Callback):
         self.next_eval = max(record.step + 1, math.ceil(record.step * self.ratio))
 
 
-def run_one(ex: Example, spec: TaskSpec, *, label: str, batch_size: int, lr: float, seed: int,
+def run_one(ex: Problem, spec: TaskSpec, *, label: str, batch_size: int, lr: float, seed: int,
             overrides: dict[str, Any], tuning: bool = False, step_limit: int | None = None) -> dict:
     """Train once; returns the run's record (curve, target reach, final metric, B trajectory).
 
@@ -246,7 +247,7 @@ def _thin(trajectory: list[tuple], keep: int = 80) -> list[tuple]:
 
 
 # -- the protocol --------------------------------------------------------------------------------
-def tune_lr(ex: Example, spec: TaskSpec, batch_size: int, start_lr: float, *, quick: bool,
+def tune_lr(ex: Problem, spec: TaskSpec, batch_size: int, start_lr: float, *, quick: bool,
             log: list[dict]) -> float | None:
     """The LR on the x2 grid through ``start_lr`` with the fewest steps to target at
     ``batch_size`` (seed 0), widened until that LR has a worse neighbour on both sides.
@@ -291,7 +292,7 @@ def run_task(name: str, seeds: list[int], quick: bool, previous: dict | None = N
     tuned: the previous tuned LRs are reused, only the ``only`` configurations run, and their
     runs replace the previous ones of the same labels."""
     spec = TASKS[name]
-    ex = get_example(name, seed=0)
+    ex = get_problem(name, seed=0)
     sizes = spec.sizes if not quick else spec.quick_sizes
     if quick:
         spec = TaskSpec(**{**spec.__dict__, "budget_epochs": spec.budget_epochs / 3})
@@ -331,7 +332,7 @@ def run_task(name: str, seeds: list[int], quick: bool, previous: dict | None = N
         configs = [c for c in configs if c[0] in only]
     runs = [r for r in previous["runs"] if r["label"] in known - only] if previous is not None else []
     for seed in seeds:
-        seeded = get_example(name, seed=seed)
+        seeded = get_problem(name, seed=seed)
         for label, b, lr_b, overrides in configs:
             run = run_one(seeded, spec, label=label, batch_size=b, lr=lr_b, seed=seed, overrides=overrides)
             runs.append(run)

@@ -52,9 +52,9 @@ import optuna
 import torch
 
 import autobatch
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.train.callbacks import Callback
-from autobatch.train.evaluate import evaluate
+from autobatch.evaluate import evaluate
 from autobatch.tune.auto_lr import choose_base_lr
 from autobatch.tune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, score
 
@@ -131,7 +131,7 @@ class Curve(Callback):
 
 def train(task: Task, lr: float, seed: int) -> dict:
     """One full-budget fit at ``lr`` with model and data-order seed ``seed``, with its curve."""
-    ex = get_example(task.example, seed=seed, **task.options)
+    ex = get_problem(task.example, seed=seed, **task.options)
     total = round(task.epochs * len(ex.train_data[1]))
     model = ex.model_fn()
     curve = Curve(model, ex, total)
@@ -167,7 +167,7 @@ class Cache:
 
 
 def run_task(name: str, task: Task, cache: Cache, log) -> dict:
-    ex = get_example(task.example, seed=0, **task.options)
+    ex = get_problem(task.example, seed=0, **task.options)
     n = len(ex.train_data[1])
     total = round(task.epochs * n)
     low, high = task.lr_range
@@ -203,7 +203,7 @@ def run_task(name: str, task: Task, cache: Cache, log) -> dict:
                 t0 = time.perf_counter()
                 result = autobatch.tune_lr(
                     ex.model_fn, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=task.trials,
-                    budget=total, budget_unit="samples", lr_range=task.lr_range, optimizer=ex.optimizer,
+                    trial_length=total, trial_unit="samples", lr_range=task.lr_range, optimizer=ex.optimizer,
                     storage=optuna.storages.InMemoryStorage(), study_name=f"{name}-{pruner}-{seed}", seed=seed,
                     pruner=pruner, n_evals=N_EVALS, config={"initial_batch_size": ex.default_batch_size,
                                                             "seed": 0, "progress": False})
@@ -228,7 +228,7 @@ def run_task(name: str, task: Task, cache: Cache, log) -> dict:
     auto = []
     for i, seed in enumerate(FRESH_SEEDS):
         def emulate(seed=seed) -> dict:
-            sx = get_example(task.example, seed=seed, **task.options)
+            sx = get_problem(task.example, seed=seed, **task.options)
             model = sx.model_fn()
             search = choose_base_lr(model, sx.train_data, loss_fn=sx.loss_fn, val_data=sx.val_data,
                                     optimizer=sx.optimizer, max_samples=total,

@@ -8,6 +8,10 @@ Three objects carry the state:
 - ``BatchSizeController``: estimator + policy + LR rule; splits a step into micro-batches,
   returns the LR factor for the current B and re-decides B.
 
+``accumulate_gradients`` runs the step's micro-batches with each mean loss weighted by its loss
+items over the step's (examples here; tokens for a padded LM), so ``.grad`` is the gradient of
+the step's mean loss, as ``fit`` computes it.
+
 Run: ``python examples/custom_loop.py`` (MNIST-1D CNN, a few epochs, on the CPU).
 """
 
@@ -15,15 +19,16 @@ from __future__ import annotations
 
 import torch
 
+from autobatch.accumulate import accumulate_gradients
 from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector
 from autobatch.policies import GNSPolicy
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.scaling import AdaScaleScaling
 from autobatch.train import BatchSizeController, SampleStream
 
 
 def main(epochs: float = 4.0) -> None:
-    ex = get_example("mnist1d", seed=0)
+    ex = get_problem("mnist1d", seed=0)
     model = ex.model_fn()
     base_lr, b0 = ex.default_lr, ex.default_batch_size
     opt = torch.optim.SGD(model.parameters(), lr=base_lr)
@@ -39,21 +44,21 @@ def main(epochs: float = 4.0) -> None:
     step = samples = 0
     with MicroBatchNormCollector(model) as norms:
         while stream.epochs_done < epochs:
+            step += 1                                              # this step's number, from 1
             indices = stream.take(controller.batch_size)          # the step's examples
             for group in opt.param_groups:                         # LR for this B
-                group["lr"] = base_lr * controller.lr_factor()
+                group["lr"] = base_lr * controller.lr_factor(step)
             opt.zero_grad(set_to_none=True)
             norms.begin_step()
-            for chunk in torch.split(indices, controller.micro_sizes(len(indices))):
-                x, y = inputs[chunk], targets[chunk]
-                weight = len(chunk) / len(indices)                 # mean over the whole step
-                (ex.loss_fn(model(x), y) * weight).backward()
-                norms.after_backward(batch_size=len(chunk), loss_weight=weight)
+            micro_batches = [(inputs[c], targets[c]) for c in indices.split(controller.micro_sizes(len(indices)))]
+            done = accumulate_gradients(                           # each loss x its items / the step's
+                model, micro_batches, loss_fn=ex.loss_fn,
+                after_backward=lambda m: norms.after_backward(batch_size=m.items, loss_weight=m.weight))
             step_norms = norms.end_step()                          # before any clipping
             opt.step()
-            step, samples = step + 1, samples + len(indices)
-            controller.observe(step=step, epoch=stream.epochs_done, samples=samples,
-                               batch_size=len(indices), norms=step_norms)
+            samples += len(indices)
+            controller.observe(step=step, epoch=stream.epochs_done, samples=samples, batch_size=len(indices),
+                               norms=step_norms, loss=float(done.loss))  # the loss feeds the policy's guard
             if (new_b := controller.maybe_decide()) is not None:
                 print(f"step {step}: B -> {new_b} (noise scale {controller.estimator.noise_scale:.1f})")
     print(f"{step} steps, {samples} samples:", ex.evaluate(model, ex.val_data))

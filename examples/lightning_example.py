@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from autobatch.integrations.lightning import AdaptiveBatchSize
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 
 
 class MNIST1DClassifier(pl.LightningModule):
@@ -26,7 +26,7 @@ class MNIST1DClassifier(pl.LightningModule):
 
     def __init__(self, lr: float = 0.2) -> None:
         super().__init__()
-        self.example = get_example("mnist1d", seed=0)
+        self.example = get_problem("mnist1d", seed=0)
         self.net = self.example.model_fn()
         self.lr = lr
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import autobatch
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.tune.auto_lr import (
     DEFAULT_FRACTION,
     MIN_RUNG_STEPS,
@@ -32,7 +32,7 @@ EPOCHS = 8
 
 @pytest.fixture(scope="module")
 def ex():
-    return get_example("synthetic", num_train=1024, num_val=1024)
+    return get_problem("synthetic", num_train=1024, num_val=1024)
 
 
 def _final_loss(ex, lr: float) -> float:
@@ -69,7 +69,7 @@ def test_chooses_an_lr_within_3x_of_the_brute_force_grid_and_restores_everything
     assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
     # compute: all trials together, within the documented fraction of the run's examples
     budget = EPOCHS * 1024
-    assert search.budget_samples == budget
+    assert search.run_samples == budget
     assert search.samples == sum(row.samples for row in search.trials)
     assert search.samples <= DEFAULT_FRACTION * budget and search.fraction == search.samples / budget
     # no val_data: a seeded tenth of the training data scored the trials
@@ -122,7 +122,7 @@ def test_a_trial_is_the_start_of_the_run_it_is_for_budget_included():
     # A run bounded by max_steps only lets B follow the noise scale past 2 x B0; a run bounded
     # by examples does not. Each finished trial must match a direct fit with the run's own
     # limit, stopped at the trial's last rung, not a fit bounded by the rung's examples.
-    noisy = get_example("synthetic", num_train=4096, num_val=1024, noise_std=2.0)
+    noisy = get_problem("synthetic", num_train=4096, num_val=1024, noise_std=2.0)
     run = {"max_steps": 1600}
     search = choose_base_lr(noisy.model_fn(), noisy.train_data, loss_fn=noisy.loss_fn, val_data=noisy.val_data,
                             optimizer=noisy.optimizer, config={"initial_batch_size": B0}, lr_range=(0.02, 0.08),

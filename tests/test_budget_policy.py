@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from autobatch.policies import BudgetPolicy, LossSpikeGuard, PolicyContext, budget_kind
+from autobatch.policies import BudgetPolicy, LossSpikeGuard, PolicyContext
+from autobatch.run_length import RunLength
 from autobatch.policies.budget import largest_batch_within
 from autobatch.scaling import LinearScaling, SqrtScaling
 
@@ -114,27 +115,32 @@ def test_budget_caps_the_batch_at_what_the_lr_can_follow_under_a_sample_budget()
     # a steps budget: B follows the noise scale (500 = 62.5 x 8, ties round up to 504)
     b = 32
     for _ in range(6):
-        b = p.propose(_ctx(batch_size=b, budget="steps"))
+        b = p.propose(_ctx(batch_size=b, limited_by="steps"))
     assert b == 504
 
 
 def test_budget_guard_cut_lowers_the_lr_at_once_and_the_batch_at_the_next_decision() -> None:
     guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
     p = BudgetPolicy(guard=guard)
+    p.observe(_ctx(step=1, batch_size=64, train_loss=1.0))
     assert p.lr_factor(_ctx(step=1, batch_size=64, train_loss=1.0)) == 1.0
-    # a spike at B = 64 (factor 2 in use): allowed 1, so the LR factor 2 is halved
+    # reading the LR factor feeds nothing: a spiking loss in the context changes no state
+    assert p.lr_factor(_ctx(step=2, batch_size=64, train_loss=2.0)) == 1.0 and guard.spikes == 0
+    # a spike observed at B = 64 (factor 2 in use): allowed 1, so the LR factor 2 is halved
+    p.observe(_ctx(step=2, batch_size=64, train_loss=2.0))
     assert p.lr_factor(_ctx(step=2, batch_size=64, train_loss=2.0)) == 0.5
     assert guard.spikes == 1
-    # the same step seen again (propose after lr_factor) does not feed the guard twice
+    # the same step seen again (observe_loss from a callback too) does not feed the guard twice
+    p.observe_loss(2, 2.0, 2.0)
     assert p.propose(_ctx(step=2, batch_size=64, train_loss=2.0)) == 32
     assert guard.spikes == 1 and p.state_dict()["seen_step"] == 2
 
 
-def test_budget_kind() -> None:
-    assert budget_kind(40, None, None) == "samples"
-    assert budget_kind(None, None, 10_000) == "samples"
-    assert budget_kind(None, 500, None) == "steps"
-    assert budget_kind(40, 500, None) == "samples"
+def test_what_limits_a_run() -> None:
+    assert RunLength(40, None, None).limited_by == "samples"
+    assert RunLength(None, None, 10_000).limited_by == "samples"
+    assert RunLength(None, 500, None).limited_by == "steps"
+    assert RunLength(40, 500, None).limited_by == "samples"
 
 
 def test_the_controller_gives_the_policy_budget_loss_cap_and_rule() -> None:
@@ -144,11 +150,11 @@ def test_the_controller_gives_the_policy_budget_loss_cap_and_rule() -> None:
     guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
     c = BatchSizeController(policy=BudgetPolicy(guard=guard), scaling=LinearScaling(),
                             estimator=GradientNoiseScale(), base_batch_size=32, min_batch_size=32,
-                            max_batch_size=1024, max_lr_factor=2.0, budget="steps")
+                            max_batch_size=1024, max_lr_factor=2.0, limited_by="steps")
     c.batch_size = 64  # as if the policy had grown it
     c.observe(step=1, epoch=0.1, samples=64, batch_size=64, loss=1.0)
     ctx = c.context()
-    assert (ctx.budget, ctx.train_loss, ctx.max_lr_factor) == ("steps", 1.0, 2.0)
+    assert (ctx.limited_by, ctx.train_loss, ctx.max_lr_factor) == ("steps", 1.0, 2.0)
     assert ctx.lr_rule is not None and ctx.lr_rule(64) == 2.0 and ctx.lr_rule(256) == 8.0  # no noise yet: no cap
     assert c.lr_factor() == 2.0
     c.observe(step=2, epoch=0.2, samples=128, batch_size=64, loss=2.0)  # a spike at factor 2
@@ -177,11 +183,17 @@ def test_guard_is_calm_only_near_the_lowest_average_of_the_run() -> None:
 def _spiked_policy(anneal_after: float | None = 0.5) -> BudgetPolicy:
     guard = LossSpikeGuard(spike_ratio=1.5, smoothing=0.0, min_updates=1)
     p = BudgetPolicy(guard=guard, anneal_after=anneal_after)
-    p.lr_factor(_ctx(step=1, batch_size=64, train_loss=1.0))
-    p.lr_factor(_ctx(step=2, batch_size=64, train_loss=2.0))  # a spike at factor 2: allowed 1
-    p.lr_factor(_ctx(step=3, batch_size=32, train_loss=1.0))  # recovered: calm again
+    p.observe(_ctx(step=1, batch_size=64, train_loss=1.0))
+    p.observe(_ctx(step=2, batch_size=64, train_loss=2.0))  # a spike at factor 2: allowed 1
+    p.observe(_ctx(step=3, batch_size=32, train_loss=1.0))  # recovered: calm again
     assert guard.spikes == 1 and guard.allowed == 1.0 and guard.calm()
     return p
+
+
+def _decide(p: BudgetPolicy, ctx: PolicyContext) -> int:
+    """What the controller does at a decision step: the policy observes the step, then proposes."""
+    p.observe(ctx)
+    return p.propose(ctx)
 
 
 @pytest.mark.parametrize(("progress", "loss", "budget", "anneal_after", "expected"), [
@@ -194,19 +206,19 @@ def _spiked_policy(anneal_after: float | None = 0.5) -> BudgetPolicy:
 def test_budget_anneals_by_batch_only_after_a_cut_past_anneal_after_and_while_calm(
         progress: float, loss: float, budget: str, anneal_after: float | None, expected: int) -> None:
     p = _spiked_policy(anneal_after)
-    ctx = _ctx(step=4, batch_size=32, train_loss=loss, progress=progress, budget=budget)
-    assert p.propose(ctx) == expected  # gns moves 32 -> 64 (max_growth 2) towards 500
+    ctx = _ctx(step=4, batch_size=32, train_loss=loss, progress=progress, limited_by=budget)
+    assert _decide(p, ctx) == expected  # gns moves 32 -> 64 (max_growth 2) towards 500
     if expected == 64:
         # the LR stays at what the guard allows: the rule's factor 2 at B = 64 is divided by 2
         assert p.lr_factor(_ctx(step=5, batch_size=64, train_loss=1.0, progress=0.6)) == 0.5
-        assert p.propose(_ctx(step=6, batch_size=64, train_loss=1.0, progress=0.6)) == 128
+        assert _decide(p, _ctx(step=6, batch_size=64, train_loss=1.0, progress=0.6)) == 128
 
 
 def test_budget_without_a_spike_does_not_anneal() -> None:
     p = BudgetPolicy(guard=LossSpikeGuard(smoothing=0.0, min_updates=1))
     b = 32
     for step in range(1, 6):
-        b = p.propose(_ctx(step=step, batch_size=b, train_loss=1.0, progress=0.9))
+        b = _decide(p, _ctx(step=step, batch_size=b, train_loss=1.0, progress=0.9))
     assert b == 64  # the LR can follow up to F = 2: no edge found, no LR decay by batch
 
 
@@ -215,18 +227,18 @@ def test_anneal_after_is_checked() -> None:
         BudgetPolicy(anneal_after=1.5)
 
 
-def test_controller_progress_is_the_fraction_of_the_budget_done() -> None:
+def test_controller_progress_is_the_fraction_of_the_run_done() -> None:
     from autobatch.noise import GradientNoiseScale
-    from autobatch.train._setup import budget_total
+    from autobatch.run_length import RunLength
     from autobatch.train.controller import BatchSizeController
 
-    assert budget_total(2.5, None, None, 400) == 1000  # epochs x examples
-    assert budget_total(2.5, None, 600, 400) == 600  # the smaller limit binds
-    assert budget_total(None, 50, None, 400) == 50  # steps
-    for budget, total, expected in (("samples", 1000.0, 0.64), ("steps", 50.0, 0.2), ("samples", None, math.nan)):
+    assert RunLength(2.5, None, None).length(400) == 1000  # epochs x examples
+    assert RunLength(2.5, None, 600).length(400) == 600  # the smaller limit binds
+    assert RunLength(None, 50, None).length(400) == 50  # steps
+    for limit, total, expected in (("samples", 1000.0, 0.64), ("steps", 50.0, 0.2), ("samples", None, math.nan)):
         c = BatchSizeController(policy=BudgetPolicy(), scaling=LinearScaling(), estimator=GradientNoiseScale(),
-                                base_batch_size=32, min_batch_size=32, max_batch_size=1024, budget=budget,
-                                budget_total=total)
+                                base_batch_size=32, min_batch_size=32, max_batch_size=1024, limited_by=limit,
+                                run_length=total)
         c.observe(step=10, epoch=1.6, samples=640, batch_size=64)
         assert c.context().progress == pytest.approx(expected, nan_ok=True)
 
@@ -260,17 +272,18 @@ def test_budget_anneal_stops_at_anneal_factor_times_the_followed_batch_and_drops
     b, step = 32, 4
     sizes = []
     for _ in range(5):
-        b = p.propose(_ctx(step=step, batch_size=b, train_loss=1.0, progress=0.7, noise_scale=5000.0))
+        b = _decide(p, _ctx(step=step, batch_size=b, train_loss=1.0, progress=0.7, noise_scale=5000.0))
         sizes.append(b)
         step += 1
     assert sizes == [64, 128, 256, 256, 256]  # x2 per decision up to 8 x 32, whatever the noise scale
     # a loss 1.6x the run's best: not calm, back to the batch the LR can follow at once
-    assert p.propose(_ctx(step=step, batch_size=256, train_loss=1.6, progress=0.7)) == 32
+    assert _decide(p, _ctx(step=step, batch_size=256, train_loss=1.6, progress=0.7)) == 32
 
 
 def test_budget_leaves_the_decay_to_a_users_lr_scheduler() -> None:
     p = _spiked_policy()
     ctx = _ctx(step=4, batch_size=32, train_loss=1.0, progress=0.7)
+    p.observe(ctx)
     assert p.annealing(ctx)
     ctx.lr_scheduled = True
     assert not p.annealing(ctx) and p.propose(ctx) == 32

@@ -30,7 +30,7 @@ def test_main_without_a_command_prints_help(capsys) -> None:
 def test_fit_command_trains_a_built_in_example_and_writes_plot_and_history(tmp_path, capsys) -> None:
     import json
 
-    code = main(["fit", "--example", "synthetic", "--max-steps", "40", "--no-progress",
+    code = main(["fit", "--problem", "synthetic", "--max-steps", "40", "--no-progress",
                  "--out", str(tmp_path), "--max-lr-factor", "none"])
     out = capsys.readouterr().out
     assert code == 0
@@ -50,9 +50,9 @@ def _run_main(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-FIT = ["fit", "--example", "synthetic", "--max-steps", "2", "--no-progress"]
+FIT = ["fit", "--problem", "synthetic", "--max-steps", "2", "--no-progress"]
 # the synthetic example's linear model trains at batch 9 in 921 bytes; the CNN needs 95,744 at 1
-FIT_CNN = ["fit", "--example", "mnist1d", "--max-steps", "2", "--no-progress"]
+FIT_CNN = ["fit", "--problem", "mnist1d", "--max-steps", "2", "--no-progress"]
 
 
 @pytest.mark.parametrize(
@@ -74,18 +74,18 @@ FIT_CNN = ["fit", "--example", "mnist1d", "--max-steps", "2", "--no-progress"]
         ([*FIT_CNN, "--budget", "1KiB"], (r"autobatch fit: error: .*budget too small: a training step at batch "
                                           r"size 1 needs [\d,]+ bytes .* raise budget_bytes to at least")),
         ([*FIT, "--resume"], r"autobatch fit: error: --resume needs --checkpoint-dir"),
-        (["probe", "--example", "mnist1d", "--budget", "1KiB"],
+        (["probe", "--problem", "mnist1d", "--budget", "1KiB"],
          r"autobatch probe: error: budget too small: a training step at batch size 1 needs"),
-        (["probe", "--example", "synthetic", "--margin", "1"], r"argument --margin: must be in \[0, 1\)"),
-        (["probe", "--example", "synthetic", "--max-batch-size", "-4"], r"must be an integer >= 1 \(got '-4'\)"),
-        (["tune", "--example", "synthetic", "--trials", "0"], r"argument --trials: must be an integer >= 1"),
-        (["tune", "--example", "synthetic", "--lr-min", "1", "--lr-max", "0.1"],
+        (["probe", "--problem", "synthetic", "--margin", "1"], r"argument --margin: must be in \[0, 1\)"),
+        (["probe", "--problem", "synthetic", "--max-micro-batch-size", "-4"], r"must be an integer >= 1 \(got '-4'\)"),
+        (["tune", "--problem", "synthetic", "--trials", "0"], r"argument --trials: must be an integer >= 1"),
+        (["tune", "--problem", "synthetic", "--lr-min", "1", "--lr-max", "0.1"],
          r"autobatch tune: error: --lr-min must be below --lr-max \(got --lr-min 1, --lr-max 0.1\)"),
-        (["tune", "--example", "synthetic", "--storage", "nosuchdb://x/y"],
+        (["tune", "--problem", "synthetic", "--storage", "nosuchdb://x/y"],
          r"autobatch tune: error: cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"),
-        (["tune", "--example", "synthetic", "--storage", "studies.db"],
+        (["tune", "--problem", "synthetic", "--storage", "studies.db"],
          r"autobatch tune: error: storage 'studies.db' is not a URL"),
-        (["fit", "--example", "nosuch"], r"argument --example: invalid choice: 'nosuch'"),
+        (["fit", "--problem", "nosuch"], r"argument --problem: invalid choice: 'nosuch'"),
         ([*FIT, "--gns-every", "0"], r"argument --gns-every: must be an integer >= 1, or 'auto' \(got '0'\)"),
         pytest.param([*FIT, "--device", "cuda"], r"argument --device: device 'cuda' is not available on this machine",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
@@ -135,7 +135,7 @@ def test_checkpoint_dir_and_resume_continue_a_run_exactly(tmp_path, capsys) -> N
     def history(name: str) -> list[dict]:
         return json.loads((tmp_path / name / "synthetic-budget.json").read_text())["history"]
 
-    base = ["fit", "--example", "synthetic", "--no-progress", "--max-lr-factor", "none"]
+    base = ["fit", "--problem", "synthetic", "--no-progress", "--max-lr-factor", "none"]
     assert main([*base, "--max-steps", "30", "--out", str(tmp_path / "full")]) == 0
     ckpt = str(tmp_path / "ckpt")
     assert main([*base, "--max-steps", "12", "--checkpoint-dir", ckpt, "--out", str(tmp_path / "a")]) == 0
@@ -161,8 +161,8 @@ def test_byte_strings_are_read_alike_by_the_cli_fit_config_and_probe_memory() ->
     loss = torch.nn.functional.cross_entropy
     as_int = probe_memory(model, batch, loss, budget_bytes=150_000, mode="estimate", max_micro_batch_size=4096)
     as_text = probe_memory(model, batch, loss, budget_bytes="150KB", mode="estimate", max_micro_batch_size=4096)
-    assert as_text.budget_bytes == 150_000 and as_text.max_batch_size == as_int.max_batch_size
-    assert 1 < as_int.max_batch_size < 4096  # the budget binds
+    assert as_text.budget_bytes == 150_000 and as_text.max_micro_batch_size == as_int.max_micro_batch_size
+    assert 1 < as_int.max_micro_batch_size < 4096  # the budget binds
     assert byte_size("4GiB") == FitConfig.from_any(memory_budget="4GiB").memory.memory_budget == 4 * 2**30
     assert probe_memory(model, batch, loss, budget_bytes="4GiB", mode="estimate").budget_bytes == 4 * 2**30
     with pytest.raises(ValueError, match=r"budget_bytes: cannot read memory size '4 GiBs'"):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from autobatch.data import as_batch_source, batch_size_of, canonical_device, move_to, split_batch
+from autobatch.data import as_batch_source, batch_size_of, move_to, split_batch
+from autobatch.devices import canonical_device
 
 
 def test_tuple_of_arrays_becomes_float32_inputs_and_keeps_labels() -> None:

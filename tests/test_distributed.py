@@ -167,7 +167,7 @@ def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> 
     import torch
     from torch import nn
 
-    from autobatch.train.distributed import DistInfo, FlatGradientBuffer, all_reduce_gradients
+    from autobatch.train.distributed import DistInfo, FlatGradientBuffer
 
     # A one-process group sums each tensor with itself alone: what is under test is the
     # gathering into the kept buffer and the scattering back, against a new buffer each time.
@@ -183,7 +183,7 @@ def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> 
             expected = [p.grad.clone() for p in params]
             extra = torch.tensor([1.5, float(step)])
             reference = torch.cat([g.reshape(-1) for g in expected])
-            totals, flat = kept.all_reduce(params, info, extra)
+            totals, flat = kept.all_reduce(params, info, [extra[:1], extra[1]])  # 1-D and 0-d pieces
             pointers.add(flat.data_ptr())
             assert torch.equal(flat, reference) and torch.equal(totals, extra)
             assert all(torch.equal(p.grad, g) for p, g in zip(params, expected, strict=True))
@@ -191,13 +191,13 @@ def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> 
         # The rank's own squared norm, read from the gathered buffer into a slot of extra
         # before the sum, against the norm of the gradients computed apart in float64.
         local = sum(float(p.grad.double().square().sum()) for p in params)
-        totals, _ = kept.all_reduce(params, info, torch.tensor([1.5, -7.0, 3.0]), local_sq_norm=(1, 4.0))
+        totals, _ = kept.all_reduce(params, info, [torch.tensor([1.5, -7.0, 3.0])], local_sq_norm=(1, 4.0))
         assert totals[0] == 1.5 and totals[2] == 3.0
         assert abs(float(totals[1]) - 4.0 * local) <= 1e-5 * local
         params[-1].grad = None  # a parameter no example reached: zeros, and the same size
-        totals, flat = all_reduce_gradients(params, info, torch.tensor([2.0]))
+        totals, flat = FlatGradientBuffer().all_reduce(params, info, [torch.tensor(2.0)])
         assert flat.numel() == sum(p.numel() for p in params) and torch.equal(params[-1].grad, torch.zeros(3))
-        _, flat = kept.all_reduce(params[:2], info, torch.tensor([2.0]))  # another size: a new buffer
+        _, flat = kept.all_reduce(params[:2], info, [torch.tensor(2.0)])  # another size: a new buffer
         assert flat.data_ptr() not in pointers and flat.numel() == 5 * 7 + 7
     finally:
         dist.destroy_process_group()

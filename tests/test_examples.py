@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from autobatch.problems import EXAMPLES, Example, get_example
+from autobatch.problems import Problem
+from autobatch.registry import PROBLEMS, get_problem
 from autobatch.problems import charlm as charlm_module
 from autobatch.problems.synthetic import gradient_moments
 
@@ -24,12 +25,12 @@ SMALL = {
 }
 
 
-@pytest.fixture(params=sorted(EXAMPLES))
-def example(request: pytest.FixtureRequest) -> Example:
-    return get_example(request.param, seed=0, **SMALL[request.param])
+@pytest.fixture(params=sorted(PROBLEMS))
+def example(request: pytest.FixtureRequest) -> Problem:
+    return get_problem(request.param, seed=0, **SMALL[request.param])
 
 
-def _manual_metrics(ex: Example, model: torch.nn.Module) -> dict[str, float]:
+def _manual_metrics(ex: Problem, model: torch.nn.Module) -> dict[str, float]:
     """Loss and accuracy over the whole validation set in one forward pass, written out."""
     x, y = ex.val_data
     with torch.no_grad():
@@ -43,28 +44,28 @@ def _manual_metrics(ex: Example, model: torch.nn.Module) -> dict[str, float]:
 
 
 def test_registry_lists_the_three_examples() -> None:
-    assert set(EXAMPLES) == {"mnist1d", "synthetic", "charlm"}
+    assert set(PROBLEMS) == {"mnist1d", "synthetic", "charlm"}
 
 
 def test_unknown_example_names_the_allowed_ones() -> None:
     allowed = r"allowed: charlm, mnist1d, synthetic, or build your own .*; did you mean 'mnist1d'\?"
-    with pytest.raises(ValueError, match=r"unknown example 'mnist2d'; " + allowed):
-        get_example("mnist2d")
+    with pytest.raises(ValueError, match=r"unknown problem 'mnist2d'; " + allowed):
+        get_problem("mnist2d")
 
 
 def test_unknown_option_names_the_allowed_ones() -> None:
-    message = r"unknown option\(s\) \['depth'\] for example 'charlm'.*'context'"
+    message = r"unknown option\(s\) \['depth'\] for problem 'charlm'.*'context'"
     with pytest.raises(ValueError, match=message):
-        get_example("charlm", depth=3)
+        get_problem("charlm", depth=3)
 
 
 def test_bad_option_values_are_all_reported() -> None:
     message = r"min_variance must be in \(0, 1\] \(got min_variance=2.0\).*noise_std must be > 0"
     with pytest.raises(ValueError, match=message):
-        get_example("synthetic", min_variance=2.0, noise_std=0.0)
+        get_problem("synthetic", min_variance=2.0, noise_std=0.0)
 
 
-def test_example_builds_consistently(example: Example) -> None:
+def test_example_builds_consistently(example: Problem) -> None:
     x, y = example.train_data
     xv, yv = example.val_data
     assert x.shape[0] == y.shape[0] > example.default_batch_size
@@ -79,7 +80,7 @@ def test_example_builds_consistently(example: Example) -> None:
     assert opt.param_groups[0]["lr"] == example.default_lr
 
 
-def test_model_fn_is_seeded_fresh_and_leaves_the_global_rng_alone(example: Example) -> None:
+def test_model_fn_is_seeded_fresh_and_leaves_the_global_rng_alone(example: Problem) -> None:
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
@@ -89,26 +90,26 @@ def test_model_fn_is_seeded_fresh_and_leaves_the_global_rng_alone(example: Examp
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
         assert pa.data_ptr() != pb.data_ptr()
-    other = get_example(example.name, seed=1, **SMALL[example.name]).model_fn()
+    other = get_problem(example.name, seed=1, **SMALL[example.name]).model_fn()
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), other.parameters()))
 
 
-def test_example_pickles_for_worker_processes(example: Example) -> None:
+def test_example_pickles_for_worker_processes(example: Problem) -> None:
     copy = pickle.loads(pickle.dumps(example))
     assert torch.equal(copy.val_data[1], example.val_data[1])
     for pa, pb in zip(copy.model_fn().parameters(), example.model_fn().parameters()):
         assert torch.equal(pa, pb)
 
 
-def test_each_call_returns_its_own_data(example: Example) -> None:
-    again = get_example(example.name, seed=0, **SMALL[example.name])
+def test_each_call_returns_its_own_data(example: Problem) -> None:
+    again = get_problem(example.name, seed=0, **SMALL[example.name])
     assert torch.equal(again.train_data[0], example.train_data[0])
     again.train_data[0].zero_()
     assert not torch.equal(again.train_data[0], example.train_data[0])
 
 
 @pytest.mark.parametrize("batch_size", [7, 1024])
-def test_evaluate_matches_a_written_out_computation(example: Example, batch_size: int) -> None:
+def test_evaluate_matches_a_written_out_computation(example: Problem, batch_size: int) -> None:
     model = example.model_fn()
     with torch.no_grad():  # move away from init so the accuracy is not trivially ~chance
         for p in model.parameters():
@@ -127,10 +128,10 @@ def test_evaluate_matches_a_written_out_computation(example: Example, batch_size
 
 
 def test_reached_follows_the_metric_direction() -> None:
-    acc = get_example("mnist1d")
+    acc = get_problem("mnist1d")
     assert acc.reached({"val_accuracy": 0.95, "val_loss": 9.0})
     assert not acc.reached({"val_accuracy": 0.5, "val_loss": 0.0})
-    loss = get_example("synthetic", **SMALL["synthetic"])
+    loss = get_problem("synthetic", **SMALL["synthetic"])
     assert loss.reached({"val_loss": loss.target * 0.99})
     assert not loss.reached({"val_loss": math.nan})
 
@@ -147,12 +148,12 @@ def test_mnist1d_sizes_and_generator_leaves_global_rngs_alone() -> None:
     assert (np.random.rand(), random.random()) == (want_np, want_py)
     assert x.shape == (800, 40) and xt.shape == (200, 40) and x.dtype == torch.float32
     assert torch.bincount(torch.cat([y, yt])).tolist() == [100] * 10
-    ex = get_example("mnist1d")
+    ex = get_problem("mnist1d")
     assert ex.train_data[0].shape == (4000, 40) and ex.val_data[0].shape == (1000, 40)
 
 
 def test_mnist1d_a_few_hundred_sgd_steps_beat_chance_by_far() -> None:
-    ex = get_example("mnist1d", seed=0)
+    ex = get_problem("mnist1d", seed=0)
     model = ex.model_fn()
     opt = ex.optimizer(model.parameters(), ex.default_lr)
     x, y = ex.train_data
@@ -183,7 +184,7 @@ def test_gradient_moments_by_hand_in_one_dimension() -> None:
 
 @pytest.mark.parametrize("toward_optimum", [0.0, 0.8])
 def test_synthetic_exact_noise_scale_matches_per_example_gradients(toward_optimum: float) -> None:
-    ex = get_example("synthetic", seed=0)
+    ex = get_problem("synthetic", seed=0)
     model = ex.model_fn()
     pop = ex.population
     with torch.no_grad():  # move part of the way to the optimum, where B_simple is larger
@@ -209,7 +210,7 @@ def test_synthetic_exact_noise_scale_matches_per_example_gradients(toward_optimu
 
 
 def test_synthetic_noise_scale_grows_toward_the_optimum() -> None:
-    ex = get_example("synthetic", **SMALL["synthetic"])
+    ex = get_problem("synthetic", **SMALL["synthetic"])
     model = ex.model_fn()
     pop = ex.population
     scales = []
@@ -234,7 +235,7 @@ def test_charlm_text_is_the_listed_stdlib_files_read_again() -> None:
 
 
 def test_charlm_examples_are_shifted_windows_of_the_text() -> None:
-    ex = get_example("charlm", max_chars=20_000, context=32, val_every=5)
+    ex = get_problem("charlm", max_chars=20_000, context=32, val_every=5)
     vocab = ex.options["vocab"]
     assert list(vocab) == sorted(set(vocab)) and len(vocab) <= 96
     text = charlm_module.load_text(20_000)
@@ -251,13 +252,13 @@ def test_charlm_examples_are_shifted_windows_of_the_text() -> None:
 
 
 def test_charlm_initial_loss_is_close_to_log_vocab() -> None:
-    ex = get_example("charlm", **SMALL["charlm"])
+    ex = get_problem("charlm", **SMALL["charlm"])
     loss = ex.evaluate(ex.model_fn(), ex.val_data)["val_loss"]
     assert loss == pytest.approx(math.log(len(ex.options["vocab"])), abs=0.05)
 
 
 def test_charlm_is_causal() -> None:
-    ex = get_example("charlm", **SMALL["charlm"])
+    ex = get_problem("charlm", **SMALL["charlm"])
     model = ex.model_fn().eval()
     x = ex.val_data[0][:2].clone()
     with torch.no_grad():

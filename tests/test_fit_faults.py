@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import autobatch
-from autobatch.train import _setup
+from autobatch.train import loop
 from autobatch.train.checkpoint import load_checkpoint
 from tests.helpers import interrupt_worker as worker_module
 
@@ -125,7 +125,7 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000))
         return torch.float16, scalers[-1]
 
-    monkeypatch.setattr(_setup, "precision_setup", fp16_on_cpu)
+    monkeypatch.setattr(loop, "setup_precision", fp16_on_cpu)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(128, 8, generator=g), torch.randn(128, 1, generator=g)
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_the_probed_micro_batch_runs_in_fits_step_under_the_same_budget(name, bu
 
     for budget in budgets:
         probed = probe_memory(make(), (x, y), nn.functional.cross_entropy, budget_bytes=budget,
-                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01)).max_batch_size
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01)).max_micro_batch_size
         assert 1 <= probed < 16  # the step of 16 needs several micro-batches
         res = autobatch.fit(make(), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01, max_steps=6,
                             initial_batch_size=16, policy="fixed", memory_budget=budget, progress=False)

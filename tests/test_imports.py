@@ -1,10 +1,12 @@
-"""The package's import structure: no cycle between modules, every module importable on its own,
-``import autobatch`` without optuna, and the plug-in boundary (config <-> plug-ins only through
-the registry)."""
+"""The package's import structure: no cycle between modules, none between the package's parts
+(subpackages and top-level modules) counting imports inside functions too, every module
+importable on its own, ``import autobatch`` without optuna, and the plug-in boundary (config <->
+plug-ins only through the registry)."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +16,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "autobatch"
 
 
-def _module_files() -> dict[str, Path]:
+def _module_files(package: Path = PACKAGE) -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
     out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         out[".".join(parts)] = path
@@ -28,7 +30,7 @@ def _module_files() -> dict[str, Path]:
 MODULES = _module_files()
 
 
-def _imports(path: Path, *, module_level: bool) -> set[str]:
+def _imports(path: Path, *, module_level: bool, modules: dict[str, Path] = MODULES) -> set[str]:
     """The autobatch modules ``path`` imports (``from pkg import sub`` counts as ``pkg.sub``),
     at module level only or everywhere; ``if TYPE_CHECKING:`` blocks never count."""
     found: set[str] = set()
@@ -43,13 +45,13 @@ def _imports(path: Path, *, module_level: bool) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            subs = {f"{node.module}.{alias.name}" for alias in node.names} & set(MODULES)
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & set(modules)
             found.update(subs or {node.module})
         for child in children:
             visit(child)
 
     visit(ast.parse(path.read_text()))
-    return {name for name in found if name in MODULES}
+    return {name for name in found if name in modules}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -85,6 +87,42 @@ def test_module_level_imports_form_no_cycle() -> None:
     # edge is left out; an import inside a function (done on first use) is too.
     graph = {name: _imports(path, module_level=True) - {name} for name, path in MODULES.items()}
     assert _cycle(graph) is None
+
+
+def _part(module: str) -> str:
+    """The part of the package a module belongs to: its subpackage (``autobatch.train``) or,
+    for a top-level module, itself (``autobatch.api``, ``autobatch`` for the package's face)."""
+    return ".".join(module.split(".")[:2])
+
+
+def _part_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Part -> the parts it imports, counting imports inside functions (run on first use, they
+    tie the parts together all the same); ``if TYPE_CHECKING:`` imports are left out."""
+    graph: dict[str, set[str]] = {_part(name): set() for name in modules}
+    for name, path in modules.items():
+        graph[_part(name)] |= {_part(dep) for dep in _imports(path, module_level=False, modules=modules)}
+    for part, deps in graph.items():
+        deps.discard(part)
+    return graph
+
+
+def test_the_parts_import_each_other_in_no_cycle_function_level_imports_included() -> None:
+    # e.g. fit's lr="auto" runs a study that trains with the loop: it is resolved in
+    # autobatch.api, above both train and tune, so the loop never imports the studies.
+    assert _cycle(_part_graph(MODULES)) is None
+
+
+def test_a_cycle_through_an_import_inside_a_function_is_caught(tmp_path: Path) -> None:
+    # The check can fail: a copy of the package where the loop imports the studies inside a
+    # function (the shape the lr="auto" resolver once had) has a train -> tune -> train cycle.
+    copy = tmp_path / "autobatch"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    loop = copy / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "\n\ndef _injected():\n    from autobatch.tune.auto_lr import choose_base_lr\n")
+    modules = _module_files(copy)
+    cycle = _cycle(_part_graph(modules))
+    assert cycle is not None and {"autobatch.train", "autobatch.tune"} <= set(cycle)
+    assert _cycle({n: _imports(p, module_level=True, modules=modules) - {n} for n, p in modules.items()}) is None
 
 
 @pytest.mark.slow
@@ -132,35 +170,3 @@ def test_the_config_and_the_registry_import_no_plugin() -> None:
     config = _imports(MODULES["autobatch.config"], module_level=False)
     assert config == {"autobatch.registry"}
     assert _imports(MODULES["autobatch.registry"], module_level=True) == set()
-
-
-def test_renamed_names_still_work_for_one_release_with_a_warning() -> None:
-    # Names changed in 0.2 (issue 9: "names that mislead") resolve to the new objects and say so.
-    import math
-
-    import autobatch
-    import autobatch.memory.probe as probe_module
-    import autobatch.noise as noise
-    from autobatch.policies import PolicyContext
-    from autobatch.train.results import StepRecord
-
-    cases = [
-        (lambda: noise.MicroBatchGradNorms, noise.MicroBatchNormCollector, "MicroBatchNormCollector"),
-        (lambda: noise.PerExampleGradNorms, noise.PerExampleNormCollector, "PerExampleNormCollector"),
-        (lambda: probe_module.MemoryProbe, autobatch.MemoryProbeResult, "MemoryProbeResult"),
-        (lambda: autobatch.MemoryProbe, autobatch.MemoryProbeResult, "MemoryProbeResult"),
-    ]
-    for get, new, new_name in cases:
-        with pytest.warns(DeprecationWarning, match=new_name):
-            assert get() is new
-    ctx = PolicyContext(step=1, epoch=0.1, samples=8, batch_size=8, base_batch_size=8, min_batch_size=1,
-                        max_batch_size=64, noise_scale_stderr=2.5, grad_sq_mean=-0.5)
-    with pytest.warns(DeprecationWarning, match="noise_scale_stderr"):
-        assert ctx.noise_stderr == 2.5
-    with pytest.warns(DeprecationWarning, match="grad_sq_mean"):
-        assert ctx.grad_sq == -0.5
-    old = StepRecord.model_validate({"step": 1, "epoch": 0.0, "samples": 8, "batch_size": 8, "examples": 8,
-                                     "micro_batch_size": 8, "accum_steps": 1, "lr": 0.1, "train_loss": 1.0,
-                                     "grad_sq": math.nan, "trace_cov": math.nan, "noise_scale": math.nan,
-                                     "noise_stderr": 3.0, "wall_time_s": 0.0})  # a history written by 0.1
-    assert old.noise_scale_stderr == 3.0

@@ -290,8 +290,8 @@ def test_the_default_policys_stability_guard_sees_every_steps_loss() -> None:
     _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=1)
     guard = cb.controller.policy.guard
     losses = [r.train_loss for r in cb.history]
-    # each loss reaches the guard when the next step's LR is set: all but the last
-    assert len(losses) > 50 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses[:-1]), rel=1e-9)
+    # each loss reaches the guard as the controller observes its step: the last one included
+    assert len(losses) > 50 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses), rel=1e-9)
 
 
 def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is() -> None:
@@ -302,10 +302,10 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is() -> Non
     cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
     _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=2)
     ctx = cb.controller.context()
-    assert ctx.budget == "samples" and ctx.progress == pytest.approx(cb.history[-1].samples / (2 * len(x)))
+    assert ctx.limited_by == "samples" and ctx.progress == pytest.approx(cb.history[-1].samples / (2 * len(x)))
     assert ctx.progress == pytest.approx(1.0, abs=0.05)
     cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
     _fit(Regression(), loader(x, y, batch_size=16), cb, max_steps=10)
     ctx = cb.controller.context()
-    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0)
+    assert ctx.limited_by == "steps" and ctx.progress == pytest.approx(1.0)
     assert not ctx.lr_scheduled  # Regression configures no scheduler: the anneal stays available

@@ -163,8 +163,8 @@ def test_the_default_policys_stability_guard_sees_every_steps_loss(tmp_path) -> 
     trainer.train()
     guard = trainer.batch_controller.policy.guard
     losses = [r.train_loss for r in trainer.history]
-    # each loss reaches the guard when the next step's LR is set: all but the last
-    assert len(losses) > 20 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses[:-1]), rel=1e-9)
+    # each loss reaches the guard as the controller observes its step: the last one included
+    assert len(losses) > 20 and guard.smoothed_loss == pytest.approx(smoothed_loss(guard, losses), rel=1e-9)
 
 
 def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path) -> None:
@@ -173,10 +173,10 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path
     trainer = _trainer(tmp_path, config={"policy": "budget"}, num_train_epochs=1)
     trainer.train()
     ctx = trainer.batch_controller.context()
-    assert ctx.budget == "samples" and ctx.progress == pytest.approx(trainer.history[-1].samples / len(TRAIN))
+    assert ctx.limited_by == "samples" and ctx.progress == pytest.approx(trainer.history[-1].samples / len(TRAIN))
     assert ctx.progress == pytest.approx(1.0)
     assert ctx.lr_scheduled  # the Trainer's default linear decay: the policy leaves the decay to it
     trainer = _trainer(tmp_path, max_steps=6, lr_scheduler_type="constant")
     trainer.train()
     ctx = trainer.batch_controller.context()
-    assert ctx.budget == "steps" and ctx.progress == pytest.approx(1.0) and not ctx.lr_scheduled
+    assert ctx.limited_by == "steps" and ctx.progress == pytest.approx(1.0) and not ctx.lr_scheduled

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autobatch.noise import NoiseScaleEstimate, measure_noise_scale, two_batch_estimates
 from autobatch.noise._effective_batch import without_replacement_batch_size
-from autobatch.testing import PROBLEMS, Exact, Problem, exact_noise_scale
+from autobatch.testing import EXACT_CASES, Exact, ExactCase, exact_noise_scale
 
 # Parameters are the problems' initial ones, except the sequence model, whose initial noise
 # scale is tiny (about 5); 20 full-batch steps bring it to about 150.
@@ -24,14 +24,14 @@ SETTLE = {"logistic": 0, "mlp": 0, "cnn": 0, "sequence": 20}
 
 
 @functools.cache
-def _problem_and_exact(name: str) -> tuple[Problem, Exact]:
-    problem = PROBLEMS[name](n=16384, steps=SETTLE[name])
+def _problem_and_exact(name: str) -> tuple[ExactCase, Exact]:
+    problem = EXACT_CASES[name](n=16384, steps=SETTLE[name])
     return problem, exact_noise_scale(problem)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["micro", "per_example"])
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", sorted(EXACT_CASES))
 def test_estimate_within_10_percent_of_exact(name: str, method: str) -> None:
     problem, exact = _problem_and_exact(name)
     # The hard end of the promised range: the largest power of two B with B_simple/B in (2, 4].
@@ -148,7 +148,7 @@ def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it() -> None:
 def test_more_batches_than_one_pass_reshuffle_each_pass_and_stay_exact() -> None:
     # Must show (issue 10): 500 batches of B = 256 from 6,000 examples (23 passes) within 10%
     # of the exact B_simple. One pass (23 batches) was all the old code allowed.
-    problem = PROBLEMS["mlp"](n=6000, steps=20)
+    problem = EXACT_CASES["mlp"](n=6000, steps=20)
     exact = exact_noise_scale(problem)
     assert 256 <= exact.noise_scale <= 1000
     est = measure_noise_scale(problem.model, (problem.x, problem.y), problem.loss_fn,
@@ -175,7 +175,7 @@ def test_passes_are_disjoint_batches_of_fresh_shuffles() -> None:
 def test_a_dataloader_sampler_draws_the_batches_as_independent_draws() -> None:
     # Uniform draws with replacement: unbiased with the nominal sizes (no finite-population
     # correction), so the estimate converges to the data set's exact value all the same.
-    problem = PROBLEMS["mlp"](n=2048, steps=20)
+    problem = EXACT_CASES["mlp"](n=2048, steps=20)
     exact = exact_noise_scale(problem)
     sampler = torch.utils.data.RandomSampler(TensorDataset(problem.x), replacement=True)
     loader = DataLoader(TensorDataset(problem.x, problem.y), batch_size=1, sampler=sampler)

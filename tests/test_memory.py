@@ -101,7 +101,7 @@ def test_estimated_peak_matches_the_profiler_within_2_percent(case: str, opt_nam
     for batch_size in (1, 24, 160):
         probe = probe_memory(model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**40,
                              max_micro_batch_size=batch_size, margin=0, mode="estimate")
-        assert probe.max_batch_size == batch_size and probe.capped
+        assert probe.max_micro_batch_size == batch_size and probe.capped
         reference = profiled_peak(model, make_batch(batch_size), loss_fn, make_optimizer)
         assert probe.peak_bytes_at_max == pytest.approx(reference, rel=0.02), batch_size
         assert probe.peak_bytes(batch_size) == probe.peak_bytes_at_max
@@ -115,7 +115,7 @@ def test_found_size_fits_and_the_next_multiple_of_8_does_not(case: str) -> None:
     budget = profiled_peak(model, make_batch(100), loss_fn, torch.optim.Adam) + 1000
     probe = probe_memory(model, make_batch(4), loss_fn, torch.optim.Adam, budget_bytes=budget,
                          margin=0, mode="estimate")
-    found = probe.max_batch_size
+    found = probe.max_micro_batch_size
     assert not probe.capped and 90 <= found <= 110
     above = (found // 8 + 1) * 8
     assert profiled_peak(model, make_batch(found), loss_fn, torch.optim.Adam) <= budget
@@ -155,9 +155,9 @@ def test_real_mode_confirms_the_estimate_in_two_steps_on_cpu() -> None:
     real = probe_memory(model, make_batch(4), loss_fn, budget_bytes=3 * 2**20, margin=0.05,
                         mode="real")
     assert real.mode == "real" and real.real_steps == 2
-    assert real.max_batch_size == estimate.max_batch_size
+    assert real.max_micro_batch_size == estimate.max_micro_batch_size
     # On CPU both count the same storages: the real peak is the estimated one.
-    assert real.measured == {real.max_batch_size: estimate.peak_bytes_at_max}
+    assert real.measured == {real.max_micro_batch_size: estimate.peak_bytes_at_max}
     assert real.peak_bytes_at_max <= real.limit_bytes
 
 
@@ -185,13 +185,13 @@ def test_real_mode_backs_off_after_an_oom_and_ends_inside_the_budget() -> None:
     probe = probe_memory(model, batch, nn.functional.cross_entropy, torch.optim.Adam,
                          budget_bytes=budget, margin=0, mode="real")
     tried = sorted(probe.measured)
-    assert probe.max_batch_size == tried[0] and probe.measured[tried[0]] is not None
+    assert probe.max_micro_batch_size == tried[0] and probe.measured[tried[0]] is not None
     assert all(probe.measured[b] is None for b in tried[1:]) and len(tried) >= 2
     assert probe.real_steps == 2 * len(tried)
     assert probe.peak_bytes_at_max <= budget
     # Independent check: the profiler's count of the found size fits, the first try did not.
-    assert profiled_peak(model, (torch.randn(probe.max_batch_size, 40),
-                                 torch.randint(0, 10, (probe.max_batch_size,))),
+    assert profiled_peak(model, (torch.randn(probe.max_micro_batch_size, 40),
+                                 torch.randint(0, 10, (probe.max_micro_batch_size,))),
                          nn.functional.cross_entropy, torch.optim.Adam) <= budget
     first = max(tried)
     assert profiled_peak(model, (torch.randn(first, 40), torch.randint(0, 10, (first,))),
@@ -276,7 +276,7 @@ def test_dict_batches_follow_the_loss_convention() -> None:
     probe = probe_memory(Net(), {"x": torch.randn(4, 8), "y": torch.randint(0, 2, (4,))},
                          lambda out, batch: nn.functional.cross_entropy(out, batch["y"]),
                          budget_bytes=2**40, max_micro_batch_size=32, mode="estimate")
-    assert probe.max_batch_size == 32
+    assert probe.max_micro_batch_size == 32
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -353,7 +353,7 @@ def test_result_table_plot_and_interpolation(tmp_path) -> None:
     expected = probe.estimated[a] + (probe.estimated[b] - probe.estimated[a]) * (mid - a) / (b - a)
     assert probe.peak_bytes(mid) == round(expected)
     text = str(probe)
-    assert f"max batch size    {probe.max_batch_size:12d}" in text
+    assert f"max micro-batch   {probe.max_micro_batch_size:12d}" in text
     assert "memory probe on cpu (estimate mode)" in text
     png = probe.plot(tmp_path / "probe.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -379,7 +379,7 @@ def test_cli_probes_a_user_factory(tmp_path, monkeypatch, capsys) -> None:
     model, batch, loss_fn = mlp_and_batch()
     expected = probe_memory(model, batch, loss_fn, OPTIMIZERS["sgd_momentum"],
                             budget_bytes=2 * 2**20, margin=0)
-    assert code == 0 and f"max batch size    {expected.max_batch_size:12d}" in out
+    assert code == 0 and f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
     assert plot.exists()
     sys.modules.pop("my_models", None)
 
@@ -388,7 +388,7 @@ def test_cli_reports_bad_arguments(capsys) -> None:
     assert main(["probe", "--model", "no_colon_here", "--budget", "1GiB"]) == 2
     assert "--model must be module:factory (got 'no_colon_here')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["probe", "--budget", "1GiB"])  # neither --example nor --model
+        main(["probe", "--budget", "1GiB"])  # neither --problem nor --model
 
 
 def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
@@ -407,16 +407,16 @@ def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
 
 
 def test_cli_probes_a_built_in_example(capsys) -> None:
-    from autobatch.problems import get_example
+    from autobatch.registry import get_problem
 
-    ex = get_example("synthetic")
+    ex = get_problem("synthetic")
     expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,
                             lambda params: ex.optimizer(params, ex.default_lr),
                             budget_bytes=2**20, margin=0.1, max_micro_batch_size=4096)
-    assert main(["probe", "--example", "synthetic", "--budget", "1MiB",
-                 "--max-batch-size", "4096"]) == 0
+    assert main(["probe", "--problem", "synthetic", "--budget", "1MiB",
+                 "--max-micro-batch-size", "4096"]) == 0
     out = capsys.readouterr().out
-    assert f"max batch size    {expected.max_batch_size:12d}" in out
+    assert f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
     assert "budget                     1.0 MiB  (margin 10%" in out
 
 
@@ -431,8 +431,8 @@ def test_batchnorm_models_are_probed_from_the_smallest_batch_they_train_on() -> 
             model.train()(batch[0][:1])  # why batch size 1 cannot be probed
         probe = probe_memory(model, batch, nn.functional.cross_entropy, torch.optim.Adam,
                              budget_bytes=2**24, margin=0, mode="real")
-        assert probe.min_batch_size == 2 and 1 not in probe.estimated
-        assert probe.measured[probe.max_batch_size] <= probe.limit_bytes
+        assert probe.min_micro_batch_size == 2 and 1 not in probe.estimated
+        assert probe.measured[probe.max_micro_batch_size] <= probe.limit_bytes
     # The estimate at 2 against the profiler (the ResNet's CPU Conv2d kernels allocate
     # scratch the count cannot see, so only the MLP is compared).
     two = (torch.randn(2, 40), torch.randint(0, 10, (2,)))
@@ -454,7 +454,7 @@ def test_optimizer_specs_probe_alike_and_an_adamw_instance_is_left_untouched() -
     budget = 2**21
     by_class = probe_memory(model, batch, loss_fn, torch.optim.AdamW, budget_bytes=budget)
     by_instance = probe_memory(model, batch, loss_fn, adamw, budget_bytes=budget, mode="real")
-    assert by_instance.max_batch_size == by_class.max_batch_size
+    assert by_instance.max_micro_batch_size == by_class.max_micro_batch_size
     assert by_instance.estimated.items() <= {**by_class.estimated, **by_instance.estimated}.items()
     assert all(by_instance.estimated[b] == by_class.estimated[b]
                for b in set(by_class.estimated) & set(by_instance.estimated))
@@ -466,17 +466,7 @@ def test_optimizer_specs_probe_alike_and_an_adamw_instance_is_left_untouched() -
     by_sgd = probe_memory(model, batch, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                           budget_bytes=budget)
     assert by_partial.estimated == by_sgd.estimated
-    assert by_partial.max_batch_size > by_class.max_batch_size  # one state tensor instead of two
-
-
-def test_max_batch_size_is_the_deprecated_name_of_max_micro_batch_size() -> None:
-    model, batch, loss_fn = mlp_and_batch()
-    with pytest.warns(DeprecationWarning, match=r"max_batch_size=\.\.\.\) is now max_micro_batch_size"):
-        old = probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_batch_size=16)
-    assert old == probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_micro_batch_size=16).model_copy(
-        update={"wall_time_s": old.wall_time_s})
-    with pytest.raises(ValueError, match="pass max_micro_batch_size only"):
-        probe_memory(model, batch, loss_fn, budget_bytes=2**30, max_micro_batch_size=8, max_batch_size=8)
+    assert by_partial.max_micro_batch_size > by_class.max_micro_batch_size  # one state tensor instead of two
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,7 +12,7 @@ from torch import nn
 from autobatch.noise import PerExampleNormCollector
 from autobatch.noise.per_example import UnsupportedForPerExample, per_example_supported
 from autobatch.testing import (
-    PROBLEMS,
+    EXACT_CASES,
     per_example_sq_norms_loop,
     per_example_sq_norms_same_forward,
 )
@@ -32,10 +32,10 @@ def _assert_matches_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
     assert float(((got - expected).abs() / expected).max()) <= rel
 
 
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", sorted(EXACT_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_problems_match_brute_force(name: str, dtype: torch.dtype) -> None:
-    problem = PROBLEMS[name](n=12)
+    problem = EXACT_CASES[name](n=12)
     model = problem.model.to(dtype)
     x = problem.x.to(dtype) if problem.x.is_floating_point() else problem.x
     y = problem.y.to(dtype) if problem.y.is_floating_point() else problem.y

@@ -18,10 +18,9 @@ from autobatch.policies import (
     PolicyContext,
     RampPolicy,
     fit_step_time,
-    make_policy,
     round_batch_size,
 )
-from autobatch.registry import POLICIES
+from autobatch.registry import POLICIES, make_policy
 
 
 def _ctx(**kw: object) -> PolicyContext:
@@ -412,9 +411,6 @@ def test_gns_moves_only_on_significant_evidence() -> None:
 
 
 def test_noise_confidence_reaches_the_gns_policy_from_the_config() -> None:
-    from autobatch.config import FitConfig
-    from autobatch.policies import make_policy
-
     cfg = FitConfig.from_any(None, noise_confidence=0.0, round_to=1)
     policy = make_policy(cfg.batch.policy, cfg.batch, cfg.lr)
     # With confidence 0 the policy follows the average even inside a wide error band.

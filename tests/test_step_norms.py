@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch.train.distributed import DistInfo
 from autobatch.train.sampler import split_sizes
 from autobatch.train.step_norms import MeasureSchedule, StepNormMeter, norms_from_totals
 
@@ -32,17 +31,19 @@ def _grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _run_step(meter: StepNormMeter, model, x, y, step: int, cap: int | None = None):
+    """One step of ``step`` (its number, from 1): ``(sizes, mean loss, norms)`` as the meter reads them."""
     sizes = meter.split(step, len(x), _micro_sizes(cap))
     model.zero_grad(set_to_none=True)
     meter.begin_step(sizes)
-    losses = []
+    loss = torch.zeros(())
     for xi, yi in zip(x.split(sizes), y.split(sizes)):
-        loss = ((model(xi) - yi) ** 2).mean()
-        (loss * (len(xi) / len(x))).backward()
+        weighted = ((model(xi) - yi) ** 2).mean() * (len(xi) / len(x))
+        weighted.backward()
         meter.after_backward(len(xi), len(xi) / len(x))
-        losses.append(loss.detach())
-    loss_sum = sum(loss * (b / sizes[0]) for loss, b in zip(losses, sizes))
-    return sizes, *meter.end_step(loss_sum, sizes, len(x))
+        loss = loss + weighted.detach()
+    mean, norms, extra = meter.read(meter.local_totals(loss, sizes, len(x)).tensors, len(x))
+    assert extra == []  # one process: nothing else rides along
+    return sizes, mean, norms
 
 
 def test_norms_from_totals_averages_every_small_batch() -> None:
@@ -54,16 +55,16 @@ def test_norms_from_totals_averages_every_small_batch() -> None:
 
 def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exact() -> None:
     model, x, y = _problem(12)
-    meter = StepNormMeter(model, "micro", DistInfo(), every=4, first=2)
+    meter = StepNormMeter(model, "micro", every=4, first=2)
     plan = []
-    for step in range(9):
-        sizes, loss_sum, norms = _run_step(meter, model, x, y, step)
+    for step in range(1, 10):
+        sizes, loss, norms = _run_step(meter, model, x, y, step)
         plan.append((sizes, len(norms.small_sq_norms)))
-        assert loss_sum == pytest.approx(((model(x) - y) ** 2).sum().item(), rel=1e-5)
+        assert loss == pytest.approx(((model(x) - y) ** 2).mean().item(), rel=1e-5)
         # every step reads the whole step's norm
         assert norms.big_sq_norm == pytest.approx(_grad(model, x, y).square().sum().item(), rel=1e-5)
-    measured = [0, 1, 4, 8]  # the first two, then every fourth
-    assert plan == [([6, 6], 1) if s in measured else ([12], 0) for s in range(9)]
+    measured = [1, 2, 5, 9]  # the first two, then every fourth
+    assert plan == [([6, 6], 1) if s in measured else ([12], 0) for s in range(1, 10)]
     halves = [_grad(model, x[:6], y[:6]), _grad(model, x[6:], y[6:])]
     assert norms.small_sq_norms[0] == pytest.approx(sum(h.square().sum().item() for h in halves) / 2, rel=1e-5)
     assert norms.small_batch_size == 6
@@ -73,8 +74,8 @@ def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exac
 
 def test_a_step_split_by_the_memory_cap_is_measured_for_free() -> None:
     model, x, y = _problem(12)
-    meter = StepNormMeter(model, "micro", DistInfo(), every=100)
-    sizes, _, norms = _run_step(meter, model, x, y, step=3, cap=5)  # not due, but split anyway
+    meter = StepNormMeter(model, "micro", every=100)
+    sizes, _, norms = _run_step(meter, model, x, y, step=4, cap=5)  # not due, but split anyway
     assert sizes == [4, 4, 4] and norms is not None
     thirds = [_grad(model, x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
     assert norms.small_sq_norms[0] == pytest.approx(sum(t.square().sum().item() for t in thirds) / 3, rel=1e-5)
@@ -84,23 +85,23 @@ def test_a_step_split_by_the_memory_cap_is_measured_for_free() -> None:
 
 def test_per_example_meter_matches_brute_force_and_sleeps_between_measurements() -> None:
     model, x, y = _problem(8)
-    meter = StepNormMeter(model, "per_example", DistInfo(), every=3)
-    sizes, _, norms = _run_step(meter, model, x, y, step=0)
+    meter = StepNormMeter(model, "per_example", every=3)
+    sizes, _, norms = _run_step(meter, model, x, y, step=1)
     assert sizes == [8] and norms.small_batch_size == 1.0
     per_example = [_grad(model, x[i:i + 1], y[i:i + 1]).square().sum().item() for i in range(8)]
     assert norms.small_sq_norms[0] == pytest.approx(sum(per_example) / 8, rel=1e-5)
-    for step in (1, 2):  # unmeasured: the hooks record nothing, so nothing is left pending
+    for step in (2, 3):  # unmeasured: the hooks record nothing, so nothing is left pending
         assert _run_step(meter, model, x, y, step)[2].small_sq_norms == []
-    assert _run_step(meter, model, x, y, 3)[2].small_sq_norms != []
+    assert _run_step(meter, model, x, y, 4)[2].small_sq_norms != []
     meter.remove()
 
 
 def test_off_meter_reads_only_the_loss() -> None:
     model, x, y = _problem(8)
-    meter = StepNormMeter(model, "off", DistInfo(), every=1)
-    sizes, loss_sum, norms = _run_step(meter, model, x, y, step=0)
+    meter = StepNormMeter(model, "off", every=1)
+    sizes, loss, norms = _run_step(meter, model, x, y, step=1)
     assert sizes == [8] and norms is None
-    assert loss_sum == pytest.approx(((model(x) - y) ** 2).sum().item(), rel=1e-5)
+    assert loss == pytest.approx(((model(x) - y) ** 2).mean().item(), rel=1e-5)
 
 
 def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_measurements() -> None:

@@ -13,7 +13,7 @@ import torch
 
 import autobatch
 from autobatch.cli import main
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.tune.study import search, tune_lr
 
 B0 = 16
@@ -23,11 +23,11 @@ B0 = 16
 def ex():
     # Small and well conditioned enough to train in a few dozen steps; inputs have variances
     # in [0.01, 1] and the bias input is 1.
-    return get_example("synthetic", num_train=256, num_val=1024, min_variance=0.01)
+    return get_problem("synthetic", num_train=256, num_val=1024, min_variance=0.01)
 
 
 def _tune(ex, **kw):
-    args = dict(loss_fn=ex.loss_fn, val_data=ex.val_data, budget=4, optimizer=ex.optimizer,
+    args = dict(loss_fn=ex.loss_fn, val_data=ex.val_data, trial_length=4, optimizer=ex.optimizer,
                 storage=optuna.storages.InMemoryStorage(), config={"initial_batch_size": B0}, seed=0)
     args.update(kw)
     return tune_lr(ex.model_fn, ex.train_data, **args)
@@ -69,7 +69,7 @@ def test_best_lr_within_3x_of_the_dense_grid_and_the_curvature_bound(ex):
 
 def test_resume_adds_trials_to_the_same_study(ex, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    kw = dict(lr_range=(0.05, 0.5), storage=url, study_name="resume", n_evals=2, budget=2)
+    kw = dict(lr_range=(0.05, 0.5), storage=url, study_name="resume", n_evals=2, trial_length=2)
     first = _tune(ex, n_trials=2, **kw)
     second = _tune(ex, n_trials=3, **kw)
     assert [row.number for row in first.trials] == [0, 1]
@@ -80,8 +80,8 @@ def test_resume_adds_trials_to_the_same_study(ex, tmp_path):
     assert len({row.params["lr"] for row in second.trials}) == 5
     stored = optuna.load_study(study_name="resume", storage=url)
     assert len(stored.trials) == 5
-    with pytest.raises(ValueError, match=r"another budget \(budget_samples: study has 512, this call 256\)"):
-        _tune(ex, n_trials=1, **{**kw, "budget": 1})
+    with pytest.raises(ValueError, match=r"other trials \(trial_samples: study has 512, this call 256\)"):
+        _tune(ex, n_trials=1, **{**kw, "trial_length": 1})
 
 
 def _worker(storage_kind: str, path: str, seed: int, barrier) -> None:
@@ -90,9 +90,9 @@ def _worker(storage_kind: str, path: str, seed: int, barrier) -> None:
         storage = f"sqlite:///{path}"
     else:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-    ex = get_example("synthetic", num_train=128, num_val=256)
+    ex = get_problem("synthetic", num_train=128, num_val=256)
     barrier.wait(timeout=60)  # both create-or-load the study at the same moment
-    tune_lr(ex.model_fn, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=4, budget=2,
+    tune_lr(ex.model_fn, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=4, trial_length=2,
             lr_range=(0.01, 0.5), optimizer=ex.optimizer, storage=storage, study_name="shared",
             config={"initial_batch_size": B0}, seed=seed, n_evals=2)
 
@@ -157,7 +157,7 @@ def test_search_routes_each_key_to_fit_config_or_optimizer(ex):
         }
 
     result = search(ex.model_fn, ex.train_data, space=space, loss_fn=ex.loss_fn, val_data=ex.val_data,
-                    n_trials=4, budget=1, optimizer=SpySGD, storage=optuna.storages.InMemoryStorage(),
+                    n_trials=4, trial_length=1, optimizer=SpySGD, storage=optuna.storages.InMemoryStorage(),
                     config={"policy": "fixed"}, seed=0, pruner="none")
     rows = result.trials
     assert seen == [row.params["momentum"] for row in rows]
@@ -166,7 +166,7 @@ def test_search_routes_each_key_to_fit_config_or_optimizer(ex):
     assert result.best_lr == result.best_params["lr"]
     with pytest.raises(ValueError, match=r"returned \['momentun'\], which is neither .* SGD"):
         search(ex.model_fn, ex.train_data, space=lambda t: {"lr": 0.1, "momentun": 0.9},
-               loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, budget=1,
+               loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, trial_length=1,
                storage=optuna.storages.InMemoryStorage())
 
 
@@ -189,7 +189,7 @@ def test_objectives_score_the_evaluations_as_named(ex):
 
 
 def test_hyperband_pruner_and_plot(ex, tmp_path):
-    result = _tune(ex, n_trials=5, lr_range=(1e-3, 0.5), pruner="hyperband", budget=2)
+    result = _tune(ex, n_trials=5, lr_range=(1e-3, 0.5), pruner="hyperband", trial_length=2)
     assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
     path = result.plot(tmp_path / "tune.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -205,8 +205,8 @@ def test_bad_inputs_get_clear_errors(ex):
     with pytest.raises(ValueError, match=r"n_trials must be an integer >= 1 \(got n_trials=0\)"):
         _tune(ex, n_trials=0)
     # every problem of one call at once
-    with pytest.raises(ValueError, match=r"lr_range.*; n_trials must be .*; budget must be a positive"):
-        _tune(ex, n_trials=0, lr_range=(-1.0, 1.0), budget=0)
+    with pytest.raises(ValueError, match=r"lr_range.*; n_trials must be .*; trial_length must be a positive"):
+        _tune(ex, n_trials=0, lr_range=(-1.0, 1.0), trial_length=0)
     with pytest.raises(ValueError, match=r"storage 'studies.db' is not a URL .* 'sqlite:///"):
         _tune(ex, n_trials=1, storage="studies.db")
     with pytest.raises(ValueError, match=r"cannot open storage 'nosuchdb://x/y' \(.*\); give a database URL"):
@@ -215,18 +215,18 @@ def test_bad_inputs_get_clear_errors(ex):
         _tune(ex, n_trials=1, pruner="medain")
     net = ex.model_fn()
     with pytest.raises(ValueError, match=r"model_fn returned the same Linear object twice .* build it inside"):
-        tune_lr(lambda: net, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=2, budget=1,
+        tune_lr(lambda: net, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=2, trial_length=1,
                 optimizer=ex.optimizer, storage=optuna.storages.InMemoryStorage(), lr_range=(0.01, 0.1))
     layer = torch.nn.Linear(16, 1)
     with pytest.raises(ValueError, match=r"parameters \['0.weight', '0.bias'\] belong to a model it built before"):
         tune_lr(lambda: torch.nn.Sequential(layer), ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data,
-                n_trials=2, budget=1, optimizer=ex.optimizer, storage=optuna.storages.InMemoryStorage(),
+                n_trials=2, trial_length=1, optimizer=ex.optimizer, storage=optuna.storages.InMemoryStorage(),
                 lr_range=(0.01, 0.1))
 
 
 def test_cli_prints_the_table_and_best_lr_and_writes_the_plot(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    code = main(["tune", "--example", "synthetic", "--trials", "2", "--epochs", "0.1", "--storage", url,
+    code = main(["tune", "--problem", "synthetic", "--trials", "2", "--epochs", "0.1", "--storage", url,
                  "--study", "cli", "--lr-min", "0.01", "--lr-max", "0.3", "--evals", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
@@ -241,9 +241,9 @@ _KILLED_WORKER = """
 import sys, time
 import autobatch.tune._trial as trial_mod
 trial_mod.HEARTBEAT_INTERVAL_S, trial_mod.GRACE_PERIOD_S = 1, 2
-from autobatch.problems import get_example
+from autobatch.registry import get_problem
 from autobatch.tune.study import search
-ex = get_example("synthetic", num_train=64, num_val=64)
+ex = get_problem("synthetic", num_train=64, num_val=64)
 
 def space(trial):
     lr = trial.suggest_float("lr", 0.01, 0.1, log=True)
@@ -252,7 +252,7 @@ def space(trial):
     return {"lr": lr}
 
 search(ex.model_fn, ex.train_data, space=space, loss_fn=ex.loss_fn, val_data=ex.val_data,
-       n_trials=1, budget=1, optimizer=ex.optimizer, storage=sys.argv[1], study_name="killed",
+       n_trials=1, trial_length=1, optimizer=ex.optimizer, storage=sys.argv[1], study_name="killed",
        n_evals=2, seed=0)
 """
 
@@ -266,7 +266,7 @@ def test_a_trial_of_a_killed_process_is_marked_failed_when_the_study_resumes(tmp
 
     from autobatch.tune import _trial
 
-    ex = get_example("synthetic", num_train=64, num_val=64)  # as in the worker
+    ex = get_problem("synthetic", num_train=64, num_val=64)  # as in the worker
     url = f"sqlite:///{tmp_path / 'killed.db'}"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, url], stdout=subprocess.PIPE, text=True)
     try:
@@ -283,7 +283,7 @@ def test_a_trial_of_a_killed_process_is_marked_failed_when_the_study_resumes(tmp
     monkeypatch.setattr(_trial, "HEARTBEAT_INTERVAL_S", 1)
     monkeypatch.setattr(_trial, "GRACE_PERIOD_S", 2)
     resumed = search(ex.model_fn, ex.train_data, space=lambda t: {"lr": t.suggest_float("lr", 0.01, 0.1, log=True)},
-                     loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, budget=1, optimizer=ex.optimizer,
+                     loss_fn=ex.loss_fn, val_data=ex.val_data, n_trials=1, trial_length=1, optimizer=ex.optimizer,
                      storage=url, study_name="killed", n_evals=2, seed=0)
     assert [(row.number, row.state) for row in resumed.trials] == [(0, "FAIL"), (1, "COMPLETE")]
     assert resumed.trials[0].reason.startswith("stale: process died (no heartbeat for > 2 s)")
@@ -299,10 +299,10 @@ def test_a_trial_of_a_killed_process_is_marked_failed_when_the_study_resumes(tmp
 def test_naming_a_study_in_an_in_memory_storage_warns(ex, storage):
     storage = optuna.storages.InMemoryStorage() if storage == "in-memory-object" else storage
     with pytest.warns(UserWarning, match=r"keeps study 'mine' in this process's memory: .* cannot be resumed"):
-        result = _tune(ex, n_trials=1, storage=storage, study_name="mine", lr_range=(0.05, 0.5), budget=1)
+        result = _tune(ex, n_trials=1, storage=storage, study_name="mine", lr_range=(0.05, 0.5), trial_length=1)
     assert [row.state for row in result.trials] == ["COMPLETE"]
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # unnamed: a throwaway study, no warning
-        _tune(ex, n_trials=1, storage=storage, lr_range=(0.05, 0.5), budget=1)
+        _tune(ex, n_trials=1, storage=storage, lr_range=(0.05, 0.5), trial_length=1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import autobatch
+import autobatch.evaluate
 from autobatch.memory.probe import probe_memory
 from autobatch.noise.measure import measure_noise_scale
 from autobatch.noise.per_example import UnsupportedForPerExample, per_example_supported
@@ -46,9 +47,9 @@ def test_probe_memory_and_real_steps_agree(name: str) -> None:
                          margin=0, mode="real")
     # Real steps (CPU, under a counted budget) confirm the fake-tensor estimate; the Hugging
     # Face models' attention takes a leaner kernel on real tensors than on fake ones.
-    assert probe.max_batch_size == 24
+    assert probe.max_micro_batch_size == 24
     assert probe.estimated[24] * 0.97 <= probe.measured[24] <= probe.estimated[24]
-    assert probe.min_batch_size == (2 if name == "batchnorm_cnn" else 1)
+    assert probe.min_micro_batch_size == (2 if name == "batchnorm_cnn" else 1)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -92,7 +93,7 @@ def test_per_example_mode_is_refused_cleanly_where_it_cannot_run() -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_fit_trains_with_no_glue(name: str) -> None:
     case = USER_MODELS[name]()
-    before = autobatch.train.evaluate(case.model, case.data, case.loss_fn, loss_items=case.loss_items)
+    before = autobatch.evaluate.evaluate(case.model, case.data, case.loss_fn, loss_items=case.loss_items)
     result = autobatch.fit(case.model, case.data, loss_fn=case.loss_fn, val_data=case.data,
                            forward_loss=case.forward_loss, loss_items=case.loss_items,
                            optimizer=torch.optim.Adam, lr=3e-3, max_steps=30,
@@ -107,7 +108,7 @@ def test_tune_lr_runs_two_tiny_trials(name: str) -> None:
 
     case = USER_MODELS[name]()
     result = autobatch.tune_lr(lambda: USER_MODELS[name]().model, case.data, loss_fn=case.loss_fn,
-                               val_data=case.data, n_trials=2, budget=0.5, lr_range=(1e-4, 1e-2),
+                               val_data=case.data, n_trials=2, trial_length=0.5, lr_range=(1e-4, 1e-2),
                                optimizer=torch.optim.Adam, storage=optuna.storages.InMemoryStorage(),
                                config={"initial_batch_size": 8, "progress": False}, seed=0,
                                **_kwargs(case))

@@ -1,4 +1,4 @@
-"""``autobatch fit``: train a built-in example with an adaptive batch size, from the shell."""
+"""``autobatch fit``: train a built-in problem with an adaptive batch size, from the shell."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.registry import EXAMPLES, LR_SCALINGS, POLICIES
+    from autobatch.registry import PROBLEMS, LR_SCALINGS, POLICIES
 
     p = subparsers.add_parser(
         "fit",
-        help="train a built-in example with an adaptive batch size",
+        help="train a built-in problem with an adaptive batch size",
         description=(
-            "Train a built-in example (data generated locally, nothing downloaded) with "
+            "Train a built-in problem (data generated locally, nothing downloaded) with "
             "autobatch.fit, print a summary and write a plot and the step history."
         ),
     )
-    p.add_argument("--example", required=True, choices=sorted(EXAMPLES), help="built-in example")
+    p.add_argument("--problem", required=True, choices=sorted(PROBLEMS), help="built-in problem")
     p.add_argument("--policy", default="budget", choices=sorted(POLICIES), help="batch-size policy (default: budget)")
     p.add_argument("--lr", type=_lr, default=None,
                    help="base LR at the base batch, > 0, or 'auto' to choose it with a short study "
-                        "first (at most half the run's examples more; default: the example's)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="base batch B0 (default: the example's)")
+                        "first (at most half the run's examples more; default: the problem's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="base batch B0 (default: the problem's)")
     p.add_argument("--max-batch-size", type=positive_int, default=None, help="upper bound on B")
     p.add_argument("--lr-scaling", default=None, choices=sorted(LR_SCALINGS),
                    help="LR rule between batch sizes (default: by optimizer)")
@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gns-every", type=_every, default=None,
                    help="split a step in two to measure the noise scale every N steps (default 8), or "
                         "'auto': as rarely as keeps the splits within 5%% of the time")
-    p.add_argument("--epochs", type=positive_float, default=None, help="epochs to train (default: the example's)")
+    p.add_argument("--epochs", type=positive_float, default=None, help="epochs to train (default: the problem's)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--device", type=device, default=None,
                    help="cpu, cuda, cuda:1, ... to train on (default: cpu)")
@@ -81,12 +81,12 @@ def _lr_factor(text: str) -> float | str:
 
 def _run(args: argparse.Namespace) -> int:
     import autobatch
-    from autobatch.problems import get_example
+    from autobatch.registry import get_problem
 
     prog = "autobatch fit"
     if args.resume and args.checkpoint_dir is None:
         return fail(prog, ValueError("--resume needs --checkpoint-dir (the folder holding last.pt)"))
-    ex = get_example(args.example, seed=args.seed)
+    ex = get_problem(args.problem, seed=args.seed)
     overrides = {
         "policy": args.policy,
         "initial_batch_size": args.batch_size if args.batch_size is not None else ex.default_batch_size,
@@ -125,10 +125,10 @@ def _run(args: argparse.Namespace) -> int:
         return fail(prog, err)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.example}-{args.policy}"
+    stem = f"{args.problem}-{args.policy}"
     plot = result.plot(out / f"{stem}.png")
     history = result.to_json(out / f"{stem}.json")
-    print(f"autobatch fit --example {args.example} --policy {args.policy}")
+    print(f"autobatch fit --problem {args.problem} --policy {args.policy}")
     print(result.summary())
     if result.lr_search is not None:
         search = result.lr_search

@@ -1,4 +1,4 @@
-"""``autobatch probe``: the largest micro-batch that fits, for a built-in example or your model.
+"""``autobatch probe``: the largest micro-batch that fits, for a built-in problem or your model.
 
 ``--model module:factory`` names a function importable from the current directory (or the
 Python path) that takes no argument and returns ``(model, example_batch, loss_fn)``:
@@ -45,14 +45,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--example", help="a built-in example: mnist1d, synthetic, charlm")
+    source.add_argument("--problem", help="a built-in problem: mnist1d, synthetic, charlm")
     source.add_argument("--model", metavar="MODULE:FACTORY",
                         help="a factory returning (model, example_batch, loss_fn)")
     p.add_argument("--budget", type=byte_size, default=None,
                    help="memory the step may use, e.g. 4GiB or 500MB (default: the device's free)")
     p.add_argument("--margin", type=fraction, default=0.1,
                    help="fraction of the budget kept free, in [0, 1) (default 0.1)")
-    p.add_argument("--max-batch-size", type=positive_int, default=65_536, help="cap on the answer")
+    p.add_argument("--max-micro-batch-size", type=positive_int, default=65_536, help="cap on the answer (a micro-batch size)")
     p.add_argument("--mode", default="auto", choices=["auto", "estimate", "real"],
                    help="estimate: fake tensors only; real: confirm with real steps "
                         "(default auto: real on an accelerator, estimate on CPU)")
@@ -82,10 +82,10 @@ def _run(args: argparse.Namespace) -> int:
     prog = "autobatch probe"
     try:
         optimizer = _OPTIMIZERS[args.optimizer] if args.optimizer else None
-        if args.example is not None:
-            from autobatch.problems import get_example
+        if args.problem is not None:
+            from autobatch.registry import get_problem
 
-            ex = get_example(args.example)
+            ex = get_problem(args.problem)
             model, example, loss_fn = ex.model_fn(), ex.train_data, ex.loss_fn
             if optimizer is None:
                 optimizer = lambda params: ex.optimizer(params, ex.default_lr)  # noqa: E731
@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         probe = probe_memory(
             model, example, loss_fn, optimizer or torch.optim.Adam, device=args.device,
-            budget_bytes=args.budget, max_micro_batch_size=args.max_batch_size, margin=args.margin,
+            budget_bytes=args.budget, max_micro_batch_size=args.max_micro_batch_size, margin=args.margin,
             mode=args.mode,
         )
     except ValueError as err:  # a budget too small for one step, an example without a batch...

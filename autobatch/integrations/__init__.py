@@ -1,10 +1,10 @@
 """Adaptive batch size inside the trainers people already use.
 
 - :mod:`autobatch.integrations.lightning`: :class:`~autobatch.integrations.lightning.AdaptiveBatchSize`,
-  a PyTorch Lightning ``Callback`` (``pip install "autobatch[lightning]"``).
+  a PyTorch Lightning ``Callback`` (``pip install "torch-autobatch[lightning]"``).
 - :mod:`autobatch.integrations.transformers`:
   :class:`~autobatch.integrations.transformers.AdaptiveBatchTrainer`, a drop-in subclass of
-  ``transformers.Trainer`` (``pip install "autobatch[transformers]"``).
+  ``transformers.Trainer`` (``pip install "torch-autobatch[transformers]"``).
 
 Both are built from the custom-loop kit (:class:`~autobatch.train.controller.BatchSizeController`,
 :class:`~autobatch.train.sampler.SampleStream`, :class:`~autobatch.noise.micro_batch.MicroBatchNormCollector`)

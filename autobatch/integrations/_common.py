@@ -1,6 +1,7 @@
-"""What the trainer integrations share: the controller built from a FitConfig (as ``fit``
-builds it), the batch-size factor applied to the LR around ``optimizer.step()``, and rounding B
-to whole micro-batches."""
+"""What the trainer integrations share: the controller built from a FitConfig (``fit``'s own
+:func:`~autobatch.train.controller.build_controller`, after refusing the settings a trainer
+owns), the batch-size factor applied to the LR around ``optimizer.step()``, and rounding B to
+whole micro-batches."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Any
 import torch
 
 from autobatch.config import FitConfig
-from autobatch.train._setup import build_controller as fit_controller
+from autobatch.run_length import RunLength
 from autobatch.train.controller import BatchSizeController
+from autobatch.train.controller import build_controller
 
-__all__ = ["LRFactor", "build_controller", "explicit_settings", "round_to_multiple"]
+__all__ = ["LRFactor", "explicit_settings", "round_to_multiple", "trainer_controller"]
 
 # FitConfig sections that describe fit's own loop; the integrations leave these to the trainer.
 _TRAINER_OWNED = {
@@ -25,7 +27,7 @@ _TRAINER_OWNED = {
 }
 
 
-def build_controller(
+def trainer_controller(
     cfg: FitConfig,
     *,
     optimizer: torch.optim.Optimizer | str,
@@ -38,7 +40,8 @@ def build_controller(
     max_steps: int | None = None,
     lr_scheduled: bool = False,
 ) -> BatchSizeController:
-    """The controller ``fit`` would build for ``cfg``, with the trainer's own sizes and length.
+    """The controller ``fit`` would build for ``cfg`` (the same function builds it), with the
+    trainer's own sizes and length, once the settings a trainer owns are checked.
 
     Args:
         cfg: the settings (policy, LR rule, estimator, bounds).
@@ -68,13 +71,12 @@ def build_controller(
             "gns_method='per_example' is not supported by the trainer integrations; use "
             "gns_method='micro' (micro-batch norms, free) or 'off'"
         )
-    epochs = epochs if epochs is not None and epochs > 0 else None
-    max_steps = max_steps if max_steps is not None and max_steps > 0 else None
-    return fit_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
+    run = RunLength(epochs if epochs is not None and epochs > 0 else None,
+                    max_steps if max_steps is not None and max_steps > 0 else None)
+    return build_controller(cfg, optimizer=optimizer, method=cfg.estimator.gns_method,
                           base_batch_size=base_batch_size, max_batch_size=max_batch_size,
                           micro_batch_size=micro_batch_size, min_micro_batches=min_micro_batches,
-                          epochs=epochs, max_steps=max_steps, num_examples=num_examples,
-                          lr_scheduled=lr_scheduled)
+                          run=run, num_examples=num_examples, lr_scheduled=lr_scheduled)
 
 
 def explicit_settings(config: FitConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> set[str]:

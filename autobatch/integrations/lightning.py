@@ -58,7 +58,7 @@ from autobatch.config import FitConfig
 from autobatch.data import batch_size_of
 from autobatch.integrations._common import (
     LRFactor,
-    build_controller,
+    trainer_controller,
     explicit_settings,
     round_to_multiple,
 )
@@ -231,7 +231,7 @@ class AdaptiveBatchSize(pl.Callback):
         if b0 > padded:
             raise ValueError(f"initial_batch_size={b0} is larger than the training set ({n} examples)")
         max_b = max(b0, min(cfg.batch.max_batch_size or padded, padded) // unit * unit)
-        self.controller = build_controller(
+        self.controller = trainer_controller(
             self._cfg, optimizer=trainer.optimizers[0], base_batch_size=b0, max_batch_size=max_b,
             micro_batch_size=m, min_micro_batches=1 if w > 1 else 2,
             epochs=trainer.max_epochs, max_steps=trainer.max_steps, num_examples=n,
@@ -304,7 +304,7 @@ class AdaptiveBatchSize(pl.Callback):
             )
         controller = self.controller
         sizes = self._epoch_sizes[micro : micro + controller.batch_size // self._unit]
-        self._lr.factor = controller.lr_factor(self._steps)  # rule x cap x policy x warm-up
+        self._lr.factor = controller.lr_factor(self._steps + 1)  # rule x cap x policy x warm-up
         if self._collector is not None:
             self._collector.begin_step()
         self._plan = {"sizes": sizes, "local": sum(sizes), "position": 0, "t0": time.perf_counter(),
@@ -390,11 +390,10 @@ class AdaptiveBatchSize(pl.Callback):
             wall_time_s=time.perf_counter() - self._start, skipped=not finite,
         )
         self.history.append(record)
-        if controller.maybe_decide() is not None or self._steps % controller.decide_every == 0:
-            b = round_to_multiple(controller.batch_size, self._unit, controller.min_batch_size,
-                                  controller.max_batch_size)
-            # rank 0 decides for all (its step times may differ from the others')
-            controller.batch_size = broadcast_int(b, self._info, self._device)
+        # whole micro-batches on every rank, and rank 0's decision for all (step times differ)
+        controller.maybe_decide(agree=lambda b: broadcast_int(
+            round_to_multiple(b, self._unit, controller.min_batch_size, controller.max_batch_size),
+            self._info, self._device))
         trainer = pl_module.trainer
         if trainer.loggers and self._steps % trainer.log_every_n_steps == 0:
             # Straight to the loggers, as LearningRateMonitor does: LightningModule.log costs

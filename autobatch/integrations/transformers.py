@@ -56,11 +56,11 @@ from typing import Any
 import torch
 import transformers
 from transformers import TrainerCallback
-from transformers.loss.loss_utils import ForCausalLMLoss
 
 from autobatch.config import FitConfig
-from autobatch.integrations._common import LRFactor, build_controller, explicit_settings
-from autobatch.memory.oom import is_oom_error, release_after_oom
+from autobatch.integrations._common import LRFactor, explicit_settings, trainer_controller
+from autobatch.accumulate import accumulate_gradients, count_step_items
+from autobatch.memory.oom import release_after_oom, retry_after_oom
 from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
 from autobatch.train.results import StepRecord
 from autobatch.train.sampler import SampleStream
@@ -216,7 +216,7 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             raise ValueError(f"initial_batch_size={b0} is larger than the training set ({n} examples)")
         # The optimizer is built later in the run; until then its family is TrainingArguments.optim.
         family = self.optimizer if self.optimizer is not None else str(getattr(self.args.optim, "value", self.args.optim))
-        self.batch_controller = build_controller(
+        self.batch_controller = trainer_controller(
             cfg, optimizer=family,
             base_batch_size=b0, max_batch_size=min(cfg.batch.max_batch_size or n, n),
             micro_batch_size=cfg.memory.max_micro_batch_size, min_micro_batches=2,
@@ -284,10 +284,6 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             return
         self._samples_at_start = self._samples
         self._start = time.perf_counter() - (self.history[-1].wall_time_s if self.history else 0.0)
-        model = self.accelerator.unwrap_model(self.model)
-        config = getattr(model, "config", None)
-        self._shifts_labels = getattr(self, "_loss_shifts_labels", False) or (
-            getattr(model, "loss_function", None) is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False))
         if self._cfg.estimator.gns_method != "off":
             self._collector = MicroBatchNormCollector(self.model)
         self._lr = LRFactor([self.optimizer])
@@ -310,53 +306,51 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         controller = self.batch_controller
         if self._lr is not None:
-            self._lr.factor = controller.lr_factor(self._steps)  # rule x cap x policy x warm-up
+            self._lr.factor = controller.lr_factor(self._steps + 1)  # rule x cap x policy x warm-up
         self._pending = {"t0": time.perf_counter()}
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        while True:
-            try:
-                return self._accumulate(model, inputs)
-            except Exception as err:  # only OOMs are handled, the rest re-raised
-                if not is_oom_error(err):
-                    raise
-                del err  # the traceback holds the failed step's tensors
+
+        def on_oom(size: int) -> None:
             release_after_oom(model, None, self.args.device)
-            controller.on_oom(max(inputs.sizes))
-            self.oom_retries += 1
+            controller.on_oom(size)
             inputs.split(controller.micro_sizes(len(inputs)))
 
+        loss, retries = retry_after_oom(lambda: self._accumulate(model, inputs), failed_size=lambda: max(inputs.sizes),
+                                        on_oom=on_oom)
+        self.oom_retries += retries
+        return loss
+
     def _accumulate(self, model: torch.nn.Module, step: StepBatch) -> torch.Tensor:
-        device = self.args.device
         micro = [self._prepare_inputs(mb) for mb in step.micro_batches]
-        counts = [self._loss_tokens(mb) for mb in micro]
-        by_tokens = counts[0] is not None and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
-        if by_tokens:
-            tokens = [int(c) for c in torch.stack(counts).tolist()]
-            total = sum(tokens)
-            num_items = torch.tensor(total, device=device)
+        first = micro[0]
+        by_tokens = (self.model_accepts_loss_kwargs or self.compute_loss_func is not None) and isinstance(
+            first, Mapping) and isinstance(first.get("shift_labels", first.get("labels")), torch.Tensor)
+        if by_tokens:  # the Trainer's own count: (shifted) labels != -100
+            counts, total = count_step_items(micro, "tokens", model=model)
+            num_items = torch.tensor(total, device=self.args.device)
+        else:
+            counts, total = list(step.sizes), len(step)
+
+        def weighted_loss(batch: Any, weight: float) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                if by_tokens:  # loss = (sum over this micro-batch's tokens) / (the step's tokens)
+                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                else:  # a mean over the micro-batch, weighted by its share of the step
+                    loss = self.compute_loss(model, batch) * weight
+            return loss.mean() if self.args.n_gpu > 1 else loss
+
         model.zero_grad(set_to_none=True)
         collector = self._collector
         if collector is not None:
             collector.begin_step()
-        loss_sum = torch.zeros((), device=device)
-        for batch, size, unit in zip(micro, step.sizes, tokens if by_tokens else step.sizes):
-            if unit == 0:  # no loss token here: no gradient to add
-                continue
-            with self.compute_loss_context_manager():
-                if by_tokens:  # loss = (sum over this micro-batch's tokens) / (the step's tokens)
-                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                    weight = unit / total
-                else:  # a mean over the micro-batch, weighted by its share of the step
-                    weight = size / len(step)
-                    loss = self.compute_loss(model, batch) * weight
-            if self.args.n_gpu > 1:
-                loss = loss.mean()
-            self.accelerator.backward(loss)
-            if collector is not None:
-                collector.after_backward(batch_size=unit, loss_weight=weight)
-            loss_sum += loss.detach().float()
+        acc = accumulate_gradients(
+            model, micro, counts=counts, total_items=total, weighted_loss=weighted_loss,
+            backward=self.accelerator.backward,
+            after_backward=(lambda m: collector.after_backward(batch_size=m.items, loss_weight=m.weight))
+            if collector is not None else None)
+        loss_sum = acc.loss.float() if acc.loss is not None else torch.zeros((), device=self.args.device)
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         norms = collector.end_step(grad_scale=scale) if collector is not None else None
@@ -367,20 +361,6 @@ class AdaptiveBatchTrainer(transformers.Trainer):
                                   len(step), step.sizes)
         self._pending.update(norms=norms, loss=loss_sum, step=step)
         return loss_sum.detach()
-
-    def _loss_tokens(self, batch: Any) -> torch.Tensor | None:
-        """The loss elements of a micro-batch: labels != -100, without each row's first label
-        when the model's loss shifts them (causal LMs; the Trainer's own check reads
-        ``model.loss_type``, which GPT-2 leaves None while its loss is ``ForCausalLMLoss``)."""
-        if not isinstance(batch, Mapping) or ("labels" not in batch and "shift_labels" not in batch):
-            return None
-        if "shift_labels" in batch:
-            labels = batch["shift_labels"]
-        elif self._shifts_labels:
-            labels = batch["labels"][..., 1:]
-        else:
-            labels = batch["labels"]
-        return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
 
     def _end_step(self, control) -> None:
         pending, self._pending = self._pending, {}

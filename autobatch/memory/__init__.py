@@ -13,11 +13,3 @@ from autobatch.memory.oom import MemoryBudget, is_oom_error, release_after_oom
 from autobatch.memory.probe import MemoryProbeResult, probe_memory
 
 __all__ = ["MemoryBudget", "MemoryProbeResult", "is_oom_error", "probe_memory", "release_after_oom"]
-
-
-def __getattr__(name: str):
-    if name == "MemoryProbe":
-        from autobatch._deprecation import renamed
-
-        return renamed(__name__, name, "MemoryProbeResult", MemoryProbeResult)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from autobatch._state import preserved_state
 from autobatch.batch import ForwardLoss, LossFn, forward_and_loss
 from autobatch.data import BatchSource, as_batch_source, move_to
+from autobatch.devices import autocast, model_device
 from autobatch.memory._count import LiveStorageBytes
 from autobatch.memory.oom import MemoryBudget, is_oom_error
 from autobatch.optimizers import OptimizerSpec, copy_for
@@ -129,7 +130,8 @@ class Workload:
     forward_loss: ForwardLoss | None
     optimizer: Any
     make_optimizer: OptimizerMaker
-    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) of mixed precision
+    device: torch.device = torch.device("cpu")  # where the step runs (its autocast's device type)
+    amp_dtype: torch.dtype | None = None  # the autocast dtype of mixed precision (None: full)
 
     def real_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer real steps use: the user's instance itself, or one over the model."""
@@ -147,11 +149,10 @@ def run_steps(work: Workload, optimizer: torch.optim.Optimizer, batch: Any) -> N
     later micro-batch of an accumulated step does, and its backward adds into the existing
     gradients; so the peak covers the steady state and gradient accumulation, and no later
     step of a training loop peaks higher for the same batch. With mixed precision
-    (``work.autocast``) the forward and the loss run under ``torch.autocast``, as fit's step.
+    (``work.amp_dtype``) the forward and the loss run under ``torch.autocast``, as fit's step.
     """
     for _ in range(2):
-        with (torch.autocast(work.autocast[0], dtype=work.autocast[1]) if work.autocast is not None
-              else contextlib.nullcontext()):
+        with autocast(work.device, work.amp_dtype):
             loss, output = forward_and_loss(work.model, batch, work.loss_fn, work.forward_loss)
         del output
         loss.backward()
@@ -242,8 +243,7 @@ def raise_real_error(work: Workload, batch_size: int, fake_error: Exception) -> 
     step succeeds, fake tensors cannot run this model, and that is what is raised.
     """
     model = work.model
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
+    device = model_device(model)
     with preserved_state(model, work.optimizer, weights=True, offload=True, train=True):
         batch = move_to(resized(work.template, batch_size), device)
         try:

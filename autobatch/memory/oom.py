@@ -2,6 +2,7 @@
 
 - :func:`is_oom_error` recognises every form an out-of-memory failure takes in torch.
 - :func:`release_after_oom` frees what a failed step left behind.
+- :func:`retry_after_oom` runs a step again after an out-of-memory error.
 - :class:`MemoryBudget` makes a CPU run fail like a full device: it counts the live tensor
   storage bytes of the block and raises ``torch.OutOfMemoryError`` once they pass a budget, so
   the OOM path and the back-off can be tested on any machine.
@@ -23,13 +24,17 @@ The pattern both callers use::
 from __future__ import annotations
 
 import gc
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
+from autobatch.devices import model_device
 from autobatch.memory._count import LiveStorageBytes
 
-__all__ = ["MemoryBudget", "is_oom_error", "release_after_oom"]
+__all__ = ["MemoryBudget", "is_oom_error", "release_after_oom", "retry_after_oom"]
+
+T = TypeVar("T")
 
 # Messages of RuntimeErrors that mean "the device ran out of memory" rather than a bug.
 _OOM_MESSAGES = (
@@ -87,10 +92,51 @@ def release_after_oom(
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    _empty_cache(torch.device(device))
+    _empty_cache(torch.device(device) if device is not None else model_device(model))
+
+
+def retry_after_oom(
+    attempt: Callable[[], T],
+    *,
+    failed_size: Callable[[], int],
+    on_oom: Callable[[int], None],
+    agree: Callable[[int], int] | None = None,
+) -> tuple[T, int]:
+    """Run ``attempt()`` until a try does not run out of memory: the one retry loop of ``fit``
+    and the Hugging Face integration.
+
+    A try that raises an out-of-memory error (:func:`is_oom_error`) is followed, once the
+    ``except`` block is left (its traceback holds the try's tensors), by ``on_oom(size)``:
+    free memory, restore what the try changed, lower the micro-batch; then the next try.
+    Any other error propagates.
+
+    Args:
+        attempt: one try; returns its result or raises.
+        failed_size: the size (e.g. the largest micro-batch) of the try that just failed.
+        on_oom: called with the failed size before the next try.
+        agree: under data parallelism, the largest failed size over all processes (0 where
+            none failed), called after every try, failed or not, so that an out-of-memory
+            error on one rank makes every rank retry and none waits in a gradient collective.
+
+    Returns:
+        ``(result, retries)``: the result of the try that fit, and how many failed before it.
+    """
+    retries = 0
+    while True:
+        failed = 0
+        try:
+            result = attempt()
+        except Exception as err:
+            if not is_oom_error(err):
+                raise
+            del err  # the traceback holds the failed try's tensors
+            failed = failed_size()
+        if agree is not None:
+            failed = agree(failed)
+        if not failed:
+            return result, retries
+        on_oom(failed)
+        retries += 1
 
 
 class MemoryBudget(LiveStorageBytes):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from autobatch.config import parse_bytes
 from autobatch._state import preserved_state
-from autobatch.batch import AUTOCAST_DTYPES, ForwardLoss, LossFn
-from autobatch.data import canonical_device
+from autobatch.batch import ForwardLoss, LossFn
+from autobatch.devices import AUTOCAST_DTYPES, canonical_device, model_device
 from autobatch.memory import _step as step
 from autobatch.memory.oom import is_oom_error, release_after_oom
 from autobatch.optimizers import OptimizerSpec
@@ -76,15 +75,15 @@ class MemoryProbeResult(BaseModel):
     """What the probe found. Bytes are bytes (not MiB); batch sizes are micro-batch sizes.
 
     Attributes:
-        max_batch_size: the largest micro-batch whose training step peaks within
+        max_micro_batch_size: the largest micro-batch whose training step peaks within
             ``limit_bytes``, or the ``max_micro_batch_size`` cap the probe was given.
-        min_batch_size: the smallest micro-batch the model trains on (2 for a model with
+        min_micro_batch_size: the smallest micro-batch the model trains on (2 for a model with
             BatchNorm that sees one value per channel at batch size 1); a training loop must
             not run a smaller one.
-        peak_bytes_at_max: the step's peak at ``max_batch_size``: measured by real steps in
+        peak_bytes_at_max: the step's peak at ``max_micro_batch_size``: measured by real steps in
             "real" mode, estimated in "estimate" mode.
         fixed_bytes: intercept of the chord through the estimated peaks at the smallest size and
-            at the estimated size nearest ``max_batch_size`` (parameters, gradients,
+            at the estimated size nearest ``max_micro_batch_size`` (parameters, gradients,
             optimizer state, ...).
         bytes_per_sample: slope of that chord: the average growth per example up to the answer.
         budget_bytes: the memory the step may use; ``limit_bytes = budget * (1 - margin)``.
@@ -100,8 +99,8 @@ class MemoryProbeResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch_size: int
-    min_batch_size: int = 1
+    max_micro_batch_size: int
+    min_micro_batch_size: int = 1
     peak_bytes_at_max: int
     fixed_bytes: int
     bytes_per_sample: float
@@ -145,7 +144,7 @@ class MemoryProbeResult(BaseModel):
             f"memory probe on {self.device} ({self.mode} mode)",
             f"  budget            {self.budget_bytes / mib:12.1f} MiB"
             f"  (margin {self.margin:.0%}, limit {self.limit_bytes / mib:.1f} MiB)",
-            f"  max batch size    {self.max_batch_size:12d}"
+            f"  max micro-batch   {self.max_micro_batch_size:12d}"
             f"{'  (the cap, not the memory limit)' if self.capped else ''}",
             f"  peak at max       {self.peak_bytes_at_max / mib:12.1f} MiB",
             f"  fixed + per-sample{self.fixed_bytes / mib:12.1f} MiB + "
@@ -185,8 +184,8 @@ class MemoryProbeResult(BaseModel):
             ax.plot(real, [self.measured[b] / mib for b in real], "s", label="measured peak")
         ax.axhline(self.budget_bytes / mib, color="k", label="budget")
         ax.axhline(self.limit_bytes / mib, color="k", ls="--", label="budget x (1 - margin)")
-        ax.axvline(self.max_batch_size, color="C2", ls=":",
-                   label=f"max batch size {self.max_batch_size}")
+        ax.axvline(self.max_micro_batch_size, color="C2", ls=":",
+                   label=f"max micro-batch {self.max_micro_batch_size}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("micro-batch size")
         ax.set_ylabel("peak memory of a training step (MiB)")
@@ -199,7 +198,7 @@ class MemoryProbeResult(BaseModel):
         return path
 
 
-def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: Any,
+def _check_arguments(budget_bytes: Any, max_micro_batch_size: Any, margin: Any, mode: Any,
                      precision: Any) -> int | None:
     """Report every invalid argument at once; return the budget in bytes (None: unset)."""
     problems = []
@@ -211,9 +210,9 @@ def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: 
             numeric = isinstance(budget_bytes, (int, float)) and not isinstance(budget_bytes, bool)
             problems.append(f"budget_bytes must be > 0 bytes (got budget_bytes={budget_bytes!r})" if numeric
                             else f"budget_bytes: {err}")
-    if not (isinstance(max_batch_size, int) and max_batch_size >= 1):
+    if not (isinstance(max_micro_batch_size, int) and max_micro_batch_size >= 1):
         problems.append(f"max_micro_batch_size must be an integer >= 1 (got "
-                        f"max_micro_batch_size={max_batch_size!r})")
+                        f"max_micro_batch_size={max_micro_batch_size!r})")
     if not 0 <= margin < 1:
         problems.append(f"margin must be in [0, 1) (got margin={margin})")
     if mode not in _MODES:
@@ -223,11 +222,6 @@ def _check_arguments(budget_bytes: Any, max_batch_size: Any, margin: Any, mode: 
     if problems:
         raise ValueError("invalid probe_memory arguments: " + "; ".join(problems))
     return budget
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def default_budget_bytes(device: torch.device, resident_bytes: int) -> int:
@@ -266,7 +260,6 @@ def probe_memory(
     margin: float = 0.1,
     mode: Mode = "auto",
     precision: str = "fp32",
-    max_batch_size: int | None = None,
 ) -> MemoryProbeResult:
     """Find the largest micro-batch whose training step fits in ``budget_bytes``.
 
@@ -279,7 +272,7 @@ def probe_memory(
     dict, ``forward_loss(model, batch)`` for anything else; it must be a scalar. The model
     runs in train mode during the probe. The search starts at the smallest batch the model
     trains on: 1, or 2 (then 4, 8) when a step at 1 fails, as BatchNorm does with one value
-    per channel (:attr:`MemoryProbeResult.min_batch_size`).
+    per channel (:attr:`MemoryProbeResult.min_micro_batch_size`).
 
     Nothing of the caller's is changed: weights, gradients, buffers (BatchNorm running stats),
     each module's train/eval flag, an optimizer instance's state and the RNG are as before.
@@ -325,7 +318,6 @@ def probe_memory(
             half-precision copies are counted too). On CPU, bf16 kernels also allocate scratch
             inside an op that the count cannot see (5-37% of the step's peak on the test
             suite's small models, 2% on its transformer): keep the margin there.
-        max_batch_size: deprecated name of ``max_micro_batch_size`` (a DeprecationWarning).
 
     Returns:
         A :class:`MemoryProbeResult`.
@@ -338,9 +330,9 @@ def probe_memory(
             memory, re-raised unchanged with a note saying where the probe was.
     """
     started = time.perf_counter()
-    max_micro_batch_size = _micro_cap(max_micro_batch_size, max_batch_size)
+    max_micro_batch_size = 65_536 if max_micro_batch_size is None else max_micro_batch_size
     budget_bytes = _check_arguments(budget_bytes, max_micro_batch_size, margin, mode, precision)
-    device = canonical_device(device) if device is not None else _model_device(model)
+    device = canonical_device(device) if device is not None else model_device(model)
     if device.type != "cpu":
         backend = getattr(torch, device.type, None)
         if backend is None or not backend.is_available():
@@ -349,16 +341,16 @@ def probe_memory(
                 "cannot run either); probe on the device you train on, or use device='cpu'"
             )
     real = (mode == "real") or (mode == "auto" and device.type != "cpu")
-    if real and _model_device(model) != device:
+    if real and model_device(model) != device:
         raise ValueError(
             f"mode='real' runs real steps, so the model must be on {device} (it is on "
-            f"{_model_device(model)}); call model.to({str(device)!r}) first or use mode='estimate'"
+            f"{model_device(model)}); call model.to({str(device)!r}) first or use mode='estimate'"
         )
     template = step.template_batch(example, check_items=forward_loss is None)
     amp_dtype = AUTOCAST_DTYPES[precision]
     work = step.Workload(model, template, loss_fn, forward_loss, optimizer,
                          step.optimizer_maker(optimizer, model),
-                         autocast=(device.type, amp_dtype) if amp_dtype is not None else None)
+                         device=device, amp_dtype=amp_dtype)
     if budget_bytes is None:
         resident = step.LiveStorageBytes(device).track(model, optimizer)
         budget_bytes = default_budget_bytes(device, resident)
@@ -395,24 +387,6 @@ def probe_memory(
     real_steps = 2 * len(measured)  # each attempt runs two optimizer steps (or fails in them)
     return _result(best, smallest, max_micro_batch_size, estimated, measured, budget_bytes,
                    margin, device, real, real_steps, time.perf_counter() - started)
-
-
-def _micro_cap(max_micro_batch_size: int | None, max_batch_size: int | None) -> int:
-    """The cap, from the new name or the deprecated one."""
-    if max_batch_size is None:
-        return 65_536 if max_micro_batch_size is None else max_micro_batch_size
-    if max_micro_batch_size is not None:
-        raise ValueError(
-            f"pass max_micro_batch_size only (got max_micro_batch_size={max_micro_batch_size} "
-            f"and its deprecated name max_batch_size={max_batch_size})"
-        )
-    warnings.warn(
-        "probe_memory(max_batch_size=...) is now max_micro_batch_size=... (the cap is a "
-        "micro-batch size); the old name goes away in the next release",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return max_batch_size
 
 
 def _smallest_batch(work: step.Workload, estimate: Callable[[int], int], cap: int) -> int:
@@ -477,8 +451,8 @@ def _result(
     per_sample = 0.0 if anchor is None else (
         (estimated[anchor] - estimated[smallest]) / (anchor - smallest))
     return MemoryProbeResult(
-        max_batch_size=best,
-        min_batch_size=smallest,
+        max_micro_batch_size=best,
+        min_micro_batch_size=smallest,
         peak_bytes_at_max=peak_at_best,
         fixed_bytes=round(estimated[smallest] - per_sample * smallest),
         bytes_per_sample=per_sample,
@@ -493,10 +467,3 @@ def _result(
         measured=dict(sorted(measured.items())),
     )
 
-
-def __getattr__(name: str):
-    if name == "MemoryProbe":  # the name before 0.2: it is the probe's result, not a prober
-        from autobatch._deprecation import renamed
-
-        return renamed(__name__, name, "MemoryProbeResult", MemoryProbeResult)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

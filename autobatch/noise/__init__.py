@@ -24,14 +24,3 @@ __all__ = [
     "noise_scale_interval",
     "two_batch_estimates",
 ]
-
-
-_RENAMED = {"MicroBatchGradNorms": "MicroBatchNormCollector", "PerExampleGradNorms": "PerExampleNormCollector"}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        from autobatch._deprecation import renamed
-
-        return renamed(__name__, name, _RENAMED[name], globals()[_RENAMED[name]])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -411,7 +411,8 @@ class GradientNoiseScale:
 
     # -- persistence -------------------------------------------------------------------------
     _REQUIRED = ("smoothing", "min_updates", "floor", "num_updates", "num_rejected", "w", "q",
-                 "m_g", "m_s", "m_gg", "m_ss", "m_gs")
+                 "m_g", "m_s", "m_gg", "m_ss", "m_gs", "m_gp", "wg", "qg", "m_y", "m_yy", "m_yc", "m_c",
+                 "m_cc", "q_x", "last_pair_step", "last_g_step")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this estimator stands."""
@@ -442,8 +443,7 @@ class GradientNoiseScale:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the result is bit-identical to the saved estimator.
-        A state written before big-only updates existed loads as one without them."""
+        """Restore a :meth:`state_dict`; the result is bit-identical to the saved estimator."""
         missing = sorted(set(self._REQUIRED) - set(state))
         if missing:
             raise KeyError(f"GradientNoiseScale state is missing keys {missing}")
@@ -454,14 +454,10 @@ class GradientNoiseScale:
         self.num_rejected = int(state["num_rejected"])
         for key in ("w", "q", "m_g", "m_s", "m_gg", "m_ss", "m_gs"):
             setattr(self, f"_{key}", float(state[key]))
-        self._m_gp = float(state.get("m_gp", state["m_g"]))
-        self._wg = float(state.get("wg", state["w"]))
-        self._qg = float(state.get("qg", state["q"]))
-        for key in ("m_y", "m_yy", "m_yc", "m_c", "m_cc"):
-            setattr(self, f"_{key}", float(state.get(key, 0.0)))
-        self._q_x = float(state.get("q_x", state["q"]))
-        self._last_pair_step = state.get("last_pair_step")
-        self._last_g_step = state.get("last_g_step")
+        for key in ("m_gp", "wg", "qg", "m_y", "m_yy", "m_yc", "m_c", "m_cc", "q_x"):
+            setattr(self, f"_{key}", float(state[key]))
+        self._last_pair_step = state["last_pair_step"]
+        self._last_g_step = state["last_g_step"]
         self._memo.clear()
 
     def __repr__(self) -> str:

@@ -323,11 +323,3 @@ def _check_proportional(weights: list[float], sizes: list[int]) -> None:
             f".grad is the gradient of the step's mean loss (got mean-loss weights {weights} "
             f"for sizes {sizes}); multiply each mean loss by b_i / B"
         )
-
-
-def __getattr__(name: str):
-    if name == "MicroBatchGradNorms":  # the name before 0.2: it is a hook collector, not norms
-        from autobatch._deprecation import renamed
-
-        return renamed(__name__, name, "MicroBatchNormCollector", MicroBatchNormCollector)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -459,11 +459,3 @@ def _func_per_example_grads(layer: Layer, call: Call, batch: int) -> dict[str, t
             if call.rng[1] is not None:
                 torch.cuda.set_rng_state(call.rng[1])
         return per_example(params, call.args, call.kwargs, grads_out)
-
-
-def __getattr__(name: str):
-    if name == "PerExampleGradNorms":  # the name before 0.2: it is a hook collector, not norms
-        from autobatch._deprecation import renamed
-
-        return renamed(__name__, name, "PerExampleNormCollector", PerExampleNormCollector)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ per policy, named as in :data:`autobatch.registry.POLICIES`:
 from __future__ import annotations
 
 from autobatch.policies.base import BatchSizePolicy, PolicyContext, round_batch_size
-from autobatch.policies.budget import BudgetPolicy, budget_kind
+from autobatch.policies.budget import BudgetPolicy
 from autobatch.policies.fixed import FixedPolicy
 from autobatch.policies.gns import GNSPolicy
 from autobatch.policies.goodput import (
@@ -33,10 +33,8 @@ from autobatch.policies.goodput import (
 )
 from autobatch.policies.guard import LossSpikeGuard
 from autobatch.policies.ramp import RampPolicy
-from autobatch.registry import POLICIES, make_policy
 
 __all__ = [
-    "POLICIES",
     "BatchSizePolicy",
     "BudgetPolicy",
     "FixedPolicy",
@@ -45,10 +43,8 @@ __all__ = [
     "LossSpikeGuard",
     "PolicyContext",
     "RampPolicy",
-    "budget_kind",
     "fit_step_time",
     "goodput",
-    "make_policy",
     "round_batch_size",
     "statistical_efficiency",
 ]

@@ -39,16 +39,16 @@ class PolicyContext:
             limit: every step is a single micro-batch).
         step_time_s: median seconds per optimizer step measured at each global batch size
             seen so far (may be empty).
-        budget: what limits the run: ``"samples"`` (epochs or ``max_samples``; the
+        limited_by: what limits the run: ``"samples"`` (epochs or ``max_samples``; the
             default) or ``"steps"`` (``max_steps`` alone); see
-            :func:`autobatch.policies.budget.budget_kind`.
+            :attr:`autobatch.run_length.RunLength.limited_by`.
         train_loss: the last step's mean training loss (NaN if unknown).
         max_lr_factor: the cap the controller puts on the LR rule's factor (None: none).
         lr_rule: the LR rule's factor at a global batch size, at the current noise estimate
             and before ``max_lr_factor`` (None when the controller does not say).
-        progress: the fraction of the run's budget done, in ``[0, 1]``: samples seen over the
-            sample budget (``budget="samples"``) or steps over ``max_steps``; NaN when the
-            loop does not say.
+        progress: the fraction of the run done, in ``[0, 1]``: samples seen over the samples
+            allowed (``limited_by="samples"``) or steps over ``max_steps``; NaN when the loop
+            does not say.
         lr_scheduled: whether the user's LR scheduler shapes the base LR (``fit``'s
             ``lr_scheduler``, or a trainer's decaying schedule): the run's LR decay is theirs.
     """
@@ -69,7 +69,7 @@ class PolicyContext:
     trace_cov_stderr: float = math.inf
     max_micro_batch_size: int | None = None
     step_time_s: dict[int, float] = field(default_factory=dict)
-    budget: str = "samples"
+    limited_by: str = "samples"
     # compare=False: a context restored from a checkpoint equals the original although the
     # last loss (a per-step input, NaN before any) and the bound rule are not the same objects.
     train_loss: float = field(default=math.nan, compare=False)
@@ -77,20 +77,6 @@ class PolicyContext:
     lr_rule: Callable[[int], float] | None = field(default=None, compare=False)
     progress: float = math.nan
     lr_scheduled: bool = False
-
-    @property
-    def noise_stderr(self) -> float:
-        """Deprecated name of :attr:`noise_scale_stderr`."""
-        from autobatch._deprecation import renamed
-
-        return renamed("PolicyContext", "noise_stderr", "noise_scale_stderr", self.noise_scale_stderr)
-
-    @property
-    def grad_sq(self) -> float:
-        """Deprecated name of :attr:`grad_sq_mean` (unfloored, unlike the estimator's ``grad_sq``)."""
-        from autobatch._deprecation import renamed
-
-        return renamed("PolicyContext", "grad_sq", "grad_sq_mean", self.grad_sq_mean)
 
 
 class BatchSizePolicy(ABC):
@@ -114,8 +100,14 @@ class BatchSizePolicy(ABC):
         """The global batch size for the next steps (may equal ``ctx.batch_size``)."""
 
     def lr_factor(self, ctx: PolicyContext) -> float:
-        """Extra LR multiplier on top of the scaling rule (1 unless the policy schedules)."""
+        """Extra LR multiplier on top of the scaling rule (1 unless the policy schedules).
+        A read, called for every step's LR: it must not change the policy's state."""
         return 1.0
+
+    def observe(self, ctx: PolicyContext) -> None:
+        """See one finished step (``ctx.step`` is its number, ``ctx.train_loss`` its mean
+        loss), once per step, after the estimator took its norms. A no-op by default; the
+        budget policy feeds its loss-spike guard here."""
 
     @classmethod
     def check_settings(cls, **settings: Any) -> dict[str, str]:

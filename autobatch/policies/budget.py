@@ -82,22 +82,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from autobatch.policies.base import PolicyContext, growth_window, round_batch_size
 from autobatch.policies.gns import GNSPolicy
 from autobatch.policies.guard import LossSpikeGuard
 
-__all__ = ["BudgetPolicy", "budget_kind", "largest_batch_within"]
-
-Budget = Literal["samples", "steps"]
-
-
-def budget_kind(epochs: float | None, max_steps: int | None, max_samples: int | None) -> Budget:
-    """Which limit binds a run: ``"steps"`` when ``max_steps`` is the only one given, else
-    ``"samples"`` (epochs and example counts both limit the examples seen)."""
-    return "steps" if max_steps is not None and epochs is None and max_samples is None else "samples"
-
+__all__ = ["BudgetPolicy", "largest_batch_within"]
 
 def largest_batch_within(rule: Any, factor: float, lo: int, hi: int) -> int:
     """The largest ``B`` in ``[lo, hi]`` with ``rule(B) <= factor`` (``lo`` if none).
@@ -138,7 +129,7 @@ class BudgetPolicy(GNSPolicy):
         ValueError: for ``anneal_after`` outside ``[0, 1]`` or ``anneal_factor < 1`` (both
             reported).
 
-    The context's ``budget``, ``max_lr_factor``, ``lr_rule`` and ``train_loss`` come from the
+    The context's ``limited_by``, ``max_lr_factor``, ``lr_rule`` and ``train_loss`` come from the
     controller. Without ``lr_rule`` (an old controller) the linear rule ``B/B0`` is assumed. The default LR rule is ``linear`` (see the module
     docstring for why, Adam included).
     """
@@ -170,7 +161,6 @@ class BudgetPolicy(GNSPolicy):
     # -- what the LR may do ---------------------------------------------------------------
     def allowed_factor(self, ctx: PolicyContext) -> float:
         """``F``: the LR factor allowed now, ``max_lr_factor`` lowered by the guard."""
-        self._observe(ctx)
         cap = ctx.max_lr_factor if ctx.max_lr_factor is not None else math.inf
         return min(cap, self.guard.allowed) if self.use_guard else cap
 
@@ -180,7 +170,7 @@ class BudgetPolicy(GNSPolicy):
         return self._cap(ctx, self.allowed_factor(ctx))
 
     def _cap(self, ctx: PolicyContext, factor: float) -> int:
-        if ctx.budget == "steps" or math.isinf(factor) or self.annealing(ctx):
+        if ctx.limited_by == "steps" or math.isinf(factor) or self.annealing(ctx):
             return ctx.max_batch_size
         return self._following(ctx, factor)
 
@@ -206,20 +196,22 @@ class BudgetPolicy(GNSPolicy):
         decay by batch for the rest of the run. Never with a user's LR scheduler
         (``ctx.lr_scheduled``): the run's decay is theirs, and a second one by batch would
         compound it."""
-        return (self.anneal_after is not None and self.use_guard and ctx.budget == "samples"
+        return (self.anneal_after is not None and self.use_guard and ctx.limited_by == "samples"
                 and not ctx.lr_scheduled and ctx.progress >= self.anneal_after
                 and self.guard.spikes > 0 and self.guard.calm())
 
-    def _observe(self, ctx: PolicyContext) -> None:
+    def observe(self, ctx: PolicyContext) -> None:
+        """Feed the guard the step's mean training loss (``ctx.train_loss``), with the LR factor
+        the step used: ``BatchSizeController.observe(loss=...)`` calls this once per step."""
         self.observe_loss(ctx.step, ctx.train_loss, min(self._in_use(ctx), self.guard.allowed))
 
     def observe_loss(self, step: int, loss: float, lr_factor: float) -> None:
         """Feed the guard one step's mean training loss, once per step.
 
-        The controller's context carries the loss when the loop passes it to
-        ``BatchSizeController.observe``; a loop that does not can call this (e.g. from a
-        callback's ``on_step_end``, with ``lr_factor = record.lr / base_lr``). A step already
-        seen is ignored, so both ways may be used together.
+        :meth:`observe` does it for a loop that passes the loss to
+        ``BatchSizeController.observe``; a loop whose controller never sees the loss can call
+        this (e.g. from a callback's ``on_step_end``, with ``lr_factor = record.lr /
+        base_lr``). A step already seen is ignored, so both ways may be used together.
         """
         if not self.use_guard or step <= self._seen_step or not math.isfinite(loss):
             return
@@ -228,7 +220,7 @@ class BudgetPolicy(GNSPolicy):
 
     # -- the policy ----------------------------------------------------------------------
     def propose(self, ctx: PolicyContext) -> int:
-        factor = self.allowed_factor(ctx)  # feeds the guard this step's loss first
+        factor = self.allowed_factor(ctx)
         if self.annealing(ctx):
             # anneal_factor x the batch the LR can follow, approached by max_growth per decision
             # (a schedule, not the noise scale: see the module docstring)
@@ -252,5 +244,5 @@ class BudgetPolicy(GNSPolicy):
         return {"guard": self.guard.state_dict(), "seen_step": self._seen_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.guard.load_state_dict(state.get("guard", {}))
-        self._seen_step = int(state.get("seen_step", -1))
+        self.guard.load_state_dict(state["guard"])
+        self._seen_step = int(state["seen_step"])

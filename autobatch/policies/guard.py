@@ -131,9 +131,7 @@ class LossSpikeGuard:
                 "weight": self._weight, "updates": self._updates, "min": self._min, "best": self._best}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (an empty state leaves a fresh guard)."""
-        self.allowed = float(state.get("allowed", math.inf))
-        self.spikes = int(state.get("spikes", 0))
-        self._sum, self._weight = float(state.get("sum", 0.0)), float(state.get("weight", 0.0))
-        self._updates, self._min = int(state.get("updates", 0)), float(state.get("min", math.inf))
-        self._best = float(state.get("best", self._min))
+        """Restore :meth:`state_dict`."""
+        self.allowed, self.spikes = float(state["allowed"]), int(state["spikes"])
+        self._sum, self._weight = float(state["sum"]), float(state["weight"])
+        self._updates, self._min, self._best = int(state["updates"]), float(state["min"]), float(state["best"])

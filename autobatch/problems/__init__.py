@@ -1,10 +1,10 @@
 """Built-in example problems: a model, its data, its loss, and sensible defaults.
 
 Each example generates or ships its data (nothing is downloaded) and is cheap to build, so
-the CLI (``autobatch fit --example mnist1d``), the tests and the benchmarks can share them::
+the CLI (``autobatch fit --problem mnist1d``), the tests and the benchmarks can share them::
 
-    from autobatch.problems import get_example
-    ex = get_example("mnist1d", seed=0)
+    from autobatch.registry import get_problem
+    ex = get_problem("mnist1d", seed=0)
     model = ex.model_fn()
     opt = ex.optimizer(model.parameters(), ex.default_lr)   # lr is meant for ex.default_batch_size
     ...
@@ -15,14 +15,14 @@ Conventions shared by every example:
 - ``seed`` seeds the model initialisation only; the data is fixed by the example's own
   ``data_seed`` option, so runs with different seeds see the same data set.
 - ``loss_fn`` is mean-reduced over the batch (and over sequence positions for ``charlm``).
-- ``metric_name`` is a key of the dict returned by :meth:`Example.evaluate`, and
+- ``metric_name`` is a key of the dict returned by :meth:`Problem.evaluate`, and
   ``target`` is the value of that metric a time-to-target benchmark waits for
   (``higher_is_better`` tells which side of it counts as reached).
 - ``default_lr`` is tuned for ``default_batch_size`` (B0) with ``optimizer``.
 
 Data sets are generated once per process and per option set (``functools.lru_cache`` in
-each module); every :func:`get_example` call returns fresh copies of the tensors. The names
-live in :data:`autobatch.registry.EXAMPLES`; each module is imported on first use (mnist1d
+each module); every :func:`autobatch.registry.get_problem` call returns fresh copies of the tensors. The names
+live in :data:`autobatch.registry.PROBLEMS`; each module is imported on first use (mnist1d
 pulls in matplotlib, which costs a second or more).
 """
 
@@ -36,16 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.registry import EXAMPLES, get_example
-from autobatch.train.evaluate import evaluate
+from autobatch.evaluate import evaluate
 
-__all__ = ["EXAMPLES", "Example", "get_example"]
+__all__ = ["Problem"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True, eq=False)
-class Example:
+class Problem:
     """One ready-to-train problem.
 
     Attributes:
@@ -86,7 +85,7 @@ class Example:
     def evaluate(self, model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of ``model`` over all of ``data``.
 
-        :func:`autobatch.train.evaluate` with this example's loss: eval mode under
+        :func:`autobatch.evaluate.evaluate` with this example's loss: eval mode under
         ``torch.no_grad()``, the model's modes restored, batches on the device of the model's
         first parameter.
 

@@ -21,7 +21,7 @@ import sysconfig
 import torch
 from torch import nn
 
-from autobatch.problems import Example, _seeded_model
+from autobatch.problems import Problem, _seeded_model
 
 __all__ = ["STDLIB_MODULES", "CharTransformer", "build", "load_text"]
 
@@ -138,7 +138,7 @@ def build(
     heads: int = 4,
     layers: int = 2,
     val_every: int = 10,
-) -> Example:
+) -> Problem:
     """The character-level language model example: AdamW, metric ``val_loss`` in nats per
     character (lower is better).
 
@@ -165,7 +165,7 @@ def build(
         raise ValueError("; ".join(errors))
     vocab, train, val = _windows(max_chars, context, val_every)
     make_model = functools.partial(CharTransformer, len(vocab), context, d_model, heads, layers)
-    return Example(
+    return Problem(
         name="charlm",
         model_fn=functools.partial(_seeded_model, make_model, seed),
         train_data=(train[:, :-1].clone(), train[:, 1:].clone()),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autobatch.problems import Example, _plain_sgd, _seeded_model
+from autobatch.problems import Problem, _plain_sgd, _seeded_model
 
 __all__ = ["build", "make_cnn", "make_data"]
 
@@ -86,7 +86,7 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def build(
     seed: int = 0, *, num_samples: int = 5000, data_seed: int = 42, channels: int = 32
-) -> Example:
+) -> Problem:
     """The MNIST-1D CNN example: plain SGD, cross-entropy, target 90% test accuracy.
 
     Args:
@@ -97,7 +97,7 @@ def build(
     """
     train, val = make_data(num_samples, data_seed)
     length = train[0].shape[1]
-    return Example(
+    return Problem(
         name="mnist1d",
         model_fn=functools.partial(
             _seeded_model, functools.partial(make_cnn, length, channels), seed

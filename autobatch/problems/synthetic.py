@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from autobatch.problems import Example, _plain_sgd, _seeded_model
+from autobatch.problems import Problem, _plain_sgd, _seeded_model
 
 __all__ = ["SyntheticExample", "build", "gradient_moments", "population"]
 
@@ -100,8 +100,8 @@ def _generate(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SyntheticExample(Example):
-    """An :class:`Example` whose gradient noise scale is known exactly.
+class SyntheticExample(Problem):
+    """An :class:`Problem` whose gradient noise scale is known exactly.
 
     Attributes:
         population: the data distribution the train and validation sets were drawn from.

@@ -25,7 +25,6 @@ that reads the noise holds the last usable estimate while the estimate is lost.
 
 from __future__ import annotations
 
-from autobatch.registry import LR_SCALINGS, make_scaling
 from autobatch.scaling.base import (
     LRScaling,
     adascale_gain,
@@ -41,12 +40,7 @@ from autobatch.scaling.rules import (
     default_scaling,
 )
 
-# The name this family's registry had before it moved to autobatch.registry.
-SCALINGS = LR_SCALINGS
-
 __all__ = [
-    "LR_SCALINGS",
-    "SCALINGS",
     "AdaScaleScaling",
     "LRScaling",
     "LinearScaling",
@@ -55,7 +49,6 @@ __all__ = [
     "adascale_gain",
     "default_scaling",
     "linear_factor",
-    "make_scaling",
     "noise_cap",
     "sqrt_factor",
 ]

@@ -48,9 +48,8 @@ class _NoiseReadingScaling(LRScaling):
         return {"held_grad_sq": self._held[0], "held_trace_cov": self._held[1]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state without a held estimate (``{}``, as written
-        before 0.2) holds nothing."""
-        self._held = (float(state.get("held_grad_sq", math.nan)), float(state.get("held_trace_cov", math.nan)))
+        """Restore :meth:`state_dict`."""
+        self._held = (float(state["held_grad_sq"]), float(state["held_trace_cov"]))
 
 
 class _CappedScaling(_NoiseReadingScaling):

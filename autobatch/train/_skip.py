@@ -63,7 +63,7 @@ class NonFiniteSteps:
         """Undo a non-finite step: buffers back, gradients cleared, the fp16 scale lowered.
 
         Args:
-            step: optimizer steps done before this one (the step is ``step + 1``).
+            step: the step's number (from 1).
             epoch: fractional epochs done.
             train_loss: the step's mean loss.
             norms: the step's gradient norms (None with ``gns_method="off"``).
@@ -83,16 +83,16 @@ class NonFiniteSteps:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"skipped optimizer step {step + 1} (epoch {epoch:.2f}): the {what}; the model, "
+                f"skipped optimizer step {step} (epoch {epoch:.2f}): the {what}; the model, "
                 "its buffers (BatchNorm statistics) and the optimizer are as before the step. "
                 "Further skipped steps are counted in FitResult.skipped_steps and "
                 "StepRecord.skipped without a warning",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning, stacklevel=4,  # skip < train < autobatch.fit < the caller
             )
         if self.in_row >= self.max_in_row:
             raise FloatingPointError(
                 f"{self.in_row} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last: step {step + 1}, the {what}; max_nonfinite_steps={self.max_in_row}); "
+                f"(last: step {step}, the {what}; max_nonfinite_steps={self.max_in_row}); "
                 "lower lr, check the data, or raise max_nonfinite_steps"
             )
 

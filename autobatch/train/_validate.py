@@ -1,6 +1,6 @@
 """``fit``'s arguments checked before any work is done, every bad one named with its fix.
 
-:func:`validate_fit_args` runs first thing in :func:`autobatch.train._setup.prepare`, so a bad
+:func:`validate_fit_args` runs first thing in :func:`autobatch.train.loop.train`, so a bad
 setting fails in seconds, not when the first checkpoint is written hours later. It reports
 every problem it finds at once. The config's own fields are checked by
 :class:`~autobatch.config.FitConfig` (pydantic).

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel
+from torch import nn
 
-__all__ = ["CHECKPOINT_NAME", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "capture_rng", "load_checkpoint", "restore_rng", "restore_run", "save_checkpoint",
+           "save_run"]
 
 CHECKPOINT_NAME = "last.pt"
 # 2: RNG states as tensors and plain types, read with weights_only=True (1 pickled numpy's).
@@ -176,3 +178,47 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
+             measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, result: Any) -> Path:
+    """Write a fit's whole state to ``directory/last.pt`` (see :func:`save_checkpoint`): the
+    model and optimizer, the controller (batch size, estimator, policy), the measurement
+    schedule, the sample stream's position, the user's LR scheduler and fp16 scaler (None
+    without them), every RNG, and the result so far (counters, history)."""
+    return save_checkpoint(directory, {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "controller": controller.state_dict(),
+        "measure_schedule": measure_schedule.state_dict(),
+        "stream": stream.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "result": result.model_dump(exclude={"model"}),
+    })
+
+
+def restore_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
+                measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any) -> dict[str, Any] | None:
+    """Load ``directory/last.pt`` (written by :func:`save_run`) into the given objects and
+    the RNGs; return the saved result's fields (the counters and history so far), or None
+    when there is no checkpoint yet.
+
+    Raises:
+        ValueError: as :func:`load_checkpoint`, or for a checkpoint of another data set size.
+    """
+    ckpt = load_checkpoint(directory)
+    if ckpt is None:
+        return None
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    controller.load_state_dict(ckpt["controller"])
+    measure_schedule.load_state_dict(ckpt["measure_schedule"])
+    stream.load_state_dict(ckpt["stream"])
+    if scheduler is not None and ckpt["scheduler"] is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng(ckpt["rng"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["result"]

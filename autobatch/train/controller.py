@@ -6,6 +6,11 @@ decisions. Per optimizer step the loop asks it how to split the step into micro-
 is assembled), feeds it the step's gradient norms and time (:meth:`observe`) and lets it
 re-decide the global batch size (:meth:`maybe_decide`). An out-of-memory micro-batch lowers the
 micro-batch cap (:meth:`on_oom`); the global batch size is kept through more accumulation.
+
+``step`` means one thing everywhere here: the number of an optimizer step, counted from 1 (the
+LR of step 1, the norms of step 1; once step ``k`` is done, ``k`` steps are done).
+:func:`build_controller` builds the controller a :class:`~autobatch.config.FitConfig` describes:
+``fit``'s, and the trainer integrations'.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from autobatch.config import FitConfig
 from autobatch.noise.estimator import GradientNoiseScale
-from autobatch.scaling import LRScaling
-from autobatch.policies import BatchSizePolicy, PolicyContext
+from autobatch.policies.base import BatchSizePolicy, PolicyContext
+from autobatch.registry import make_policy, make_scaling
+from autobatch.run_length import LimitKind, RunLength
+from autobatch.scaling.base import LRScaling
+from autobatch.scaling.rules import default_scaling
 from autobatch.train.sampler import split_sizes
 
-__all__ = ["BatchSizeController"]
+__all__ = ["BatchSizeController", "build_controller"]
 
 _TIME_WINDOW = 20  # step times kept per global batch size for the median
 
@@ -42,9 +52,9 @@ class BatchSizeController:
         max_lr_factor: upper bound on the scaling rule's factor (None: unbounded).
         warmup_steps: optimizer steps of linear LR warm-up from 0 (0: none); applied by
             :meth:`lr_factor` when it is given the step.
-        budget: what limits the run, ``"samples"`` or ``"steps"``
-            (:func:`autobatch.policies.budget.budget_kind`); the policy sees it.
-        budget_total: the size of that budget, in examples (``"samples"``) or optimizer steps
+        limited_by: what limits the run, ``"samples"`` or ``"steps"``
+            (:attr:`autobatch.run_length.RunLength.limited_by`); the policy sees it.
+        run_length: the size of that limit, in examples (``"samples"``) or optimizer steps
             (``"steps"``), or None when unknown; the policy sees the fraction done
             (:attr:`PolicyContext.progress`).
         lr_scheduled: whether a user's LR scheduler shapes the base LR (the policy sees it).
@@ -68,8 +78,8 @@ class BatchSizeController:
         min_micro_batches: int = 2,
         max_lr_factor: float | None = None,
         warmup_steps: int = 0,
-        budget: str = "samples",
-        budget_total: float | None = None,
+        limited_by: LimitKind = "samples",
+        run_length: float | None = None,
         lr_scheduled: bool = False,
     ) -> None:
         if not 1 <= min_batch_size <= base_batch_size <= max_batch_size:
@@ -93,8 +103,8 @@ class BatchSizeController:
         self.min_micro_batches = min_micro_batches
         self.max_lr_factor = max_lr_factor
         self.warmup_steps = warmup_steps
-        self.budget = budget
-        self.budget_total = budget_total
+        self.limited_by = limited_by
+        self.run_length = run_length
         self.lr_scheduled = lr_scheduled
         self._loss = math.nan
         self.batch_size = base_batch_size
@@ -105,6 +115,8 @@ class BatchSizeController:
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
+        # PolicyContext is built per step only for a policy that reads steps (the base's is a no-op)
+        self._policy_observes = type(policy).observe is not BatchSizePolicy.observe
 
     # -- per step ----------------------------------------------------------------------------
     def micro_sizes(self, num_examples: int, min_parts: int | None = None) -> list[int]:
@@ -129,8 +141,12 @@ class BatchSizeController:
     ) -> None:
         """Record one finished optimizer step.
 
+        The estimator gets the norms, then the policy sees the step
+        (:meth:`BatchSizePolicy.observe`: e.g. the budget policy's loss-spike guard reads the
+        loss here; nothing reads it when the LR is computed).
+
         Args:
-            step: optimizer steps done, this one included.
+            step: the step's number (from 1): the steps done, this one included.
             epoch: fractional epochs done.
             samples: examples processed so far (global).
             batch_size: examples in this step (global; the last step of an epoch may be short).
@@ -156,6 +172,8 @@ class BatchSizeController:
                 times = self._step_times[batch_size] = deque(maxlen=_TIME_WINDOW)
             times.append(step_time_s)
             self._stale.add(batch_size)
+        if self._policy_observes:
+            self.policy.observe(self.context(refresh_times=False))
 
     def context(self, *, refresh_times: bool = True) -> PolicyContext:
         """What the policy sees: counters, bounds, the noise estimate and measured step times.
@@ -187,7 +205,7 @@ class BatchSizeController:
             trace_cov_stderr=est.trace_cov_stderr,
             max_micro_batch_size=self.max_micro_batch_size,
             step_time_s={b: self._medians[b] for b in self._step_times if b in self._medians},
-            budget=self.budget,
+            limited_by=self.limited_by,
             train_loss=self._loss,
             max_lr_factor=self.max_lr_factor,
             lr_rule=self._rule_factor,
@@ -196,11 +214,11 @@ class BatchSizeController:
         )
 
     def _progress(self) -> float:
-        """The fraction of the budget done (NaN when its size is unknown)."""
-        if not self.budget_total:
+        """The fraction of the run done (NaN when its length is unknown)."""
+        if not self.run_length:
             return math.nan
-        done = self._step if self.budget == "steps" else self._samples
-        return min(1.0, done / self.budget_total)
+        done = self._step if self.limited_by == "steps" else self._samples
+        return min(1.0, done / self.run_length)
 
     def _rule_factor(self, batch_size: int) -> float:
         """The scaling rule's factor at ``batch_size`` (global), at the current estimate."""
@@ -214,20 +232,19 @@ class BatchSizeController:
         )
 
     def lr_factor(self, step: int | None = None) -> float:
-        """LR / base LR for the next step, the one place where the LR is assembled:
+        """LR / base LR for step ``step``, the one place where the LR is assembled:
 
         ``min(rule(B), max_lr_factor) x policy factor x warm-up(step)``: the scaling rule at
         the current B (capped), the policy's own factor (a step decay at the milestones; the
         ramp policy decays the LR once B is capped; the budget policy brings the product down
-        to the LR factor its guard allows), and the linear warm-up.
+        to the LR factor its guard allows), and the linear warm-up. A read: nothing changes.
 
         Args:
-            step: optimizer steps done before the one this LR is for (0 for the first);
-                None leaves the warm-up out.
+            step: the number (from 1) of the step this LR is for; None leaves the warm-up out.
         """
         warmup = 1.0
         if step is not None and self.warmup_steps:
-            warmup = min(1.0, (step + 1) / self.warmup_steps)
+            warmup = min(1.0, step / self.warmup_steps)
         return self._batch_lr_factor() * warmup
 
     def _batch_lr_factor(self) -> float:
@@ -236,8 +253,14 @@ class BatchSizeController:
             factor = min(factor, self.max_lr_factor)
         return factor * self.policy.lr_factor(self.context(refresh_times=False))
 
-    def maybe_decide(self) -> int | None:
+    def maybe_decide(self, agree: Callable[[int], int] | None = None) -> int | None:
         """Every ``decide_every`` observed steps, ask the policy for the next B.
+
+        Args:
+            agree: under data parallelism, turns this process's decision into the one every
+                process takes (e.g. rank 0's, broadcast: ranks' step times may differ, and
+                so their policies' proposals). Called on every decision, changed or not, so
+                every process reaches its collective at the same steps; it may also round.
 
         Returns:
             The new global batch size if it changed, else None.
@@ -246,6 +269,8 @@ class BatchSizeController:
             return None
         proposal = int(self.policy.propose(self.context()))
         proposal = min(max(proposal, self.min_batch_size), self.max_batch_size)
+        if agree is not None:
+            proposal = int(agree(proposal))
         self.num_decisions += 1
         if proposal == self.batch_size:
             return None
@@ -300,3 +325,51 @@ class BatchSizeController:
         self.estimator.load_state_dict(state["estimator"])
         self.policy.load_state_dict(state["policy"])
         self.scaling.load_state_dict(state["scaling"])
+
+
+def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
+                     micro_batch_size: int | None, min_micro_batches: int, run: RunLength = RunLength(),
+                     num_examples: int = 0, lr_scheduled: bool = False) -> BatchSizeController:
+    """The batch-size controller ``cfg`` describes (``fit``'s, and the trainer integrations'),
+    with the caller's sizes.
+
+    Args:
+        cfg: the settings (policy, LR rule, estimator, bounds).
+        optimizer: the optimizer (or its family's name, e.g. ``"sgd"``) whose family picks the
+            default LR rule.
+        method: the noise-scale method in use (``"micro"``, ``"per_example"`` or ``"off"``).
+        base_batch_size: B0, global examples per optimizer step at the start.
+        max_batch_size: the largest global B allowed (already clipped to the data set).
+        micro_batch_size: the micro-batch cap (per process), or None for none.
+        min_micro_batches: micro-batches per step and process when B allows.
+        run: the run's stopping rules, from which the policy learns what limits it and how
+            far through it the run is (:class:`~autobatch.run_length.RunLength`).
+        num_examples: examples in the training set (one epoch).
+        lr_scheduled: whether a user's LR scheduler shapes the base LR.
+
+    Raises:
+        ValueError: for a policy or LR rule that needs the noise scale while ``method="off"``.
+    """
+    scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
+    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
+        raise ValueError(
+            f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
+            "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "
+            "'linear', 'sqrt' or 'none', or measure with gns_method='micro'"
+        )
+    return BatchSizeController(
+        policy=make_policy(cfg.batch.policy, cfg.batch, cfg.lr),
+        scaling=make_scaling(scaling_name),
+        estimator=GradientNoiseScale(cfg.estimator.gns_smoothing, min_updates=cfg.estimator.gns_min_updates),
+        base_batch_size=base_batch_size,
+        min_batch_size=min(cfg.batch.min_batch_size or base_batch_size, base_batch_size),
+        max_batch_size=max_batch_size,
+        decide_every=cfg.batch.decide_every,
+        max_micro_batch_size=micro_batch_size,
+        min_micro_batches=min_micro_batches,
+        max_lr_factor=cfg.lr.max_lr_factor,
+        warmup_steps=cfg.lr.warmup_steps,
+        limited_by=run.limited_by,
+        run_length=run.length(num_examples),
+        lr_scheduled=lr_scheduled,
+    )

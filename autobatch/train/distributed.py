@@ -9,11 +9,11 @@ memory can tell the others before anyone blocks in a gradient all-reduce:
 1. each rank runs all its micro-batches locally (``DistributedDataParallel.no_sync``);
 2. :func:`agree_max` on the size of a failed micro-batch (0 if none): an OOM anywhere makes
    every rank back off and retry the same step;
-3. :func:`all_reduce_gradients`: one flat SUM all-reduce of the ``.grad`` tensors, whose
-   micro-batch losses were weighted by ``b_i / B_global`` so the sum is the global mean; the
-   step's loss and norm totals ride along in the same buffer. Each rank's micro-batch
-   gradients (or its whole local gradient) are small batches of the noise estimator
-   (McCandlish et al. App. A.1, data-parallel form); see
+3. the loop's gradient sync, :meth:`FlatGradientBuffer.all_reduce`: one flat SUM all-reduce
+   of the ``.grad`` tensors, whose micro-batch losses were weighted by ``b_i / B_global`` so
+   the sum is the global mean; the step's loss and norm totals ride along in the same buffer.
+   Each rank's micro-batch gradients (or its whole local gradient) are small batches of the
+   noise estimator (McCandlish et al. App. A.1, data-parallel form); see
    :class:`autobatch.train.step_norms.StepNormMeter`.
 """
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +32,8 @@ from torch import nn
 
 from autobatch.train.sampler import split_sizes
 
-__all__ = ["DistInfo", "FlatGradientBuffer", "agree_max", "all_reduce_gradients", "broadcast_buffers", "broadcast_int",
-           "local_share", "setup_distributed", "sum_int"]
+__all__ = ["DistInfo", "FlatGradientBuffer", "agree_max", "broadcast_buffers", "broadcast_int", "local_share",
+           "setup_distributed", "sum_int", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class FlatGradientBuffer:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def all_reduce(self, params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor, *,
+    def all_reduce(self, params: list[nn.Parameter], info: DistInfo, extra: Sequence[torch.Tensor], *,
                    local_sq_norm: tuple[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """SUM every parameter's ``.grad`` and the numbers ``extra`` over ranks in one flat
         all-reduce, and write the summed gradients back into ``.grad``. A parameter with no
@@ -159,7 +161,8 @@ class FlatGradientBuffer:
         Args:
             params: the trainable parameters, in the same order on every rank.
             info: this process's place in the run (must be distributed).
-            extra: a 1-D tensor of numbers to sum along (the loss, norm totals).
+            extra: numbers to sum along (the loss, norm totals, signal flags): 0-d or 1-D
+                tensors on the gradients' device, concatenated in order.
             local_sq_norm: ``(index, factor)``: before the sum, ``extra[index]`` becomes this
                 rank's squared gradient norm times ``factor``, read from the gathered buffer
                 (one dot product; gathering the gradients a second time for it cost a small
@@ -178,14 +181,15 @@ class FlatGradientBuffer:
         grads = [p.grad for p in params]
         # float32 at least: half-precision gradients are summed (and the totals carried) wider.
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        pieces = [g.reshape(-1).to(dtype) for g in grads] + [extra.to(dtype)]
+        extras = [t.reshape(-1).to(dtype) for t in extra]
+        pieces = [g.reshape(-1).to(dtype) for g in grads] + extras
         kept = self._buffer
         if (kept is not None and kept.numel() == sum(t.numel() for t in pieces) and kept.dtype == dtype
-                and kept.device == extra.device):
+                and kept.device == grads[0].device):
             flat = torch.cat(pieces, out=kept)
         else:
             flat = self._buffer = torch.cat(pieces)
-        size = flat.numel() - extra.numel()  # the gradients' part; the totals follow it
+        size = flat.numel() - sum(t.numel() for t in extras)  # the gradients' part; the totals follow it
         if local_sq_norm is not None:
             index, factor = local_sq_norm
             flat[size + index] = torch.dot(flat[:size], flat[:size]) * factor
@@ -198,16 +202,26 @@ class FlatGradientBuffer:
         return flat[size:].float(), flat[:size]
 
 
-def all_reduce_gradients(
-    params: list[nn.Parameter], info: DistInfo, extra: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`FlatGradientBuffer.all_reduce` into a new buffer (a loop keeps one instead)."""
-    return FlatGradientBuffer().all_reduce(params, info, extra)
-
-
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
     """Make every rank's buffers (BatchNorm running statistics) rank 0's."""
     if not info.enabled:
         return
     for buf in model.buffers():
         dist.broadcast(buf, src=0)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` for a loop that syncs gradients itself.
+
+    The loop runs every micro-batch inside ``no_sync()`` and sums the gradients with
+    :meth:`FlatGradientBuffer.all_reduce` once per step, so the wrapper only keeps the ranks'
+    initial weights equal (it broadcasts rank 0's at construction). Buffers are broadcast
+    once per step after the optimizer step (:func:`broadcast_buffers`), not in every forward:
+    a collective inside forward would hang ranks that run different micro-batch counts.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["FitResult", "StepRecord"]
 
@@ -42,8 +42,7 @@ class StepRecord(BaseModel):
     grad_sq: float
     trace_cov: float
     noise_scale: float
-    # ``noise_stderr`` before 0.2: still accepted when reading old histories and checkpoints
-    noise_scale_stderr: float = Field(math.inf, validation_alias=AliasChoices("noise_scale_stderr", "noise_stderr"))
+    noise_scale_stderr: float = math.inf
     wall_time_s: float
     skipped: bool = False
 
@@ -59,13 +58,6 @@ class StepRecord(BaseModel):
         _set(record, "__pydantic_extra__", None)
         _set(record, "__pydantic_private__", None)
         return record
-
-    @property
-    def noise_stderr(self) -> float:
-        """Deprecated name of :attr:`noise_scale_stderr`."""
-        from autobatch._deprecation import renamed
-
-        return renamed("StepRecord", "noise_stderr", "noise_scale_stderr", self.noise_scale_stderr)
 
 
 _STEP_FIELDS = frozenset(StepRecord.model_fields)

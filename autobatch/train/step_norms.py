@@ -4,9 +4,12 @@
 and, on the steps it measures, the squared norms the noise-scale estimator needs
 (``|G_b|^2`` of small batches and ``|G_B|^2`` of the whole step, McCandlish et al. 2018,
 App. A.1). It owns the parameter hooks (:class:`~autobatch.noise.micro_batch.MicroBatchNormCollector`),
-the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleNormCollector`), the choice
-of which steps to measure and how to split them, and under data parallelism the gradient
-all-reduce that carries the step's numbers to every rank.
+the per-example hooks (:class:`~autobatch.noise.per_example.PerExampleNormCollector`) and the
+choice of which steps to measure and how to split them. It reads; it never changes a
+gradient. Under data parallelism the loop's gradient all-reduce
+(:class:`~autobatch.train.distributed.FlatGradientBuffer`) carries the step's totals
+(:meth:`StepNormMeter.local_totals`) to every rank, and the meter reads the sums
+(:meth:`StepNormMeter.read`).
 
 Which steps are measured (``gns_method="micro"``): a step whose small batches come for free
 (the memory cap split it into micro-batches, or ranks of a data-parallel run each hold a share)
@@ -37,7 +40,7 @@ over every step (``GradientNoiseScale.update_big``): the noisier of the two quan
 CNN's step 6% on one CPU thread, but a policy then grew the batch more slowly: a regression
 problem reached B=72 in 201 steps instead of B=80 in 145.) Hooks are attached for the
 measured steps only: an idle Python tensor hook still costs every backward a call per
-parameter. Everything stays on the device until :meth:`StepNormMeter.end_step`, whose single
+parameter. Everything stays on the device until :meth:`StepNormMeter.read`, whose single
 ``.tolist()`` is the step's host sync.
 """
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -58,9 +62,8 @@ from autobatch.noise.micro_batch import (
     trainable_parameters,
 )
 from autobatch.noise.per_example import PerExampleNormCollector
-from autobatch.train.distributed import DistInfo, FlatGradientBuffer
 
-__all__ = ["MeasureSchedule", "StepNormMeter", "norms_from_totals"]
+__all__ = ["LocalTotals", "MeasureSchedule", "StepNormMeter", "norms_from_totals"]
 
 Method = Literal["micro", "per_example", "off"]
 
@@ -194,9 +197,28 @@ class MeasureSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.split_cost = state["split_cost"]
-        self._seen = int(state.get("seen", 0))
+        self._seen = int(state["seen"])
         self._split_times = {int(b): [float(x) for x in t] for b, t in state["split_times"].items()}
         self._plain_times = {int(b): [float(x) for x in t] for b, t in state["plain_times"].items()}
+
+
+@dataclass
+class LocalTotals:
+    """This rank's numbers of a step, on the device, before they are summed over ranks.
+
+    Attributes:
+        tensors: 0-d tensors: the loss (this rank's part of the step's mean), then on a
+            measured step ``sum_i s^2 |G_{b_i}|^2`` over its small batches, and under data
+            parallelism their count and ``sum_i 1/b_i``.
+        own_norm: ``(index, factor)`` when this rank's whole gradient is its small batch (a
+            data-parallel rank whose share is one micro-batch, measured without hooks):
+            ``tensors[index]`` is then to be replaced by the rank's squared gradient norm
+            times ``factor``, read from the buffer the gradient all-reduce gathers (one dot
+            product, no second pass); None otherwise.
+    """
+
+    tensors: list[torch.Tensor]
+    own_norm: tuple[int, float] | None = None
 
 
 class StepNormMeter:
@@ -204,66 +226,67 @@ class StepNormMeter:
 
     Per optimizer step: :meth:`split` (how this rank's share is cut into micro-batches, and
     whether the step is measured), :meth:`begin_step`, one :meth:`after_backward` per
-    micro-batch, then :meth:`end_step`, which sums over ranks and reads everything at once.
+    micro-batch, then :meth:`local_totals` and, after the loop's gradient all-reduce under
+    data parallelism, :meth:`read`: the step's one host sync. No method changes a gradient.
 
     Args:
-        model: the (unwrapped) model; hooks go on it now, until :meth:`remove`.
+        model: the (unwrapped) model; hooks go on it during measured steps, until :meth:`remove`.
         method: ``"micro"``, ``"per_example"`` or ``"off"`` (only the loss is read).
-        info: this process's place in a data-parallel run.
+        data_parallel: whether the step's gradient is summed over ranks (each rank's share is
+            then a small batch of its own, measured on every step).
         every: a step that gives no small batches for free is measured every ``every``
             steps, or as a :class:`MeasureSchedule` decides (see the module docstring)...
         first: ...and every one of the first ``first`` steps, so that the estimator's
             first decisions see as many measurements as when every step is measured.
         scaler: the AMP ``GradScaler`` whose scale is in the gradients, or None.
-        estimator: the estimator whose EMA decay follows the schedule's interval
-            (:meth:`MeasureSchedule.smoothing`), or None.
+        min_micro: the smallest micro-batch the model trains on: a measured step is split in
+            two only when both halves hold this many examples (BatchNorm in train mode fails
+            on one example).
     """
 
-    def __init__(self, model: nn.Module, method: Method, info: DistInfo, *,
+    def __init__(self, model: nn.Module, method: Method, *, data_parallel: bool = False,
                  every: int | MeasureSchedule = 1, first: int = 0,
-                 scaler: torch.amp.GradScaler | None = None, estimator: Any = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, min_micro: int = 1) -> None:
         self.schedule = every if isinstance(every, MeasureSchedule) else MeasureSchedule(every)
-        self.method, self.info, self.first, self.scaler = method, info, first, scaler
-        self.estimator = estimator
+        self.method, self.data_parallel, self.first, self.scaler = method, data_parallel, first, scaler
+        self.min_micro = min_micro
         self._forced = False  # this step was split only to be measured
         self._model = model
-        self._params = trainable_parameters(model)
-        self._big_norm = grad_sq_norm_of(self._params)
-        self._flat = FlatGradientBuffer()  # the data-parallel all-reduce's, kept between steps
+        self.params = trainable_parameters(model)
+        self._device = self.params[0].device
+        self._big_norm = grad_sq_norm_of(self.params)
         # Hooks exist only during a measured step: a Python tensor hook costs every backward
         # a call per parameter (~10% of a small CNN's step) even when it records nothing.
         self._hooks: MicroBatchNormCollector | None = None
         self._per_example: PerExampleNormCollector | None = None
         self.measuring = False
         self._timed = False
-        self.agreed_signals: tuple[float, float] | None = None  # see end_step
         self._pe_sum: torch.Tensor | None = None
         self._pe_count = 0
         self._done: list[int] = []  # examples of the micro-batches run this step
-        # A measured step is split in two only when both halves hold this many examples
-        # (BatchNorm in train mode fails on one example).
-        self.min_micro = 1
+        self._count, self._inv = 0.0, 0.0  # one process: the step's small batches, sum 1/b_i
 
     def split(self, step: int, num_examples: int,
               micro_sizes: Callable[[int, int], list[int]]) -> list[int]:
         """Cut this rank's ``num_examples`` into micro-batch sizes and decide whether step
-        ``step`` (0-based) is measured.
+        ``step`` is measured.
 
         Args:
-            step: optimizer steps done before this one.
+            step: the step's number (from 1).
             num_examples: this rank's share of the step.
             micro_sizes: ``micro_sizes(n, min_parts)`` of the controller (memory cap).
         """
         # Every rank decides alike (a rank may hold no example at the very end of an epoch):
         # from the step alone, not from its share.
-        due = step < self.first or step % self.schedule.interval(num_examples) == 0
+        done = step - 1
+        due = done < self.first or done % self.schedule.interval(num_examples) == 0
         sizes = micro_sizes(num_examples, 1) if num_examples else []
         self._forced = False
         if self.method == "micro":
             # Small batches that come for free (the memory cap split the step, or ranks each
             # hold a share) are measured at every step; a step of one micro-batch only when due,
             # split in two for it (one more forward/backward at half size).
-            free = self.info.enabled or len(sizes) > 1
+            free = self.data_parallel or len(sizes) > 1
             self.measuring = free or due
             if self.measuring and not free and num_examples >= 2 * self.min_micro:
                 sizes = micro_sizes(num_examples, 2)
@@ -275,12 +298,10 @@ class StepNormMeter:
         return sizes
 
     def observe_time(self, batch: int, seconds: float) -> None:
-        """The step just finished took ``seconds`` at global batch ``batch``: feed the
-        schedule's calibration, and set the estimator's EMA decay for the interval at ``batch``."""
+        """The step just finished took ``seconds`` at global batch ``batch``: a sample for the
+        schedule's calibration (``gns_every="auto"``) if it was a step it can use."""
         if self._timed:
             self.schedule.observe(batch, seconds, self._forced)
-        if self.estimator is not None and self.schedule.every == "auto":
-            self.estimator.smoothing = self.schedule.smoothing(batch)
 
     def begin_step(self, sizes: list[int]) -> None:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
@@ -292,7 +313,7 @@ class StepNormMeter:
             self._per_example = PerExampleNormCollector(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
-        elif not self.info.enabled or len(sizes) > 1:
+        elif not self.data_parallel or len(sizes) > 1:
             self._hooks = MicroBatchNormCollector(self._model)
             self._hooks.begin_step()
 
@@ -312,52 +333,64 @@ class StepNormMeter:
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
 
-    def end_step(self, loss_sum: torch.Tensor | None, sizes: list[int], global_batch: int,
-                 loss_unit: int | None = None,
-                 signal_flags: tuple[float, float] = (0.0, 0.0)) -> tuple[float, StepGradNorms | None]:
-        """Finish the step: sum the gradients and the step's numbers over ranks, and read them.
+    def local_totals(self, loss: torch.Tensor | None, sizes: list[int], global_batch: int) -> LocalTotals:
+        """This rank's numbers of the step, on the device (no host sync): what a data-parallel
+        step's gradient all-reduce sums over ranks, or what :meth:`read` reads directly.
 
         Args:
-            loss_sum: this rank's loss summed over its loss items and divided by
-                ``loss_unit`` (a detached 0-d tensor on the device; None without examples).
+            loss: this rank's part of the step's mean loss
+                (:attr:`autobatch.accumulate.Accumulated.loss`), None without a loss item.
             sizes: this rank's micro-batch sizes (examples).
             global_batch: ``B``, examples in the step over all ranks.
-            loss_unit: what ``loss_sum`` was divided by (default ``sizes[0]``: the loss
-                items are the examples).
-            signal_flags: this rank's pending signals (``DeferredSignals.flags``); under data
-                parallelism they are summed over ranks with the gradients and left in
-                :attr:`agreed_signals` (None on one process).
+        """
+        if loss is None:
+            loss = torch.zeros((), device=self._device)
+        if not self.data_parallel:
+            if not self.measuring:
+                return LocalTotals([loss])
+            small, self._count, self._inv = self._small_batches()
+            return LocalTotals([loss, small])
+        device = self._device
+        if self.measuring and self._hooks is None and self._pe_sum is None and sizes:
+            # the rank's whole share is one small batch: its norm is read from the gathered
+            # gradient, whose mean-loss weight is b / B
+            share = sizes[0] / global_batch
+            small, count, inv = torch.zeros((), device=device), 1.0, 1.0 / sizes[0]
+            own = (1, 1.0 / (share * share))
+        else:
+            small, count, inv = self._small_batches()
+            own = None
+        return LocalTotals([loss, small.float(), torch.full((), count, device=device),
+                            torch.full((), inv, device=device)], own)
+
+    def read(self, totals: torch.Tensor | list[torch.Tensor], global_batch: int,
+             flat_gradient: torch.Tensor | None = None) -> tuple[float, StepGradNorms | None, list[float]]:
+        """Read the step's loss and norms: the step's one host sync.
+
+        Args:
+            totals: :meth:`local_totals`' tensors on one process, or under data parallelism
+                their sums over ranks as one tensor (the all-reduce's result), followed by
+                whatever else it carried.
+            global_batch: ``B``, examples in the step over all ranks.
+            flat_gradient: under data parallelism the summed gradient as one flat tensor (the
+                all-reduce's buffer), for ``|G_B|^2`` without another pass; on one process
+                it is read from ``.grad``.
 
         Returns:
-            ``(loss_sum, norms)``: the loss summed over the step's loss items (all ranks),
-            and the estimator's inputs: on an unmeasured step (or one with fewer than two small
-            batches) only ``big_sq_norm``, with ``small_sq_norms`` empty; None with
-            ``method="off"``. Norms are of unscaled gradients of mean-reduced losses.
+            ``(loss, norms, extra)``: the step's mean loss over its loss items (all ranks);
+            the estimator's inputs, on an unmeasured step (or one with fewer than two small
+            batches) only ``big_sq_norm`` with ``small_sq_norms`` empty, None with
+            ``method="off"``; and the further numbers the all-reduce carried (data
+            parallelism), summed over ranks. Norms are of unscaled gradients of mean-reduced
+            losses.
         """
         big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
-        if self.info.enabled:
-            device = self._params[0].device
-            share = self._whole_share_weight(sizes, global_batch)
-            if share is None:
-                small, count, inv = self._small_batches(sizes, global_batch)
-            else:  # the norm is read from the gathered gradient, in the all-reduce below
-                small, count, inv = torch.zeros((), device=device), 1.0, 1.0 / sizes[0]
-            unit = loss_unit if loss_unit is not None else sizes[0] if sizes else 0
-            loss_sum = loss_sum * unit if loss_sum is not None else torch.zeros((), device=device)
-            totals = torch.stack([loss_sum, small.float(), torch.full((), count, device=device),
-                                  torch.full((), inv, device=device),
-                                  *(torch.full((), f, device=device) for f in signal_flags)])
-            totals, flat = self._flat.all_reduce(
-                self._params, self.info, totals,
-                local_sq_norm=None if share is None else (1, 1.0 / (share * share)))
+        if self.data_parallel:
             parts = [totals]
             if big_norm:
-                parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
+                parts.append(torch.linalg.vector_norm(flat_gradient, dtype=torch.float32).square())
         else:
-            parts = [loss_sum]
-            if self.measuring:
-                small, count, inv = self._small_batches(sizes, global_batch)
-                parts.append(small)
+            parts = list(totals)
             if big_norm:
                 parts.append(self._big_norm())
         self.remove()
@@ -366,49 +399,39 @@ class StepNormMeter:
         # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
         if len(parts) == 1 and parts[0].ndim == 0:
             values = [parts[0].item()]
-        elif not self.info.enabled:  # 0-d float32 tensors
+        elif not self.data_parallel:  # 0-d float32 tensors
             values = torch.stack(parts).tolist()
         else:
             values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()
         scale = values.pop() if self.scaler is not None else 1.0
-        if self.info.enabled:
-            loss_total, small_sum, count, inv = values[:4]
-            self.agreed_signals = (values[4], values[5])
+        big = values.pop() if big_norm else math.nan
+        if self.data_parallel:
+            loss, small_sum, count, inv, *extra = values
         else:
-            loss_total = values[0] * (loss_unit if loss_unit is not None else sizes[0])
+            loss, extra = values[0], []
             small_sum = values[1] if self.measuring else math.nan
+            count, inv = self._count, self._inv
         if not big_norm:
-            return loss_total, None
-        norms = None
-        if self.measuring:
-            norms = norms_from_totals(small_sum, count, inv, values[-1], global_batch, scale)
+            return loss, None, extra
+        norms = norms_from_totals(small_sum, count, inv, big, global_batch, scale) if self.measuring else None
         if norms is None:  # no two small batches this step: the whole-step norm alone
-            norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan,
-                                  big_sq_norm=values[-1] / (scale * scale),
+            norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan, big_sq_norm=big / (scale * scale),
                                   big_batch_size=global_batch, micro_batch_sizes=[])
-        return loss_total, norms
+        return loss, norms, extra
 
-    def _small_batches(self, sizes: list[int], global_batch: int) -> tuple[torch.Tensor, float, float]:
+    def _small_batches(self) -> tuple[torch.Tensor, float, float]:
         """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
         their count and ``sum_i 1/b_i``."""
-        device = self._params[0].device
         if self._hooks is not None:
             raw = self._hooks.finish_step()
             # |w_i s G_i|^2 / w_i^2 = s^2 |G_i|^2 (s, the AMP scale, is divided out on the host)
             small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._hooks.loss_weights)),
-                        torch.zeros((), device=device))
+                        torch.zeros((), device=self._device))
             # micro-batches with no loss item ran no backward: only those that did count
             return small, float(len(self._done)), sum(1.0 / b for b in self._done)
         if self._pe_sum is not None:
             return self._pe_sum, float(self._pe_count), float(self._pe_count)
-        return torch.zeros((), device=device), 0.0, 0.0
-
-    def _whole_share_weight(self, sizes: list[int], global_batch: int) -> float | None:
-        """On a measured data-parallel step whose rank share is one micro-batch without hooks,
-        that share's loss weight ``b / B`` (its gradient is the small batch); else None."""
-        if self.measuring and self._hooks is None and self._pe_sum is None and sizes:
-            return sizes[0] / global_batch
-        return None
+        return torch.zeros((), device=self._device), 0.0, 0.0
 
     def fall_back_to_micro(self) -> None:
         """Measure with micro-batch norms from now on (per-example norms proved unsupported)."""

@@ -22,10 +22,9 @@ from torch import nn
 from autobatch.train.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
-from autobatch.registry import make_pruner  # noqa: F401  (study.py imports it from here)
 from autobatch.train.distributed import DistInfo, broadcast_int
-from autobatch.train.evaluate import evaluate
-from autobatch.train.fit import fit
+from autobatch.evaluate import evaluate
+from autobatch.train.loop import train
 from autobatch.tune.objectives import DEFAULT_OBJECTIVE, score
 
 # Keyword arguments of autobatch.fit a search space may set; every other key is either a
@@ -290,7 +289,7 @@ def run_trial(trial: optuna.Trial, *, space: Callable[[optuna.Trial], dict[str, 
     start = time.perf_counter()
     try:
         opt = with_kwargs(fit_kw.get("optimizer", optimizer), optim_kw)
-        fit(model, data, loss_fn=loss_fn, optimizer=opt, lr=fit_kw["lr"], max_samples=total_samples,
+        train(model, data, loss_fn=loss_fn, optimizer=opt, lr=fit_kw["lr"], max_samples=total_samples,
             config=cfg, callbacks=[reporter], device=device, **reporter.protocol)
         if reporter.reported < n_evals:  # a fit that stopped short of the last mark
             reporter.report(n_evals)

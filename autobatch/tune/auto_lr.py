@@ -5,7 +5,7 @@ most :data:`DEFAULT_FRACTION` = half of the run, so the study and the run togeth
 most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
 
 1. Candidates: LRs log-spaced over ``lr_range`` (by default a range for the optimizer's
-   family, :func:`default_lr_range`), at most ``sqrt(2)`` apart, as many as the budget allows
+   family, :func:`default_lr_range`), at most ``sqrt(2)`` apart, as many as the study's examples allow
    (:func:`plan_rungs`).
 2. The last rung compares 2 trials after 1/8 of the run's examples
    (:data:`FINAL_FRACTION`; shorter comparisons measured misleading). Before it, rungs 4x
@@ -13,9 +13,9 @@ most 1.5 runs) on *synchronous successive halving* over a log grid of base LRs:
    that, 2x shorter rungs keep the best half; :data:`SCHEDULES`): cheap rungs drop the LRs
    that barely move the loss or blow it up, the long one ranks the plausible ones. Survivors *continue*
    where they stopped (``autobatch.fit``'s checkpoints), so no example is trained twice.
-   Trials see the same adaptive batch, LR rule, budget (the run's own stopping rules, a
+   Trials see the same adaptive batch, LR rule, run length (the run's own stopping rules, a
    callback ending each segment) and data order as the run: with ``val_data`` given, a trial
-   of ``r`` examples is the first ``r`` examples of a run at that LR. When the budget cannot give rung
+   of ``r`` examples is the first ``r`` examples of a run at that LR. When the study's examples cannot give rung
    0 at least :data:`MIN_RUNG_STEPS` steps at the base batch, a single rung trains as many
    candidates as fit to 1/8 of the run (3 on a third of the study each if not even 2 fit).
 3. Every rung ranks trials at equal numbers of examples by the objective ``"tail"``
@@ -61,10 +61,11 @@ from torch import nn
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.optimizers import build_optimizer
-from autobatch.train._setup import total_samples
+from autobatch.run_length import RunLength
 from autobatch.train.callbacks import Callback, StopTraining
-from autobatch.train.checkpoint import capture_rng, restore_rng
-from autobatch.train.evaluate import evaluate
+from autobatch.train.checkpoint import capture_rng, load_checkpoint, restore_rng
+from autobatch.evaluate import evaluate
+from autobatch.train.loop import train
 from autobatch.tune.objectives import score
 from autobatch.tune.study import TrialRow, TuneResult, _summarise
 
@@ -115,8 +116,8 @@ class LRSearch(BaseModel):
         rungs: examples each surviving trial had trained on at the end of each rung.
         survivors: trials in each rung.
         samples: examples the study trained on, all trials together (its compute).
-        budget_samples: examples of the run the LR is for.
-        fraction: ``samples / budget_samples``.
+        run_samples: examples of the run the LR is for.
+        fraction: ``samples / run_samples``.
         max_fraction: the most the study was allowed (``fraction`` never exceeds it).
         val_examples: examples the trials were scored on.
         held_out: True when those were held out of the training data (no ``val_data``
@@ -136,7 +137,7 @@ class LRSearch(BaseModel):
     rungs: list[int]
     survivors: list[int]
     samples: int
-    budget_samples: int
+    run_samples: int
     fraction: float
     max_fraction: float
     val_examples: int
@@ -155,7 +156,6 @@ class LRSearch(BaseModel):
 def resumed_search(checkpoint_dir: str | Path | None) -> LRSearch | None:
     """The study an interrupted ``fit(lr="auto")`` already ran, from its checkpoint (so a
     resumed run trains at the same LR without a second study); None if there is none."""
-    from autobatch.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     found = ckpt["result"].get("lr_search") if ckpt is not None else None
@@ -191,8 +191,8 @@ def default_lr_range(optimizer: Any) -> tuple[float, float]:
     return ADAPTIVE_RANGE if _is_adaptive(optimizer) else SGD_RANGE
 
 
-def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tuple[list[int], list[int]] | None:
-    """The successive-halving schedule: as many candidates as ``budget`` examples allow.
+def plan_rungs(examples: int, final: int, n_candidates: int, min_rung: int) -> tuple[list[int], list[int]] | None:
+    """The successive-halving schedule: as many candidates as ``examples`` examples allow.
 
     The last rung trains its survivors to ``final`` examples. With one rung, every candidate
     trains to ``final`` (as many as fit, at least 2). With ``K`` earlier rungs and a schedule
@@ -203,7 +203,7 @@ def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tup
     ones); no rung 0 shorter than ``min_rung``.
 
     Args:
-        budget: examples the whole study may train on.
+        examples: examples the whole study may train on.
         final: examples each trial of the last rung trains on.
         n_candidates: the most candidates wanted.
         min_rung: the fewest examples a rung-0 trial may get.
@@ -213,7 +213,7 @@ def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tup
         (``survivors[0]`` is the number of candidates), or None when fewer than 2 candidates
         fit (or ``final < min_rung``).
     """
-    n0 = min(n_candidates, budget // final)
+    n0 = min(n_candidates, examples // final)
     best = ([final], [n0]) if n0 >= 2 and final >= min_rung else None
     for k in range(1, 8):
         for growth, keep in SCHEDULES:
@@ -222,7 +222,7 @@ def plan_rungs(budget: int, final: int, n_candidates: int, min_rung: int) -> tup
                 continue
             later = [2 * keep ** (k - j) for j in range(1, k + 1)]  # trials in rungs 1..k
             fixed = sum(n * (rungs[j + 1] - rungs[j]) for j, n in enumerate(later))
-            n0 = min(n_candidates, (budget - fixed) // rungs[0]) if budget > fixed else 0
+            n0 = min(n_candidates, (examples - fixed) // rungs[0]) if examples > fixed else 0
             if n0 > later[0] and (best is None or n0 > best[1][0]):
                 best = (rungs, [n0, *later])
     return best
@@ -242,7 +242,7 @@ def parabola_vertex(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 class _Segment(Callback):
     """Evaluates one trial at given numbers of examples, remembers the losses, and ends the
     segment at the first step that reaches ``stop_at`` examples (the run's own stopping rules
-    stay in force, so its policy sees the run's budget)."""
+    stay in force, so its policy sees the run's length)."""
 
     def __init__(self, model: nn.Module, val: BatchSource, loss_fn: Callable, marks: list[int],
                  device: Any, losses: list[float], stop_at: int) -> None:
@@ -282,7 +282,7 @@ def choose_base_lr(
 
     Takes what ``autobatch.fit`` has when called with ``lr="auto"``; the run's length
     (``epochs``, ``max_steps``, ``max_samples``, the first reached wins) sets the study's
-    budget, ``fraction`` of the run's examples. With only ``max_steps``, the run is taken to
+    run_examples, ``fraction`` of the run's examples. With only ``max_steps``, the run is taken to
     be ``max_steps * initial_batch_size`` examples (the fewest it can process).
 
     The model is trained in place by each trial and put back to the weights it came with
@@ -309,7 +309,7 @@ def choose_base_lr(
         An :class:`LRSearch`; ``.lr`` is the base LR to train with.
 
     Raises:
-        ValueError: for bad arguments (all named at once), a budget too short for a study
+        ValueError: for bad arguments (all named at once), a run_examples too short for a study
             (fewer than 2 candidates would get :data:`MIN_RUNG_STEPS` steps), or when every
             candidate diverged.
     """
@@ -331,21 +331,21 @@ def choose_base_lr(
                         "(autobatch.tune_lr) and pass it as lr")
     if problems:
         raise ValueError("; ".join(problems))
-    budget = total_samples(epochs, max_samples, n)
+    run_examples = RunLength(epochs, None, max_samples).examples(n)
     if max_steps is not None:
-        budget = min(budget, max_steps * b0) if budget is not None else max_steps * b0
+        run_examples = min(run_examples, max_steps * b0) if run_examples is not None else max_steps * b0
 
-    train, val, held_out = _split(source, val_data, cfg.data.seed, b0)
+    train_source, val, held_out = _split(source, val_data, cfg.data.seed, b0)
     n_candidates = 1 + math.floor(math.log(high / low) / math.log(GRID_RATIO) + 1e-9)
-    allowed = int(_PLAN_MARGIN * fraction * budget)
+    allowed = int(_PLAN_MARGIN * fraction * run_examples)
     min_rung = MIN_RUNG_STEPS * b0
     # The last rung at 1/8 of the run; a run too short for 2 candidates there compares 3
     # candidates on a third of the study's examples each.
-    plan = plan_rungs(allowed, max(min_rung, math.ceil(FINAL_FRACTION * budget)), n_candidates, min_rung) \
+    plan = plan_rungs(allowed, max(min_rung, math.ceil(FINAL_FRACTION * run_examples)), n_candidates, min_rung) \
         or plan_rungs(allowed, allowed // 3, n_candidates, min_rung)
     if plan is None:
         raise ValueError(
-            f"the run is too short for lr='auto': its study may train on {fraction:g} x {budget} "
+            f"the run is too short for lr='auto': its study may train on {fraction:g} x {run_examples} "
             f"examples, less than 2 candidates x {MIN_RUNG_STEPS} steps x initial_batch_size={b0}; "
             "pass an lr, or train longer"
         )
@@ -373,7 +373,7 @@ def choose_base_lr(
             alive = trials
             for k, rung in enumerate(rungs):
                 for t in alive:
-                    _run_segment(t, model, initial, train, val, loss_fn, factory, rung, limits, trial_cfg, device,
+                    _run_segment(t, model, initial, train_source, val, loss_fn, factory, rung, limits, trial_cfg, device,
                                  precision)
                 by_score = sorted(alive, key=lambda t: t.score)
                 cut = survivors[k + 1] if k + 1 < len(rungs) else len(by_score)
@@ -400,7 +400,7 @@ def choose_base_lr(
     summary = _summarise(study)
     return LRSearch(
         lr=lr, lr_range=(low, high), candidates=candidates, rungs=rungs, survivors=survivors,
-        samples=spent, budget_samples=budget, fraction=spent / budget, max_fraction=fraction,
+        samples=spent, run_samples=run_examples, fraction=spent / run_examples, max_fraction=fraction,
         val_examples=len(val), held_out=held_out, refined=refined, trials=summary.trials,
         wall_time_s=time.perf_counter() - started, study=study,
     )
@@ -432,14 +432,12 @@ class _Trial:
             study.tell(self.trial, state=optuna.trial.TrialState.PRUNED)
 
 
-def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: int, limits: dict[str, Any],
+def _run_segment(t: _Trial, model, initial, train_data, val, loss_fn, factory, rung: int, limits: dict[str, Any],
                  cfg: FitConfig, device, precision) -> None:
     """Train trial ``t`` on to ``rung`` examples (from the initial weights, or from its
     checkpoint) and score it on its evaluations at 7/8 of the rung and at its end. ``limits``
     are the run's stopping rules (``epochs``, ``max_steps``, ``max_samples``): the trial's fit
-    has them, so that its policy sees the run's budget, and a callback ends it at the rung."""
-    from autobatch.train.fit import fit
-
+    has them, so that its policy sees the run's length, and a callback ends it at the rung."""
     marks = [math.ceil(rung * 7 / 8), rung]
     seen = len(t.losses)
     segment = _Segment(model, val, loss_fn, [m for m in marks if m > t.samples], device, t.losses, rung)
@@ -447,8 +445,8 @@ def _run_segment(t: _Trial, model, initial, train, val, loss_fn, factory, rung: 
         model.load_state_dict(initial)
     start = time.perf_counter()
     try:
-        fit(model, train, loss_fn=loss_fn, optimizer=factory, lr=t.lr, **limits, config=cfg,
-            callbacks=[segment], device=device, checkpoint_dir=t.folder, resume=True, precision=precision)
+        train(model, train_data, loss_fn=loss_fn, optimizer=factory, lr=t.lr, **limits, config=cfg,
+              callbacks=[segment], device=device, checkpoint_dir=t.folder, resume=True, precision=precision)
     except FloatingPointError as err:
         t.score, t.reason = math.inf, f"diverged: {err}"
         return

@@ -7,7 +7,7 @@ the same for any space of fit settings (momentum, weight decay, the noise-scale 
 the policy...).
 
 Every trial trains a fresh model from ``model_fn()`` on the same number of examples (the
-budget), with the adaptive batch size, and reports the validation loss ``n_evals`` times at
+trial length), with the adaptive batch size, and reports the validation loss ``n_evals`` times at
 equal sample counts, so the pruner (MedianPruner with warm-up by default) stops hopeless
 trials early. A trial whose loss stops being finite ends as *pruned*, the reason in its
 ``reason`` user attribute; it never stops the study.
@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import torch
 from torch import nn
 
-from autobatch.tune._trial import (ModelFactory, end_trials, follow_trials, lead_trial, make_pruner,
+from autobatch.registry import make_pruner
+from autobatch.tune._trial import (ModelFactory, end_trials, follow_trials, lead_trial,
                                   open_storage, run_trial)
 from autobatch.tune._trial import is_in_memory, stale_reason
 from autobatch.tune.objectives import OBJECTIVES
@@ -51,7 +52,7 @@ __all__ = ["DEFAULT_STORAGE", "TrialRow", "TuneResult", "search", "tune_lr"]
 DEFAULT_STORAGE = "sqlite:///autobatch_studies.db"
 """Where studies go unless told otherwise: a SQLite file in the working directory."""
 
-BUDGET_UNITS = ("epochs", "samples")
+TRIAL_UNITS = ("epochs", "samples")
 
 
 class TrialRow(BaseModel):
@@ -168,8 +169,8 @@ def tune_lr(
     loss_fn: Callable[[Any, Any], Any] | None = None,
     val_data: Any,
     n_trials: int,
-    budget: float,
-    budget_unit: Literal["epochs", "samples"] = "epochs",
+    trial_length: float,
+    trial_unit: Literal["epochs", "samples"] = "epochs",
     lr_range: tuple[float, float] = (1e-5, 1.0),
     optimizer: Any = torch.optim.SGD,
     storage: str | optuna.storages.BaseStorage | None = DEFAULT_STORAGE,
@@ -188,7 +189,7 @@ def tune_lr(
     """Find the base learning rate (at ``initial_batch_size``) with an Optuna study.
 
     The LR is sampled log-uniformly from ``lr_range`` (TPE by default). Each trial runs
-    :func:`autobatch.fit` with the adaptive batch size for ``budget`` and scores its
+    :func:`autobatch.fit` with the adaptive batch size for ``trial_length`` and scores its
     validation losses (``objective``; lower is better).
 
     Args:
@@ -198,11 +199,11 @@ def tune_lr(
             batches whose model returns ``.loss``), **mean-reduced** over the batch.
         val_data: held-out data; its mean loss is the objective.
         n_trials: trials this call adds to the study (>= 1).
-        budget: the training length of every trial, in ``budget_unit``: ``"epochs"``
+        trial_length: the training length of every trial, in ``trial_unit``: ``"epochs"``
             (passes over ``data``, fractional allowed) or ``"samples"`` (examples
             processed). Every trial trains on the same number of examples; the adaptive
             batch decides how many optimizer steps that is.
-        budget_unit: ``"epochs"`` or ``"samples"``.
+        trial_unit: ``"epochs"`` or ``"samples"``.
         lr_range: ``(low, high)``, ``0 < low < high``: where the base LR is searched.
         optimizer: as for :func:`autobatch.fit`: a class or a factory ``f(params, lr)``.
         storage: an Optuna storage URL or object, or None (in memory). The default is a
@@ -219,10 +220,10 @@ def tune_lr(
         config: the :func:`autobatch.fit` settings shared by every trial (FitConfig or dict);
             ``initial_batch_size`` there is the batch the LR is tuned for.
         seed: seeds the default sampler (not the model: ``model_fn`` owns its init).
-        n_evals: validation evaluations per trial, at equal fractions of the budget.
+        n_evals: validation evaluations per trial, at equal fractions of the trial length.
         objective: what a trial scores (:mod:`autobatch.tune.objectives`): ``"tail"`` (the
             default), the mean of its last evaluations (2 of 8), ``"final"``, the validation
-            loss at the end of its budget, or ``"best"``, the lowest over its ``n_evals``
+            loss at the end of the trial, or ``"best"``, the lowest over its ``n_evals``
             evaluations (what early stopping would keep).
         device: passed to :func:`autobatch.fit`.
         verbose: keep Optuna's per-trial log lines (silenced by default).
@@ -238,7 +239,7 @@ def tune_lr(
 
     Raises:
         ValueError: for invalid arguments (every one named at once, with the fix), a
-            malformed storage URL, a study whose budget differs from this one, or a
+            malformed storage URL, a study whose trial length differs from this one, or a
             ``model_fn`` that returns a model it returned before.
     """
     problems = []
@@ -260,7 +261,7 @@ def tune_lr(
 
     return _study(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
-        budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
+        trial_length=trial_length, trial_unit=trial_unit, optimizer=optimizer, storage=storage,
         study_name=study_name or "autobatch-tune-lr", named=study_name is not None,
         sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=problems,
@@ -276,8 +277,8 @@ def search(
     loss_fn: Callable[[Any, Any], Any] | None = None,
     val_data: Any,
     n_trials: int,
-    budget: float,
-    budget_unit: Literal["epochs", "samples"] = "epochs",
+    trial_length: float,
+    trial_unit: Literal["epochs", "samples"] = "epochs",
     optimizer: Any = torch.optim.SGD,
     storage: str | optuna.storages.BaseStorage | None = DEFAULT_STORAGE,
     study_name: str | None = None,
@@ -311,7 +312,7 @@ def search(
     """
     return _study(
         model_fn, data, space=space, loss_fn=loss_fn, val_data=val_data, n_trials=n_trials,
-        budget=budget, budget_unit=budget_unit, optimizer=optimizer, storage=storage,
+        trial_length=trial_length, trial_unit=trial_unit, optimizer=optimizer, storage=storage,
         study_name=study_name or "autobatch-search", named=study_name is not None,
         sampler=sampler, pruner=pruner, config=config, seed=seed,
         n_evals=n_evals, objective=objective, device=device, verbose=verbose, problems=[],
@@ -319,7 +320,7 @@ def search(
     )
 
 
-def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget_unit, optimizer,
+def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, trial_length, trial_unit, optimizer,
            storage, study_name, named, sampler, pruner, config, seed, n_evals, objective, device,
            verbose, problems: list[str], protocol: dict[str, Any]) -> TuneResult | None:
     """Check everything, open or resume the study, run ``n_trials`` trials, summarise."""
@@ -333,11 +334,11 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
         problems.append(f"n_evals must be an integer >= 1 (got n_evals={n_evals!r})")
     if objective not in OBJECTIVES:
         problems.append(f"objective must be one of {tuple(OBJECTIVES)} (got objective={objective!r})")
-    if budget_unit not in BUDGET_UNITS:
-        problems.append(f"budget_unit must be one of {BUDGET_UNITS} (got budget_unit={budget_unit!r})")
-    numeric = isinstance(budget, (int, float)) and not isinstance(budget, bool)
-    if not (numeric and math.isfinite(budget) and budget > 0):
-        problems.append(f"budget must be a positive number of {budget_unit} (got budget={budget!r})")
+    if trial_unit not in TRIAL_UNITS:
+        problems.append(f"trial_unit must be one of {TRIAL_UNITS} (got trial_unit={trial_unit!r})")
+    numeric = isinstance(trial_length, (int, float)) and not isinstance(trial_length, bool)
+    if not (numeric and math.isfinite(trial_length) and trial_length > 0):
+        problems.append(f"trial_length must be a positive number of {trial_unit} (got trial_length={trial_length!r})")
     if val_data is None:
         problems.append("val_data is required: the validation loss is what the study minimises")
     if problems:
@@ -346,7 +347,7 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     check = protocol["forward_loss"] is None
     n = len(as_batch_source(data, check_items=check))
     val = as_batch_source(val_data, name="val_data", check_items=check)
-    total = max(1, round(budget * n)) if budget_unit == "epochs" else int(budget)
+    total = max(1, round(trial_length * n)) if trial_unit == "epochs" else int(trial_length)
     pruner = make_pruner(pruner, n_evals)
     comm_device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -379,7 +380,7 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, budget, budget
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=pruner, load_if_exists=True)
-        _check_same_budget(study, total, n_evals, objective)
+        _check_same_trials(study, total, n_evals, objective)
         # Optuna also does this before each trial; here too, so that the start-up seed
         # offset below and a table printed after n_trials already count the dead trials.
         _fail_stale_trials(study)
@@ -407,9 +408,9 @@ def _pair(lr_range: Any, problems: list[str]) -> tuple[float | None, float | Non
     return low, high
 
 
-def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int, objective: str) -> None:
-    """Refuse to mix trials of different budgets in one study: their losses do not compare."""
-    want = {"autobatch_budget_samples": total_samples, "autobatch_n_evals": n_evals,
+def _check_same_trials(study: optuna.Study, total_samples: int, n_evals: int, objective: str) -> None:
+    """Refuse to mix trials of different lengths in one study: their losses do not compare."""
+    want = {"autobatch_trial_samples": total_samples, "autobatch_n_evals": n_evals,
             "autobatch_objective": objective}
     have = {k: study.user_attrs[k] for k in want if k in study.user_attrs}
     clash = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
@@ -418,8 +419,9 @@ def _check_same_budget(study: optuna.Study, total_samples: int, n_evals: int, ob
             f"{k.removeprefix('autobatch_')}: study has {a}, this call {b}" for k, (a, b) in clash.items()
         )
         raise ValueError(
-            f"study {study.study_name!r} was run with another budget ({detail}); losses after "
-            "different budgets do not compare: use the same budget, n_evals and objective, or a new study_name"
+            f"study {study.study_name!r} was run with other trials ({detail}); losses after "
+            "different trial lengths do not compare: use the same trial_length, n_evals and objective, or a "
+            "new study_name"
         )
     for key, value in want.items():
         if key not in have:
@@ -451,7 +453,7 @@ def _summarise(study: optuna.Study) -> TuneResult:
         warnings.warn(
             f"no trial of study {study.study_name!r} completed ({len(trials)} trials: "
             f"{sum(r.reason is not None and r.reason.startswith('diverged') for r in rows)} diverged); "
-            "lower or widen lr_range, or raise the budget",
+            "lower or widen lr_range, or raise trial_length",
             stacklevel=3,
         )
         return TuneResult(study=study, trials=rows)

@@ -38,7 +38,7 @@ def main() -> None:
     res = autobatch.search(
         lambda: torch.nn.Linear(4, 1), (x, y), space=space,
         loss_fn=lambda o, t: ((o - t) ** 2).mean(), val_data=(x[:128], y[:128]),
-        n_trials=4, budget=2, storage=f"sqlite:///{db}", study_name="ddp", seed=0, n_evals=4,
+        n_trials=4, trial_length=2, storage=f"sqlite:///{db}", study_name="ddp", seed=0, n_evals=4,
         pruner=pruner,
     )
     rank = int(os.environ.get("RANK", "0"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,11 +14,12 @@ from autobatch.batch import (
     ForwardLoss,
     LossFn,
     forward_and_loss,
-    is_causal_lm,
+    shifts_labels,
     output_logits,
     target_of,
 )
-from autobatch.data import as_batch_source, canonical_device, move_to
+from autobatch.data import as_batch_source, move_to
+from autobatch.devices import autocast, canonical_device, model_device
 
 __all__ = ["evaluate"]
 
@@ -34,7 +34,7 @@ def _predictions(model: nn.Module, batch: Any, output: Any) -> tuple[torch.Tenso
     logits, target = output_logits(output), target_of(batch)
     if logits is None or target is None or target.is_floating_point() or target.is_complex():
         return None
-    if isinstance(batch, Mapping) and is_causal_lm(model) and logits.ndim >= 3:
+    if isinstance(batch, Mapping) and shifts_labels(model) and logits.ndim >= 3:
         logits, target = logits[..., :-1, :], target[..., 1:]
     if logits.ndim != target.ndim + 1 or logits.shape[:-1] != target.shape:
         return None
@@ -86,12 +86,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
     source = as_batch_source(data, name="val_data", check_items=forward_loss is None)
-    first = next(model.parameters(), None)
-    device = canonical_device(device) if device is not None else (
-        first.device if first is not None else torch.device("cpu"))
+    device = canonical_device(device) if device is not None else model_device(model)
     order = source.sampler_order(0) if source.sampler is not None else torch.arange(len(source))
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     items_total = correct = scored = 0
     classify = forward_loss is None
@@ -103,7 +99,7 @@ def evaluate(
             if items == 0:
                 continue
             batch = move_to(batch, device)
-            with autocast:
+            with autocast(device, amp_dtype):
                 loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
             loss_total += loss.double() * items
             items_total += items
