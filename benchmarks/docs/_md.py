@@ -52,6 +52,14 @@ def sig(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def sci(x: float, digits: int = 2) -> str:
+    """``x`` in short scientific notation, trailing zeros dropped: ``5.2e-3``, ``1e-3``, ``1.78e-3``."""
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def pct(x: float, digits: int = 1, signed: bool = True) -> str:
     """A fraction as a percentage: ``0.045`` -> ``+4.5%``."""
     return f"{100 * x:{'+' if signed else ''}.{digits}f}%"

@@ -20,8 +20,9 @@ Placeholders (the whole syntax):
 - ``{{ name }}``: the value the page's ``values()`` returned under ``name``, as ``str()`` would
   show it; ``{{ name.key }}`` looks ``key`` up in a dict value (``{{ mnist1d.steps }}``).
 - ``{{ name | spec }}``: the value through Python's ``format(value, spec)``: ``,`` (``1,402``),
-  ``.2f`` (``0.19``), ``+.1%`` (``+4.5%``), ``g``; or ``sig`` / ``sig2``: three / two
-  significant figures (``1.39e-3`` below 0.01, see :func:`benchmarks.docs._md.sig`).
+  ``.2f`` (``0.19``), ``+.1%`` (``+4.5%``), ``g``; or a named filter: ``sig`` / ``sig2``, three /
+  two significant figures (``0.239``, ``1.39e-3`` below 0.01); ``e2`` / ``e3``, scientific
+  notation to two / three significant figures without trailing zeros (``5.2e-3``, ``1e-3``).
 
 A placeholder sits on one line; ``{{{ name }}}`` gives the value between literal braces. There is
 no escape, loop or condition: text that depends on the results (a verdict, a table, a list of
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import Page, sig
+from benchmarks.docs._md import Page, sci, sig
 
 __all__ = ["FILTERS", "PageSource", "TemplateError", "fill", "read_source", "render_source"]
 
@@ -50,6 +51,8 @@ FRONT_KEYS = ("written_for", "summary")
 FILTERS: dict[str, Callable[[Any], str]] = {
     "sig": sig,
     "sig2": lambda x: sig(x, 2),
+    "e2": sci,
+    "e3": lambda x: sci(x, 3),
 }
 
 

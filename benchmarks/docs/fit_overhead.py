@@ -6,9 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import listing, table, verdict
+from benchmarks.docs._md import listing, pct, span, table, verdict
 
 VARIANTS = ("control", "off", "micro", "micro_auto", "per_example")
+#: Steps of the estimator's first window, all of them measured (the library's default).
+FIRST_WINDOW = 20
+#: A plain step at least this long (ms) is "tens of milliseconds" in the page's reading.
+SLOW_STEP_MS = 10.0
 
 
 def _cell(x: float | None) -> str:
@@ -27,7 +31,14 @@ def values(data: Any, source: Path) -> dict[str, Any]:
               for case, per in targets.items() for variant, target in per.items() if case in cases]
     verdicts = listing([f"{case} {variant} {_cell(got)} (target <= {target}x) {verdict(got is not None and got <= target)}"
                         for case, variant, target, got in checks])
+    with_target = [cases[c]["steps"] for c in targets if c in cases]
+    slow = [c["ratio"]["micro"] - 1 for c in cases.values() if c["plain_ms_per_step"] >= SLOW_STEP_MS]
     return {
+        "cases": {name: {"steps": c["steps"], "target": "with a target" if name in targets else "no target",
+                         **c["ratio"]} for name, c in cases.items()},
+        "targets": targets, "target_steps": span(with_target, str),
+        "first_window_share": pct(FIRST_WINDOW / min(with_target), 0, signed=False),
+        "slow_step_cost": span(slow, lambda x: f"{100 * x:.0f}") + "%" if slow else "-",
         "rounds": data["rounds"], "timer": data["timer"], "minutes": data["seconds"] / 60,
         "torch": data["torch"], "load_before": f"{data['load_average_before'][0]:.1f}",
         "load_after": f"{data['load_average_after'][0]:.1f}", "table": tbl, "verdicts": verdicts,

@@ -4,10 +4,14 @@ against the exact B_simple."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import listing, pct, table
+from benchmarks.docs._md import listing, pct, span, table
+
+# The page reads the rows in three bands of B_simple/B: up to LOW, about MID, and above.
+LOW, MID = 2, 4
 
 
 def _band(ratio: float) -> float:
@@ -38,9 +42,11 @@ def values(data: Any, source: Path) -> dict[str, Any]:
                           _cell(by_method.get("micro")), _cell(by_method.get("per_example"))])
     tbl = table(["problem", "exact B_simple", "B", "B_simple/B", "micro: bias / spread / worst",
                  "per-example: bias / spread / worst"], body_rows, "lrrrll")
-    low = [r for r in rows if _band(r["ratio"]) <= 2]
-    mid = [r for r in rows if _band(r["ratio"]) == 4]
-    high = [r for r in rows if _band(r["ratio"]) >= 8]
+    low = [r for r in rows if _band(r["ratio"]) <= LOW]
+    mid = [r for r in rows if _band(r["ratio"]) == MID]
+    high = [r for r in rows if _band(r["ratio"]) > MID]
+    high_bands = sorted({_band(r["ratio"]) for r in high})
+    splits = Counter(round(r["batch_size"] / r["micro_batch_size"]) for r in rows if r["method"] == "micro")
     singles = sorted({(r["problem"], r["batch_size"]) for r in rows
                       if r["method"] == "micro" and r["micro_batch_size"] == 1})
     return {
@@ -53,4 +59,7 @@ def values(data: Any, source: Path) -> dict[str, Any]:
         "mid_worst": _worst_abs(mid, "worst"),
         "high_bias": pct(max(r["bias"] for r in high)) if high else "-", "high_worst": _worst_abs(high, "worst"),
         "single": listing([f"{p} B={b}" for p, b in singles]),
+        "low_band": LOW, "mid_band": MID, "high_bands": listing([f"{x:g}" for x in high_bands]) or "-",
+        "high_span": span(high_bands, lambda x: f"{x:g}") if high_bands else "-",
+        "micro_split": splits.most_common(1)[0][0],
     }

@@ -42,6 +42,7 @@ def values(data: Any, source: Path) -> dict[str, Any]:
         ) + " at the allocator (oneDNN convolution scratch), which neither the probe's count nor the budget guard sees"
     else:
         scratch = "in this run every found size's allocator peak stayed within its budget"
+    faster = [r for r in rows if r["baseline_wall_s_median"] < r["probe_wall_s_median"]]
     load = data["load_average_1min"]
     return {
         "repeats": data["repeats"], "threads": data["threads"], "import_s": data["one_time_fake_tensor_import_s"],
@@ -52,5 +53,8 @@ def values(data: Any, source: Path) -> dict[str, Any]:
         "baseline_steps": span((r["baseline_real_steps"] for r in rows), str),
         "exact_verdict": verdict(exact == len(rows)), "seconds_target": SECONDS_TARGET,
         "slow_verdict": slow_verdict, "scratch": scratch,
+        "baseline_faster": listing([f"{r['model']} at {r['budget_mib']} MiB, whose maximum is {num(r['true_max'])}: "
+                                    f"{r['baseline_wall_s_median']:.2f} s against the probe's {r['probe_wall_s_median']:.2f} s"
+                                    for r in faster]) if faster else "none in this run",
         "summary_slow": "met" if not slow else f"MISSED in {len(slow)} of {len(rows)} cases",
     }
