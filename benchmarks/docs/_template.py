@@ -33,14 +33,14 @@ and a ``{{`` or ``}}`` left unmatched are errors that name the page and the line
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.docs._md import Page, sci, sig
 
-__all__ = ["FILTERS", "PageSource", "TemplateError", "fill", "read_source", "render_source"]
+__all__ = ["FILTERS", "PENDING", "PageSource", "Pending", "TemplateError", "fill", "read_source", "render_source"]
 
 #: ``{{ name }}`` or ``{{ name | spec }}``; innermost braces, so ``{{{ x }}}`` keeps one brace each side.
 PLACEHOLDER = re.compile(r"\{\{([^{}]*)\}\}")
@@ -54,6 +54,39 @@ FILTERS: dict[str, Callable[[Any], str]] = {
     "e2": sci,
     "e3": lambda x: sci(x, 3),
 }
+
+
+class Pending(Mapping[str, Any]):
+    """A value for results not recorded yet (a benchmark still running): every key of it is
+    itself, and it shows as ``-`` whatever the format, so a page renders before its run ends."""
+
+    def __getitem__(self, key: str) -> Pending:
+        """Any key: the same pending value."""
+        return self
+
+    def __contains__(self, key: object) -> bool:
+        """Every key is there."""
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        """No key to list."""
+        return iter(())
+
+    def __len__(self) -> int:
+        """No key to count."""
+        return 0
+
+    def __format__(self, spec: str) -> str:
+        """``-`` for any format spec."""
+        return "-"
+
+    def __str__(self) -> str:
+        """``-``."""
+        return "-"
+
+
+#: The one pending value (``{"arm": PENDING}`` renders ``{{ arm.default.mean | .4f }}`` as ``-``).
+PENDING = Pending()
 
 
 class TemplateError(ValueError):
@@ -146,7 +179,7 @@ def _lookup(values: Mapping[str, Any], name: str) -> Any:
 
 def _format(value: Any, spec: str) -> str:
     """``value`` through a named filter or a Python format spec (``""``: ``str(value)``)."""
-    if spec in FILTERS:
+    if spec in FILTERS and not isinstance(value, Pending):
         return FILTERS[spec](value)
     return format(value, spec)
 

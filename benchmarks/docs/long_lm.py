@@ -8,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import listing, num, sig, table, times, verdict
+from benchmarks.docs._md import listing, num, sci, sig, span, table, times, verdict
+from benchmarks.docs._template import PENDING
 
 ARM_ORDER = ("default", "gns", "ramp", "ramp-constant-lr")
 
@@ -31,18 +32,81 @@ def _pilot(summary: dict[str, Any]) -> str:
 EPOCH_RANGES = ((0, 0.5), (0.5, 1), (1, 2), (2, 4), (4, 8), (8, 12))
 
 
-def _by_epoch(data: dict[str, Any]) -> str:
-    """The pilot runs' median ``B_simple`` by range of epochs."""
-    epochs, rows = data["task"]["epochs"], []
+def _epoch_medians(data: dict[str, Any]) -> list[tuple[float, list[float | None]]]:
+    """Per pilot run (highest LR first): its LR and the median ``B_simple`` in each of
+    :data:`EPOCH_RANGES` (``None`` where the trace has no point)."""
+    epochs, out = data["task"]["epochs"], []
     for r in sorted((r for r in data["runs"] if r["arm"] == "pilot" and r.get("noise_trace")), key=lambda r: -r["lr"]):
         per_epoch = r["steps"] / epochs
         cells = []
         for lo, hi in EPOCH_RANGES:
             vals = [x for step, x in r["noise_trace"] if lo * per_epoch <= step < hi * per_epoch]
-            cells.append(f"{statistics.median(vals):.1f}" if vals else "-")
-        rows.append([sig(r["lr"]), *cells])
+            cells.append(statistics.median(vals) if vals else None)
+        out.append((r["lr"], cells))
+    return out
+
+
+def _by_epoch(data: dict[str, Any]) -> str:
+    """The pilot runs' median ``B_simple`` by range of epochs."""
+    rows = [[sig(lr), *("-" if x is None else f"{x:.1f}" for x in cells)] for lr, cells in _epoch_medians(data)]
     header = ["pilot LR", *(f"epochs {lo:g}-{hi:g}" for lo, hi in EPOCH_RANGES)]
     return table(header, rows, "r" * len(header)) if rows else "-"
+
+
+def _tens(values: list[float]) -> str:
+    """The values' span, each rounded to tens (``40-70``): for figures the reading gives roughly."""
+    return span(values, lambda x: f"{round(x, -1):.0f}") if values else "-"
+
+
+def _growth(data: dict[str, Any]) -> dict[str, Any]:
+    """Where the pilots' noise scale grew: the median by the end of the first epoch and over the
+    later epochs, rounded to tens, and how many epochs those are."""
+    medians = _epoch_medians(data)
+    first = [cells[i] for _, cells in medians for i, (_, hi) in enumerate(EPOCH_RANGES) if hi == 1]
+    later = [cells[i] for _, cells in medians for i, (lo, _) in enumerate(EPOCH_RANGES) if lo >= 1]
+    return {"first_epoch": _tens([x for x in first if x is not None]),
+            "later": _tens([x for x in later if x is not None]), "later_epochs": data["task"]["epochs"] - 1}
+
+
+def _reached(n: int, of: int) -> str:
+    """``all 3 seeds`` / ``2 of 3 seeds`` / ``no seed``."""
+    return "no seed" if n == 0 else f"all {of} seeds" if n == of else f"{n} of {of} seeds"
+
+
+def _arm_reading(data: dict[str, Any], s: dict[str, Any], label: str) -> dict[str, Any]:
+    """What the reading cites of one arm: final loss (mean, sd, against the target), the seeds
+    that reached the target and their ratios, where B went and when, the in-run noise growth."""
+    a = s["arms"][label]
+    reached = [p for p in a["per_seed"] if p["reached"] is not None]
+    runs = [r for r in data["runs"] if r["arm"] == label and r["seed"] in data["seeds"]]
+    top = [next((step for step, b, _ in r["trajectory"] if b == r["max_batch_size"]), None) for r in runs]
+    growth = [r["noise_growth"]["growth"] for r in runs if r.get("noise_growth")]
+    slow = [p for p in reached if p["ratios"]["wall_s"] > 1]
+    return {
+        "mean": a["final_loss_mean"], "sd": a["final_loss_sd"], "vs_best": a["final_loss_mean"] / s["target_loss"] - 1,
+        "reached": _reached(len(reached), a["seeds"]),
+        "steps_span": span([p["ratios"]["steps"] for p in reached], lambda x: f"{x:.2f}") if reached else "-",
+        "samples_span": span([p["ratios"]["samples"] for p in reached], lambda x: f"{x:.2f}") if reached else "-",
+        "max_b": span(a["max_batch_size"], str),
+        "grow_steps": _tens([x for x in top if x is not None]),
+        "in_run_growth": span(growth, lambda x: f"{x:.0f}") if growth else "-",
+        "slow_wall": listing([f"seed {p['seed']} needed {p['ratios']['wall_s']:.2f}x" for p in slow]) or "no seed needed more",
+    }
+
+
+def _tuned_lrs(s: dict[str, Any]) -> str:
+    """``1.5e-3 at 16, 32 and 128, 2e-3 at 64``: each tuned LR and the sizes it was tuned for."""
+    by_lr: dict[float, list[int]] = {}
+    for b, lr in sorted(s.get("tuned_lr", {}).items(), key=lambda kv: int(kv[0])):
+        by_lr.setdefault(lr, []).append(int(b))
+    return ", ".join(f"{sci(lr)} at {listing([str(b) for b in sizes])}" for lr, sizes in by_lr.items()) or "-"
+
+
+def _throughput(s: dict[str, Any]) -> str:
+    """The fixed arms' sequences per second (samples over median wall time), rounded to hundreds."""
+    rates = [statistics.median(a["samples"]) / statistics.median(a["wall_s"])
+             for label, a in s["arms"].items() if label.startswith("fixed")]
+    return span(rates, lambda x: f"{round(x, -2):,.0f}") if rates else "-"
 
 
 def _tuning(data: dict[str, Any]) -> str:
@@ -137,14 +201,30 @@ def values(data: Any, source: Path) -> dict[str, Any]:
         "steps_ratio": crit["steps_ratio"], "samples_ratio": crit["samples_ratio"],
         "overrun": data.get("overrun", 1.0),
     }
+    seeds_of = {arm: sorted({r["seed"] for r in data["runs"] if r["arm"] == arm}) for arm in ("pilot", "tune")}
+    fields.update(
+        n_runs=len(data["runs"]), total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
+        pilot_seed=listing([str(x) for x in seeds_of["pilot"]]) or "-",
+        tune_seed=listing([str(x) for x in seeds_of["tune"]]) or "-",
+        pilots=[{"lr": p["lr"], "growth": p["growth"]} for p in s.get("pilot", [])] or PENDING,
+        growth=_growth(data), tuned_lrs=_tuned_lrs(s),
+    )
     if "arms" in s:
         ref = s["reference"]
+        fixed = [s["arms"][label] for label in _label_order(s["arms"]) if label.startswith("fixed")]
+        fields.update(
+            arm={label: _arm_reading(data, s, label) for label in ARM_ORDER if label in s["arms"]},
+            best_b=int(s["best_fixed"].split("=")[1]), best_arm=_arm_reading(data, s, s["best_fixed"]),
+            fixed_small={"mean": fixed[0]["final_loss_mean"]}, fixed_large={"mean": fixed[-1]["final_loss_mean"]},
+            throughput=_throughput(s),
+        )
         lines, default_ok = _verdicts(s, crit)
         fields.update(best=s["best_fixed"], target=f"{s['target_loss']:.4f}", ref_steps=num(ref["steps"]),
                       ref_samples=num(ref["samples"]), ref_wall=f"{ref['wall_s']:.1f}", results=_results(s), per_seed=_per_seed(data, s),
                       verdicts="\n".join(lines) or "No adaptive arm has all its seeds yet.")
     else:
         default_ok = None
+        fields.update(arm=PENDING, best_b="-", best_arm=PENDING, fixed_small=PENDING, fixed_large=PENDING, throughput="-")
         fields.update(best="(no complete fixed B yet)", target="-", ref_steps="-", ref_samples="-", ref_wall="-",
                       results="No complete fixed-B arm yet.", per_seed="-", verdicts="Not measured yet.")
     growths = [p["growth"] for p in s.get("pilot", [])]
