@@ -6,10 +6,23 @@ The page has a section per task; its values are grouped under the task's name
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import listing, num, pct, sig, table, times, verdict
+from benchmarks.docs import equal_budget
+from benchmarks.docs._md import (
+    listing,
+    num,
+    pct,
+    sig,
+    span,
+    table,
+    times,
+    verdict,
+    word,
+)
 
 # Targets of the time-to-target issue (#4), per task: the default adaptive run needs at most
 # STEPS x the steps of the best fixed B that uses no more samples, and its final metric is
@@ -117,7 +130,26 @@ def _mnist1d_reading(name: str, task: dict[str, Any]) -> dict[str, Any]:
         "lin_lr_32": sig(2 * task["summary"]["tuning"][str(b0)]["best_lr"], 2),
         "b32_lr": sig(task["summary"]["tuning"][str(2 * b0)]["best_lr"], 2),
         "worst_steps": num(max(s[0] for s in seeds_ok)),
+        "n_seeds_word": word(len(task["seeds"])), "n_seeds_title": word(len(task["seeds"])).capitalize(),
+        "b2": 2 * b0, "b0_lr": sig(task["summary"]["tuning"][str(b0)]["best_lr"], 2),
+        **_adascale_lrs(task, b0),
     }
+
+
+def _adascale_lrs(task: dict[str, Any], b0: int) -> dict[str, str]:
+    """``gns/adascale``'s median LR before the target at the two batch sizes above B0 it spent
+    most trajectory points at (``0.25 at B=24 and 0.30 at B=32``), and what the linear rule
+    gives at those sizes from B0's tuned LR (``0.3 and 0.4``)."""
+    at: dict[int, list[float]] = {}
+    for r in task["runs"]:
+        if r["label"] == "gns/adascale" and r["reached"]:
+            for step, b, lr in r["trajectory"]:
+                if b > b0 and step < r["reached"]["step"]:
+                    at.setdefault(b, []).append(lr)
+    sizes = sorted(sorted(at, key=lambda b: -len(at[b]))[:2])
+    base = task["summary"]["tuning"][str(b0)]["best_lr"]
+    return {"ada_lrs": listing([f"{statistics.median(at[b]):.2f} at B={b}" for b in sizes]) or "-",
+            "linear_lrs": listing([f"{base * b / b0:g}" for b in sizes]) or "-"}
 
 
 def _charlm_reading(name: str, task: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +185,8 @@ def _charlm_reading(name: str, task: dict[str, Any]) -> dict[str, Any]:
         "default_commit": next((f"`{r['autobatch_commit']}`" for r in task["runs"]
                              if r["label"] == default and r.get("autobatch_commit")), "unrecorded"),
         "sqrt_steps": num(rows["gns/sqrt"]["steps"]), "sqrt_final": _metric(rows["gns/sqrt"]["final"]),
+        "grid_points": span([len(t["tried"]) for t in tuning.values()], str),
+        "n_adaptive_word": word(len(task["spec"]["adaptive"])), "n_sizes_word": word(len(sizes)),
     }
 
 
@@ -179,6 +213,14 @@ def _task_section(name: str, task: dict[str, Any]) -> dict[str, Any]:
     return section | (READINGS[name](name, task) if name in READINGS else {})
 
 
+def _equal_budget_gap(path: Path) -> str:
+    """What the mnist1d reading quotes from the equal-budget page: the per-seed gaps of the
+    default fit at a quarter of the tuned LR (``-`` without that file)."""
+    if not path.exists():
+        return "-"
+    return equal_budget.values(json.loads(path.read_text()), path)["r"]["mnist1d"]["tuned4"]["gap_span"]
+
+
 def values(data: Any, source: Path) -> dict[str, Any]:
     """The page's named values: the protocol's settings, the figure, one group per task."""
     png = source.with_suffix(".png")
@@ -197,10 +239,13 @@ def values(data: Any, source: Path) -> dict[str, Any]:
         met = f" (target {times(goal['steps'], 1)}: {'met' if vs['steps_ratio'] <= goal['steps'] else 'MISSED'})" if goal else ""
         parts.append(f"{name}: `{_default_label(name, task)}` needs {times(vs['steps_ratio'])} the steps of the best "
                      f"fixed B with no more samples{met}")
+    sections = {name: _task_section(name, task) for name, task in data.items()}
+    if "mnist1d" in sections:
+        sections["mnist1d"]["equal_budget_gap"] = _equal_budget_gap(source.with_name("equal_budget.json"))
     return {
         "decay": " / ".join(f"{x:g}" for x in sorted(decay)), "figure": figure,
         "minutes_mnist1d": minutes.get("mnist1d", "not in these results"),
         "minutes_charlm": minutes.get("charlm", "not in these results"),
         "summary": "; ".join(parts),
-        **{name: _task_section(name, task) for name, task in data.items()},
+        **sections,
     }
