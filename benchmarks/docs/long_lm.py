@@ -203,7 +203,7 @@ def values(data: Any, source: Path) -> dict[str, Any]:
     }
     seeds_of = {arm: sorted({r["seed"] for r in data["runs"] if r["arm"] == arm}) for arm in ("pilot", "tune")}
     fields.update(
-        n_runs=len(data["runs"]), total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
+        n_runs=len(data["runs"]), n_seeds=len(data["seeds"]), total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
         pilot_seed=listing([str(x) for x in seeds_of["pilot"]]) or "-",
         tune_seed=listing([str(x) for x in seeds_of["tune"]]) or "-",
         pilots=[{"lr": p["lr"], "growth": p["growth"]} for p in s.get("pilot", [])] or PENDING,
