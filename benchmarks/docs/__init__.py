@@ -15,7 +15,10 @@ A page has two halves:
   ``benchmarks/results/<name>.json``, ``source`` its path), and no prose.
 
 So no figure of the results is typed by hand and a page cannot disagree with its data.
-``tests/test_docs.py`` fails when a page on disk differs from what its JSON renders to.
+``tests/test_docs.py`` fails when a page on disk differs from what its JSON renders to. A
+placeholder with no value, a value no placeholder uses, or results that lack what the page
+cites stop the rendering with the source file and line (exit code 2); for results still being
+written, ``values()`` may give :data:`PENDING`, which renders as ``-``.
 
 To add a benchmark: write both halves and add ``values`` to :data:`RENDERERS`. A JSON without
 a renderer is listed in the index as not rendered.
@@ -52,10 +55,16 @@ from benchmarks.docs import (
     tune,
 )
 from benchmarks.docs._md import Page
-from benchmarks.docs._template import TemplateError, read_source, render_source
+from benchmarks.docs._template import (
+    PENDING,
+    TemplateError,
+    fill,
+    read_source,
+    render_source,
+)
 
-__all__ = ["RENDERERS", "SOURCES", "Page", "TemplateError", "digest", "main", "render_all", "stale_pages",
-           "write_pages"]
+__all__ = ["PENDING", "RENDERERS", "SOURCES", "Page", "TemplateError", "digest", "fill", "main", "read_source",
+           "render_all", "render_page", "stale_pages", "write_pages"]
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,14 +107,23 @@ def render_page(name: str, data: Any, results_file: Path, sources: Path = SOURCE
     """One page: ``sources/<name>.md`` filled with ``RENDERERS[name](data, results_file)``.
 
     Raises:
-        TemplateError: the source is malformed, names a value that was not computed, or a
-            computed value is never used (the message names the file and line).
+        TemplateError: the source is malformed, names a value that was not computed, a
+            computed value is never used (the message names the file and line), or the
+            values cannot be computed from these results.
     """
     path = sources / f"{name}.md"
     if not path.exists():
         raise TemplateError(f"{_shown(path)}: no page source for {name!r}, which RENDERERS lists; "
                             f"write it (front matter, '# Title', prose) or remove {name!r} from RENDERERS")
-    return render_source(read_source(path), RENDERERS[name](data, results_file))
+    source = read_source(path)
+    try:
+        values = RENDERERS[name](data, results_file)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, StopIteration) as err:
+        raise TemplateError(f"{_shown(path)}: its values could not be computed from {_shown(results_file)} "
+                            f"({type(err).__name__}: {err}); the results lack something the page cites: "
+                            f"complete the run, or change values() in benchmarks/docs/{name}.py and the "
+                            f"prose that cites it") from err
+    return render_source(source, values)
 
 
 def _page_text(name: str, page: Page, data: Any, sources: Path = SOURCES) -> str:
@@ -216,9 +234,20 @@ def _shown(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.docs [--check | --digests]``; returns the exit code."""
+    """``python -m benchmarks.docs [--check | --digests]``; returns the exit code (2: a page
+    source or its values could not be rendered; the message says where and how to fix it)."""
+    try:
+        return _main(argv)
+    except TemplateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    """The command itself; :func:`main` turns a :class:`TemplateError` into exit code 2."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.docs", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 listing stale pages")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 listing stale pages (2 if a page cannot be rendered)")
     parser.add_argument("--digests", action="store_true",
                         help="print each results file's digest (for the written_for line of a page source)")
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""What every page renderer shares: the :class:`Page` it returns and number/table formatting."""
+"""What the pages share: the rendered :class:`Page`, and the number, table and list formats their
+``values()`` functions and the placeholders' named filters use."""
 
 from __future__ import annotations
 
