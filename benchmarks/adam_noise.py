@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector
-from autobatch.noise.preconditioned import PreconditionedNormCollector, adam_preconditioner
+from autobatch.noise.preconditioned import (
+    PreconditionedNormCollector,
+    adam_preconditioner,
+)
 from autobatch.problems import get_example
 
 OUT = Path(__file__).resolve().parent / "results" / "adam_noise.json"

@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from autobatch.testing import TinyTransformer  # noqa: E402
-
-from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector, PerExampleNormCollector  # noqa: E402
-from autobatch.noise.micro_batch import grad_sq_norm  # noqa: E402
+from autobatch.noise import (
+    GradientNoiseScale,
+    MicroBatchNormCollector,
+    PerExampleNormCollector,
+)
+from autobatch.noise.micro_batch import grad_sq_norm
+from autobatch.testing import TinyTransformer
 
 
 def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
