@@ -101,22 +101,26 @@ def sources(tmp_path: Path) -> Path:
 
 
 def _edit(path: Path, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in the file."""
     text = path.read_text()
     assert text.count(old) == 1, f"{old!r} should occur once in {path.name}"
     path.write_text(text.replace(old, new))
 
 
 def _line_of(path: Path, needle: str) -> int:
+    """The 1-based number of the file's first line containing ``needle``."""
     return next(i for i, line in enumerate(path.read_text().split("\n"), 1) if needle in line)
 
 
 def test_every_page_source_has_a_renderer_and_every_renderer_a_source() -> None:
+    """A page source without values() (or values() without prose) is a half-added page."""
     assert sorted(p.stem for p in docs.SOURCES.glob("*.md")) == sorted(docs.RENDERERS)
 
 
 def test_an_unknown_placeholder_fails_naming_the_page_and_the_line(
     tree: tuple[Path, Path], sources: Path
 ) -> None:
+    """A placeholder naming no computed value stops the rendering at its file and line."""
     results, out = tree
     page = sources / "probe.md"
     _edit(page, "## Against the targets\n", "## Against the targets\n\nSee {{ no_such_value | .2f }}.\n")
@@ -127,6 +131,7 @@ def test_an_unknown_placeholder_fails_naming_the_page_and_the_line(
 
 
 def test_a_value_no_placeholder_uses_fails_naming_it(tree: tuple[Path, Path], sources: Path) -> None:
+    """A value computed but cited nowhere is an error: a figure dropped from the prose by mistake."""
     results, out = tree
     _edit(sources / "adam_noise.md", "{{ table }}\n", "")
     with pytest.raises(docs.TemplateError, match=r"adam_noise\.md: values computed but never used: table"):
@@ -134,6 +139,7 @@ def test_a_value_no_placeholder_uses_fails_naming_it(tree: tuple[Path, Path], so
 
 
 def test_a_page_source_edit_changes_only_that_page(tree: tuple[Path, Path], sources: Path) -> None:
+    """Prose is edited in the Markdown source; the page follows and no figure moves."""
     results, out = tree
     page = out / "benchmarks" / "adam_noise.md"
     before = page.read_text()
@@ -149,6 +155,7 @@ def test_a_page_source_edit_changes_only_that_page(tree: tuple[Path, Path], sour
 def test_the_written_for_front_matter_round_trips(
     tree: tuple[Path, Path], sources: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A stale ``written_for`` line brings the banner; the digest ``--digests`` prints removes it."""
     results, out = tree
     source = sources / "gns_overhead.md"
     current = docs.digest(json.loads((results / "gns_overhead.json").read_text()))
@@ -178,6 +185,7 @@ def test_the_written_for_front_matter_round_trips(
     ("{{ arm.default.mean | .4f }}", {"arm": docs.PENDING}, "-"),
 ])
 def test_placeholders_fill_as_documented(template: str, values: dict, expected: str) -> None:
+    """Format specs, named filters, literal braces, dotted names, pending values."""
     assert docs.fill(template, values, Path("page.md")) == expected
 
 
@@ -189,11 +197,13 @@ def test_placeholders_fill_as_documented(template: str, values: dict, expected: 
     ("{{ 2x }}", {}, r"is not a placeholder"),
 ])
 def test_a_bad_placeholder_fails_with_the_rule_and_the_fix(template: str, values: dict, message: str) -> None:
+    """Each malformed placeholder fails with the line and what was wrong."""
     with pytest.raises(docs.TemplateError, match=message):
         docs.fill(template, values, Path("page.md"), first_line=3)
 
 
 def test_a_page_source_without_front_matter_fails(tmp_path: Path) -> None:
+    """The front matter (written_for, summary) is required."""
     page = tmp_path / "bare.md"
     page.write_text("# Title\n\nProse.\n")
     with pytest.raises(docs.TemplateError, match=r"bare\.md line 1: a page source starts with a front matter"):

@@ -203,7 +203,8 @@ def fill(template: str, values: Mapping[str, Any], where: Path, first_line: int 
     for offset, line in enumerate(template.split("\n")):
         at = f"{where} line {first_line + offset}"
 
-        def one(match: re.Match[str], line: str = line, at: str = at) -> str:
+        def one(match: re.Match[str], at: str = at) -> str:
+            """The text of one placeholder on this line."""
             name, _, spec = (part.strip() for part in match.group(1).partition("|"))
             if not NAME.fullmatch(name):
                 raise TemplateError(f"{at}: {match.group(0)!r} is not a placeholder: write "
