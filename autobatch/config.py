@@ -141,7 +141,7 @@ class LRConfig(_Section):
         max_lr_factor: the scaling rule's factor never exceeds this (``None``: no cap). A
             base LR tuned at ``B0`` is often close to the largest stable LR; on MNIST-1D with
             plain SGD the best LR was 0.2 at B=16 and 0.4 from B=64 up, and 0.8 diverged at
-            every B (design note benchmarking.md), while the AdaScale gain kept growing with
+            every B (docs/design/benchmarking.md), while the AdaScale gain kept growing with
             the noise scale and reached 3x. The default 2.0 keeps that headroom.
         max_grad_norm: clip the step's gradient to this L2 norm (over all trainable
             parameters, of the mean loss, unscaled under fp16) before the optimizer step;

@@ -21,6 +21,7 @@ are the medians over rounds of (micro / off) in the same round, for a few model 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -71,8 +72,8 @@ def _step_time(method: str, spec: tuple[int, int, int], steps: int) -> tuple[flo
                         max_steps=steps, initial_batch_size=BATCH, policy="fixed", lr_scaling="none",
                         gns_method=method, shuffle=False, progress=False, callbacks=[Clock()])
     assert res.steps == steps
-    wall = [b[0] - a[0] for a, b in zip(clock, clock[1:])][3:]
-    cpu = [b[1] - a[1] for a, b in zip(clock, clock[1:])][3:]
+    wall = [b[0] - a[0] for a, b in itertools.pairwise(clock)][3:]
+    cpu = [b[1] - a[1] for a, b in itertools.pairwise(clock)][3:]
     return statistics.median(wall), statistics.median(cpu)
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from autobatch.testing import EXACT_CASES, exact_noise_scale  # noqa: E402
-
-from autobatch import measure_noise_scale  # noqa: E402
+from autobatch import measure_noise_scale
+from autobatch.testing import EXACT_CASES, exact_noise_scale
 
 SETTLE = {"logistic": 0, "mlp": 0, "cnn": 0, "sequence": 20}  # as in tests/test_measure.py
 

@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from autobatch.testing import TinyTransformer  # noqa: E402
-
-from autobatch.noise import GradientNoiseScale, MicroBatchNormCollector, PerExampleNormCollector  # noqa: E402
-from autobatch.noise.micro_batch import grad_sq_norm  # noqa: E402
+from autobatch.noise import (
+    GradientNoiseScale,
+    MicroBatchNormCollector,
+    PerExampleNormCollector,
+)
+from autobatch.noise.micro_batch import grad_sq_norm
+from autobatch.testing import TinyTransformer
 
 
 def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,7 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, Callable]
     torch.manual_seed(0)
     b = 128
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-    cnn = nn.Sequential(  # the MNIST-1D CNN of shared/design/benchmarking.md
+    cnn = nn.Sequential(  # the MNIST-1D CNN of docs/design/benchmarking.md
         nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(),
         nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
         nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.ReLU(),

@@ -117,7 +117,7 @@ def fits(model, make_batch, loss_fn, make_opt, b: int, budget: int, counter: lis
     try:
         with MemoryBudget(budget, baseline=(model, batch)):
             two_steps(model, batch, loss_fn, optimizer, counter)
-    except Exception as exc:  # noqa: BLE001 - only OOMs are expected
+    except Exception as exc:  # only OOMs are expected
         if not is_oom_error(exc):
             raise
         oom = True

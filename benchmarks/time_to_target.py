@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 import autobatch
-from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.problems import Problem
 from autobatch.registry import get_problem
+from autobatch.train.callbacks import Callback, StopTraining
 
 try:
     from benchmarks._run_info import short_commit
@@ -178,7 +178,7 @@ class _Tracker(Callback):
         self.eval_s = 0.0
         self.reached = False
 
-    def on_step_end(self, record) -> None:  # noqa: ANN001 - a StepRecord
+    def on_step_end(self, record) -> None:  # record: a StepRecord
         at_budget = self.budget_samples is not None and self.final is None \
             and record.samples >= self.budget_samples
         if record.step >= self.next_eval or at_budget:
@@ -188,7 +188,7 @@ class _Tracker(Callback):
         if self.step_limit is not None and record.step >= self.step_limit and not self.reached:
             raise StopTraining("step limit")
 
-    def _evaluate(self, record, at_budget: bool) -> None:  # noqa: ANN001
+    def _evaluate(self, record, at_budget: bool) -> None:
         t0 = time.perf_counter()
         metrics = self.ex.evaluate(self.model, self.ex.val_data)
         train_wall = record.wall_time_s - self.eval_s

@@ -1,8 +1,8 @@
 """The base-LR choice, scored by re-running it: ``tune_lr`` and ``lr="auto"`` against a grid.
 
-A study is only as good as the LR it *chooses*, measured on fresh runs (design note
-benchmarking.md); the best single noisy run it saw is the luckiest draw among many. So for
-each task (the built-in ``mnist1d`` CNN with plain SGD, ``charlm`` with AdamW, sizes in
+A study is only as good as the LR it *chooses*, measured on fresh runs
+(docs/design/benchmarking.md); the best single noisy run it saw is the luckiest draw among
+many. So for each task (the built-in ``mnist1d`` CNN with plain SGD, ``charlm`` with AdamW, sizes in
 :data:`TASKS`), on 1 CPU thread:
 
 1. **grid**: every LR of a log grid over the task's range trained once (model seed 0) at the

@@ -91,6 +91,125 @@ def test_a_page_whose_results_are_gone_is_stale_and_deleted(tree: tuple[Path, Pa
     assert not (out / "benchmarks" / "tune.md").exists() and hand_written.exists()
 
 
+# -- page sources --------------------------------------------------------------------------------
+@pytest.fixture
+def sources(tmp_path: Path) -> Path:
+    """A copy of benchmarks/docs/pages, to edit without touching the repository."""
+    out = tmp_path / "pages"
+    shutil.copytree(docs.SOURCES, out)
+    return out
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in the file."""
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} should occur once in {path.name}"
+    path.write_text(text.replace(old, new))
+
+
+def _line_of(path: Path, needle: str) -> int:
+    """The 1-based number of the file's first line containing ``needle``."""
+    return next(i for i, line in enumerate(path.read_text().split("\n"), 1) if needle in line)
+
+
+def test_every_page_source_has_a_renderer_and_every_renderer_a_source() -> None:
+    """A page source without values() (or values() without prose) is a half-added page."""
+    assert sorted(p.stem for p in docs.SOURCES.glob("*.md")) == sorted(docs.RENDERERS)
+
+
+def test_an_unknown_placeholder_fails_naming_the_page_and_the_line(
+    tree: tuple[Path, Path], sources: Path
+) -> None:
+    """A placeholder naming no computed value stops the rendering at its file and line."""
+    results, out = tree
+    page = sources / "probe.md"
+    _edit(page, "## Against the targets\n", "## Against the targets\n\nSee {{ no_such_value | .2f }}.\n")
+    line = _line_of(page, "no_such_value")
+    with pytest.raises(docs.TemplateError, match=rf"probe\.md line {line}: unknown placeholder "
+                                                   r"\{\{ no_such_value \| \.2f \}\}.*no 'no_such_value'"):
+        docs.render_all(results, out, sources)
+
+
+def test_a_value_no_placeholder_uses_fails_naming_it(tree: tuple[Path, Path], sources: Path) -> None:
+    """A value computed but cited nowhere is an error: a figure dropped from the prose by mistake."""
+    results, out = tree
+    _edit(sources / "adam_noise.md", "{{ table }}\n", "")
+    with pytest.raises(docs.TemplateError, match=r"adam_noise\.md: values computed but never used: table"):
+        docs.render_all(results, out, sources)
+
+
+def test_a_page_source_edit_changes_only_that_page(tree: tuple[Path, Path], sources: Path) -> None:
+    """Prose is edited in the Markdown source; the page follows and no figure moves."""
+    results, out = tree
+    page = out / "benchmarks" / "adam_noise.md"
+    before = page.read_text()
+    assert docs.stale_pages(results, out, sources) == []
+    _edit(sources / "adam_noise.md", "This compares the two estimates", "This page compares, plainly, the two estimates")
+    assert docs.stale_pages(results, out, sources) == [page]  # the index keeps its line
+    assert docs.write_pages(results, out, sources)[0] == [page]
+    after = page.read_text()
+    assert "This page compares, plainly, the two estimates" in after and after != before
+    assert after.replace("This page compares, plainly,", "This compares") == before  # figures unchanged
+
+
+def test_the_written_for_front_matter_round_trips(
+    tree: tuple[Path, Path], sources: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stale ``written_for`` line brings the banner; the digest ``--digests`` prints removes it."""
+    results, out = tree
+    source = sources / "gns_overhead.md"
+    current = docs.digest(json.loads((results / "gns_overhead.json").read_text()))
+    assert docs.read_source(source).written_for == current  # the commentary was reread for these results
+    page = out / "benchmarks" / "gns_overhead.md"
+    reread = page.read_text()
+
+    _edit(source, f"written_for: {current}", "written_for: 000000000000")  # the results moved on
+    docs.write_pages(results, out, sources)
+    banner = page.read_text()
+    assert "Commentary not yet reread" in banner and "`000000000000`" in banner
+    assert f"set `written_for` in `{source}` to `{current}`" in banner
+
+    monkeypatch.setattr(docs, "RESULTS", results)
+    assert docs.main(["--digests"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
+    _edit(source, "written_for: 000000000000", f"written_for: {printed['gns_overhead']}")  # reread: one line
+    docs.write_pages(results, out, sources)
+    assert page.read_text() == reread
+
+
+@pytest.mark.parametrize(("template", "values", "expected"), [
+    ("{{ n | , }} runs, {{ r | .2f }}x, {{ p | +.1% }}", {"n": 1402, "r": 1.0909, "p": 0.045}, "1,402 runs, 1.09x, +4.5%"),
+    ("{{ lr | sig }} / {{ lr | e2 }} / {{ lr | e3 }}", {"lr": 0.0013924}, "1.39e-3 / 1.4e-3 / 1.39e-3"),
+    ("B in {{{ sizes }}}", {"sizes": "16, 32"}, "B in {16, 32}"),
+    ("{{ arms.fixed-16.steps }} and {{ runs.1 }}", {"arms": {"fixed-16": {"steps": 7}}, "runs": [3, 4]}, "7 and 4"),
+    ("{{ arm.default.mean | .4f }}", {"arm": docs.PENDING}, "-"),
+])
+def test_placeholders_fill_as_documented(template: str, values: dict, expected: str) -> None:
+    """Format specs, named filters, literal braces, dotted names, pending values."""
+    assert docs.fill(template, values, Path("page.md")) == expected
+
+
+@pytest.mark.parametrize(("template", "values", "message"), [
+    ("a {{ x } b", {"x": 1}, r"page\.md line 3: an unmatched"),
+    ("{{ x | .2f }}", {"x": "text"}, r"line 3: \{\{ x \| \.2f \}\}: format '\.2f' does not apply to 'text'"),
+    ("{{ x }}", {"x": None}, r"line 3: \{\{ x \}\} has the value None"),
+    ("{{ a.b.c }}", {"a": {"b": {"d": 1}}}, r"no 'a\.b\.c' \(known there: d\)"),
+    ("{{ 2x }}", {}, r"is not a placeholder"),
+])
+def test_a_bad_placeholder_fails_with_the_rule_and_the_fix(template: str, values: dict, message: str) -> None:
+    """Each malformed placeholder fails with the line and what was wrong."""
+    with pytest.raises(docs.TemplateError, match=message):
+        docs.fill(template, values, Path("page.md"), first_line=3)
+
+
+def test_a_page_source_without_front_matter_fails(tmp_path: Path) -> None:
+    """The front matter (written_for, summary) is required."""
+    page = tmp_path / "bare.md"
+    page.write_text("# Title\n\nProse.\n")
+    with pytest.raises(docs.TemplateError, match=r"bare\.md line 1: a page source starts with a front matter"):
+        docs.read_source(page)
+
+
 # -- README ------------------------------------------------------------------------------------
 def _paragraphs(text: str) -> list[str]:
     return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]

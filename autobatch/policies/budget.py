@@ -1,6 +1,6 @@
 """``budget``: the noise scale, bounded by what the LR can follow under the run's budget.
 
-Which batch is best depends on what the run is short of (design note gns.md, last section):
+Which batch is best depends on what the run is short of (docs/design/gns.md, last section):
 
 - **Samples** (``epochs`` or ``max_samples`` bind; the usual case). In McCandlish et al.'s
   (2018) model a step of batch ``B`` makes ``1/(1 + B_noise/B)`` of a full-batch step's

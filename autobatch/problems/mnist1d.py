@@ -64,7 +64,7 @@ def make_data(
 
 
 def make_cnn(length: int = 40, channels: int = 32, num_classes: int = 10) -> nn.Module:
-    """The CNN of benchmarking.md: Conv1d(1,c,5)-ReLU-Conv1d(c,c,3,s2)-ReLU-Conv1d(c,c,3,s2)-
+    """The CNN of docs/design/benchmarking.md: Conv1d(1,c,5)-ReLU-Conv1d(c,c,3,s2)-ReLU-Conv1d(c,c,3,s2)-
     ReLU-Flatten-Linear. Takes ``(N, length)`` signals, returns ``(N, num_classes)`` logits."""
     flat = ((length - 4 - 3) // 2 + 1 - 3) // 2 + 1  # lengths after the three convolutions
     return nn.Sequential(

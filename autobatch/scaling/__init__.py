@@ -19,7 +19,7 @@ The LR cannot keep growing past the critical batch size: ``eps_opt(B)`` saturate
 ``eps_max``, so ``eps_opt(B) / eps_opt(B0)`` never exceeds ``1 + B_noise/B0`` (the limit of the
 AdaScale gain as ``S`` grows). ``linear`` and ``sqrt`` therefore cap their factor there when the
 noise scale is known (``cap_at_noise_scale=True``, the default); on MNIST-1D with plain SGD
-the uncapped linear rule diverged once ``B`` passed ~4x ``B0`` (design note gns.md). A rule
+the uncapped linear rule diverged once ``B`` passed ~4x ``B0`` (docs/design/gns.md). A rule
 that reads the noise holds the last usable estimate while the estimate is lost.
 """
 

@@ -1,4 +1,5 @@
-"""What every page renderer shares: the :class:`Page` it returns and number/table formatting."""
+"""What the pages share: the rendered :class:`Page`, and the number, table and list formats their
+``values()`` functions and the placeholders' named filters use."""
 
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ def sig(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def sci(x: float, digits: int = 2) -> str:
+    """``x`` in short scientific notation, trailing zeros dropped: ``5.2e-3``, ``1e-3``, ``1.78e-3``."""
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def pct(x: float, digits: int = 1, signed: bool = True) -> str:
     """A fraction as a percentage: ``0.045`` -> ``+4.5%``."""
     return f"{100 * x:{'+' if signed else ''}.{digits}f}%"
@@ -80,3 +89,11 @@ def listing(items: Sequence[str]) -> str:
     if not items:
         return "none"
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def word(n: int) -> str:
+    """A count as prose writes it: ``six`` up to ten, digits above (``12``)."""
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)

@@ -1,78 +1,51 @@
-"""Page for ``auto_lr_adam.json``: lr="auto" with Adam on tasks its rule was not designed on."""
+"""Values for ``pages/auto_lr_adam.md`` from ``auto_lr_adam.json``: lr="auto" with Adam on tasks
+its rule was not designed on."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import Page, num, sig, table, times
+from benchmarks.docs._md import listing, num, sci, sig, span, table, times
 
-written_for = "6e8b7083af05"  # the commentary was checked against these results
+#: A loss task "holds" where the mean gap is within this many percent (lr="auto"'s loss target
+#: on the tune page).
+HOLDS_PCT = 1.0
+#: A trial the study completed, in its table: ``6*  complete  0.005179   2.634 ...`` (``*``: ranked first).
+COMPLETE_TRIAL = re.compile(r"^\d+(\*?)\s+complete\s+(\S+)\s+(\S+)", re.MULTILINE)
+NUMBER_WORDS = {1: "one rung", 2: "two rungs", 3: "three rungs"}
 
-TEMPLATE = """\
-`fit(lr="auto")` chooses an Adam-family base LR by a rule designed from one landscape:
-`charlm` with AdamW for one epoch, the task of the [tune](tune.md) page. Short trials favour
-a larger Adam LR than the whole run does, so the study's finalists are its best short trial
-and the LR one grid step *below* it, and the choice is half a grid step below the one that
-ranks first (`autobatch/tune/auto_lr.py`, module docstring item 5). These tasks were not
-looked at while the rule was designed: they vary the run's length, the model's depth, the
-sequence length and text size, and the model family.
 
-## Protocol
+def _seed_values(task: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+    """One seed's study: its LR and gap, the finalists it compared last (``winner``: ranked
+    first), and how far the winner sits above the grid's best LR (``bias``)."""
+    finalists = [(float(lr), star == "*") for star, lr, _ in COMPLETE_TRIAL.findall(a["table"])]
+    winner = next((lr for lr, star in finalists if star), None)
+    loser = next((lr for lr, star in finalists if not star), None)
+    return {"lr": a["lr"], "gap": a["gap"], "drop": -a["gap"], "winner": winner or "-", "loser": loser or "-",
+            "bias": winner / task["best_lr"] if winner else "-"}
 
-Per task: a grid of {points} LRs log-spaced over the task's range, each trained for the full
-budget with seeds {seeds} by a default `fit`; *best* is the grid LR with the best mean final
-metric. Then, per seed, `choose_base_lr` (what `fit(lr="auto")` runs first; default range
-and study fraction) on that seed's model, and the full fit at the LR it chose; the gap is
-against the fit at *best* with the same seed (loss in %, accuracy in points; positive:
-worse). Compute = the study's and the run's examples over one run. One torch thread.
-Commit `{commit}`.
 
-```bash
-python -m benchmarks.auto_lr_adam     # about 21 min from scratch
-```
-
-The recorded run reused the grid's fits from a cache (`--cache`, the same code for `fit`) and
-ran every study, and the fit at its LR, anew ({wall:.0f} s).
-
-## Results
-
-{setup}
-
-{results}
-
-{grids}
-
-## Reading
-
-{reading}
-"""
-
-READING = """\
-- **Where the rule holds** (runs of 264-1,056 steps with 5-8 candidates): the mean gap is
-  +0.30% at twice the design task's horizon, +0.34% at four times it, +0.65% with twice the
-  layers. Single seeds still land 1.7-2.8% off: `charlm-4ep` seed 1 (the lower finalist
-  won, so the choice went half a step below it, to 1e-3) and `charlm-4layers` seed 3, whose
-  run at 1.78e-3 ended 2.8% above the same seed at 1.34e-3 while seed 2 at 1.78e-3 ended
-  1.2% *below* its run there: at this horizon one run's loss moves by a few percent with
-  small changes.
-- **Where it does not:** `charlm-ctx16` seed 3 kept the larger finalist (5.2e-3 beat 2.7e-3
-  after 1/8 of the run) and chose 3.7e-3, +5.9%: the short-trial bias here was about 4x, more
-  than half a grid step (1.4x) corrects. `charlm-ctx64` is a 132-step run: the study has room
-  for 3 candidates a decade apart in one rung (1e-4, 1e-3, 1e-2) and chose 3.2e-3, +3 to +8%.
-  For runs this short a given LR, or a narrower `lr_range`, does better.
-- **Against the rule before it** (best two short trials, their geometric mean; the same grid
-  runs, the studies rerun at commit `edc56d7`, outside this file): `charlm-2ep` +7.32%,
-  `charlm-4layers` +6.41%, `charlm-ctx16` +5.00%, `charlm-ctx64` +11.54%, `mnist1d-adamw`
-  -0.77 points (its accuracies spread +-4 points across seeds at the same LR, so both rules
-  sit within that noise there). `charlm-4ep` was not rerun with the old rule.
-- Since the first recording of this page, every trial runs under the run's own stopping
-  rules (before, its policy took the rung for the whole budget): every study chose the same
-  LRs as before on every task.
-"""
+def _task_values(t: dict[str, Any]) -> dict[str, Any]:
+    """What the reading cites of one task: its summary gaps, best LR, the studies' candidates
+    and rungs, the share of the run the last rung saw, and each seed's study."""
+    s, first = t["setup"], t["auto"][0]
+    gaps = [a["gap"] for a in t["auto"]]
+    cands = first["candidates"]
+    return {
+        "mean_gap": t["summary"]["mean_gap"], "worst_gap": t["summary"]["worst_gap"], "best_lr": t["best_lr"],
+        "candidates": len(cands), "candidate_lrs": ", ".join(sci(x) for x in cands),
+        "rungs_word": NUMBER_WORDS.get(len(first["rungs"]), f"{len(first['rungs'])} rungs"),
+        "study_share": f"1/{round(s['budget_examples'] / first['rungs'][-1])}",
+        "half_step": (cands[1] / cands[0]) ** 0.5, "lrs": listing(sorted({sci(a["lr"]) for a in t["auto"]})),
+        "gap_span": f"{min(gaps):+.0f} to {max(gaps):+.0f}",
+        "seeds": {str(a["seed"]): _seed_values(t, a) for a in t["auto"]},
+    }
 
 
 def _setup_rows(tasks: dict[str, Any]) -> list[list[str]]:
+    """One row per task of the setup table: what it varies, its budget and LR grid."""
     rows = []
     for name, t in tasks.items():
         s = t["setup"]
@@ -83,7 +56,8 @@ def _setup_rows(tasks: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def render(data: Any, source: Path) -> Page:
+def values(data: Any, source: Path) -> dict[str, Any]:
+    """The page's named values: the protocol's settings, the setup, results and grid tables."""
     tasks = data["tasks"]
     setup = table(["task", "example", "options", "epochs", "examples per run", "optimizer", "grid range", "best LR"],
                   _setup_rows(tasks), "lllrrllr")
@@ -103,9 +77,11 @@ def render(data: Any, source: Path) -> Page:
         ["task", "mean gap", "worst seed", "compute / run (max)"], summary_rows, "lrrr")
     grids = "Grid means (final metric, mean of seeds):\n\n" + "\n\n".join(
         f"`{n}`: " + ", ".join(f"{sig(g['lr'])}: {g['mean']:.4f}" for g in t["grid"]) for n, t in tasks.items())
-    body = TEMPLATE.format(points=len(next(iter(tasks.values()))["grid"]), seeds=", ".join(map(str, data["seeds"])),
-                           commit=data["commit"][:12], wall=data["wall_time_s"], setup=setup, results=results,
-                           grids=grids, reading=READING.strip())
-    means = ", ".join(f"{n} {t['summary']['mean_gap']:+.2f}" for n, t in tasks.items())
-    summary = f"lr=\"auto\" with Adam on held-out tasks, mean gap to the best grid LR: {means}"
-    return Page('lr="auto" with Adam, held-out tasks', summary, body, written_for)
+    return {
+        "points": len(next(iter(tasks.values()))["grid"]), "seeds": ", ".join(map(str, data["seeds"])),
+        "commit": data["commit"][:12], "wall": data["wall_time_s"], "setup": setup, "results": results,
+        "tasks": {n: _task_values(t) for n, t in tasks.items()},
+        "holds_candidates": span([len(t["auto"][0]["candidates"]) for t in tasks.values()
+                                  if t["setup"]["metric"] != "val_accuracy" and t["summary"]["mean_gap"] <= HOLDS_PCT], str),
+        "grids": grids, "means": ", ".join(f"{n} {t['summary']['mean_gap']:+.2f}" for n, t in tasks.items()),
+    }

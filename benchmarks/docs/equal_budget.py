@@ -1,4 +1,5 @@
-"""Page for ``equal_budget.json``: fixed B0 against the default adaptive fit at equal epochs."""
+"""Values for ``pages/equal_budget.md`` from ``equal_budget.json``: fixed B0 against the default
+adaptive fit at equal epochs."""
 
 from __future__ import annotations
 
@@ -6,101 +7,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import Page, listing, num, table, times, verdict
-
-written_for = "8b82bb91db02"  # the commentary was checked against these results
-
-TEMPLATE = """\
-The comparison a user makes first (issue 11): their usual run (a fixed batch B0, their base
-LR, the same number of epochs) against `fit` with its defaults. Is the model as good, and in
-how many optimizer steps?
-
-## Protocol
-
-Per task, base LR in {{tuned/4, tuned/2, tuned}} and seed (the model's initialisation; seeds
-0, 1 and 2), two runs alternating in one process on 1 CPU thread: `policy="fixed"` with the
-estimator off and no LR scaling, and the default `fit` (policy `budget`: the noise scale
-bounded by the batch the LR can follow, the linear LR rule, LR factor at most 2, the loss-spike
-guard, and once the guard has cut, from half the budget on, the batch annealed to 8x what the
-LR can follow). The machine had 2 CPU cores shared with other jobs, so wall times are noisy.
-
-{tasks}
-
-```bash
-python -m benchmarks.equal_budget --task mnist1d
-python -m benchmarks.equal_budget --task charlm
-python -m benchmarks.equal_budget --task charlm-long
-```
-
-## Results
-
-{tables}
-
-## Against the issue's Must show
-
-Per task x base LR: the adaptive mean final metric within {acc_mean} points (accuracy) or
-{loss_mean} (loss) of fixed B0; no seed more than {acc_seed} points (accuracy) or {loss_seed}
-(loss) behind its fixed-B0 twin; at most {steps}x the steps (mean of the per-seed ratios).
-
-{verdicts}
-
-{commentary}
-"""
-
-COMMENTARY = """\
-## Reading
-
-Written for one run; see the note at the top if the figures changed since.
-
-- **mnist1d, base LR 0.05 (tuned/4).** The guard never cut: B doubled with the LR (B 64, LR
-  0.1) and the runs ended 0.4-1.0 points *above* fixed B0 in 0.53-0.56x the steps. A larger
-  LR at the same temperature `LR/B` is what an untuned LR needed.
-- **mnist1d, base LR 0.1 and 0.2.** The doubled LR was unstable at some point on 5 of 6 runs
-  (one guard cut each; the factor went back to 1 and B to B0). From half the budget on, with
-  the loss calm, those runs annealed: B grew to 256 (8 x B0) at the base LR, an LR decay by
-  batch, which is where 0.47-0.53x the steps come from. The one run without a cut (LR 0.1,
-  seed 2) kept B <= 64 and took 0.59x.
-- **The LR 0.2 row passes on the letter only.** Fixed B0 seed 1 blew up at about epoch 19
-  and ended at 85.5% (the same seed ended at 97.1% in an earlier run of older code: at this LR
-  a rounding difference decides whether a run recovers); without that pair the adaptive runs
-  are 0.47 and 1.20 points behind (mean -0.84). The anneal's settings were chosen on seeds
-  3-7, not on these (same code, fixed B0 vs default): at LR 0.2 mean -0.11 points (seeds 3-7:
-  -0.07, +0.13, -0.80, 0.00, +0.20) in 0.53x the steps; at LR 0.1 -0.27 in 0.48x. Pooling
-  seeds 0 and 2-7 at LR 0.2 gives -0.32: at the tuned LR the anneal costs about 0.3 points
-  for half the steps, within the 0.5 limit but not by much. `BudgetPolicy(anneal_after=None)`
-  keeps the accuracy instead (seeds 3-7: +0.01 points in 0.96x the steps).
-- **Why an anneal, and why only then.** At the stability edge the LR cannot follow the batch,
-  so the only steps left to save come from a batch that outgrows the LR. Fixed schedules
-  tried first (LR 0.2, seeds 0, 1, 2, means; fixed B0 gives 96.9, 85.5 and 96.9% with this
-  code): B = 64 from the start, 94.4% (at LR 0.4 one seed diverged); B0 then 64 from epoch 8,
-  96.4%; then 128 from epoch 16, 96.6%; doubling at epochs 10, 20 and 30, 96.4%; then 256
-  from epoch 20: 97.3% and 96.9% on seeds 0 and 2, and 54.6% on seed 1, whose loss had blown
-  up at epoch 19: the 8x batch froze a half-recovered model (at B0 it ends at 85.5%). Hence as
-  late as the step target allows, and only while the loss is calm.
-  Annealing every run, cut or not, cost 2-3 points at LR 0.05, where the LR was too small
-  to begin with (see `autobatch/policies/budget.py`).
-- **charlm-long** (AdamW, 12 epochs on the whole text, B0 = 16 and LR 1.5e-3 from the
-  long-horizon sweep, `benchmarks/long_lm.py`): every row met with room. B grew to 32 with
-  the LR doubled after the estimator's first window and stayed there; at tuned/4 and tuned/2
-  the doubled LR is simply better (-3.0% and -1.1% loss against fixed B0), at the tuned LR
-  +0.28% (worst seed +0.44%), in 0.53-0.56x the steps. No guard cut, so no anneal (it
-  needs a cut). Rerun at the commit above, every figure reproduced the previous record,
-  made while the anneal was being written.
-- **charlm (6 epochs, B0 = 32): missed, and no schedule we tried would meet it.** Every row was
-  rerun at one commit: the adaptive rows reproduced the previous record exactly, the fixed
-  rows (then from an older commit, whose steps were split in two micro-batches) moved by up
-  to 0.013 nats, which took the tuned-LR row from +1.34% to +1.40%. At this horizon the loss still falls fast at the end and the
-  noise scale stays near B0 (B grew to 48-64): steps, not samples, bind. On seed 0 at the
-  tuned LR (fixed B0: 1.606 with the code of these trials, 1.608 now) every larger batch at equal samples lost: fixed B = 64 at LR 3e-3,
-  4.2e-3 and 6e-3: 1.752, 1.786, 1.947 (+9% or worse); B = 56 at 5.25e-3: 1.836; B0 then
-  4x or 8x from half the budget: 1.716 (+6.9%) and 1.778 (+10.7%). So 0.6x the steps within
-  1% of B0's loss is out of reach here; the default stays within 0.6-1.4% (means per LR) in 0.76-0.80x.
-  The same model trained long enough for the noise scale to grow is the charlm-long task.
-- Wall times are indicative only: the machine's 2 cores may be shared with other jobs.
-"""
+from benchmarks.docs._md import listing, num, span, table, times, verdict
 
 
 def _rows(data: Any, task: str) -> dict[float, dict[str, list[dict[str, Any]]]]:
+    """The task's runs by base LR (ascending), then by method (``fixed``, ``adaptive``)."""
     out: dict[float, dict[str, list[dict[str, Any]]]] = {}
     for r in data["runs"]:
         if r["task"] == task:
@@ -134,7 +45,97 @@ def row_verdict(fixed: list[dict[str, Any]], adaptive: list[dict[str, Any]], hig
             "all_ok": mean_ok and seed_ok and steps_ok}
 
 
-def render(data: Any, source: Path) -> Page:
+#: Base LR as a fraction of the tuned one -> its name in the page's values (``r.mnist1d.tuned4``).
+FRACTIONS = {0.25: "tuned4", 0.5: "tuned2", 1.0: "tuned"}
+
+
+def _pairs(data: Any, task: str, lr: float) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(fixed, adaptive)`` runs of one task x base LR with the same seed, by seed."""
+    by_method = _rows(data, task).get(lr, {})
+    adaptive = {r["seed"]: r for r in by_method.get("adaptive", [])}
+    return [(f, adaptive[f["seed"]]) for f in sorted(by_method.get("fixed", []), key=lambda r: r["seed"])
+            if f["seed"] in adaptive]
+
+
+def _gap(f: dict[str, Any], a: dict[str, Any], higher: bool) -> float:
+    """How far the adaptive run is ahead, as the reading quotes it: accuracy points above fixed
+    B0, or the loss's relative change in % (negative: lower loss than fixed B0)."""
+    return a["metric"] - f["metric"] if higher else -100 * (f["metric"] / a["metric"] - 1)
+
+
+def _row_reading(data: Any, task: str, lr: float, higher: bool, criteria: dict[str, float]) -> dict[str, Any]:
+    """What the reading cites of one task x base LR: the gaps (per seed, mean, worst in the
+    verdict's sense), the steps ratios, the adaptive runs' batch, final LR and guard cuts."""
+    pairs = _pairs(data, task, lr)
+    v = row_verdict([f for f, _ in pairs], [a for _, a in pairs], higher, criteria)
+    gaps = [_gap(f, a, higher) for f, a in pairs]
+    ratios = [a["steps"] / f["steps"] for f, a in pairs]
+    cuts = sum(a["guard_spikes"] > 0 for _, a in pairs)
+    return {
+        "lr": lr, "seeds": ", ".join(str(f["seed"]) for f, _ in pairs),
+        "fixed": {str(f["seed"]): f["metric"] for f, _ in pairs},
+        "fixed_metrics": listing([f"{f['metric']:.1f}" for f, _ in pairs]),
+        "gap_span": span(gaps, lambda x: f"{x:.1f}"),
+        "mean": v["mean_gap"] if higher else -100 * v["mean_gap"],
+        "worst": v["worst_gap"] if higher else -100 * v["worst_gap"],
+        "steps_span": span(ratios, lambda x: f"{x:.2f}"),
+        "max_b": span([a["max_batch_size"] for _, a in pairs], str),
+        "final_lr": span([a["final_lr"] for _, a in pairs], lambda x: f"{x:g}"),
+        "cut_word": "never cut" if not cuts else f"cut on {cuts} of {len(pairs)} runs",
+    }
+
+
+def _task_reading(data: Any, task: str, meta: dict[str, Any], criteria: dict[str, float]) -> dict[str, Any]:
+    """What the reading cites of one task over its base LRs: setup, steps ratios per seed and
+    means per LR, the adaptive runs' batch range, the means per LR, the guard cuts."""
+    higher = meta.get("higher_is_better", task == "mnist1d")
+    rows = {lr: _pairs(data, task, lr) for lr in _rows(data, task)}
+    runs = [(f, a) for pairs in rows.values() for f, a in pairs]
+    means = [-100 * row_verdict([f for f, _ in p], [a for _, a in p], higher, criteria)["mean_gap"]
+             for p in rows.values() if p]
+    cuts = sum(a["guard_spikes"] > 0 for _, a in runs)
+    return {
+        "epochs": meta["epochs"], "b0": meta.get("initial_batch_size", 32), "tuned_lr": meta["tuned_lr"],
+        "steps_span": span([a["steps"] / f["steps"] for f, a in runs], lambda x: f"{x:.2f}"),
+        "steps_mean_span": span([statistics.mean(a["steps"] / f["steps"] for f, a in p) for p in rows.values() if p],
+                                lambda x: f"{x:.2f}"),
+        "max_b_span": span([a["max_batch_size"] for _, a in runs], str),
+        "mean_span": span(means, lambda x: f"{x:.1f}") if not higher else "-",
+        "cuts_word": "No guard cut" if not cuts else f"{cuts} guard cuts",
+    }
+
+
+def _mnist1d_upper(data: Any) -> dict[str, Any]:
+    """The mnist1d runs above tuned/4: how many the guard cut, where the cut runs' batch and
+    steps ended, and the runs it did not cut."""
+    tuned = data["tasks"]["mnist1d"]
+    runs = [(lr, f, a) for lr in _rows(data, "mnist1d") if lr > tuned["tuned_lr"] / 4
+            for f, a in _pairs(data, "mnist1d", lr)]
+    cut = [(lr, f, a) for lr, f, a in runs if a["guard_spikes"] > 0]
+    uncut = [(lr, f, a) for lr, f, a in runs if a["guard_spikes"] == 0]
+    return {
+        "cut": len(cut), "runs": len(runs),
+        "cut_max_b": span([a["max_batch_size"] for *_, a in cut], str),
+        "cut_b_factor": span([a["max_batch_size"] // tuned["initial_batch_size"] for *_, a in cut], str),
+        "cut_steps_span": span([a["steps"] / f["steps"] for _, f, a in cut], lambda x: f"{x:.2f}"),
+        "uncut": listing([f"LR {lr:g}, seed {f['seed']}" for lr, f, _ in uncut]) or "none",
+        "uncut_max_b": span([a["max_batch_size"] for *_, a in uncut], str) if uncut else "-",
+        "uncut_steps": span([a["steps"] / f["steps"] for _, f, a in uncut], lambda x: f"{x:.2f}") if uncut else "-",
+    }
+
+
+def _blowup(data: Any) -> dict[str, Any]:
+    """mnist1d at the tuned LR: the seed whose fixed-B0 run ended lowest, and the other seeds'
+    adaptive runs against their fixed twins."""
+    pairs = _pairs(data, "mnist1d", data["tasks"]["mnist1d"]["tuned_lr"])
+    worst = min(pairs, key=lambda p: p[0]["metric"])
+    others = [_gap(f, a, True) for f, a in pairs if f is not worst[0]]
+    return {"seed": worst[0]["seed"], "fixed": worst[0]["metric"],
+            "others_behind": listing([f"{-g:.2f}" for g in others]), "others_mean": statistics.mean(others)}
+
+
+def values(data: Any, source: Path) -> dict[str, Any]:
+    """The page's named values: the tasks' settings, a table per task, the Must-show verdicts."""
     crit = data["criteria"]
     tasks_text, tables, verdict_lines = [], [], []
     met = total = 0
@@ -170,10 +171,15 @@ def render(data: Any, source: Path) -> Page:
             ["base LR", "seed", "fixed B0", "adaptive", "fixed steps", "adaptive steps", "steps ratio",
              "adaptive samples", "wall s (fixed / adaptive)", "adaptive max B", "guard cuts"],
             rows, "rrrrrrrrrrr"))
-    body = TEMPLATE.format(
-        tasks="\n".join(tasks_text), tables="\n\n".join(tables), acc_mean=crit["acc_mean_points"],
-        loss_mean=f"{100 * crit['loss_mean_rel']:g}%", acc_seed=crit["acc_seed_points"],
-        loss_seed=f"{crit['acc_seed_points']:g}%", steps=crit["steps_ratio"],
-        verdicts="\n".join(verdict_lines) or "No complete row yet.", commentary=COMMENTARY)
-    summary = f"default fit vs fixed B0 at equal epochs: {met} of {total} task x LR rows meet all three checks"
-    return Page("Equal budget: default fit against fixed B0", summary, body, written_for)
+    return {
+        "tasks": "\n".join(tasks_text), "tables": "\n\n".join(tables), "acc_mean": crit["acc_mean_points"],
+        "loss_mean": f"{100 * crit['loss_mean_rel']:g}%", "acc_seed": crit["acc_seed_points"],
+        "loss_seed": f"{crit['acc_seed_points']:g}%", "steps": crit["steps_ratio"],
+        "verdicts": "\n".join(verdict_lines) or "No complete row yet.", "met": met, "total": total,
+        "seeds": listing([str(x) for x in sorted({r["seed"] for r in data["runs"]})]),
+        "task": {task: _task_reading(data, task, meta, crit) for task, meta in data["tasks"].items()},
+        "r": {task: {FRACTIONS.get(lr / meta["tuned_lr"], f"lr{lr:g}"):
+                     _row_reading(data, task, lr, meta.get("higher_is_better", task == "mnist1d"), crit)
+                     for lr in _rows(data, task)} for task, meta in data["tasks"].items()},
+        "upper": _mnist1d_upper(data), "blowup": _blowup(data),
+    }

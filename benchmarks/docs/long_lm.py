@@ -1,5 +1,5 @@
-"""Page for ``long_lm.json``: a long language-model run, adaptive and ramped batches against a
-tuned fixed-B sweep, to the best fixed B's final loss."""
+"""Values for ``pages/long_lm.md`` from ``long_lm.json``: a long language-model run, adaptive and
+ramped batches against a tuned fixed-B sweep, to the best fixed B's final loss."""
 
 from __future__ import annotations
 
@@ -8,134 +8,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import Page, listing, num, sig, table, times, verdict
-
-written_for = "928b25dbbd2f"  # the commentary was checked against these results
-
-TEMPLATE = """\
-The kind of run where practitioners report gains from growing the batch (issue 11): a
-language model trained long enough that the gradient noise scale grows >= 10x. Does the
-adaptive default reach the loss of the best tuned fixed batch in fewer steps, without more
-samples and in less time?
-
-## Protocol
-
-- Task: `charlm` (character transformer, {model}) on the whole standard-library text
-  ({chars:,} characters requested), {optimizer}, {epochs:g} epochs for every run (the same
-  sample budget), {evals} held-out evaluations per run evenly spaced in samples plus one at
-  the end. Wall time excludes evaluation.
-- Noise-scale check (pilot): fixed B = {b0} with the micro-batch estimator on, seed 0; the
-  growth is the median `B_simple` of the last 10% of ready steps over that of the first 5%.
-- Fixed B in {{{sizes}}}: `policy="fixed"`, estimator off, no LR scaling (each baseline at
-  its fastest settings). LR per size from a x2 grid of 3 LRs (seed 0, scored by final loss),
-  widened until the best is interior; the chosen LR re-run on seeds {seeds}.
-- `ramp`: batch warm-up as Megatron and OLMo do it, B x2 at epochs {milestones} ({b0} ->
-  {bmax}), at B = {b0}'s tuned LR with the default fit's LR rule for AdamW (`linear`, the
-  factor capped at `max_lr_factor` = 2), estimator off.
-- `ramp-constant-lr`: the same ramp with `lr_scaling="none"` (the LR stays at B = {b0}'s, as
-  Megatron's batch ramp-up leaves it).
-- `default`: `autobatch.fit` with its defaults (policy `budget`: linear LR rule, factor <= 2,
-  so under a sample budget B <= 2 x B0) from B0 = {b0} at its tuned LR; `gns`: the same with
-  `policy="gns"`. Seeds {seeds}.
-- Final loss: the held-out loss at the budget. The Must show allows {samples_ratio}x the
-  samples, so the non-fixed arms run on to {overrun:g}x the budget (their policies do not
-  depend on its size); the fixed arms stop at it.
-- Target: the best fixed B's mean final loss over seeds {seeds}. Every run's steps, samples
-  and wall time to first reach it are interpolated (linearly in loss) between evaluations,
-  and divided by the best fixed B's median steps, samples and wall time over its whole run.
-- Machine: {machine}. Wall times are indicative only. Commit `{commit}` (`-dirty`: the
-  benchmark's own files were being written; `autobatch/` was unchanged).
-
-```bash
-python -m benchmarks.long_lm                 # all phases (42 runs, ~40 min), resumable
-python -m benchmarks.long_lm --phase pilot   # the noise-scale check alone
-```
-
-## Noise-scale growth
-
-{pilot}
-
-Where the growth happens: median `B_simple` of the pilot runs' thinned trace (about every 1%
-of the steps) by range of epochs:
-
-{by_epoch}
-
-## LR tuning (seed 0, final loss)
-
-{tuning}
-
-## Results
-
-Target: {best}'s mean final loss {target}; its median run: {ref_steps} steps,
-{ref_samples} samples, {ref_wall} s.
-
-{results}
-
-Per seed, the arms that start at B = {b0} (ratios to the same reference; "B_simple growth" is
-the in-run estimate's growth, for the arms that run the estimator, over the steps up to the
-budget):
-
-{per_seed}
-
-In the first table, final loss, max B, steps, samples and wall time are at the budget (medians
-over seeds). The
-"to target" columns are medians over seeds of (figure when the target was first reached) /
-(best fixed B's median over its run); a seed that never reached it counts as infinite, and
-"reached" counts the seeds that did.
-
-## Against the issue's Must show
-
-The adaptive default reaches the best fixed B's final loss in <= {steps_ratio}x its steps,
-at <= {samples_ratio}x its samples and in less wall time, median of 3 seeds.
-
-{verdicts}
-
-{commentary}
-"""
-
-COMMENTARY = """\
-## Reading
-
-Written for one run; see the note at the top if the figures changed since.
-
-- Noise scale: `B_simple` (in sequences of 64 characters) grows 8.1x at LR 2e-3 and 13.0x
-  at 1e-3 by the first-5% / last-10% measure; the issue's >= 10x holds at the lower LR only.
-  Most of the growth is in the first epoch (to 30 by epoch 1, then 40-70 for the remaining
-  11 epochs), so the measure depends on how short the early window is: the default's own
-  in-run estimate, whose first 5% of steps covers fewer samples, grows 29-34x.
-- The tuned sweep says the sample budget binds: at 12 epochs the smallest batch is best
-  (B=16: 1.3126; B=128: 1.6079), and the tuned LR barely moves with B (1.5e-3 at 16, 32 and
-  128, 2e-3 at 64): at equal samples Adam's LR did not follow the batch, linearly or by the
-  square root. Every grid minimum is interior.
-- The default (`budget`) grows B from 16 to 32 after 110-280 steps, at twice the LR (the
-  linear rule at its cap of 2), and ends at 1.3164 ± 0.0087 against B=16's 1.3126 ± 0.0125
-  (+0.3%, within the seed spread). It reaches B=16's mean final loss on all 3 seeds, at
-  0.52-0.59x the steps and 0.97-1.11x the samples, which meets the Must show on the medians.
-  The target is strict for the baseline too: B=16 itself reaches its own mean on 1 of 3
-  seeds, by construction of a mean. Per seed, seed 1 needed 1.07x the wall time, so the wall
-  criterion holds on the median, not on every seed.
-- Wall time follows samples, not steps, on this CPU: throughput is nearly flat in B (about
-  1,100-1,200 sequences/s from B=16 to 128 on 1 thread), so fewer steps save only the per-step
-  overhead (8% here), while the default also pays for its estimator. On a GPU, where a larger
-  batch is almost free until the device is full, the steps ratio is the one that would show.
-- `gns` (B up to 64-72, square-root LR rule) reaches the target in 0.36-0.40x the steps at
-  1.05-1.20x the samples; its final loss at the budget is 1.3% above B=16's. The ramp with
-  the default LR rule (LR x2 from the first doubling) reaches it on 2 of 3 seeds in 0.30x
-  the steps; with the LR left constant (Megatron's way) it never does (1.4029 at the
-  budget): growing the batch without raising Adam's LR is an LR decay this run did not want.
-- Left as it is: epoch tails give steps of 19 and 3 sequences (`examples` in the trajectory),
-  carried or not as `small_tail` says; they are a handful of steps and change no ratio here.
-"""
-
+from benchmarks.docs._md import listing, num, sci, sig, span, table, times, verdict
+from benchmarks.docs._template import PENDING
 
 ARM_ORDER = ("default", "gns", "ramp", "ramp-constant-lr")
 
 
 def _ratio(x: float | None, digits: int = 2) -> str:
+    """A ratio to the target (``0.53x``), or ``not reached``."""
     return "not reached" if x is None or math.isinf(x) else times(x, digits)
 
 
 def _pilot(summary: dict[str, Any]) -> str:
+    """The pilot runs' noise-scale growth table."""
     rows = [[sig(p["lr"]), p["batch_size"], f"{p['first']:.1f}", f"{p['last']:.1f}", times(p["growth"], 1),
              f"{p['final_loss']:.4f}", num(p["ready_steps"])] for p in summary.get("pilot", [])]
     if not rows:
@@ -147,20 +32,85 @@ def _pilot(summary: dict[str, Any]) -> str:
 EPOCH_RANGES = ((0, 0.5), (0.5, 1), (1, 2), (2, 4), (4, 8), (8, 12))
 
 
-def _by_epoch(data: dict[str, Any]) -> str:
-    epochs, rows = data["task"]["epochs"], []
+def _epoch_medians(data: dict[str, Any]) -> list[tuple[float, list[float | None]]]:
+    """Per pilot run (highest LR first): its LR and the median ``B_simple`` in each of
+    :data:`EPOCH_RANGES` (``None`` where the trace has no point)."""
+    epochs, out = data["task"]["epochs"], []
     for r in sorted((r for r in data["runs"] if r["arm"] == "pilot" and r.get("noise_trace")), key=lambda r: -r["lr"]):
         per_epoch = r["steps"] / epochs
         cells = []
         for lo, hi in EPOCH_RANGES:
             vals = [x for step, x in r["noise_trace"] if lo * per_epoch <= step < hi * per_epoch]
-            cells.append(f"{statistics.median(vals):.1f}" if vals else "-")
-        rows.append([sig(r["lr"]), *cells])
+            cells.append(statistics.median(vals) if vals else None)
+        out.append((r["lr"], cells))
+    return out
+
+
+def _by_epoch(data: dict[str, Any]) -> str:
+    """The pilot runs' median ``B_simple`` by range of epochs."""
+    rows = [[sig(lr), *("-" if x is None else f"{x:.1f}" for x in cells)] for lr, cells in _epoch_medians(data)]
     header = ["pilot LR", *(f"epochs {lo:g}-{hi:g}" for lo, hi in EPOCH_RANGES)]
     return table(header, rows, "r" * len(header)) if rows else "-"
 
 
+def _tens(values: list[float]) -> str:
+    """The values' span, each rounded to tens (``40-70``): for figures the reading gives roughly."""
+    return span(values, lambda x: f"{round(x, -1):.0f}") if values else "-"
+
+
+def _growth(data: dict[str, Any]) -> dict[str, Any]:
+    """Where the pilots' noise scale grew: the median by the end of the first epoch and over the
+    later epochs, rounded to tens, and how many epochs those are."""
+    medians = _epoch_medians(data)
+    first = [cells[i] for _, cells in medians for i, (_, hi) in enumerate(EPOCH_RANGES) if hi == 1]
+    later = [cells[i] for _, cells in medians for i, (lo, _) in enumerate(EPOCH_RANGES) if lo >= 1]
+    return {"first_epoch": _tens([x for x in first if x is not None]),
+            "later": _tens([x for x in later if x is not None]), "later_epochs": data["task"]["epochs"] - 1}
+
+
+def _reached(n: int, of: int) -> str:
+    """``all 3 seeds`` / ``2 of 3 seeds`` / ``no seed``."""
+    return "no seed" if n == 0 else f"all {of} seeds" if n == of else f"{n} of {of} seeds"
+
+
+def _arm_reading(data: dict[str, Any], s: dict[str, Any], label: str) -> dict[str, Any]:
+    """What the reading cites of one arm: final loss (mean, sd, against the target), the seeds
+    that reached the target and their ratios, where B went and when, the in-run noise growth."""
+    a = s["arms"][label]
+    reached = [p for p in a["per_seed"] if p["reached"] is not None]
+    runs = [r for r in data["runs"] if r["arm"] == label and r["seed"] in data["seeds"]]
+    top = [next((step for step, b, _ in r["trajectory"] if b == r["max_batch_size"]), None) for r in runs]
+    growth = [r["noise_growth"]["growth"] for r in runs if r.get("noise_growth")]
+    slow = [p for p in reached if p["ratios"]["wall_s"] > 1]
+    return {
+        "mean": a["final_loss_mean"], "sd": a["final_loss_sd"], "vs_best": a["final_loss_mean"] / s["target_loss"] - 1,
+        "reached": _reached(len(reached), a["seeds"]),
+        "steps_span": span([p["ratios"]["steps"] for p in reached], lambda x: f"{x:.2f}") if reached else "-",
+        "samples_span": span([p["ratios"]["samples"] for p in reached], lambda x: f"{x:.2f}") if reached else "-",
+        "max_b": span(a["max_batch_size"], str),
+        "grow_steps": _tens([x for x in top if x is not None]),
+        "in_run_growth": span(growth, lambda x: f"{x:.0f}") if growth else "-",
+        "slow_wall": listing([f"seed {p['seed']} needed {p['ratios']['wall_s']:.2f}x" for p in slow]) or "no seed needed more",
+    }
+
+
+def _tuned_lrs(s: dict[str, Any]) -> str:
+    """``1.5e-3 at 16, 32 and 128, 2e-3 at 64``: each tuned LR and the sizes it was tuned for."""
+    by_lr: dict[float, list[int]] = {}
+    for b, lr in sorted(s.get("tuned_lr", {}).items(), key=lambda kv: int(kv[0])):
+        by_lr.setdefault(lr, []).append(int(b))
+    return ", ".join(f"{sci(lr)} at {listing([str(b) for b in sizes])}" for lr, sizes in by_lr.items()) or "-"
+
+
+def _throughput(s: dict[str, Any]) -> str:
+    """The fixed arms' sequences per second (samples over median wall time), rounded to hundreds."""
+    rates = [statistics.median(a["samples"]) / statistics.median(a["wall_s"])
+             for label, a in s["arms"].items() if label.startswith("fixed")]
+    return span(rates, lambda x: f"{round(x, -2):,.0f}") if rates else "-"
+
+
 def _tuning(data: dict[str, Any]) -> str:
+    """The LR tuning table: every LR tried per fixed B, the one chosen, whether it is interior."""
     by_size: dict[int, dict[float, float | None]] = {}
     for r in data["runs"]:
         if r["arm"] == "tune":
@@ -177,11 +127,13 @@ def _tuning(data: dict[str, Any]) -> str:
 
 
 def _label_order(arms: dict[str, Any]) -> list[str]:
+    """The arms in table order: fixed sizes ascending, then :data:`ARM_ORDER`."""
     fixed = sorted((k for k in arms if k.startswith("fixed")), key=lambda k: int(k.split("=")[1]))
     return fixed + [a for a in ARM_ORDER if a in arms]
 
 
 def _results(s: dict[str, Any]) -> str:
+    """The main results table: one row per arm, medians over seeds."""
     rows = []
     for label in _label_order(s["arms"]):
         a = s["arms"][label]
@@ -199,6 +151,7 @@ def _results(s: dict[str, Any]) -> str:
 
 
 def _per_seed(data: dict[str, Any], s: dict[str, Any]) -> str:
+    """One row per seed of the arms that start at B0."""
     growth = {(r["arm"], r["seed"]): r["noise_growth"] for r in data["runs"]}
     rows = []
     for label in (a for a in ARM_ORDER if a in s["arms"]):
@@ -212,10 +165,12 @@ def _per_seed(data: dict[str, Any], s: dict[str, Any]) -> str:
 
 
 def _losses(data: dict[str, Any], arm: str) -> list[tuple[int, float]]:
+    """``(seed, final loss)`` of the arm's runs on the benchmark's seeds."""
     return [(r["seed"], r["final_loss"]) for r in data["runs"] if r["arm"] == arm and r["seed"] in data["seeds"]]
 
 
 def _verdicts(s: dict[str, Any], crit: dict[str, float]) -> tuple[list[str], bool | None]:
+    """One Must-show line per non-fixed arm, and whether the default met all three checks."""
     lines, default_ok = [], None
     for label in ARM_ORDER:
         a = s["arms"].get(label)
@@ -233,7 +188,9 @@ def _verdicts(s: dict[str, Any], crit: dict[str, float]) -> tuple[list[str], boo
     return lines, default_ok
 
 
-def render(data: Any, source: Path) -> Page:
+def values(data: Any, source: Path) -> dict[str, Any]:
+    """The page's named values: the protocol's settings, the pilot, tuning, results and per-seed
+    tables, the Must-show verdicts (placeholders while the run is incomplete)."""
     s, task, crit = data.get("summary", {}), data["task"], data["criteria"]
     sizes = data["sizes"]
     fields: dict[str, Any] = {
@@ -241,27 +198,43 @@ def render(data: Any, source: Path) -> Page:
         "evals": task["evals"], "b0": sizes[0], "bmax": sizes[-1], "sizes": ", ".join(map(str, sizes)),
         "seeds": listing([str(x) for x in data["seeds"]]), "milestones": listing([str(m) for m in data["ramp_milestones"]]),
         "machine": data["machine"], "commit": data["commit"], "pilot": _pilot(s), "tuning": _tuning(data), "by_epoch": _by_epoch(data),
-        "steps_ratio": crit["steps_ratio"], "samples_ratio": crit["samples_ratio"], "commentary": COMMENTARY,
+        "steps_ratio": crit["steps_ratio"], "samples_ratio": crit["samples_ratio"],
         "overrun": data.get("overrun", 1.0),
     }
+    seeds_of = {arm: sorted({r["seed"] for r in data["runs"] if r["arm"] == arm}) for arm in ("pilot", "tune")}
+    fields.update(
+        n_runs=len(data["runs"]), n_seeds=len(data["seeds"]), total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
+        pilot_seed=listing([str(x) for x in seeds_of["pilot"]]) or "-",
+        tune_seed=listing([str(x) for x in seeds_of["tune"]]) or "-",
+        pilots=[{"lr": p["lr"], "growth": p["growth"]} for p in s.get("pilot", [])] or PENDING,
+        growth=_growth(data), tuned_lrs=_tuned_lrs(s),
+    )
     if "arms" in s:
         ref = s["reference"]
+        fixed = [s["arms"][label] for label in _label_order(s["arms"]) if label.startswith("fixed")]
+        fields.update(
+            arm={label: _arm_reading(data, s, label) for label in ARM_ORDER if label in s["arms"]},
+            best_b=int(s["best_fixed"].split("=")[1]), best_arm=_arm_reading(data, s, s["best_fixed"]),
+            fixed_small={"mean": fixed[0]["final_loss_mean"]}, fixed_large={"mean": fixed[-1]["final_loss_mean"]},
+            throughput=_throughput(s),
+        )
         lines, default_ok = _verdicts(s, crit)
         fields.update(best=s["best_fixed"], target=f"{s['target_loss']:.4f}", ref_steps=num(ref["steps"]),
                       ref_samples=num(ref["samples"]), ref_wall=f"{ref['wall_s']:.1f}", results=_results(s), per_seed=_per_seed(data, s),
                       verdicts="\n".join(lines) or "No adaptive arm has all its seeds yet.")
     else:
         default_ok = None
+        fields.update(arm=PENDING, best_b="-", best_arm=PENDING, fixed_small=PENDING, fixed_large=PENDING, throughput="-")
         fields.update(best="(no complete fixed B yet)", target="-", ref_steps="-", ref_samples="-", ref_wall="-",
                       results="No complete fixed-B arm yet.", per_seed="-", verdicts="Not measured yet.")
     growths = [p["growth"] for p in s.get("pilot", [])]
-    summary = "long charlm run (noise scale grows " + (listing([times(g, 1) for g in growths]) or "?") + "): "
+    fields["growths"] = listing([times(g, 1) for g in growths]) or "?"
     if default_ok is None:
-        summary += "the default's Must show not measured yet"
+        fields["summary_verdict"] = "the default's Must show not measured yet"
     else:
         med = s["arms"]["default"]["median_ratios"]
-        summary += (f"default reaches {s['best_fixed']}'s final loss in {_ratio(med['steps'])} its steps, "
-                    f"{_ratio(med['samples'])} its samples, {_ratio(med['wall_s'])} its wall time: Must show "
-                    f"{verdict(default_ok)}")
-    return Page("Long-horizon LM: adaptive and ramped batches against a tuned fixed-B sweep", summary,
-                TEMPLATE.format(**fields), written_for)
+        fields["summary_verdict"] = (
+            f"default reaches {s['best_fixed']}'s final loss in {_ratio(med['steps'])} its steps, "
+            f"{_ratio(med['samples'])} its samples, {_ratio(med['wall_s'])} its wall time: Must show "
+            f"{verdict(default_ok)}")
+    return fields

@@ -1,14 +1,19 @@
-"""Page for ``tune.json``: the base-LR choice of ``tune_lr`` and ``lr="auto"``, re-run with fresh seeds."""
+"""Values for ``pages/tune.md`` from ``tune.json``: the base-LR choice of ``tune_lr`` and
+``lr="auto"``, re-run with fresh seeds."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.docs._md import Page, listing, num, sig, table, times, verdict
+from benchmarks.docs._md import listing, num, sci, sig, span, table, times, verdict
 
-written_for = "bacfc34713f0"  # the commentary was checked against these results
+
+def sci3(x: float) -> str:
+    """An LR to three significant figures in short scientific notation (``1.78e-3``)."""
+    return sci(x, 3)
 
 # Targets of issue 13.
 REGRET_TARGET = 1.02  # tune_lr's choice, re-run: mean final loss within 2% of the grid's choice
@@ -25,141 +30,112 @@ OBJECTIVE_NAMES = {
     "ema": "moving average of the weights (time constant 1/16 of the budget), last evaluation",
 }
 
-TEMPLATE = """\
-Whether `autobatch.tune_lr` and `fit(lr="auto")` choose a base learning rate as good as a
-dense grid's, for less compute, when every choice is scored by re-running it with fresh
-seeds (the design note's rule: the best single run a search saw is the luckiest draw
-among many).
 
-## Protocol
-
-{setup_table}
-
-For each task, on {threads} thread:
-
-1. **grid**: every LR of a log grid trained once (model seed 0) for the full budget; its
-   choice is the point with the lowest score (the `tail` objective).
-2. **re-evaluation**: the better half of the grid by that score re-run with seeds
-   {seeds} (model initialisation and data order). An LR's *truth* is its mean final
-   validation loss over those runs; *best by mean* is the grid LR whose truth is lowest.
-3. **tune_lr**: the trials above over the same range (TPE, the `halving` pruner, the `tail`
-   objective, model seed 0), once per sampler seed; its LR is re-run with the same seeds.
-   Regret = its truth / the truth of the grid's choice. Compute = its training examples
-   (pruned trials up to where they stopped) / the grid's.
-4. **lr="auto"**: for each fresh seed, `choose_base_lr` (what `fit(lr="auto")` runs before
-   training) on that seed's model, then the full fit at its LR, against the re-evaluation run
-   of the best-by-mean LR with the same seed. Compute = study + run, over that single fit.
-5. **objectives**: from the curves of the re-evaluated LRs (4 runs each), how well a score of
-   one run predicts the LR's truth over the other 3 seeds.
-
-```bash
-python benchmarks/tune.py     # the recorded runs took {minutes:.0f} min on {cpus} shared cores
-```
-
-## tune_lr against the grid
-
-{tune_tables}
-
-Against the target (regret <= {regret_target} at <= {compute_target:.0%} of the grid's
-examples, medians over sampler seeds): {tune_verdicts}.
-
-The grid near its choice, seed 0's score and the truth (mean ± standard error over seeds
-{seeds}; `*` the grid's choice, `+` best by mean):
-
-{grid_tables}
-
-## lr="auto"
-
-{auto_table}
-
-Against the target (mean over seeds within {auto_points} points of accuracy / {auto_loss:.0%}
-of loss of the fit at the best-by-mean LR, at <= {auto_compute}x its examples):
-{auto_verdicts}.
-
-## Which objective
-
-Each row scores one run per LR (a random seed of the 4, {draws} draws) and picks the lowest;
-regret is the mean truth of the pick (over the other 3 seeds) over the best truth, and
-`regret <= 2%` how often the pick is within 2%. `spread` is the score's seed-to-seed
-coefficient of variation at the 3 best LRs. The last three columns use only the first 1, 2
-or 4 of the 8 evaluations, as a pruner's rung does: the regret of picking there, and how
-often the LR with the best truth ranks in the best third (what a rung with reduction factor
-3 keeps).
-
-{objective_tables}
-
-## Reading
-
-{commentary}
-"""
-
-COMMENTARY = """\
-These runs use the code of this round, whose default policy anneals the batch late in a run
-once its loss-spike guard has cut (issue 11); every trial, grid run and re-evaluation is a
-default `fit`, so the whole landscape moved since the previous recording (then: grid choice
-0.239, truth 0.278; `tune_lr` regret 1.42x; lr="auto" -2.1 points on MNIST-1D).
-
-**MNIST-1D: met on the letter; the noise is as large as the target.** At this budget (10
-epochs, B0 = 16) LRs from 0.239 up now fail on seed 0 (scores 1.8-2.3: the default policy
-doubles the LR with the batch, and twice 0.24 is past the cliff). The best LR by mean over
-seeds 1-3 is 0.157 (truth 0.235 ± 0.040), yet seed 0's run there ended at 0.83, so the grid,
-which sees seed 0 only, chose 0.103 (truth 0.362, 1.54x the best by mean). `tune_lr`'s
-regret is measured against that choice, as the issue defines it: median 1.012x at 0.24 of the
-grid's examples (met), but 1.56x against the best by mean. Per sampler seed the regrets are
-1.012, 1.131 and 0.655, and two picks of 0.144 (0.1437 and 0.1442, two sampler seeds) have
-truths 0.409 and 0.237: one seed's run in the good region ends anywhere from 0.2 to 0.8, so
-a 2% regret is not resolved by 3 seeds either way (a standard error near 1% on each truth
-needs hundreds). What holds across both recordings: `tune_lr` picks inside or just below the
-good region (0.08-0.23), never past the cliff, for a quarter of the grid's examples with the
-`halving` pruner (35-50% with `median`, which stays the default: on the synthetic problem of
-the tests, 12 trials under `halving` completed too few runs for the best score to come within
-10% of a dense grid's).
-
-**charlm: met.** The loss is smooth in the LR and across seeds (standard errors 0.2-1.9%),
-the grid's choice is also the best by mean (1.39e-3), and `tune_lr` lands at 1.017-1.035x of
-it (median 1.018x) for 20-23% of the grid's examples.
-
-**Objective.** `tail` (mean of the last 2 of 8 evaluations) stays the default. In this
-recording every score ranks about alike: at the full budget on MNIST-1D `tail` 1.307,
-`final` 1.305, `best` 1.284, the last 4 evaluations 1.250 (all noise-bound, see above), on
-charlm 1.008 for all; at the rungs a pruner judges, `tail` ties or beats `final` (MNIST-1D
-after 2 evaluations 1.243 against 1.260, after 4 1.188 against 1.194; charlm after 4 1.009
-both), while the last 4 evaluations fall behind on charlm after 4 (1.024). The previous
-recording favoured `tail` more clearly at the rungs (MNIST-1D after 2: 1.214 against 1.466).
-Evaluating a moving average of the weights ranks best at MNIST-1D's second rung (1.059) and
-worse at its fourth (1.254, in the top third 77% of the time): not adopted; it would also need an
-averaged copy of every trial's weights.
-
-**lr="auto": met on both, charlm by a small margin.** On MNIST-1D (plain SGD) the study
-settles on 0.178 (the geometric mean of the finalists 0.139 and 0.228) on every seed; against
-the fit at the best-by-mean LR 0.157 with the same seed the gaps are +1.6, -1.6 and -0.3
-points (mean -0.10, met), at 1.45 runs of compute; the seed-to-seed spread of a gap is larger
-than the 0.5-point target, so "met" here is one draw. On charlm (AdamW) the study now uses
-the Adam rule (`autobatch/tune/auto_lr.py`, module docstring item 5): the finalists are the
-best 17-step trial and the LR one grid step below it, and the choice is half a grid step
-below the one that ranks first after 33 steps (1/8 of the run). On every seed rung 0 ranked
-3.2e-3 first (and 1e-2 second, which the previous rule kept), the finalists were 1e-3 and
-3.2e-3, 3.2e-3 led after 33 steps, and the choice was 1.78e-3: +0.78, -0.46 and +2.50% loss
-against the best-by-mean LR 1.39e-3 (mean +0.94%, met by 0.06 points; the previous rule
-chose 5.6e-3, +6.15%). Seed 3's +2.5% is that run's luck more than the LR's: the same
-seed at 1.82e-3, 2% away, ended at 2.163 in the landscape runs below (+0.2%).
-
-Why the rule. A fine landscape of the same task (15 LRs x1.44 apart from 1e-4 to 1.6e-2,
-seeds 1-3, 16 evaluations a run; not part of this benchmark) shows the short-horizon bias
-directly: the LR with the lowest loss was 3.75e-3 on every seed after 1/16 and 1/8 of the
-run, 1.8-5.4e-3 after 1/4, and from 5/16 of the run on 1.8e-3 (1.3-2.6e-3 per seed), the best
-LR of the whole run; short trials overrate a larger Adam LR, as Bjorck et al. (2024) found for
-LLMs across token horizons. On MNIST-1D with SGD no such drift showed (the best LR after
-1/16 of the run was 0.08-0.16 per seed, after the whole run 0.16), so the SGD rule is
-unchanged. The rule was designed from this task's landscape, so this row is not an
-independent test of it; [auto_lr_adam](auto_lr_adam.md) tries it on Adam tasks it was not
-designed on. Letting the winning trial *become* the run (so that a later last rung costs
-only its losers) was weighed and not built: on this landscape a comparison late enough to
-trust (5/16 of the run) leaves about 0.14 runs for every earlier rung.
-"""
+def _objectives(obj: dict[str, Any]) -> dict[str, Any]:
+    """Per score: its mean regret at the full budget and after 1, 2 and 4 evaluations, and how
+    often the best LR ranks in the top third after 4 (``obj.tail.after2``, ``obj.ema.top4``)."""
+    out: dict[str, Any] = {}
+    for key, row in obj.items():
+        name, evals = key.split("@")
+        entry = out.setdefault(name, {})
+        entry["after" + evals] = row["mean_regret"]
+        entry["top" + evals] = row["p_best_in_top_third"]
+    for entry in out.values():
+        entry["full"] = entry[max((k for k in entry if k.startswith("after")), key=lambda k: int(k[5:]))]
+    return out
 
 
-def render(data: Any, source: Path) -> Page:
+def _study(a: dict[str, Any]) -> dict[str, Any]:
+    """One lr="auto" study: its finalists (the trials it completed), their steps, the steps of
+    the trials dropped at the first rung, the one that led at the end, and the runner-up of the
+    first rung (``ranked 2 of``)."""
+    done = [t for t in a["trials"] if t["state"] == "COMPLETE"]
+    first_rung = [t for t in a["trials"] if t["state"] == "PRUNED" and "rung 1/" in (t["reason"] or "")]
+    second = [t["params"]["lr"] for t in first_rung if re.search(r"ranked 2 of", t["reason"])]
+    return {"finalists": sorted(t["params"]["lr"] for t in done), "final_steps": [t["steps"] for t in done],
+            "short_steps": [t["steps"] for t in first_rung],
+            "led": min(done, key=lambda t: t["value"])["params"]["lr"] if done else None,
+            "second": second[0] if second else None}
+
+
+def _sci_or_dash(x: float | None) -> str:
+    """An LR in short scientific notation (``3.2e-3``), ``-`` for none."""
+    return "-" if x is None else sci(x)
+
+
+def _same(items: list[Any], fmt: Any) -> str:
+    """The one formatted value every item shares, or their formatted values listed."""
+    shown = list(dict.fromkeys(fmt(x) for x in items))
+    return shown[0] if len(shown) == 1 else listing(shown)
+
+
+def _task_reading(res: dict[str, Any], accuracy: bool) -> dict[str, Any]:
+    """What the reading cites of one task: its setup, the grid around the cliff, the truths and
+    their errors, tune_lr's picks (first pruner), the scores' regrets, and the lr="auto" studies."""
+    s, grid = res["setup"], res["grid"]
+    first = [t for t in res["tune_lr"] if t["pruner"] == s["pruners"][0]]
+    by_lr = {g["lr"]: g for g in grid}
+    best = by_lr[res["best_by_mean"]]
+    above = [g for g in grid if g["lr"] > res["best_by_mean"]]
+    twins: dict[str, list[dict[str, Any]]] = {}
+    for t in first:
+        twins.setdefault(sig(t["lr"]), []).append(t)
+    twin = next((ts for ts in twins.values() if len(ts) > 1), [])
+    sems = [100 * g["truth_sem"] / g["truth"] for g in grid if g["reevaluated"] and g["truth_sem"] is not None]
+    studies = [_study(a) for a in res["auto"]]
+    gaps = [_gap_value(a, s["metric"]) for a in res["auto"]]
+    gap = res["summary"]["auto_mean_gap"]
+    auto_ok = gap is not None and (gap >= -AUTO_POINTS if accuracy else gap <= AUTO_LOSS) \
+        and res["summary"]["auto_max_compute_ratio"] <= AUTO_COMPUTE
+    med_r, med_c = res["summary"]["median_regret"], res["summary"]["median_compute_ratio"]
+    return {
+        "epochs": s["epochs"], "b0": s["initial_batch_size"], "fresh_span": span(s["fresh_seeds"], str),
+        "best_lr": res["best_by_mean"], "best_truth": res["best_by_mean_truth"], "best_sem": best["truth_sem"],
+        "best_final": best["final"], "grid_choice": res["grid_choice"], "grid_truth": res["grid_choice_truth"],
+        "grid_vs_best": res["grid_choice_truth"] / res["best_by_mean_truth"],
+        "cliff_lr": above[0]["lr"] if above else "-",
+        "cliff_scores": span([g["score"] for g in above], lambda x: f"{x:.1f}") if above else "-",
+        "median_regret": med_r, "median_compute": med_c,
+        "tune_verdict": "met" if med_r is not None and med_r <= REGRET_TARGET and med_c <= COMPUTE_TARGET else "missed",
+        "median_vs_best": _median([t["regret_vs_best_by_mean"] for t in first]),
+        "regrets": listing([f"{t['regret']:.3f}" for t in first]),
+        "regret_span": span([t["regret"] for t in first], lambda x: f"{x:.3f}"),
+        "compute_span": span([t["compute_ratio"] for t in first], lambda x: f"{100 * x:.0f}"),
+        "twin_lr": sig(twin[0]["lr"]) if twin else "-",
+        "twin_lrs": listing([f"{t['lr']:.4f}" for t in twin]) or "-",
+        "twin_truths": listing([f"{t['truth']:.3f}" for t in twin]) or "-",
+        "sem_span": span(sems, lambda x: f"{x:.1f}") if sems else "-",
+        "obj": _objectives(res["objectives"]),
+        "obj_full_span": span([row["mean_regret"] for key, row in res["objectives"].items()
+                               if key.endswith(f"@{s['n_evals']}")], lambda x: f"{x:.3f}"),
+        "auto_lr": _same([a["lr"] for a in res["auto"]], sig), "auto_lr_e": _same([a["lr"] for a in res["auto"]], sci3),
+        "finalists": _same([st["finalists"] for st in studies], lambda f: listing([sig(x) for x in f])),
+        "finalist_lo": _same([min(st["finalists"], default=None) for st in studies], _sci_or_dash),
+        "finalist_hi": _same([max(st["finalists"], default=None) for st in studies], _sci_or_dash),
+        "short_steps": span([n for st in studies for n in st["short_steps"]], str),
+        "final_steps": span([n for st in studies for n in st["final_steps"]], str),
+        "study_share": f"1/{round(s['samples_per_run'] / res['auto'][0]['rungs'][-1])}",
+        "rung0_first": _same([max(st["finalists"], default=None) for st in studies], _sci_or_dash),
+        "rung0_second": _same([st["second"] for st in studies], _sci_or_dash),
+        "last_first": _same([st["led"] for st in studies], _sci_or_dash),
+        "auto_gaps": listing([f"{g:+.1f}" if accuracy else f"{g:+.2f}" for g in gaps]),
+        "auto_mean": gap, "auto_mean_pct": 100 * gap if gap is not None else "-",
+        "auto_verdict": "met" if auto_ok else "missed",
+        "auto_margin": (100 * AUTO_LOSS - 100 * gap) if gap is not None and not accuracy else "-",
+        "auto_compute": res["summary"]["auto_max_compute_ratio"],
+        "auto_seed3": next((g for a, g in zip(res["auto"], gaps, strict=True) if a["seed"] == 3), "-"),
+    }
+
+
+def _gap_value(a: dict[str, Any], metric: str) -> float:
+    """One lr="auto" seed against the best-by-mean LR: accuracy points, or loss in %."""
+    mine, ref = (a["metrics"] or {}).get(metric), (a["best_lr_metrics"] or {}).get(metric)
+    return 100 * (mine - ref) if metric == "val_accuracy" else 100 * (mine / ref - 1)
+
+
+def values(data: Any, source: Path) -> dict[str, Any]:
+    """The page's named values: the setup table and, per task, the tune_lr, grid, lr="auto" and
+    objective tables with their verdicts."""
     tasks = data["tasks"]
     setup_rows = []
     tune_tables, tune_verdicts, grid_tables, objective_tables = [], [], [], []
@@ -244,38 +220,46 @@ def render(data: Any, source: Path) -> Page:
                         "compute / run"], auto_rows, "lrrrrrrrr")
     first = next(iter(tasks.values()))
     machine = data["machine"]
-    body = TEMPLATE.format(
-        setup_table=setup_table, threads=machine["threads"], seeds=listing([str(x) for x in first["setup"]["fresh_seeds"]]),
-        minutes=data["work_wall_time_s"] / 60, cpus=machine["cpus"],
-        tune_tables="\n\n".join(tune_tables), regret_target=REGRET_TARGET, compute_target=COMPUTE_TARGET,
-        tune_verdicts=listing(tune_verdicts), grid_tables="\n\n".join(grid_tables), auto_table=auto_table,
-        auto_points=AUTO_POINTS, auto_loss=AUTO_LOSS, auto_compute=AUTO_COMPUTE, auto_verdicts=listing(auto_verdicts),
-        draws=f"{2000:,}", objective_tables="\n\n".join(objective_tables), commentary=COMMENTARY.strip(),
-    )
-    summary = "; ".join(summary_parts)
-    return Page("Base-LR choice re-run with fresh seeds (tune_lr, lr=\"auto\")", summary, body, written_for)
+    return {
+        "setup_table": setup_table, "threads": machine["threads"],
+        "seeds": listing([str(x) for x in first["setup"]["fresh_seeds"]]),
+        "minutes": data["work_wall_time_s"] / 60, "cpus": machine["cpus"],
+        "tune_tables": "\n\n".join(tune_tables), "regret_target": REGRET_TARGET, "compute_target": COMPUTE_TARGET,
+        "tune_verdicts": listing(tune_verdicts), "grid_tables": "\n\n".join(grid_tables), "auto_table": auto_table,
+        "auto_points": AUTO_POINTS, "auto_loss": AUTO_LOSS, "auto_compute": AUTO_COMPUTE,
+        "auto_verdicts": listing(auto_verdicts), "draws": f"{2000:,}",
+        "objective_tables": "\n\n".join(objective_tables), "summary": "; ".join(summary_parts),
+        "t": {name: _task_reading(res, res["setup"]["metric"] == "val_accuracy") for name, res in tasks.items()},
+        "fresh": len(first["setup"]["fresh_seeds"]), "runs_per_lr": len(first["setup"]["fresh_seeds"]) + 1,
+        "evals": first["setup"]["n_evals"],
+    }
 
 
-def _median(values: list[float | None]) -> float | None:
-    vals = sorted(math.inf if v is None else v for v in values)
+def _median(xs: list[float | None]) -> float | None:
+    """The median, with ``None`` counted as infinite."""
+    vals = sorted(math.inf if v is None else v for v in xs)
     return vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
 
 
 def _loss(x: float | None) -> str:
+    """A loss to 4 decimals, ``-`` for none."""
     return "-" if x is None else f"{x:.4f}"
 
 
 def _ratio(x: float | None) -> str:
+    """A ratio to 3 decimals (``1.012x``), ``-`` for none."""
     return "-" if x is None else times(x, 3)
 
 
 def _metric(x: float | None, metric: str) -> str:
+    """A final metric: accuracy in %, loss to 4 decimals, ``-`` for none."""
     if x is None:
         return "-"
     return f"{100 * x:.1f}%" if metric == "val_accuracy" else f"{x:.4f}"
 
 
 def _gap(mine: float | None, ref: float | None, metric: str) -> str:
+    """``mine`` against ``ref``: accuracy points or relative loss, ``-`` if either is missing."""
     if mine is None or ref is None:
         return "-"
     return f"{100 * (mine - ref):+.1f} pt" if metric == "val_accuracy" else f"{100 * (mine / ref - 1):+.2f}%"
