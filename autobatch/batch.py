@@ -32,8 +32,8 @@ __all__ = [
     "LossFn",
     "check_scalar_loss",
     "forward_and_loss",
-    "shifts_labels",
     "output_logits",
+    "shifts_labels",
     "target_of",
     "unwrap_model",
 ]

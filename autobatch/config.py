@@ -17,6 +17,7 @@ names and for what a named plug-in needs of the other settings; it imports no pl
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import re
 from typing import Any, Literal
@@ -163,7 +164,7 @@ class LRConfig(_Section):
     @field_validator("lr_milestones")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
-        if any(m < 0 for m in value) or any(b <= a for a, b in zip(value, value[1:])):
+        if any(m < 0 for m in value) or any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError(
                 f"lr_milestones must be strictly increasing epochs >= 0 (got {value}); "
                 "sort them and drop duplicates"
@@ -495,4 +496,4 @@ def parse_bytes(value: int | float | str) -> int:
         number = float(value)
     if not math.isfinite(number) or round(number) <= 0:
         raise ValueError(f"a memory size must be > 0 bytes (got {value!r})")
-    return int(round(number))
+    return round(number)

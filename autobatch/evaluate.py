@@ -14,8 +14,8 @@ from autobatch.batch import (
     ForwardLoss,
     LossFn,
     forward_and_loss,
-    shifts_labels,
     output_logits,
+    shifts_labels,
     target_of,
 )
 from autobatch.data import as_batch_source, move_to

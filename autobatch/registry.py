@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     from autobatch.scaling.base import LRScaling
 
 __all__ = [
-    "PROBLEMS",
     "FAMILIES",
     "LR_SCALINGS",
     "POLICIES",
+    "PROBLEMS",
     "PRUNERS",
     "check_spec",
     "config_problems",

@@ -189,7 +189,9 @@ def exact_noise_scale(problem: ExactCase, chunk: int = 1024) -> Exact:
     total, total_sq = None, 0.0
     n = problem.x.shape[0]
     for start in range(0, n, chunk):
-        g = per_example_grads(problem.model, problem.x[start : start + chunk], problem.y[start : start + chunk], problem.loss_fn).double()
+        g = per_example_grads(
+            problem.model, problem.x[start : start + chunk], problem.y[start : start + chunk], problem.loss_fn
+        ).double()
         total = g.sum(0) if total is None else total + g.sum(0)
         total_sq += float(g.square().sum())
     mean = total / n

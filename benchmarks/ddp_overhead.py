@@ -1,7 +1,8 @@
 """Data-parallel step time with the noise-scale estimator over time without it, 2 ranks.
 
 Run it as a module from the repository root: it relaunches itself under
-``torchrun --nproc-per-node=2`` (gloo on CPU). In one torchrun session the two variants alternate round by round, each round a short
+``torchrun --nproc-per-node=2`` (gloo on CPU). In one torchrun session the two variants alternate
+round by round, each round a short
 ``autobatch.fit`` of the same model and data:
 
 - ``off``: ``gns_method="off"`` (no norm is read);

@@ -19,7 +19,8 @@ Every run is a whole ``fit`` call, setup included; with the estimator on, its fi
 steps (the estimator's first window) are all measured, so short runs pay a little more than
 long ones: the cases with a target run 500-600 steps (until this round 100-160 for some, where
 the first window was 17-20% of the steps; mlp1m-256's ratio with the estimator on fell from
-1.046 at 120 steps to 1.018 at 600 in a 3-round check). Rounds alternate the variants (the order rotates each round, after one warm-up round); each
+1.046 at 120 steps to 1.018 at 600 in a 3-round check). Rounds alternate the variants (the order
+rotates each round, after one warm-up round); each
 ratio is the median over rounds of (variant time / ``plain`` time in the same round). Times
 are the process's CPU time (one torch thread, so the compute thread's), which other jobs on a
 shared machine inflate less than wall-clock time; wall-clock ratios are stored too.

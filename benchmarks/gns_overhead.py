@@ -131,7 +131,14 @@ def _variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Calla
             state[name].remove()
             state[name] = None
 
-    variants = {"plain_k": plain_k, "control": plain_k, "micro": micro, "plain_1": plain_1, "per_example": per_example, "vmap": vmap_step}
+    variants = {
+        "plain_k": plain_k,
+        "control": plain_k,
+        "micro": micro,
+        "plain_1": plain_1,
+        "per_example": per_example,
+        "vmap": vmap_step,
+    }
     return variants, attach, detach
 
 
@@ -166,7 +173,10 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     start = time.perf_counter()
-    print(f"{'model':12s} {'params':>8s} {'B':>4s} {'plain_k ms':>10s} {'control':>8s} {'micro':>7s} {'plain_1 ms':>10s} {'per_ex':>7s} {'vmap':>7s}")
+    print(
+        f"{'model':12s} {'params':>8s} {'B':>4s} {'plain_k ms':>10s} {'control':>8s} {'micro':>7s} "
+        f"{'plain_1 ms':>10s} {'per_ex':>7s} {'vmap':>7s}"
+    )
     for name, (model, x, y, loss_fn) in _cases().items():
         variants, attach, detach = _variants(model, x, y, loss_fn, args.micro_batches)
         times: dict[str, list[float]] = {}

@@ -429,7 +429,7 @@ def run_checks(device: torch.device) -> list[dict]:
         try:
             ok, detail = check(device)
             status = "pass" if ok else "FAIL"
-        except Exception as err:  # noqa: BLE001 - a check's error is its result
+        except Exception as err:
             lines = str(err).strip().splitlines()
             status, detail = "FAIL", f"{type(err).__name__}: {lines[0] if lines else ''}"
             traceback.print_exc(file=sys.stderr)

@@ -196,11 +196,24 @@ def save_run(row: dict[str, Any]) -> None:
 
 
 def settings() -> dict[str, Any]:
-    return {"task": {"example": "charlm", "max_chars": CHARS, "epochs": EPOCHS, "evals": EVALS,
-                     "model": "the example's defaults: 2 layers, d_model 64, 4 heads, context 64, 117k parameters",
-                     "optimizer": "AdamW, weight_decay 0.01, constant LR"},
-            "sizes": list(SIZES), "seeds": list(SEEDS), "start_lr": {str(b): v for b, v in START_LR.items()}, "ramp_milestones": RAMP_MILESTONES,
-            "criteria": CRITERIA, "overrun": OVERRUN, "machine": MACHINE, "commit": git_commit()}
+    return {
+        "task": {
+            "example": "charlm",
+            "max_chars": CHARS,
+            "epochs": EPOCHS,
+            "evals": EVALS,
+            "model": "the example's defaults: 2 layers, d_model 64, 4 heads, context 64, 117k parameters",
+            "optimizer": "AdamW, weight_decay 0.01, constant LR",
+        },
+        "sizes": list(SIZES),
+        "seeds": list(SEEDS),
+        "start_lr": {str(b): v for b, v in START_LR.items()},
+        "ramp_milestones": RAMP_MILESTONES,
+        "criteria": CRITERIA,
+        "overrun": OVERRUN,
+        "machine": MACHINE,
+        "commit": git_commit(),
+    }
 
 
 def _run(arm: str, batch_size: int, lr: float, seed: int, overrides: dict[str, Any],

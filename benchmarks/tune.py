@@ -13,7 +13,8 @@ many. So for each task (the built-in ``mnist1d`` CNN with plain SGD, ``charlm`` 
    lowest.
 3. **tune_lr**: ``trials`` trials over the same range (TPE, the ``halving`` pruner, and on
    MNIST-1D the default ``median`` too, the default objective, model seed 0) for
-   each of 3 sampler seeds; its chosen LR is re-run with seeds 1-3. Regret = its truth / the truth of the grid's choice; compute = its examples / the
+   each of 3 sampler seeds; its chosen LR is re-run with seeds 1-3. Regret = its truth / the truth
+   of the grid's choice; compute = its examples / the
    grid's examples.
 4. **lr="auto"**: for model seeds 1-3, :func:`autobatch.tune.auto_lr.choose_base_lr` (what
    ``fit(lr="auto")`` runs) then a full fit at its LR, against the fit at the best-by-mean
@@ -52,9 +53,9 @@ import optuna
 import torch
 
 import autobatch
+from autobatch.evaluate import evaluate
 from autobatch.registry import get_problem
 from autobatch.train.callbacks import Callback
-from autobatch.evaluate import evaluate
 from autobatch.tune.auto_lr import choose_base_lr
 from autobatch.tune.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, score
 

@@ -25,9 +25,9 @@ from autobatch._state import preserved_state
 from autobatch.accumulate import accumulate_gradients, count_loss_items
 from autobatch.batch import check_scalar_loss, forward_and_loss
 from autobatch.data import as_batch_source
+from autobatch.evaluate import evaluate
 from autobatch.optimizers import build_optimizer, copy_for
 from autobatch.testing import USER_MODELS, TwoInputNet, token_loss
-from autobatch.evaluate import evaluate
 
 
 # ---------------------------------------------------------------------------- the protocol
@@ -78,7 +78,9 @@ def test_protocol_errors_name_the_shape_and_the_fix() -> None:
     lin = nn.Linear(4, 3)
     x, y = torch.randn(2, 4), torch.randint(3, (2,))
     per_example = functools.partial(F.cross_entropy, reduction="none")
-    with pytest.raises(ValueError, match=r"^loss_fn must return a scalar tensor \(got a tensor of shape \(2,\)\); reduce it with .mean\(\)"):
+    with pytest.raises(
+        ValueError, match=r"^loss_fn must return a scalar tensor \(got a tensor of shape \(2,\)\); reduce it with .mean\(\)"
+    ):
         forward_and_loss(lin, (x, y), per_example)
     with pytest.raises(ValueError, match=r"^forward_loss must return a scalar tensor \(got a float\)"):
         forward_and_loss(lin, (x, y), forward_loss=lambda m, b: 1.0)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from autobatch.policies import BudgetPolicy, LossSpikeGuard, PolicyContext
-from autobatch.run_length import RunLength
 from autobatch.policies.budget import largest_batch_within
+from autobatch.run_length import RunLength
 from autobatch.scaling import LinearScaling, SqrtScaling
 
 

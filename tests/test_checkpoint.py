@@ -172,7 +172,7 @@ def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(tmp_path,
     monkeypatch.setattr(ckpt_mod.os, "replace", replace)
     save_checkpoint(tmp_path, {"w": torch.ones(3)})
     expected = ["fsync file", "rename last.tmp -> last.pt"]
-    assert events == (expected + ["fsync dir"] if os.name == "posix" else expected)
+    assert events == ([*expected, "fsync dir"] if os.name == "posix" else expected)
 
 
 def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:

@@ -12,9 +12,9 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from autobatch.problems import Problem
-from autobatch.registry import PROBLEMS, get_problem
 from autobatch.problems import charlm as charlm_module
 from autobatch.problems.synthetic import gradient_moments
+from autobatch.registry import PROBLEMS, get_problem
 
 # Small but real settings per example, so each test builds in well under a second after the
 # first (data is cached per process).
@@ -240,7 +240,7 @@ def test_charlm_examples_are_shifted_windows_of_the_text() -> None:
     assert list(vocab) == sorted(set(vocab)) and len(vocab) <= 96
     text = charlm_module.load_text(20_000)
     x, y = ex.train_data
-    xv, yv = ex.val_data
+    xv, _ = ex.val_data
     assert x.dtype == y.dtype == torch.long and x.shape[1] == y.shape[1] == 32
     assert torch.equal(x[:, 1:], y[:, :-1])
     decode = lambda ids: "".join(vocab[i] for i in ids.tolist())  # noqa: E731

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import autobatch
-from autobatch.train.callbacks import Callback, StopAtTarget
 from autobatch.policies import BatchSizePolicy, PolicyContext
+from autobatch.train.callbacks import Callback, StopAtTarget
 
 
 def _regression(n: int = 512, d: int = 8, noise: float = 1.0, seed: int = 0):
@@ -170,7 +170,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded() -> None:
     assert sum(r.skipped for r in res.history) == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
     bad = (torch.full((64, 8), float("nan")), torch.zeros(64, 1))
-    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
+    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row.*max_nonfinite_steps=3"):
         autobatch.fit(nn.Linear(8, 1), bad, loss_fn=_mse, lr=0.1, epochs=5, initial_batch_size=8,
                       max_nonfinite_steps=3, progress=False)
 

@@ -150,7 +150,7 @@ def test_harmonic_batch_size_makes_unequal_sizes_exact() -> None:
 def test_errors_name_the_value_and_the_fix() -> None:
     with pytest.raises(ValueError, match="no trainable parameters"):
         MicroBatchNormCollector(nn.Linear(2, 2).requires_grad_(False))
-    with pytest.raises(ValueError, match="loss_reduction must be one of .* loss_reduction='max'"):
+    with pytest.raises(ValueError, match=r"loss_reduction must be one of .* loss_reduction='max'"):
         MicroBatchNormCollector(_model(), loss_reduction="max")  # type: ignore[arg-type]
     model = _model()
     x, y = _data()
@@ -164,5 +164,5 @@ def test_errors_name_the_value_and_the_fix() -> None:
     with pytest.raises(RuntimeError, match="arrived after the last after_backward"):
         collector.end_step()
     collector.begin_step()
-    with pytest.raises(ValueError, match="batch_size must be >= 1 .*batch_size=0"):
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1 .*batch_size=0"):
         collector.after_backward(batch_size=0)

@@ -92,7 +92,7 @@ def test_every_rule_is_one_at_the_base_and_monotone(name: str) -> None:
         kw = {"grad_sq": noise[0], "trace_cov": noise[1]}
         assert rule.factor(32, 32, **kw) == pytest.approx(1.0)
         values = [rule.factor(b, 32, **kw) for b in range(1, 2000, 7)]
-        assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+        assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))
         # Never faster than linear above B0, never slower than linear below it.
         for b in (1, 8, 31, 33, 100, 1999):
             f = rule.factor(b, 32, **kw)

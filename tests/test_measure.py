@@ -65,7 +65,9 @@ def test_without_replacement_sizes_make_the_estimator_exactly_unbiased() -> None
     naive_g, _ = two_batch_estimates(small, 2, big, 4)
     assert naive_g == pytest.approx(grad_sq - trace_cov / 7, rel=1e-12)
     # The whole set as the big batch: its gradient is exact.
-    est_g, est_s = two_batch_estimates(small, without_replacement_batch_size(2, 8), float(g.mean(0).square().sum()), without_replacement_batch_size(8, 8))
+    est_g, est_s = two_batch_estimates(
+        small, without_replacement_batch_size(2, 8), float(g.mean(0).square().sum()), without_replacement_batch_size(8, 8)
+    )
     assert (est_g, est_s) == (pytest.approx(grad_sq, rel=1e-12), pytest.approx(trace_cov, rel=1e-12))
 
 
@@ -128,7 +130,11 @@ def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it() -> None:
     data = (x, y)
     cases = [
         (dict(model=nn.Linear(4, 3).requires_grad_(False)), ValueError, "no trainable parameters"),
-        (dict(loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none")), ValueError, r"loss_fn must return a scalar tensor \(got a tensor of shape \(2,\)\); reduce it with .mean\(\)"),
+        (
+            dict(loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none")),
+            ValueError,
+            r"loss_fn must return a scalar tensor \(got a tensor of shape \(2,\)\); reduce it with .mean\(\)",
+        ),
         (dict(batch_size=1), ValueError, r"batch_size must be >= 2 \(got batch_size=1\)"),
         (dict(micro_batch_size=3), ValueError, r"must divide batch_size .* micro_batch_size=3, batch_size=16"),
         (dict(micro_batch_size=32), ValueError, r"at most batch_size \(got micro_batch_size=32"),

@@ -138,8 +138,8 @@ def test_largest_fitting_on_piecewise_linear_peaks_matches_brute_force() -> None
                 start = kink
             return total
 
-        calls = []
-        counted = functools.lru_cache(maxsize=None)(lambda b: calls.append(b) or peak(b))
+        calls: list[int] = []
+        counted = functools.lru_cache(maxsize=None)(lambda b, calls=calls: calls.append(b) or peak(b))
         upper, limit = 4096, rng.randint(10_000, peak(5000))
         truth = max(b for b in range(1, upper + 1) if peak(b) <= limit)
         assert largest_fitting(counted, limit, upper) == truth

@@ -215,7 +215,10 @@ def test_ramp_grows_then_decays_the_lr_once_capped() -> None:
 @pytest.mark.parametrize(("decay", "cap"), [(0.1, 1000), (0.5, 200), (0.2, 100_000)])
 def test_ramp_keeps_the_step_schedule_noise(decay: float, cap: int) -> None:
     # SGD noise ~ LR / B: the ramp's LR/B must equal the step schedule's base_lr * decay^n / B0.
-    policy, fixed = RampPolicy(lr_milestones=[1, 2, 3, 4], lr_decay=decay), FixedPolicy(lr_milestones=[1, 2, 3, 4], lr_decay=decay)
+    policy, fixed = (
+        RampPolicy(lr_milestones=[1, 2, 3, 4], lr_decay=decay),
+        FixedPolicy(lr_milestones=[1, 2, 3, 4], lr_decay=decay),
+    )
     for epoch in [0.0, 0.5, 1.0, 2.2, 3.0, 4.7]:
         ctx = _ctx(epoch=epoch, max_batch_size=cap)
         b = policy.propose(ctx)

@@ -70,7 +70,7 @@ def test_adam_preconditioner_is_one_over_sqrt_v_hat_plus_eps() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
     assert adam_preconditioner(opt) == {}  # no state before the first step
     v = {p: torch.zeros_like(p) for p in model.parameters()}
-    for t in range(1, 4):
+    for _ in range(3):
         opt.zero_grad()
         model(torch.randn(5, 3)).square().mean().backward()
         for p in model.parameters():

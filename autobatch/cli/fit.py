@@ -12,7 +12,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.registry import PROBLEMS, LR_SCALINGS, POLICIES
+    from autobatch.registry import LR_SCALINGS, POLICIES, PROBLEMS
 
     p = subparsers.add_parser(
         "fit",

@@ -12,7 +12,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch tune``."""
-    from autobatch.registry import PROBLEMS, POLICIES, PRUNERS
+    from autobatch.registry import POLICIES, PROBLEMS, PRUNERS
     from autobatch.tune.study import DEFAULT_STORAGE
 
     p = subparsers.add_parser(

@@ -13,8 +13,7 @@ import torch
 
 from autobatch.config import FitConfig
 from autobatch.run_length import RunLength
-from autobatch.train.controller import BatchSizeController
-from autobatch.train.controller import build_controller
+from autobatch.train.controller import BatchSizeController, build_controller
 
 __all__ = ["LRFactor", "explicit_settings", "round_to_multiple", "trainer_controller"]
 

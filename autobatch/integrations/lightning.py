@@ -58,9 +58,9 @@ from autobatch.config import FitConfig
 from autobatch.data import batch_size_of
 from autobatch.integrations._common import (
     LRFactor,
-    trainer_controller,
     explicit_settings,
     round_to_multiple,
+    trainer_controller,
 )
 from autobatch.noise.micro_batch import (
     MicroBatchNormCollector,
@@ -68,9 +68,9 @@ from autobatch.noise.micro_batch import (
     trainable_parameters,
 )
 from autobatch.train.distributed import DistInfo, broadcast_int
-from autobatch.train.step_norms import norms_from_totals
 from autobatch.train.results import StepRecord
 from autobatch.train.sampler import SampleStream
+from autobatch.train.step_norms import norms_from_totals
 
 __all__ = ["AdaptiveBatchSize", "accumulation_setting"]
 

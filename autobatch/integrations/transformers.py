@@ -57,9 +57,9 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from autobatch.accumulate import accumulate_gradients, count_step_items
 from autobatch.config import FitConfig
 from autobatch.integrations._common import LRFactor, explicit_settings, trainer_controller
-from autobatch.accumulate import accumulate_gradients, count_step_items
 from autobatch.memory.oom import release_after_oom, retry_after_oom
 from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
 from autobatch.train.results import StepRecord

@@ -118,6 +118,9 @@ def fake_resized(template: Any, batch_size: int, device: torch.device) -> Any:
 
 
 # ---------------------------------------------------------------------------- the step
+_CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Workload:
     """What the probe runs: the model, the batch it repeats, the loss by the batch protocol
@@ -130,7 +133,7 @@ class Workload:
     forward_loss: ForwardLoss | None
     optimizer: Any
     make_optimizer: OptimizerMaker
-    device: torch.device = torch.device("cpu")  # where the step runs (its autocast's device type)
+    device: torch.device = _CPU  # where the step runs (its autocast's device type)
     amp_dtype: torch.dtype | None = None  # the autocast dtype of mixed precision (None: full)
 
     def real_optimizer(self) -> torch.optim.Optimizer:

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from autobatch.config import parse_bytes
 from autobatch._state import preserved_state
 from autobatch.batch import ForwardLoss, LossFn
+from autobatch.config import parse_bytes
 from autobatch.devices import AUTOCAST_DTYPES, canonical_device, model_device
 from autobatch.memory import _step as step
 from autobatch.memory.oom import is_oom_error, release_after_oom

@@ -129,7 +129,7 @@ def embedding_sq_norms(
         num_embeddings: vocabulary size.
         padding_idx: a token whose row gets no gradient, or None.
     """
-    b, t, d = g.shape
+    b, _, d = g.shape
     keys = tokens + num_embeddings * torch.arange(b, device=tokens.device).unsqueeze(1)
     keys, g = keys.reshape(-1), g.reshape(-1, d)
     if padding_idx is not None:

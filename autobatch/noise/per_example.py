@@ -139,10 +139,10 @@ class PerExampleNormCollector:
             self._tracking = True
         return self._tracker
 
-    def _paused(self):  # noqa: ANN202
+    def _paused(self):
         return self._tracker.paused() if self._tracking else contextlib.nullcontext()
 
-    def _make_rng_hook(self, layer: Layer):  # noqa: ANN202
+    def _make_rng_hook(self, layer: Layer):
         def save(module: nn.Module, args: tuple) -> None:
             # The RNG state before the layer runs, so that its re-run under vmap draws the
             # same dropout masks (vmap's randomness="different" draws the batch's in one go).
@@ -152,20 +152,20 @@ class PerExampleNormCollector:
 
         return save
 
-    def _make_batchnorm_check(self, name: str):  # noqa: ANN202
+    def _make_batchnorm_check(self, name: str):
         def check(module: nn.Module, args: tuple) -> None:
             if module.training and torch.is_grad_enabled() and not self._recomputing:
                 raise UnsupportedForPerExample(batchnorm_reason(name, module))
 
         return check
 
-    def _make_param_flag(self, param: nn.Parameter):  # noqa: ANN202
+    def _make_param_flag(self, param: nn.Parameter):
         def flag(g: torch.Tensor) -> None:
             self._got_grad.add(id(param))
 
         return flag
 
-    def _make_forward_hook(self, layer: Layer):  # noqa: ANN202
+    def _make_forward_hook(self, layer: Layer):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._recomputing or not torch.is_grad_enabled() or self._batch is None:
                 return
@@ -221,7 +221,7 @@ class PerExampleNormCollector:
             if out.requires_grad:
                 out.register_hook(self._make_output_hook(layer, call, i))
 
-    def _make_output_hook(self, layer: Layer, call: Call, index: int):  # noqa: ANN202
+    def _make_output_hook(self, layer: Layer, call: Call, index: int):
         def hook(g: torch.Tensor) -> None:
             call.grads[index] = g.detach()
             call.waiting -= 1

@@ -14,7 +14,8 @@ Which batch is best depends on what the run is short of (docs/design/gns.md, las
   is <= F``, where ``F`` is the allowed factor (``max_lr_factor``, lowered by the
   :class:`~autobatch.policies.guard.LossSpikeGuard` when a larger LR proved unstable). With
   the linear rule (this policy's default, for every optimizer) that is ``B0 x F``; with the
-  square-root rule (Adam-family, Malladi et al. 2022) it would be ``B0 x F^2``. Below that bound B follows the noise scale as ``gns`` does
+  square-root rule (Adam-family, Malladi et al. 2022) it would be ``B0 x F^2``. Below that bound B
+  follows the noise scale as ``gns`` does
   (never above ``B_noise``: past it Adam's best LR falls again, Li et al. 2024 "Surge").
 - **Steps** (only ``max_steps`` binds): more examples per step cost no steps, so B follows
   the noise scale freely; the LR factor is still the rule's, capped at ``F``.
@@ -130,8 +131,8 @@ class BudgetPolicy(GNSPolicy):
             reported).
 
     The context's ``limited_by``, ``max_lr_factor``, ``lr_rule`` and ``train_loss`` come from the
-    controller. Without ``lr_rule`` (an old controller) the linear rule ``B/B0`` is assumed. The default LR rule is ``linear`` (see the module
-    docstring for why, Adam included).
+    controller. Without ``lr_rule`` (a loop that does not give it) the linear rule ``B/B0`` is
+    assumed. The default LR rule is ``linear`` (see the module docstring for why, Adam included).
     """
 
     config_settings: ClassVar[Mapping[str, str]] = GNSPolicy.config_settings

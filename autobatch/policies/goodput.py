@@ -116,7 +116,11 @@ class GoodputPolicy(BatchSizePolicy):
     estimate is ready or while no step time is known.
     """
 
-    config_settings: ClassVar[Mapping[str, str]] = {"max_growth": "max_growth", "hysteresis": "hysteresis", "round_to": "round_to"}
+    config_settings: ClassVar[Mapping[str, str]] = {
+        "max_growth": "max_growth",
+        "hysteresis": "hysteresis",
+        "round_to": "round_to",
+    }
 
     def __init__(self, *, max_growth: float = 2.0, hysteresis: float = 0.05, round_to: int = 8) -> None:
         self.max_growth = max_growth

@@ -31,7 +31,11 @@ class RampPolicy(BatchSizePolicy):
         ValueError: without milestones, or unless ``0 < lr_decay < 1`` (both reported).
     """
 
-    config_settings: ClassVar[Mapping[str, str]] = {"lr_milestones": "lr_milestones", "lr_decay": "lr_decay", "round_to": "round_to"}
+    config_settings: ClassVar[Mapping[str, str]] = {
+        "lr_milestones": "lr_milestones",
+        "lr_decay": "lr_decay",
+        "round_to": "round_to",
+    }
     # The ramp replaces LR decay by batch growth: the LR must not also grow with B, or the
     # noise LR/B would not fall. A config that names a rule explicitly keeps it.
     default_lr_scaling: ClassVar[str | None] = "none"

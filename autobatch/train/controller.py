@@ -328,7 +328,7 @@ class BatchSizeController:
 
 
 def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_size: int, max_batch_size: int,
-                     micro_batch_size: int | None, min_micro_batches: int, run: RunLength = RunLength(),
+                     micro_batch_size: int | None, min_micro_batches: int, run: RunLength | None = None,
                      num_examples: int = 0, lr_scheduled: bool = False) -> BatchSizeController:
     """The batch-size controller ``cfg`` describes (``fit``'s, and the trainer integrations'),
     with the caller's sizes.
@@ -343,13 +343,14 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
         micro_batch_size: the micro-batch cap (per process), or None for none.
         min_micro_batches: micro-batches per step and process when B allows.
         run: the run's stopping rules, from which the policy learns what limits it and how
-            far through it the run is (:class:`~autobatch.run_length.RunLength`).
+            far through it the run is (:class:`~autobatch.run_length.RunLength`; None: none).
         num_examples: examples in the training set (one epoch).
         lr_scheduled: whether a user's LR scheduler shapes the base LR.
 
     Raises:
         ValueError: for a policy or LR rule that needs the noise scale while ``method="off"``.
     """
+    run = run if run is not None else RunLength()
     scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
     if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
         raise ValueError(

@@ -21,7 +21,8 @@ class StepRecord(BaseModel):
     ``examples`` what the step held (fewer for the last step of an epoch); ``lr`` is the first parameter group's LR
     used for this step, ``base_lr`` that group's LR before autobatch's factor (the user's
     ``lr_scheduler`` at this point of its clock, else the base LR), so ``lr / base_lr`` is
-    the batch-size factor (scaling rule x cap x policy x warm-up); ``grad_sq``, ``trace_cov`` and ``noise_scale`` are the estimator's
+    the batch-size factor (scaling rule x cap x policy x warm-up); ``grad_sq``, ``trace_cov`` and
+    ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
     the estimator is ready) and ``noise_scale_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
     the fit started (evaluation included).

@@ -19,11 +19,11 @@ import optuna
 import torch
 from torch import nn
 
-from autobatch.train.callbacks import Callback
 from autobatch.config import FitConfig, _flat_keys
 from autobatch.data import BatchSource
-from autobatch.train.distributed import DistInfo, broadcast_int
 from autobatch.evaluate import evaluate
+from autobatch.train.callbacks import Callback
+from autobatch.train.distributed import DistInfo, broadcast_int
 from autobatch.train.loop import train
 from autobatch.tune.objectives import DEFAULT_OBJECTIVE, score
 

@@ -60,11 +60,11 @@ from torch import nn
 
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
+from autobatch.evaluate import evaluate
 from autobatch.optimizers import build_optimizer
 from autobatch.run_length import RunLength
 from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.train.checkpoint import capture_rng, load_checkpoint, restore_rng
-from autobatch.evaluate import evaluate
 from autobatch.train.loop import train
 from autobatch.tune.objectives import score
 from autobatch.tune.study import TrialRow, TuneResult, _summarise

@@ -34,18 +34,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-from pydantic import BaseModel, ConfigDict, Field
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from autobatch.registry import make_pruner
-from autobatch.tune._trial import (ModelFactory, end_trials, follow_trials, lead_trial,
-                                  open_storage, run_trial)
-from autobatch.tune._trial import is_in_memory, stale_reason
-from autobatch.tune.objectives import OBJECTIVES
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
+from autobatch.registry import make_pruner
 from autobatch.train.distributed import setup_distributed
+from autobatch.tune._trial import (
+    ModelFactory,
+    end_trials,
+    follow_trials,
+    is_in_memory,
+    lead_trial,
+    open_storage,
+    run_trial,
+    stale_reason,
+)
+from autobatch.tune.objectives import OBJECTIVES
 
 __all__ = ["DEFAULT_STORAGE", "TrialRow", "TuneResult", "search", "tune_lr"]
 

@@ -139,7 +139,7 @@ def _page_text(name: str, page: Page, data: Any, sources: Path = SOURCES) -> str
             f"`{_shown(sources / (name + '.md'))}` to `{current}`."),
             "",
         ]
-    return "\n".join(lines + [page.body.strip()]) + "\n"
+    return "\n".join([*lines, page.body.strip()]) + "\n"
 
 
 def _index_text(entries: list[tuple[str, Page]], skipped: list[str]) -> str:

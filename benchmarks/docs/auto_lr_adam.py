@@ -50,9 +50,18 @@ def _setup_rows(tasks: dict[str, Any]) -> list[list[str]]:
     for name, t in tasks.items():
         s = t["setup"]
         opts = ", ".join(f"{k}={v}" for k, v in s["options"].items()) or "-"
-        rows.append([f"`{name}`", s["example"], opts, f"{s['epochs']:g}", num(s["budget_examples"]),
-                     "AdamW" + (" (replacing SGD)" if s["adamw"] else ""), f"{sig(s['lr_range'][0], 2)}-{sig(s['lr_range'][1], 2)}",
-                     sig(t["best_lr"])])
+        rows.append(
+            [
+                f"`{name}`",
+                s["example"],
+                opts,
+                f"{s['epochs']:g}",
+                num(s["budget_examples"]),
+                "AdamW" + (" (replacing SGD)" if s["adamw"] else ""),
+                f"{sig(s['lr_range'][0], 2)}-{sig(s['lr_range'][1], 2)}",
+                sig(t["best_lr"]),
+            ]
+        )
     return rows
 
 

@@ -194,20 +194,35 @@ def values(data: Any, source: Path) -> dict[str, Any]:
     s, task, crit = data.get("summary", {}), data["task"], data["criteria"]
     sizes = data["sizes"]
     fields: dict[str, Any] = {
-        "model": task["model"], "chars": task["max_chars"], "optimizer": task["optimizer"], "epochs": task["epochs"],
-        "evals": task["evals"], "b0": sizes[0], "bmax": sizes[-1], "sizes": ", ".join(map(str, sizes)),
-        "seeds": listing([str(x) for x in data["seeds"]]), "milestones": listing([str(m) for m in data["ramp_milestones"]]),
-        "machine": data["machine"], "commit": data["commit"], "pilot": _pilot(s), "tuning": _tuning(data), "by_epoch": _by_epoch(data),
-        "steps_ratio": crit["steps_ratio"], "samples_ratio": crit["samples_ratio"],
+        "model": task["model"],
+        "chars": task["max_chars"],
+        "optimizer": task["optimizer"],
+        "epochs": task["epochs"],
+        "evals": task["evals"],
+        "b0": sizes[0],
+        "bmax": sizes[-1],
+        "sizes": ", ".join(map(str, sizes)),
+        "seeds": listing([str(x) for x in data["seeds"]]),
+        "milestones": listing([str(m) for m in data["ramp_milestones"]]),
+        "machine": data["machine"],
+        "commit": data["commit"],
+        "pilot": _pilot(s),
+        "tuning": _tuning(data),
+        "by_epoch": _by_epoch(data),
+        "steps_ratio": crit["steps_ratio"],
+        "samples_ratio": crit["samples_ratio"],
         "overrun": data.get("overrun", 1.0),
     }
     seeds_of = {arm: sorted({r["seed"] for r in data["runs"] if r["arm"] == arm}) for arm in ("pilot", "tune")}
     fields.update(
-        n_runs=len(data["runs"]), n_seeds=len(data["seeds"]), total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
+        n_runs=len(data["runs"]),
+        n_seeds=len(data["seeds"]),
+        total_min=round(sum(r.get("total_s", r["wall_s"]) for r in data["runs"]) / 60, -1),
         pilot_seed=listing([str(x) for x in seeds_of["pilot"]]) or "-",
         tune_seed=listing([str(x) for x in seeds_of["tune"]]) or "-",
         pilots=[{"lr": p["lr"], "growth": p["growth"]} for p in s.get("pilot", [])] or PENDING,
-        growth=_growth(data), tuned_lrs=_tuned_lrs(s),
+        growth=_growth(data),
+        tuned_lrs=_tuned_lrs(s),
     )
     if "arms" in s:
         ref = s["reference"]
@@ -219,9 +234,16 @@ def values(data: Any, source: Path) -> dict[str, Any]:
             throughput=_throughput(s),
         )
         lines, default_ok = _verdicts(s, crit)
-        fields.update(best=s["best_fixed"], target=f"{s['target_loss']:.4f}", ref_steps=num(ref["steps"]),
-                      ref_samples=num(ref["samples"]), ref_wall=f"{ref['wall_s']:.1f}", results=_results(s), per_seed=_per_seed(data, s),
-                      verdicts="\n".join(lines) or "No adaptive arm has all its seeds yet.")
+        fields.update(
+            best=s["best_fixed"],
+            target=f"{s['target_loss']:.4f}",
+            ref_steps=num(ref["steps"]),
+            ref_samples=num(ref["samples"]),
+            ref_wall=f"{ref['wall_s']:.1f}",
+            results=_results(s),
+            per_seed=_per_seed(data, s),
+            verdicts="\n".join(lines) or "No adaptive arm has all its seeds yet.",
+        )
     else:
         default_ok = None
         fields.update(arm=PENDING, best_b="-", best_arm=PENDING, fixed_small=PENDING, fixed_large=PENDING, throughput="-")

@@ -53,9 +53,20 @@ def _main_table(rows: dict[str, Any], budget: float) -> str:
         vs = r.get("vs_fixed") or {}
         vs_cell = "" if vs.get("steps_ratio") is None else f"{times(vs['steps_ratio'])} {vs['comparator'][len('fixed '):]}"
         seeds = " / ".join("-" if s is None else num(s[0]) for s in r["per_seed"])
-        out.append([label, sig(r["lr"], 2), r["reached"], num(r["steps"]), seeds, num(r["samples"]),
-                    "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}", _metric(r["final"]), f"{r['steps_over_curve']:.2f}" if "steps_over_curve" in r else "",
-                    vs_cell])
+        out.append(
+            [
+                label,
+                sig(r["lr"], 2),
+                r["reached"],
+                num(r["steps"]),
+                seeds,
+                num(r["samples"]),
+                "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}",
+                _metric(r["final"]),
+                f"{r['steps_over_curve']:.2f}" if "steps_over_curve" in r else "",
+                vs_cell,
+            ]
+        )
     return table(["run", "LR", "reached", "steps", "steps per seed", "samples", "wall s",
                   f"final ({budget:g} ep)", "S/curve", "steps vs fixed B with <= samples"], out, "lrlrrrrrrl")
 
@@ -103,35 +114,55 @@ def _mnist1d_reading(name: str, task: dict[str, Any]) -> dict[str, Any]:
     b16_seeds = [s[0] for s in rows[fixed[0][1]]["per_seed"] if s is not None]
     b0 = task["base_batch_size"]
     return {
-        "reached_all": ("all reached it on every seed" if len(full) == len(rows)
-                                                    else f"{len(full)} of {len(rows)} on every seed"),
-        "default": default, "ratio": times(d["vs_fixed"]["steps_ratio"]), "comparator": comp,
-        "steps_target": times(goal["steps"], 1), "steps_verdict": verdict(d["vs_fixed"]["steps_ratio"] <= goal["steps"]),
+        "reached_all": (
+            "all reached it on every seed" if len(full) == len(rows) else f"{len(full)} of {len(rows)} on every seed"
+        ),
+        "default": default,
+        "ratio": times(d["vs_fixed"]["steps_ratio"]),
+        "comparator": comp,
+        "steps_target": times(goal["steps"], 1),
+        "steps_verdict": verdict(d["vs_fixed"]["steps_ratio"] <= goal["steps"]),
         "per_seed": listing([num(s[0]) for s in seeds_ok]),
         "per_seed_ratio": listing([times(s[0] / comp_steps) for s in seeds_ok]),
-        "default_final": _metric(d["final"]), "gap": f"{100 * d['vs_fixed']['final_gap']:.2f}",
-        "gap_target": f"{100 * goal['final_gap']:g}", "gap_verdict": verdict(d["vs_fixed"]["final_gap"] <= goal["final_gap"]),
-        "default_curve": f"{d['steps_over_curve']:.2f}", "ramp_curve": f"{rows[ramp]['steps_over_curve']:.2f}",
+        "default_final": _metric(d["final"]),
+        "gap": f"{100 * d['vs_fixed']['final_gap']:.2f}",
+        "gap_target": f"{100 * goal['final_gap']:g}",
+        "gap_verdict": verdict(d["vs_fixed"]["final_gap"] <= goal["final_gap"]),
+        "default_curve": f"{d['steps_over_curve']:.2f}",
+        "ramp_curve": f"{rows[ramp]['steps_over_curve']:.2f}",
         "b_small_curve": f"{rows[fixed[0][1]]['steps_over_curve']:.2f}",
-        "b_crit": target["e_min"] / target["s_min"], "b0": b0,
-        "x2_steps": num(rows["gns/adascale x2"]["steps"]), "x2_samples": num(rows["gns/adascale x2"]["samples"]),
-        "gp_steps": num(rows["goodput/adascale"]["steps"]), "gp_samples": num(rows["goodput/adascale"]["samples"]),
+        "b_crit": target["e_min"] / target["s_min"],
+        "b0": b0,
+        "x2_steps": num(rows["gns/adascale x2"]["steps"]),
+        "x2_samples": num(rows["gns/adascale x2"]["samples"]),
+        "gp_steps": num(rows["goodput/adascale"]["steps"]),
+        "gp_samples": num(rows["goodput/adascale"]["samples"]),
         "gp_final": _metric(rows["goodput/adascale"]["final"]),
-        "x05_steps": num(rows["gns/adascale x0.5"]["steps"]), "x05_samples": num(rows["gns/adascale x0.5"]["samples"]),
-        "lin_steps": num(rows["gns/linear"]["steps"]), "lin_final": _metric(rows["gns/linear"]["final"]),
-        "ada_steps": num(rows["gns/adascale"]["steps"]), "ada_final": _metric(rows["gns/adascale"]["final"]),
-        "long_reached": listing(long_reached), "long_missed": listing(long_missed), "provenance": provenance,
-        "default_wall": f"{d['wall_s']:.1f}", "comp_wall": f"{rows[comp]['wall_s']:.1f}",
-        "auto_wall": f"{rows[AUTO_RUN]['wall_s']:.1f}", "auto_steps": num(rows[AUTO_RUN]["steps"]),
+        "x05_steps": num(rows["gns/adascale x0.5"]["steps"]),
+        "x05_samples": num(rows["gns/adascale x0.5"]["samples"]),
+        "lin_steps": num(rows["gns/linear"]["steps"]),
+        "lin_final": _metric(rows["gns/linear"]["final"]),
+        "ada_steps": num(rows["gns/adascale"]["steps"]),
+        "ada_final": _metric(rows["gns/adascale"]["final"]),
+        "long_reached": listing(long_reached),
+        "long_missed": listing(long_missed),
+        "provenance": provenance,
+        "default_wall": f"{d['wall_s']:.1f}",
+        "comp_wall": f"{rows[comp]['wall_s']:.1f}",
+        "auto_wall": f"{rows[AUTO_RUN]['wall_s']:.1f}",
+        "auto_steps": num(rows[AUTO_RUN]["steps"]),
         "b16_range": f"{num(min(b16_seeds))}-{num(max(b16_seeds))}",
         "lin_vs_b16": times(rows["gns/linear"]["steps"] / rows[fixed[0][1]]["steps"]),
-        "lin_ratio": times(rows["gns/linear"]["vs_fixed"]["steps_ratio"]), "lin_comp": rows["gns/linear"]["vs_fixed"]["comparator"],
+        "lin_ratio": times(rows["gns/linear"]["vs_fixed"]["steps_ratio"]),
+        "lin_comp": rows["gns/linear"]["vs_fixed"]["comparator"],
         "ada_vs_b16": times(rows["gns/adascale"]["steps"] / rows[fixed[0][1]]["steps"]),
         "lin_lr_32": sig(2 * task["summary"]["tuning"][str(b0)]["best_lr"], 2),
         "b32_lr": sig(task["summary"]["tuning"][str(2 * b0)]["best_lr"], 2),
         "worst_steps": num(max(s[0] for s in seeds_ok)),
-        "n_seeds_word": word(len(task["seeds"])), "n_seeds_title": word(len(task["seeds"])).capitalize(),
-        "b2": 2 * b0, "b0_lr": sig(task["summary"]["tuning"][str(b0)]["best_lr"], 2),
+        "n_seeds_word": word(len(task["seeds"])),
+        "n_seeds_title": word(len(task["seeds"])).capitalize(),
+        "b2": 2 * b0,
+        "b0_lr": sig(task["summary"]["tuning"][str(b0)]["best_lr"], 2),
         **_adascale_lrs(task, b0),
     }
 
