@@ -138,7 +138,8 @@ class MicroStep:
         batch: the micro-batch (on the device).
         examples: its examples.
         items: its loss items (``== examples`` for ``loss_items="examples"``).
-        weight: the factor its mean loss was multiplied by before backward: ``items / total``.
+        weight: the factor its mean loss was multiplied by before backward: ``items / total``
+            (times ``loss_scale``, when :func:`accumulate_gradients` was given one).
     """
 
     index: int
@@ -216,6 +217,7 @@ def accumulate_gradients(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     weighted_loss: WeightedLoss | None = None,
+    loss_scale: float = 1.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     after_backward: Callable[[MicroStep], None] | None = None,
 ) -> Accumulated:
@@ -247,7 +249,11 @@ def accumulate_gradients(
         device: where each micro-batch is moved; None leaves it in place.
         amp_dtype: autocast dtype for the forward and loss (None: no autocast).
         weighted_loss: replaces ``forward_and_loss(...) x weight`` (see :data:`WeightedLoss`);
-            ``device`` and ``amp_dtype`` are then the caller's business.
+            ``device``, ``amp_dtype`` and ``loss_scale`` are then the caller's business.
+        loss_scale: a factor every weighted loss is multiplied by before its backward, and
+            :attr:`Accumulated.loss` is not: a data-parallel reduction that *averages* the
+            processes' gradients (FSDP) needs their number here, so that the average of the
+            processes' sums is the step's mean-loss gradient.
         backward: runs the backward of the weighted loss (default ``loss.backward()``; e.g.
             ``lambda loss: scaler.scale(loss).backward()`` for fp16).
         after_backward: called after each micro-batch's backward with a :class:`MicroStep`
@@ -305,7 +311,8 @@ def accumulate_gradients(
                 mean = forward_and_loss(model, batch, loss_fn, forward_loss)[0]
             if mean.dtype != torch.float32:
                 mean = mean.float()
-            scaled = mean * weight if weight != 1.0 else mean
+            factor = weight * loss_scale
+            scaled = mean * factor if factor != 1.0 else mean
             del mean
         if backward is None:
             scaled.backward()
@@ -313,10 +320,12 @@ def accumulate_gradients(
             backward(scaled)
         # One micro-batch of weight 1 costs no tensor op here (a small step's overhead counts),
         # and no storage outlives the micro-batch but the sum's (a budget counts every byte).
-        loss_sum = scaled.detach() if loss_sum is None else loss_sum + scaled.detach()
-        del scaled
+        part = scaled.detach() if loss_scale == 1.0 or weighted_loss is not None else scaled.detach() / loss_scale
+        loss_sum = part if loss_sum is None else loss_sum + part
+        del scaled, part
         if after_backward is not None:
-            after_backward(MicroStep(index, batch, examples, items, weight))
+            applied = weight if weighted_loss is not None else weight * loss_scale
+            after_backward(MicroStep(index, batch, examples, items, applied))
     return Accumulated(loss_sum, total, items_done, examples_done)
 
 

@@ -211,7 +211,7 @@ class EstimatorConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    """The memory probe that bounds the micro-batch.
+    """The memory probe that bounds the micro-batch, and how a sharded model holds gradients.
 
     Attributes:
         probe_memory: run the probe; ``None`` means on for accelerators, and on CPU only
@@ -222,12 +222,18 @@ class MemoryConfig(_Section):
         memory_margin: fraction of the budget kept free for what the probe cannot see
             (allocator caching, fragmentation, workspaces).
         max_micro_batch_size: an upper bound on the micro-batch, applied on top of the probe.
+        fsdp_reduce: for a model sharded with FSDP2 ``fully_shard``, when gradients are
+            reduce-scattered during accumulation: ``"micro_batch"`` after every micro-batch
+            (only gradient shards are held: FSDP's memory saving; more communication) or
+            ``"step"`` once, after the step's last micro-batch (the unsharded gradient is held
+            in between). See :mod:`autobatch.train.sharded`.
     """
 
     probe_memory: bool | None = None
     memory_budget: int | None = Field(None, gt=0)
     memory_margin: float = Field(0.1, ge=0.0, lt=1.0)
     max_micro_batch_size: int | None = Field(None, ge=1)
+    fsdp_reduce: Literal["micro_batch", "step"] = "micro_batch"
 
     @field_validator("memory_budget", mode="before")
     @classmethod

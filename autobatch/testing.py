@@ -70,6 +70,65 @@ class TinyTransformer(nn.Module):
         return self.head(h)
 
 
+class Block(nn.Module):
+    """One pre-norm transformer block: single-head causal attention and an MLP, residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        t = h.shape[1]
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        att = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        h = h + self.proj(att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v)
+        return h + self.mlp(self.ln2(h))
+
+
+class BlockTransformer(nn.Module):
+    """A causal transformer of ``depth`` :class:`Block` modules in ``self.blocks``, the layout
+    FSDP2 users shard (``fully_shard`` on each block, then on the root, which keeps the
+    embeddings and the output layer); logits ``(B, T, vocab)``."""
+
+    def __init__(self, vocab: int = 16, width: int = 16, length: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        h = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device).expand(b, t))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln(h))
+
+
+def markov_tokens(n: int, vocab: int = 16, length: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` sequences of ``length + 1`` tokens from a random sparse Markov chain, as next-token
+    pairs ``(inputs, targets)`` of shape ``(n, length)``: learnable, with a known noise floor."""
+    gen = torch.Generator().manual_seed(seed)
+    transition = torch.rand(vocab, vocab, generator=gen) ** 4
+    transition /= transition.sum(1, keepdim=True)
+    tokens = torch.empty(n, length + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(vocab, (n,), generator=gen)
+    for t in range(length):
+        tokens[:, t + 1] = torch.multinomial(transition[tokens[:, t]], 1, generator=gen).squeeze(1)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every position, mean-reduced (the loss of :class:`BlockTransformer`)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 def _settle(problem: ExactCase, steps: int, lr: float) -> ExactCase:
     """Full-batch gradient descent, deterministic: moves the parameters towards a minimum,
     where |G| shrinks and the noise scale grows."""

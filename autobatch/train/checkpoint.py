@@ -30,6 +30,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from autobatch.train.dcp import load_sharded, remove_stale_sharded, save_sharded
+
 __all__ = ["CHECKPOINT_NAME", "capture_rng", "load_checkpoint", "restore_rng", "restore_run", "save_checkpoint",
            "save_run"]
 
@@ -181,38 +183,68 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
-             measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, result: Any) -> Path:
+             measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, result: Any,
+             is_main: bool = True, sharded: bool = False) -> None:
     """Write a fit's whole state to ``directory/last.pt`` (see :func:`save_checkpoint`): the
     model and optimizer, the controller (batch size, estimator, policy), the measurement
     schedule, the sample stream's position, the user's LR scheduler and fp16 scaler (None
-    without them), every RNG, and the result so far (counters, history)."""
-    return save_checkpoint(directory, {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "controller": controller.state_dict(),
-        "measure_schedule": measure_schedule.state_dict(),
-        "stream": stream.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": capture_rng(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "result": result.model_dump(exclude={"model"}),
-    })
+    without them), every RNG, and the result so far (counters, history).
+
+    Args:
+        is_main: whether this process writes ``last.pt`` (rank 0 of a data-parallel run).
+        sharded: the model is sharded with FSDP2: every process (call it on all) writes its
+            shards of the model and optimizer with DCP (:mod:`autobatch.train.dcp`) and
+            ``last.pt`` names their folder instead of holding them.
+    """
+    directory = Path(directory)
+    if sharded:
+        name = save_sharded(directory, model, optimizer)
+        weights = {"sharded": name}
+    else:
+        weights = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if is_main:
+        save_checkpoint(directory, {
+            **weights,
+            "controller": controller.state_dict(),
+            "measure_schedule": measure_schedule.state_dict(),
+            "stream": stream.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": capture_rng(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "result": result.model_dump(exclude={"model"}),
+        })
+        if sharded:
+            remove_stale_sharded(directory, keep=weights["sharded"])
 
 
 def restore_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
-                measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any) -> dict[str, Any] | None:
+                measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any,
+                sharded: bool = False) -> dict[str, Any] | None:
     """Load ``directory/last.pt`` (written by :func:`save_run`) into the given objects and
     the RNGs; return the saved result's fields (the counters and history so far), or None
-    when there is no checkpoint yet.
+    when there is no checkpoint yet. With ``sharded`` (call it on every process) the model
+    and optimizer come from the DCP folder ``last.pt`` names, resharded to this run's processes.
 
     Raises:
-        ValueError: as :func:`load_checkpoint`, or for a checkpoint of another data set size.
+        ValueError: as :func:`load_checkpoint`, for a checkpoint of another data set size, or
+            one written by a sharded run resumed unsharded (or the other way round).
     """
+    directory = Path(directory)
     ckpt = load_checkpoint(directory)
     if ckpt is None:
         return None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if sharded != ("sharded" in ckpt):
+        wrote, runs = ("a model sharded with fully_shard", "unsharded") if "sharded" in ckpt else (
+            "an unsharded model (one process or DDP)", "sharded with fully_shard")
+        raise ValueError(
+            f"checkpoint {directory / CHECKPOINT_NAME} was written for {wrote}, and this run's model is {runs}; "
+            "resume with the model laid out as when it was written, or start fresh in another checkpoint_dir"
+        )
+    if sharded:
+        load_sharded(directory, ckpt["sharded"], model, optimizer)
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
     controller.load_state_dict(ckpt["controller"])
     measure_schedule.load_state_dict(ckpt["measure_schedule"])
     stream.load_state_dict(ckpt["stream"])

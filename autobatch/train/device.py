@@ -64,18 +64,30 @@ def setup_precision(precision: str, device: torch.device) -> tuple[torch.dtype |
 
 def setup_micro_batch_cap(model: nn.Module, source: BatchSource, cfg: FitConfig, device: torch.device, *,
                           loss_fn: LossFn | None, forward_loss: ForwardLoss | None, optimizer: OptimizerSpec,
-                          lr: float | None, max_batch_size: int, precision: str) -> tuple[int | None, int]:
+                          lr: float | None, max_batch_size: int, precision: str,
+                          sharded: bool = False) -> tuple[int | None, int]:
     """``(cap, smallest)``: the largest micro-batch a step may run (per process; None: no cap)
     and the smallest one the model trains on (2 for BatchNorm, else 1).
 
     The memory probe runs when ``cfg.memory.probe_memory`` says so (default: on accelerators,
     or with a ``memory_budget``), at the step's ``precision``, with the user's optimizer spec
     (an instance is rebuilt faithfully over stand-ins, :func:`autobatch.optimizers.copy_for`;
-    a class or factory gets ``lr``); its answer is bounded by ``max_micro_batch_size``.
+    a class or factory gets ``lr``); its answer is bounded by ``max_micro_batch_size``. A
+    model sharded with FSDP2 is not probed (its step's memory is per process: shards plus the
+    largest all-gathered unit); an out-of-memory micro-batch still halves the cap.
+
+    Raises:
+        ValueError: ``probe_memory=True`` for a sharded model.
     """
     cap = cfg.memory.max_micro_batch_size
     smallest = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
     should = cfg.memory.probe_memory
+    if sharded:
+        if should:
+            raise ValueError("probe_memory=True: the memory probe does not run on a model sharded with fully_shard "
+                             "yet; leave probe_memory unset (an out-of-memory micro-batch halves the cap), or set "
+                             "max_micro_batch_size")
+        return cap, smallest
     if should is None:
         should = device.type != "cpu" or cfg.memory.memory_budget is not None
     if not should:

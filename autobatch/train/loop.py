@@ -64,10 +64,12 @@ from autobatch.train.distributed import (
     broadcast_int,
     local_share,
     setup_distributed,
+    sum_over_ranks,
     wrap_ddp,
 )
 from autobatch.train.optimizer import set_lr, setup_optimizer
 from autobatch.train.results import FitResult, StepRecord
+from autobatch.train.sharded import sharded_layout
 from autobatch.train.step import MicroBatchRun, clip_gradients, forward_backward, optimizer_step
 from autobatch.train.step_norms import MeasureSchedule, StepNormMeter
 
@@ -117,8 +119,9 @@ def train(
     source = as_batch_source(data, check_items=forward_loss is None)
     val_source = as_batch_source(val_data, name="val_data", check_items=forward_loss is None) if val_data is not None else None
     device = setup_device(model, source, device)
-    model.to(device)
     info = setup_distributed(device)
+    sharded = sharded_layout(model, info, device, cfg.memory.fsdp_reduce)  # FSDP2, or None; checked first
+    model.to(device)
     n, b0 = len(source), cfg.batch.initial_batch_size
     if b0 > n:
         raise ValueError(f"initial_batch_size={b0} is larger than the training set ({n} examples); "
@@ -127,9 +130,12 @@ def train(
     opt, base_lrs, scheduler = setup_optimizer(optimizer, model, lr, lr_scheduler)
     amp_dtype, scaler = setup_precision(precision, device)
     micro_cap, min_micro = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn, forward_loss=forward_loss,
-                                                 optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision)
+                                                 optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision,
+                                                 sharded=sharded is not None)
     method = cfg.estimator.gns_method
-    if method == "per_example" and (why := per_example_supported(model)) is not None:
+    if sharded is not None:
+        method = _check_sharded_run(cfg, method, info.world_size, sharded.data_parallel)
+    elif method == "per_example" and (why := per_example_supported(model)) is not None:
         warnings.warn(f"gns_method='per_example' is not supported for this model ({why}); "
                       "measuring with micro-batch norms instead", stacklevel=3)
         method = "micro"
@@ -140,20 +146,21 @@ def train(
     est = cfg.estimator
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0, smoothing=est.gns_smoothing)
     meter = StepNormMeter(model, method, data_parallel=info.enabled, every=schedule, scaler=scaler,
-                          first=round(1 / (1 - est.gns_smoothing)), min_micro=min_micro)
+                          first=round(1 / (1 - est.gns_smoothing)), min_micro=min_micro, sharded=sharded)
     stream = setup_sample_stream(source, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
     loader = MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
     micro = MicroBatchRun(
         # Under torchrun every forward goes through DDP, inside no_sync: gradients are summed
-        # by one all-reduce after all micro-batches (step 4 below).
-        model=wrap_ddp(model, device) if info.enabled else model,
+        # by one all-reduce after all micro-batches (step 4 below). A sharded model is the
+        # user's own: FSDP reduce-scatters in backward.
+        model=wrap_ddp(model, device) if info.enabled and sharded is None else model,
         loader=loader, loss_fn=loss_fn, forward_loss=forward_loss,
         loss_items=resolve_loss_items(loss_items, source.batch(torch.arange(1)), loss_fn=loss_fn,
                                       forward_loss=forward_loss),
         device=device, move=not source.on_device(device), amp_dtype=amp_dtype, scaler=scaler, info=info,
         # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
         # uses), so OOM handling is exercised where no device limit exists.
-        memory_budget=cfg.memory.memory_budget if device.type == "cpu" else None)
+        memory_budget=cfg.memory.memory_budget if device.type == "cpu" else None, sharded=sharded)
     grad_buffer = FlatGradientBuffer()  # the data-parallel all-reduce's, kept between steps
     params = meter.params
     callbacks = list(callbacks)
@@ -162,13 +169,15 @@ def train(
     bar = _progress_bar(cfg, run.examples(n)) if info.is_main else None
     min_step = min_micro * info.world_size  # the smallest step (global examples) the model trains on
 
-    def save(result: FitResult) -> None:
-        if ckpt_dir is not None and info.is_main:
+    def save(result: FitResult) -> None:  # rank 0 writes last.pt; every rank its shards under FSDP
+        if ckpt_dir is not None and (info.is_main or sharded is not None):
             save_run(ckpt_dir, model=model, optimizer=opt, controller=controller, measure_schedule=schedule,
-                     stream=stream, scheduler=scheduler, scaler=scaler, result=result)
+                     stream=stream, scheduler=scheduler, scaler=scaler, result=result, is_main=info.is_main,
+                     sharded=sharded is not None)
 
     saved = restore_run(ckpt_dir, model=model, optimizer=opt, controller=controller, measure_schedule=schedule,
-                        stream=stream, scheduler=scheduler, scaler=scaler) if resume and ckpt_dir else None
+                        stream=stream, scheduler=scheduler, scaler=scaler,
+                        sharded=sharded is not None) if resume and ckpt_dir else None
     result = FitResult(model=model, **saved) if saved is not None else FitResult(model=model)
     result.lr_search = lr_search or result.lr_search
     step, samples = result.steps, result.samples
@@ -216,13 +225,17 @@ def train(
             work = forward_backward(micro, local_share(indices, info), step_b, step, meter=meter,
                                     controller=controller, optimizer=opt, before_retry=nonfinite.restore_buffers)
             result.oom_retries += work.oom_retries
-            # 4. gradient sync: one all-reduce of the gradients (DDP), carrying the step's totals
+            # 4. gradient sync: one all-reduce of the gradients (DDP), carrying the step's totals;
+            #    FSDP reduce-scattered them in backward, and the totals go alone
             totals = meter.local_totals(work.acc.loss, work.sizes, step_b)
             flat_grad = None
             if info.enabled:
                 flags = [torch.full((), f, device=device) for f in signals.flags()]
-                summed, flat_grad = grad_buffer.all_reduce(params, info, totals.tensors + flags,
-                                                           local_sq_norm=totals.own_norm)
+                if sharded is not None:
+                    summed = sum_over_ranks(totals.tensors + flags, info)
+                else:
+                    summed, flat_grad = grad_buffer.all_reduce(params, info, totals.tensors + flags,
+                                                               local_sq_norm=totals.own_norm)
             # 5. the step's loss and norms, summed over ranks: the step's one host sync
             train_loss, norms, extra = meter.read(summed if info.enabled else totals.tensors, step_b, flat_grad)
             agreed_signals = (extra[0], extra[1]) if info.enabled else None
@@ -230,7 +243,7 @@ def train(
             # 6. the optimizer step, unless the loss or gradient is not finite
             if finite:
                 nonfinite.finite()
-                clip_gradients(params, cfg.lr.max_grad_norm, norms, opt, scaler)  # after the norms were read
+                clip_gradients(params, cfg.lr.max_grad_norm, norms, opt, scaler, sharded)  # after the norms were read
                 optimizer_step(opt, scaler)
                 broadcast_buffers(model, info)
             else:  # undone: buffers as before the step, warned once, counted
@@ -283,7 +296,7 @@ def train(
         raise
     finally:
         signals.close()
-        meter.remove()
+        meter.close()
         loader.close()
         if micro.model is not model:
             # Free the DDP wrapper (and its reducer) now, while the process group is alive:
@@ -304,6 +317,32 @@ def train(
         cb.on_fit_end(result)
     signals.check()  # a signal received in the last step: the run is complete and saved
     return result
+
+
+def _check_sharded_run(cfg: FitConfig, method: str, world_size: int, data_parallel: int) -> str:
+    """The noise-scale method a sharded run measures with, after refusing what cannot work.
+
+    Raises:
+        ValueError: a global batch (initial or minimum) smaller than the number of processes
+            (every FSDP process must run every forward), or a noise scale asked of a
+            one-process FSDP run (no reduce-scatter runs to read it from).
+    """
+    b0, b_min = cfg.batch.initial_batch_size, cfg.batch.min_batch_size or cfg.batch.initial_batch_size
+    if min(b0, b_min) < world_size:
+        raise ValueError(
+            f"under FSDP every one of the {world_size} processes must run every forward, so a step needs at least "
+            f"{world_size} examples (got initial_batch_size={b0}, min_batch_size={b_min}); raise them to >= {world_size}"
+        )
+    if method == "per_example":
+        warnings.warn("gns_method='per_example' is not supported for a model sharded with fully_shard; measuring "
+                      "with micro-batch norms from FSDP's reduce-scatter instead", stacklevel=4)
+        method = "micro"
+    if method != "off" and data_parallel == 1:
+        raise ValueError(
+            "a model sharded with fully_shard on one process runs no reduce-scatter, so the noise scale cannot be "
+            "read from it; run 2 or more processes, or pass gns_method='off' with policy='fixed' or 'ramp'"
+        )
+    return method
 
 
 def _progress_bar(cfg: FitConfig, total_examples: int | None):

@@ -10,7 +10,9 @@ halves the micro-batch cap on every rank and the same step is run again from scr
 (:func:`autobatch.memory.oom.retry_after_oom`): the global batch, and so the optimisation,
 stay the same. Ranks agree on the outcome before any gradient collective, so an OOM on one
 rank never leaves another waiting in one. Under DDP no micro-batch syncs gradients
-(``no_sync``); the loop syncs them once, explicitly, after this.
+(``no_sync``); the loop syncs them once, explicitly, after this. Under FSDP2 the model's own
+reduce-scatters run in backward (:mod:`autobatch.train.sharded`): every rank runs the same
+number of passes, zero-weight ones where its share is smaller.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import torch
 from torch import nn
 
 from autobatch.accumulate import Accumulated, MicroStep, accumulate_gradients, count_step_items
-from autobatch.batch import ForwardLoss, LossFn
+from autobatch.batch import ForwardLoss, LossFn, forward_and_loss
+from autobatch.data import move_to
+from autobatch.devices import autocast
 from autobatch.memory.oom import MemoryBudget, release_after_oom, retry_after_oom
 from autobatch.noise.micro_batch import StepGradNorms
 from autobatch.noise.per_example import UnsupportedForPerExample
 from autobatch.train.controller import BatchSizeController
 from autobatch.train.data_loader import MicroBatchLoader
 from autobatch.train.distributed import DistInfo, agree_max, sum_int
+from autobatch.train.sharded import ShardedLayout, clip_sharded_gradients, set_gradient_sync
 from autobatch.train.step_norms import StepNormMeter
 
 __all__ = ["MicroBatchRun", "StepWork", "clip_gradients", "forward_backward", "optimizer_step"]
@@ -55,6 +60,7 @@ class MicroBatchRun:
         info: this process's rank and world size.
         memory_budget: bytes a step may hold, enforced by counting on CPU (None: the device's
             own limit).
+        sharded: the FSDP2 layout of a model sharded with ``fully_shard``, or None.
     """
 
     model: nn.Module
@@ -68,6 +74,7 @@ class MicroBatchRun:
     scaler: torch.amp.GradScaler | None
     info: DistInfo
     memory_budget: int | None = None
+    sharded: ShardedLayout | None = None
 
 
 @dataclass
@@ -116,7 +123,10 @@ def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: in
 
     def attempt() -> Accumulated:
         state["started"] = time.perf_counter()
-        sizes = state["sizes"] = meter.split(step, indices.shape[0], controller.micro_sizes)
+        # Under FSDP every rank runs the micro-batch count of the largest share (its collectives
+        # must match the others'); shares differ by at most one example.
+        parts = len(controller.micro_sizes(-(-global_batch // run.info.world_size), 1)) if run.sharded else 1
+        sizes = state["sizes"] = meter.split(step, indices.shape[0], controller.micro_sizes, parts)
         batches: Any = run.loader.micro_batches(indices, sizes)
         counts, total = None, global_batch
         if run.loss_items != "examples":
@@ -129,7 +139,7 @@ def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: in
                 all_reduce_items=(lambda n: sum_int(n, run.info, run.device)) if run.info.enabled else None)
         try:
             with _memory_guard(run, optimizer):
-                return _accumulate(run, batches, counts, total, meter, sizes, optimizer)
+                return _accumulate(run, batches, counts, total, meter, sizes, optimizer, parts, indices)
         except UnsupportedForPerExample as err:
             warnings.warn(f"gns_method='per_example' is not supported for this model ({err}); "
                           "measuring with micro-batch norms instead", stacklevel=6)  # the fit caller's line
@@ -150,22 +160,41 @@ def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: in
 
 
 def _accumulate(run: MicroBatchRun, batches: Any, counts: list[int] | None, total: int, meter: StepNormMeter,
-                sizes: list[int], optimizer: torch.optim.Optimizer) -> Accumulated:
+                sizes: list[int], optimizer: torch.optim.Optimizer, parts: int, indices: torch.Tensor) -> Accumulated:
     optimizer.zero_grad(set_to_none=True)
     meter.begin_step(sizes)
-    scaler = run.scaler
+    scaler, sharded = run.scaler, run.sharded
+    passes = [0]
+
+    def backward(loss: torch.Tensor) -> None:
+        if sharded is not None and sharded.reduce == "step":  # reduce-scatter after the last pass only
+            set_gradient_sync(sharded, passes[0] == parts - 1)
+        passes[0] += 1
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def after_backward(m: MicroStep) -> None:
         meter.after_backward(m.examples, m.weight, m.items)
 
     # Under DDP no micro-batch syncs: the loop sums the gradients once, after all of them.
-    with run.model.no_sync() if run.info.enabled else contextlib.nullcontext():
-        return accumulate_gradients(
+    with run.model.no_sync() if run.info.enabled and sharded is None else contextlib.nullcontext():
+        acc = accumulate_gradients(
             run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss, loss_items=run.loss_items,
             step_examples=total, counts=counts, total_items=total,
             device=run.device if run.move else None, amp_dtype=run.amp_dtype,
-            backward=(lambda loss: scaler.scale(loss).backward()) if scaler is not None else None,
+            loss_scale=sharded.data_parallel if sharded is not None else 1.0,
+            backward=backward if sharded is not None or scaler is not None else None,
             after_backward=after_backward)
+    while sharded is not None and passes[0] < parts:
+        # This rank's share had fewer (non-empty) micro-batches than the largest: a pass of
+        # weight zero runs the same all-gathers and reduce-scatters as the others' and adds
+        # nothing (a BatchNorm layer would see its batch, though).
+        pad = next(iter(run.loader.micro_batches(indices[:1], [1])))  # an example of the step, once more
+        with autocast(run.device, run.amp_dtype):
+            loss = forward_and_loss(run.model, move_to(pad, run.device) if run.move else pad, run.loss_fn,
+                                    run.forward_loss)[0]
+        backward(loss.float() * 0.0)
+        meter.discard_pass()
+    return acc
 
 
 def _memory_guard(run: MicroBatchRun, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
@@ -177,12 +206,19 @@ def _memory_guard(run: MicroBatchRun, optimizer: torch.optim.Optimizer) -> conte
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float | None, norms: StepGradNorms | None,
-                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   sharded: ShardedLayout | None = None) -> None:
     """Clip the step's gradient to ``max_norm`` (if set), after the norms were measured and
-    before the optimizer step. The norm is the one the meter read (unscaled, over ranks): no
-    second pass over the gradients. Under fp16 the factor applies to the scaled gradients,
-    which ``scaler.step`` unscales."""
+    before the optimizer step. The norm is the one the meter read (unscaled, over ranks and
+    shards): no second pass over the gradients. Under fp16 the factor applies to the scaled
+    gradients, which ``scaler.step`` unscales."""
     if max_norm is None:
+        return
+    if sharded is not None:
+        if norms is not None and math.isfinite(norms.big_sq_norm):
+            clip_sharded_gradients(params, max_norm, math.sqrt(norms.big_sq_norm))
+        else:  # gns_method="off": torch's own clipping reduces the norm over the shards
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
     if norms is not None and math.isfinite(norms.big_sq_norm):
         total = torch.tensor(math.sqrt(norms.big_sq_norm))

@@ -62,6 +62,8 @@ from autobatch.noise.micro_batch import (
     trainable_parameters,
 )
 from autobatch.noise.per_example import PerExampleNormCollector
+from autobatch.noise.sharded import ReduceScatterNormCollector
+from autobatch.train.sharded import ShardedLayout, shard_sq_norm
 
 __all__ = ["LocalTotals", "MeasureSchedule", "StepNormMeter", "norms_from_totals"]
 
@@ -209,7 +211,8 @@ class LocalTotals:
     Attributes:
         tensors: 0-d tensors: the loss (this rank's part of the step's mean), then on a
             measured step ``sum_i s^2 |G_{b_i}|^2`` over its small batches, and under data
-            parallelism their count and ``sum_i 1/b_i``.
+            parallelism their count and ``sum_i 1/b_i``; under FSDP then the squared norm of
+            this rank's gradient shards.
         own_norm: ``(index, factor)`` when this rank's whole gradient is its small batch (a
             data-parallel rank whose share is one micro-batch, measured without hooks):
             ``tensors[index]`` is then to be replaced by the rank's squared gradient norm
@@ -242,11 +245,16 @@ class StepNormMeter:
         min_micro: the smallest micro-batch the model trains on: a measured step is split in
             two only when both halves hold this many examples (BatchNorm in train mode fails
             on one example).
+        sharded: the FSDP2 layout of a sharded model (:mod:`autobatch.train.sharded`), or
+            None: small-batch norms then come from the reduce-scatter's input
+            (:class:`~autobatch.noise.sharded.ReduceScatterNormCollector`, installed until
+            :meth:`close`), ``|G_B|^2`` from the gradient shards.
     """
 
     def __init__(self, model: nn.Module, method: Method, *, data_parallel: bool = False,
                  every: int | MeasureSchedule = 1, first: int = 0,
-                 scaler: torch.amp.GradScaler | None = None, min_micro: int = 1) -> None:
+                 scaler: torch.amp.GradScaler | None = None, min_micro: int = 1,
+                 sharded: ShardedLayout | None = None) -> None:
         self.schedule = every if isinstance(every, MeasureSchedule) else MeasureSchedule(every)
         self.method, self.data_parallel, self.first, self.scaler = method, data_parallel, first, scaler
         self.min_micro = min_micro
@@ -265,9 +273,12 @@ class StepNormMeter:
         self._pe_count = 0
         self._done: list[int] = []  # examples of the micro-batches run this step
         self._count, self._inv = 0.0, 0.0  # one process: the step's small batches, sum 1/b_i
+        self.sharded = sharded
+        self._rs = ReduceScatterNormCollector(model) if sharded is not None and method == "micro" else None
+        self._share_weight = 0.0  # FSDP with reduce="step": the share's loss weight, summed
 
     def split(self, step: int, num_examples: int,
-              micro_sizes: Callable[[int, int], list[int]]) -> list[int]:
+              micro_sizes: Callable[[int, int], list[int]], parts: int = 1) -> list[int]:
         """Cut this rank's ``num_examples`` into micro-batch sizes and decide whether step
         ``step`` is measured.
 
@@ -275,12 +286,14 @@ class StepNormMeter:
             step: the step's number (from 1).
             num_examples: this rank's share of the step.
             micro_sizes: ``micro_sizes(n, min_parts)`` of the controller (memory cap).
+            parts: at least this many micro-batches (fewer only with fewer examples): under
+                FSDP every rank runs as many as the largest share needs.
         """
         # Every rank decides alike (a rank may hold no example at the very end of an epoch):
         # from the step alone, not from its share.
         done = step - 1
         due = done < self.first or done % self.schedule.interval(num_examples) == 0
-        sizes = micro_sizes(num_examples, 1) if num_examples else []
+        sizes = micro_sizes(num_examples, parts) if num_examples else []
         self._forced = False
         if self.method == "micro":
             # Small batches that come for free (the memory cap split the step, or ranks each
@@ -306,10 +319,12 @@ class StepNormMeter:
     def begin_step(self, sizes: list[int]) -> None:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
         self.remove()  # what a failed attempt left
-        self._pe_sum, self._pe_count, self._done = None, 0, []
+        self._pe_sum, self._pe_count, self._done, self._share_weight = None, 0, [], 0.0
         if not self.measuring:
             return
-        if self.method == "per_example":
+        if self._rs is not None:
+            self._rs.begin_step()
+        elif self.method == "per_example":
             self._per_example = PerExampleNormCollector(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
@@ -326,12 +341,23 @@ class StepNormMeter:
         sizes stay in examples, as in :func:`autobatch.noise.measure.measure_noise_scale`.
         """
         self._done.append(batch_size)
-        if self._hooks is not None:
+        if self._rs is not None and self._rs.active:
+            if self.sharded.reduce == "micro_batch":  # each micro-batch's own reduce-scatter
+                self._rs.after_backward(batch_size, loss_weight)
+            else:  # one reduce-scatter, of the whole share, after the last micro-batch
+                self._share_weight += loss_weight
+        elif self._hooks is not None:
             self._hooks.after_backward(batch_size if items is None else items, loss_weight)
         elif self._per_example is not None:
             sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
+
+    def discard_pass(self) -> None:
+        """A forward/backward that only kept the ranks' collectives in step (a zero-weight
+        pass under FSDP): what its reduce-scatters showed is not a small batch."""
+        if self._rs is not None and self.sharded.reduce == "micro_batch":
+            self._rs.discard()
 
     def local_totals(self, loss: torch.Tensor | None, sizes: list[int], global_batch: int) -> LocalTotals:
         """This rank's numbers of the step, on the device (no host sync): what a data-parallel
@@ -345,6 +371,11 @@ class StepNormMeter:
         """
         if loss is None:
             loss = torch.zeros((), device=self._device)
+        if self.sharded is not None:
+            small, count, inv = self._sharded_small_batches()
+            f64 = {"device": self._device, "dtype": torch.float64}  # summed in float64 (sum_over_ranks)
+            return LocalTotals([loss, small, torch.full((), count, **f64), torch.full((), inv, **f64),
+                                shard_sq_norm(self.params)])
         if not self.data_parallel:
             if not self.measuring:
                 return LocalTotals([loss])
@@ -385,7 +416,9 @@ class StepNormMeter:
             losses.
         """
         big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
-        if self.data_parallel:
+        if self.sharded is not None:
+            parts = [totals]  # the shards' squared norms rode in the all-reduce
+        elif self.data_parallel:
             parts = [totals]
             if big_norm:
                 parts.append(torch.linalg.vector_norm(flat_gradient, dtype=torch.float32).square())
@@ -404,10 +437,14 @@ class StepNormMeter:
         else:
             values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()
         scale = values.pop() if self.scaler is not None else 1.0
-        big = values.pop() if big_norm else math.nan
-        if self.data_parallel:
+        if self.sharded is not None:  # each shard is held by `replicate` ranks of the sum
+            loss, small_sum, count, inv, shards_sq, *extra = values
+            big = shards_sq / self.sharded.replicate
+        elif self.data_parallel:
+            big = values.pop() if big_norm else math.nan
             loss, small_sum, count, inv, *extra = values
         else:
+            big = values.pop() if big_norm else math.nan
             loss, extra = values[0], []
             small_sum = values[1] if self.measuring else math.nan
             count, inv = self._count, self._inv
@@ -418,6 +455,21 @@ class StepNormMeter:
             norms = StepGradNorms(small_sq_norms=[], small_batch_size=math.nan, big_sq_norm=big / (scale * scale),
                                   big_batch_size=global_batch, micro_batch_sizes=[])
         return loss, norms, extra
+
+    def _sharded_small_batches(self) -> tuple[torch.Tensor, float, float]:
+        """Under FSDP: this rank's small batches from the reduce-scatters' inputs (its
+        micro-batches, or with ``reduce="step"`` its whole share), as :meth:`_small_batches`."""
+        if self._rs is None or not self._rs.active:
+            return torch.zeros((), device=self._device), 0.0, 0.0
+        if self.sharded.reduce == "step" and self._done:
+            self._rs.after_backward(sum(self._done), self._share_weight)
+            sizes = [sum(self._done)]
+        else:
+            sizes = self._done
+        raw = self._rs.finish_step()
+        small = sum((r * (1.0 / (w * w)) for r, w in zip(raw.unbind(), self._rs.loss_weights)),
+                    torch.zeros((), device=self._device))
+        return small, float(len(sizes)), sum(1.0 / b for b in sizes)
 
     def _small_batches(self) -> tuple[torch.Tensor, float, float]:
         """This rank's small batches: ``sum_i s^2 |G_{b_i}|^2`` (0-d tensor on the device),
@@ -444,3 +496,12 @@ class StepNormMeter:
             if hooks is not None:
                 hooks.remove()
         self._hooks = self._per_example = None
+        if self._rs is not None:
+            self._rs.active = False
+
+    def close(self) -> None:
+        """Remove every hook, the FSDP reduce-scatter measurement included (end of the run)."""
+        self.remove()
+        if self._rs is not None:
+            self._rs.remove()
+            self._rs = None
