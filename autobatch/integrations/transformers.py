@@ -37,7 +37,15 @@ How it works (an optimizer step holds one global batch of B examples):
   same B and order. ``state.log_history`` carries ``batch_size``, ``noise_scale`` and
   ``lr_factor`` with every training log; ``state.epoch`` counts examples seen.
 
-Limits: one process (no DDP / FSDP / DeepSpeed yet); no memory probe (pick
+- **Several processes** (``torchrun``, ``accelerate launch``; the Trainer's DDP): every process
+  takes the step's global indices and keeps its contiguous share; only its last micro-batch
+  syncs gradients (DDP ``no_sync`` before); each loss is weighted by its share of the global
+  step's loss items (summed over processes) times their number, since DDP averages; the
+  micro-batch norms and the loss are summed over processes in one all-reduce; rank 0's
+  decision is broadcast. The Trainer's FSDP and DeepSpeed engines fix gradient accumulation
+  at the start and are refused (shard with ``fully_shard`` and use :func:`autobatch.fit`).
+
+Limits: no memory probe (pick
 ``per_device_train_batch_size`` with :func:`autobatch.probe_memory`, see docs/integrations.md);
 an out-of-memory micro-batch halves the micro-batch and the step is redone. Collation runs in
 the main process (``dataloader_num_workers`` is not used for training); the Trainer's
@@ -46,6 +54,7 @@ sampler options (``group_by_length``, ``dataloader_drop_last``) do not apply.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -61,9 +70,12 @@ from autobatch.accumulate import accumulate_gradients, count_step_items
 from autobatch.config import FitConfig
 from autobatch.integrations._common import LRFactor, explicit_settings, trainer_controller
 from autobatch.memory.oom import release_after_oom, retry_after_oom
-from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
+from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms, grad_sq_norm
+from autobatch.train.data_loader import take_step
+from autobatch.train.distributed import DistInfo, agree_max, broadcast_int, local_share, sum_int
 from autobatch.train.results import StepRecord
 from autobatch.train.sampler import SampleStream
+from autobatch.train.step_norms import norms_from_totals
 
 __all__ = ["AdaptiveBatchTrainer", "StepBatch"]
 
@@ -78,13 +90,16 @@ class StepBatch:
     collated micro-batches (each padded on its own by the data collator).
 
     Attributes:
-        indices: dataset indices of the step, in order.
+        indices: dataset indices of this process's share of the step, in order.
         sizes: examples per micro-batch (sum ``len(indices)``).
         micro_batches: the collated micro-batches.
+        global_size: examples in the whole step, over every process (B).
     """
 
-    def __init__(self, indices: list[int], sizes: list[int], fetch: Callable[[list[int]], Any]) -> None:
+    def __init__(self, indices: list[int], sizes: list[int], fetch: Callable[[list[int]], Any],
+                 global_size: int | None = None) -> None:
         self.indices, self._fetch = indices, fetch
+        self.global_size = len(indices) if global_size is None else global_size
         self.split(sizes)
 
     def split(self, sizes: list[int]) -> None:
@@ -114,12 +129,15 @@ class _StepLoader:
         return self.collate([self.dataset[i] for i in indices])
 
     def __iter__(self) -> Iterator[StepBatch]:
-        stream, controller = self.trainer._stream, self.trainer.batch_controller
+        stream, controller, info = self.trainer._stream, self.trainer.batch_controller, self.trainer._info
         epoch = stream.epoch
         while stream.epoch == epoch:
             # B is read when the Trainer asks for the step: after the previous step's decision.
-            indices = stream.take(controller.batch_size).tolist()
-            yield StepBatch(indices, controller.micro_sizes(len(indices)), self._fetch)
+            # Every process takes the same global indices and keeps its contiguous share; an
+            # epoch's tail smaller than the number of processes is carried into the next step.
+            indices, _ = take_step(stream, controller.batch_size, info.world_size, "carry")
+            local = local_share(indices, info).tolist()
+            yield StepBatch(local, controller.micro_sizes(len(local)), self._fetch, global_size=len(indices))
 
 
 class _Bookkeeping(TrainerCallback):
@@ -184,10 +202,14 @@ class AdaptiveBatchTrainer(transformers.Trainer):
 
     def get_train_dataloader(self) -> _StepLoader:
         """Start a run: build the controller and the sample stream, and return the step loader."""
-        if self.args.world_size > 1:
+        engine = ("FSDP" if getattr(self, "is_fsdp_enabled", False) else "DeepSpeed"
+                  if getattr(self, "is_deepspeed_enabled", False) else None)
+        if engine is not None:
             raise ValueError(
-                f"AdaptiveBatchTrainer runs on one process for now (got world_size={self.args.world_size}); "
-                "use autobatch.fit under torchrun, or the Lightning callback with the DDP strategy"
+                f"AdaptiveBatchTrainer runs its own micro-batches per optimizer step, which the Trainer's {engine} "
+                "engine does not let it do (it fixes gradient accumulation at the start); under torchrun it supports "
+                "DDP (the Trainer's default for several processes). For a sharded model, shard it with "
+                "torch.distributed.fsdp.fully_shard and train it with autobatch.fit"
             )
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
@@ -219,7 +241,9 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         self.batch_controller = trainer_controller(
             cfg, optimizer=family,
             base_batch_size=b0, max_batch_size=min(cfg.batch.max_batch_size or n, n),
-            micro_batch_size=cfg.memory.max_micro_batch_size, min_micro_batches=2,
+            # one process splits each step in two for the noise estimate; several processes hold a
+            # share each, which is a small batch already
+            micro_batch_size=cfg.memory.max_micro_batch_size, min_micro_batches=2 if self.args.world_size == 1 else 1,
             # as the Trainer reads them: max_steps > 0 overrides num_train_epochs
             epochs=None if self.args.max_steps > 0 else self.args.num_train_epochs,
             max_steps=self.args.max_steps, num_examples=n,
@@ -228,6 +252,10 @@ class AdaptiveBatchTrainer(transformers.Trainer):
                 self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) not in _CONSTANT_SCHEDULES,
         )
         self._cfg = cfg
+        self._info = DistInfo(self.args.process_index, self.args.world_size)
+        if b0 < self._info.world_size:
+            raise ValueError(f"initial_batch_size={b0} is below the {self._info.world_size} processes: every process "
+                             f"needs an example of each step; use initial_batch_size >= {self._info.world_size}")
         self._stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
         self._steps = self._samples = 0
         self._samples_at_start = 0
@@ -317,50 +345,90 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             controller.on_oom(size)
             inputs.split(controller.micro_sizes(len(inputs)))
 
-        loss, retries = retry_after_oom(lambda: self._accumulate(model, inputs), failed_size=lambda: max(inputs.sizes),
-                                        on_oom=on_oom)
+        info = self._info
+        loss, retries = retry_after_oom(
+            lambda: self._accumulate(model, inputs), failed_size=lambda: max(inputs.sizes), on_oom=on_oom,
+            # every process learns the largest failed micro-batch before any gradient collective
+            agree=(lambda size: int(agree_max(size, info, self.args.device))) if info.enabled else None)
         self.oom_retries += retries
         return loss
 
     def _accumulate(self, model: torch.nn.Module, step: StepBatch) -> torch.Tensor:
+        """This process's micro-batches of a step; under DDP only the last one syncs gradients,
+        and each loss is weighted by its share of the *global* step (loss items summed over the
+        processes) times their number, since DDP averages: the result is the step's mean-loss
+        gradient, token-exact with uneven shares."""
+        info, device = self._info, self.args.device
+        world = info.world_size
         micro = [self._prepare_inputs(mb) for mb in step.micro_batches]
         first = micro[0]
         by_tokens = (self.model_accepts_loss_kwargs or self.compute_loss_func is not None) and isinstance(
             first, Mapping) and isinstance(first.get("shift_labels", first.get("labels")), torch.Tensor)
-        if by_tokens:  # the Trainer's own count: (shifted) labels != -100
-            counts, total = count_step_items(micro, "tokens", model=model)
-            num_items = torch.tensor(total, device=self.args.device)
+        if by_tokens:  # the Trainer's own count: (shifted) labels != -100, over every process
+            counts, total = count_step_items(micro, "tokens", model=model, all_reduce_items=(
+                lambda n: sum_int(n, info, device)) if info.enabled else None)
+            num_items = torch.tensor(total, device=device)
         else:
-            counts, total = list(step.sizes), len(step)
+            counts, total = list(step.sizes), step.global_size
+        # compute_loss multiplies a loss given num_items_in_batch by the number of processes
+        # itself when average_tokens_across_devices (the default) is on
+        token_scale = 1.0 if self.args.average_tokens_across_devices else float(world)
+        runnable = iter([i for i, c in enumerate(counts) if c > 0])
+        last = max((i for i, c in enumerate(counts) if c > 0), default=-1)
+        unsynced = contextlib.ExitStack()  # DDP's no_sync, from a micro-batch's forward to its backward
 
         def weighted_loss(batch: Any, weight: float) -> torch.Tensor:
+            if info.enabled and next(runnable) != last:
+                unsynced.enter_context(self.accelerator.no_sync(model))
             with self.compute_loss_context_manager():
                 if by_tokens:  # loss = (sum over this micro-batch's tokens) / (the step's tokens)
-                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items) * token_scale
                 else:  # a mean over the micro-batch, weighted by its share of the step
-                    loss = self.compute_loss(model, batch) * weight
+                    loss = self.compute_loss(model, batch) * (weight * world)
             return loss.mean() if self.args.n_gpu > 1 else loss
+
+        def backward(loss: torch.Tensor) -> None:
+            self.accelerator.backward(loss)
+            unsynced.close()
 
         model.zero_grad(set_to_none=True)
         collector = self._collector
         if collector is not None:
             collector.begin_step()
         acc = accumulate_gradients(
-            model, micro, counts=counts, total_items=total, weighted_loss=weighted_loss,
-            backward=self.accelerator.backward,
-            after_backward=(lambda m: collector.after_backward(batch_size=m.items, loss_weight=m.weight))
+            model, micro, counts=counts, total_items=total, weighted_loss=weighted_loss, backward=backward,
+            after_backward=(lambda m: collector.after_backward(batch_size=m.items, loss_weight=m.weight * world))
             if collector is not None else None)
-        loss_sum = acc.loss.float() if acc.loss is not None else torch.zeros((), device=self.args.device)
+        local_loss = acc.loss.float() / world if acc.loss is not None else torch.zeros((), device=device)
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        norms = collector.end_step(grad_scale=scale) if collector is not None else None
-        if norms is not None and by_tokens:
+        local = (collector.end_step(grad_scale=scale, min_micro_batches=1, big_norm=False)
+                 if collector is not None else None)
+        smalls = local.small_sq_norms if local is not None else []
+        sizes = local.micro_batch_sizes if local is not None else []
+        # every process's micro-batches are small batches of the step: their totals summed over
+        # processes, with the step's loss, in one all-reduce (one host sync)
+        totals = [sum(smalls), float(len(smalls)), sum(1.0 / b for b in sizes)]
+        if collector is not None:
+            big = grad_sq_norm([p for p in model.parameters() if p.requires_grad]).to(device).float()
+        else:
+            big = torch.zeros((), device=device)
+        summed = torch.stack([local_loss, big, *(torch.tensor(t, device=device, dtype=torch.float32) for t in totals)])
+        if info.enabled:
+            summed = summed.double()
+            torch.distributed.all_reduce(summed)
+        loss_total, big_sq, small_sum, count, inv = summed.tolist()
+        big_sq /= world  # the reduced gradient is the same on every process
+        norms = norms_from_totals(small_sum, count, inv, big_sq, step.global_size, scale) if collector else None
+        if norms is None and collector is not None:
+            norms = StepGradNorms([], math.nan, big_sq / (scale * scale), step.global_size, [])
+        if norms is not None and by_tokens and norms.small_sq_norms:
             # Small and big batches were counted in tokens; B is counted in examples.
-            per_token = len(step) / total
+            per_token = step.global_size / total
             norms = StepGradNorms(norms.small_sq_norms, norms.small_batch_size * per_token, norms.big_sq_norm,
-                                  len(step), step.sizes)
-        self._pending.update(norms=norms, loss=loss_sum, step=step)
-        return loss_sum.detach()
+                                  step.global_size, step.sizes)
+        self._pending.update(norms=norms, loss=loss_total, step=step)
+        return torch.tensor(loss_total, device=device)
 
     def _end_step(self, control) -> None:
         pending, self._pending = self._pending, {}
@@ -368,24 +436,25 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             return
         controller, step = self.batch_controller, pending["step"]
         self._steps += 1
-        self._samples += len(step)
+        self._samples += step.global_size
         loss = float(pending["loss"])
         norms = pending["norms"]
         finite = math.isfinite(loss) and (norms is None or math.isfinite(norms.big_sq_norm))
         stream = self._stream
-        controller.observe(step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=len(step),
+        controller.observe(step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=step.global_size,
                            step_time_s=time.perf_counter() - pending["t0"], norms=norms if finite else None,
                            loss=loss if finite else None)  # for the default policy's stability guard
         est = controller.estimator
         self.history.append(StepRecord(
             step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=controller.batch_size,
-            examples=len(step), micro_batch_size=max(step.sizes), accum_steps=len(step.sizes),
+            examples=step.global_size, micro_batch_size=max(step.sizes), accum_steps=len(step.sizes),
             lr=self._lr.last_lrs[0] if self._lr is not None else math.nan, train_loss=loss,
             grad_sq=est.grad_sq, trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
             noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
             skipped=not finite,
         ))
-        controller.maybe_decide()
+        info = self._info  # rank 0 decides for every process (their step times differ)
+        controller.maybe_decide(agree=(lambda b: broadcast_int(b, info, self.args.device)) if info.enabled else None)
         self.state.epoch = stream.epochs_done  # the Trainer's own figure counts steps at B_min
         if self.args.max_steps <= 0:
             self._advance_schedule(control)
