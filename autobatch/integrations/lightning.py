@@ -181,6 +181,14 @@ class AdaptiveBatchSize(pl.Callback):
                 "optimization has (got automatic_optimization=False); use autobatch's custom-loop "
                 "kit (examples/custom_loop.py) in a manual training_step"
             )
+        strategy = type(trainer.strategy).__name__
+        if strategy in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"):
+            raise ValueError(
+                f"AdaptiveBatchSize drives accumulation through Lightning's per-batch gradient sync, which the "
+                f"{strategy} does not expose to it (got strategy={strategy}); it supports one device and DDP. For "
+                "a sharded model, shard it with torch.distributed.fsdp.fully_shard and train it with autobatch.fit, "
+                "which measures the noise scale under FSDP2 and HSDP"
+            )
         if any(type(cb).__name__ == "GradientAccumulationScheduler" for cb in trainer.callbacks):
             raise ValueError(
                 "AdaptiveBatchSize sets the accumulation itself; remove GradientAccumulationScheduler "
