@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch build without gloo"
 )
 
-WORKER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
+WORKER = str(Path(__file__).resolve().parents[1] / "helpers" / "ddp_worker.py")
 
 
 def _run(out: Path, *args: str, ranks: int) -> list[dict]:
@@ -128,7 +128,7 @@ def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("prune", [False, True])
 def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path, prune) -> None:
-    worker = str(Path(__file__).parent / "helpers" / "ddp_tune_worker.py")
+    worker = str(Path(__file__).resolve().parents[1] / "helpers" / "ddp_tune_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            worker, str(tmp_path), str(tmp_path / "study.db"), *(["--prune"] if prune else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

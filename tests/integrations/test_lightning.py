@@ -33,7 +33,7 @@ from tests.helpers.lightning_regression import (
     regression_data,
 )
 
-WORKER = str(Path(__file__).parent / "helpers" / "lightning_ddp_worker.py")
+WORKER = str(Path(__file__).resolve().parents[1] / "helpers" / "lightning_ddp_worker.py")
 
 
 @pytest.fixture(autouse=True)
@@ -262,7 +262,7 @@ def test_two_ddp_ranks_agree_on_b_and_match_one_process(tmp_path) -> None:
 
 
 def test_the_example_script_runs_and_learns(capsys) -> None:
-    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_example.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
     spec = importlib.util.spec_from_file_location("lightning_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

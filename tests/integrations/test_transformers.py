@@ -21,7 +21,7 @@ from autobatch.train.sampler import SampleStream
 from tests.helpers.guard_reference import smoothed_loss
 
 _spec = importlib.util.spec_from_file_location(
-    "hf_trainer_example", Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_example.py")
+    "hf_trainer_example", Path(__file__).resolve().parents[2] / "examples" / "hf_trainer_example.py")
 example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 
