@@ -150,12 +150,6 @@ def test_hyperparameter_search_with_optuna_runs_trials_with_their_own_b0(tmp_pat
     assert trainer.args.gradient_accumulation_steps == 2  # the user's setting, put back
 
 
-def test_the_example_script_runs_and_learns(capsys) -> None:
-    trainer = example.main(epochs=2.0)
-    assert trainer.history[-1].train_loss < trainer.history[0].train_loss - 1.0
-    assert "steps; B (step, size)" in capsys.readouterr().out
-
-
 def test_the_default_policys_stability_guard_sees_every_steps_loss(tmp_path) -> None:
     # As in fit: each step's loss reaches the budget policy's guard (its bias-corrected EMA,
     # recomputed here from the trainer's history).
