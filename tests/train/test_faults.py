@@ -20,9 +20,8 @@ def _bn_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
 
 
-def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted() -> None:
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g)
+def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted(noise_data) -> None:
+    x, y = noise_data(256, 8, 1)
     clean = _bn_model()
     # one micro-batch per step (gns_method="off" splits no step), so one forward per step
     ref = autobatch.fit(clean, (x.clone(), y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
@@ -54,7 +53,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_
     assert int(clean[1].num_batches_tracked) == 8 and ref.skipped_steps == 0
 
 
-def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch) -> None:
+def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch, noise_data) -> None:
     # fp16 needs CUDA in fit; this torch build runs fp16 autocast and GradScaler("cpu") on the
     # CPU, so the same code path runs here with the CPU scaler.
     scalers = []
@@ -64,8 +63,7 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
         return torch.float16, scalers[-1]
 
     monkeypatch.setattr(loop, "setup_precision", fp16_on_cpu)
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(128, 8, generator=g), torch.randn(128, 1, generator=g)
+    x, y = noise_data(128, 8, 2)
     torch.manual_seed(0)
     model = nn.Linear(8, 1)
     done = [0]
@@ -87,15 +85,9 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _data():
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
-
-
 class _Stream(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        x, y = _data()
-        return iter(zip(x, y))
+    def __iter__(self):  # never reached: fit refuses an IterableDataset before reading it
+        return iter(zip(torch.zeros(64, 8), torch.zeros(64, 1)))
 
     def __len__(self) -> int:
         return 64
@@ -129,7 +121,7 @@ def _two_groups(model):
     ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
 ])
-def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
+def test_a_bad_setting_is_refused_before_the_first_step(setting, match, noise_data) -> None:
     model = nn.Linear(8, 1)
     before = [p.detach().clone() for p in model.parameters()]
     steps = []
@@ -138,7 +130,7 @@ def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
         def on_step_end(self, record) -> None:
             steps.append(record.step)
 
-    kwargs = {"lr": 0.1, "max_steps": 3, "data": _data(), **setting}
+    kwargs = {"lr": 0.1, "max_steps": 3, "data": noise_data(64, 8, 3), **setting}
     if callable(kwargs.get("optimizer")):
         kwargs["optimizer"] = kwargs["optimizer"](model)
     data = kwargs.pop("data")
@@ -149,19 +141,19 @@ def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed() -> None:
+def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed(noise_data) -> None:
     model = nn.Linear(8, 1)
     bias = model.bias.detach().clone()
-    res = autobatch.fit(model, _data(), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
+    res = autobatch.fit(model, noise_data(64, 8, 3), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
                         optimizer=torch.optim.SGD([model.weight], lr=0.1), initial_batch_size=8,
                         progress=False)
     assert res.steps == 2 and torch.equal(model.bias, bias)  # the rest stays frozen
 
 
 def test_a_checkpoint_dir_that_is_a_file_or_not_writable_is_refused_before_the_first_step(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, monkeypatch, noise_data) -> None:
     def run(directory, steps=3):
-        return autobatch.fit(nn.Linear(8, 1), _data(), loss_fn=nn.functional.mse_loss, lr=0.1,
+        return autobatch.fit(nn.Linear(8, 1), noise_data(64, 8, 3), loss_fn=nn.functional.mse_loss, lr=0.1,
                              max_steps=steps, initial_batch_size=8, checkpoint_dir=directory,
                              progress=False)
 
