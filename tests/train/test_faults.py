@@ -200,3 +200,48 @@ def test_the_probed_micro_batch_runs_in_fits_step_under_the_same_budget(name, bu
         res = autobatch.fit(make(), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01, max_steps=6,
                             initial_batch_size=16, policy="fixed", memory_budget=budget, progress=False)
         assert (res.max_micro_batch_size, res.oom_retries) == (probed, 0), (budget, probed)
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded(regression, mse) -> None:
+    x, y = regression(n=256)
+    x[5] = float("nan")  # one poisoned example: the steps holding it are skipped
+    model = nn.Linear(8, 1)
+    res = autobatch.fit(model, (x, y), loss_fn=mse, lr=0.01, epochs=2, initial_batch_size=32,
+                        policy="fixed", progress=False)
+    assert res.skipped_steps == 2
+    assert sum(r.skipped for r in res.history) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    bad = (torch.full((64, 8), float("nan")), torch.zeros(64, 1))
+    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row.*max_nonfinite_steps=3"):
+        autobatch.fit(nn.Linear(8, 1), bad, loss_fn=mse, lr=0.1, epochs=5, initial_batch_size=8,
+                      max_nonfinite_steps=3, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(data=(torch.zeros(0, 8), torch.zeros(0, 1))), ValueError, "empty"),
+        (dict(initial_batch_size=1000), ValueError, "initial_batch_size=1000 is larger than the training set"),
+        (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
+         "max_batch_size must be >= min_batch_size"),
+        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, ramp"),
+        (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
+        (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
+        (dict(lr=None), ValueError, "lr is required"),
+        (dict(data=(torch.zeros(64, 8, device="meta"), torch.zeros(64, 1, device="meta"))), ValueError,
+         "model is on cpu but the data tensors are on meta"),
+    ],
+)
+def test_bad_inputs_are_named(kwargs, exc, match, regression, mse) -> None:
+    x, y = regression(n=64)
+    args = dict(data=(x, y), loss_fn=mse, lr=0.1, epochs=1, initial_batch_size=16, progress=False)
+    args.update(kwargs)
+    data = args.pop("data")
+    with pytest.raises(exc, match=match):
+        autobatch.fit(nn.Linear(8, 1), data, **args)
+
+
+def test_frozen_model_is_rejected(regression, mse) -> None:
+    model = nn.Linear(8, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        autobatch.fit(model, regression(64), loss_fn=mse, lr=0.1, epochs=1)
