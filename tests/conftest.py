@@ -13,6 +13,7 @@ otherwise, so a test gets the same tensors whatever ran before it.
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,18 @@ torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 Data = tuple[torch.Tensor, torch.Tensor]
+DISTRIBUTED = Path(__file__).resolve().parent / "distributed"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run a test of tests/distributed/ without the ``distributed`` and ``slow``
+    markers: each launches ranks through torch.distributed.run, and ``-m "not slow"`` or
+    ``-m "not distributed"`` must leave it out."""
+    unmarked = [item.nodeid for item in items if DISTRIBUTED in item.path.resolve().parents
+                and not {"distributed", "slow"} <= {mark.name for mark in item.iter_markers()}]
+    if unmarked:
+        raise pytest.UsageError("tests in tests/distributed/ must be marked distributed and slow "
+                                f"(a module-level pytestmark does it): {', '.join(unmarked)}")
 
 
 @pytest.fixture(autouse=True)
