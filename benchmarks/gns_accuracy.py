@@ -23,7 +23,7 @@ import torch
 from autobatch import measure_noise_scale
 from autobatch.testing import EXACT_CASES, exact_noise_scale
 
-SETTLE = {"logistic": 0, "mlp": 0, "cnn": 0, "sequence": 20}  # as in tests/test_measure.py
+SETTLE = {"logistic": 0, "mlp": 0, "cnn": 0, "sequence": 20}  # as in tests/noise/test_measure.py
 
 
 def main() -> None:

@@ -31,9 +31,13 @@ change to the probe, the training loop, mixed precision or the data path):
 Every fit is given ``device=torch.device("cuda")``, without an index, as users write it (the
 model's tensors report ``cuda:0``).
 
-It prints a pass/fail table and writes ``benchmarks/results/gpu_check.json``. Without CUDA it
-says it needs a GPU, marks every check "skipped (no CUDA)" and exits 0 (writing JSON only
-with an explicit ``--out``). Exit status 1 if a check failed.
+It prints a table of the checks (pass, FAIL or skipped) and a tally that counts skipped checks
+apart from passed ones, and writes ``benchmarks/results/gpu_check.json`` (the rows, and the
+tally as ``{"passed": n, "skipped": n, "failed": n}``). A check that cannot run where it is
+(``probe_real_oom`` in ``--smoke-cpu`` mode) is skipped, not passed. Without CUDA it says it
+needs a GPU, reports every check as skipped and exits 0 (writing JSON only with an explicit
+``--out``). Exit status 1 if a check failed, 0 otherwise: a run in which every check was
+skipped checked nothing, and its tally says so.
 
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --smoke-cpu   # the same code on CPU (fp32, gloo, no probe)
@@ -60,7 +64,12 @@ from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 MiB = 2**20
-SKIPPED = "skipped (no CUDA)"
+PASS, FAIL, SKIPPED = "pass", "FAIL", "skipped"
+
+
+class SkipCheck(Exception):
+    """Raised by a check that cannot run on this device: its row is skipped, with the reason
+    as its detail (never counted as a pass)."""
 
 
 def _problem(n: int = 4096, width: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +101,12 @@ def _finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all().item() for p in model.parameters())
 
 
-# -- the checks: each returns (passed, detail) ----------------------------------------------------
+# -- the checks: each returns (passed, detail) or raises SkipCheck -------------------------------
 def check_probe_real_oom(device: torch.device) -> tuple[bool, str]:
     from autobatch import probe_memory
 
     if device.type != "cuda":
-        return True, "skipped on CPU (the device limit is what this exercises)"
+        raise SkipCheck("on CPU (the device limit is what this exercises)")
     limit = 512 * MiB
     torch.cuda.empty_cache()
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -422,16 +431,19 @@ CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
 
 
 def run_checks(device: torch.device) -> list[dict]:
-    """Run every check on ``device``; a check that raises fails with the error's last line."""
+    """Run every check on ``device``; a check that raises SkipCheck is skipped with its reason,
+    one that raises anything else fails with the error's first line."""
     rows = []
     for name, check in CHECKS.items():
         start = time.perf_counter()
         try:
             ok, detail = check(device)
-            status = "pass" if ok else "FAIL"
+            status = PASS if ok else FAIL
+        except SkipCheck as why:
+            status, detail = SKIPPED, str(why)
         except Exception as err:
             lines = str(err).strip().splitlines()
-            status, detail = "FAIL", f"{type(err).__name__}: {lines[0] if lines else ''}"
+            status, detail = FAIL, f"{type(err).__name__}: {lines[0] if lines else ''}"
             traceback.print_exc(file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -448,6 +460,27 @@ def table(rows: list[dict]) -> str:
     cells = [[r["check"], r["status"], f"{r['seconds']:.1f}", r["detail"]] for r in rows]
     widths = [max(len(c[i]) for c in [head, *cells]) for i in range(3)]
     return "\n".join("  ".join([*(c[i].ljust(widths[i]) for i in range(3)), c[3]]).rstrip() for c in [head, *cells])
+
+
+def tally(rows: list[dict]) -> dict[str, int]:
+    """How many checks passed, were skipped and failed (each row is exactly one of them)."""
+    counts = {"passed": 0, "skipped": 0, "failed": 0}
+    for r in rows:
+        counts["passed" if r["status"] == PASS else "skipped" if r["status"] == SKIPPED else "failed"] += 1
+    return counts
+
+
+def verdict(counts: dict[str, int]) -> str:
+    """The tally as the line printed under the table; "all ... passed" only when every check
+    ran and passed."""
+    total = sum(counts.values())
+    if counts["failed"]:
+        return f"{counts['failed']} of {total} checks FAILED ({counts['passed']} passed, {counts['skipped']} skipped)"
+    if not counts["passed"]:
+        return f"nothing checked: all {total} checks skipped"
+    if counts["skipped"]:
+        return f"{counts['passed']} of {total} checks passed, {counts['skipped']} skipped, none failed"
+    return f"all {total} checks passed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,18 +506,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False here): every check skipped")
         report["device"] = None
-        rows = [{"check": name, "status": SKIPPED, "seconds": 0.0, "detail": ""} for name in CHECKS]
+        rows = [{"check": name, "status": SKIPPED, "seconds": 0.0, "detail": "no CUDA"} for name in CHECKS]
         out = args.out
     report["rows"] = rows
-    report["passed"] = all(r["status"] in ("pass", SKIPPED) for r in rows)
+    report["tally"] = tally(rows)
     print(table(rows))
+    print(verdict(report["tally"]))
     if "total_seconds" in report:
         print(f"total: {report['total_seconds']} s")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"results: {out}")
-    return 0 if report["passed"] else 1
+    return 1 if report["tally"]["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
+"""autobatch.data: every form of user data becomes the same batches, samplers are honoured,
+and what cannot be used is named."""
+
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from autobatch.data import as_batch_source, batch_size_of, move_to, split_batch
-from autobatch.devices import canonical_device
+from autobatch.testing import USER_MODELS
 
 
 def test_tuple_of_arrays_becomes_float32_inputs_and_keeps_labels() -> None:
@@ -59,15 +70,59 @@ def test_split_move_and_size_on_nested_batches() -> None:
         batch_size_of(torch.tensor(1.0))
 
 
-def test_canonical_device_gives_the_index_tensors_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Found on an H200: fit(device="cuda") with the model on cuda:0 failed the probe's
-    # same-device check, because torch.device("cuda") != torch.device("cuda:0").
-    assert torch.device("cuda") != torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert canonical_device("cuda") == torch.device("cuda", 1)
-    assert canonical_device(torch.device("cuda")) == torch.device("cuda:1")
-    assert canonical_device("cuda:0") == torch.device("cuda", 0)  # an explicit index stays
-    assert canonical_device("cpu") == torch.device("cpu") == torch.zeros(1).device
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert canonical_device("cuda") == torch.device("cuda")  # left for the caller to report
+class _Items(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def test_dicts_k_tuples_and_tensor_dicts_give_the_same_batches() -> None:
+    x1, x2, y = torch.randn(7, 3), torch.randn(7, 2), torch.arange(7)
+    idx = [5, 0, 3]
+    from_tuple = as_batch_source((x1, x2, y)).batch(idx)
+    from_items = as_batch_source(_Items([(x1[i], x2[i], y[i]) for i in range(7)])).batch(idx)
+    for a, b, ref in zip(from_tuple, from_items, (x1[idx], x2[idx], y[idx])):
+        assert torch.equal(a, ref) and torch.equal(b, ref)
+    from_dict = as_batch_source({"a": x1, "labels": y}).batch(idx)
+    from_dict_items = as_batch_source(_Items([{"a": x1[i], "labels": y[i]} for i in range(7)])).batch(idx)
+    for batch in (from_dict, from_dict_items):
+        assert set(batch) == {"a", "labels"}
+        assert torch.equal(batch["a"], x1[idx]) and torch.equal(batch["labels"], y[idx])
+
+
+def test_a_collate_fn_pads_each_micro_batch_to_its_own_longest_item() -> None:
+    source = as_batch_source(USER_MODELS["padded_lm"]().data)
+    lengths = [len(source.dataset[i][0]) for i in range(len(source))]
+    short = sorted(range(len(source)), key=lambda i: lengths[i])[:4]
+    x, y = source.batch(short)
+    assert x.shape[1] == max(lengths[i] for i in short) < max(lengths)
+    assert int((y != -100).sum()) == sum(lengths[i] for i in short)
+
+
+def test_samplers_are_honoured_and_what_cannot_be_is_refused() -> None:
+    ds = TensorDataset(torch.randn(100, 2), (torch.arange(100) >= 90).long())  # class 1: 10%
+    weights = torch.where(ds.tensors[1] == 1, 9.0, 1.0)  # class 1 drawn half the time
+    source = as_batch_source(DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler(weights, 4000)))
+    order = source.sampler_order(epoch=0, seed=0)
+    assert len(order) == 4000
+    assert float(ds.tensors[1][order].float().mean()) == pytest.approx(0.5, abs=0.03)
+    assert torch.equal(order, source.sampler_order(0, seed=0))  # a function of (seed, epoch)
+    assert not torch.equal(order, source.sampler_order(1, seed=0))
+
+    for plain in (DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4, shuffle=True)):
+        assert as_batch_source(plain).sampler is None  # autobatch's own (seeded) order
+    with pytest.raises(TypeError, match=r"custom batch_sampler \(BatchSampler\).*sampler="):
+        as_batch_source(DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 3, False)))
+    with pytest.raises(TypeError, match=r"batch_size=None, whose items are ready-made batches"):
+        as_batch_source(DataLoader(ds, batch_size=None))
+    from torch.utils.data.distributed import DistributedSampler
+
+    with pytest.raises(TypeError, match="DistributedSampler; autobatch shards every step"):
+        as_batch_source(DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=2, rank=0)))
+    replacement = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True))
+    assert as_batch_source(replacement).sampler is not None

@@ -1,7 +1,8 @@
 """The package's import structure: no cycle between modules, none between the package's parts
 (subpackages and top-level modules) counting imports inside functions too, every module
-importable on its own, ``import autobatch`` without optuna, and the plug-in boundary (config <->
-plug-ins only through the registry)."""
+importable on its own, ``import autobatch`` without optuna (nor Lightning or transformers with
+``autobatch.integrations``), and the plug-in boundary (config <-> plug-ins only through the
+registry)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,13 @@ def test_import_autobatch_does_not_import_optuna() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
+
+
+def test_import_autobatch_imports_neither_trainer() -> None:
+    code = ("import sys, autobatch, autobatch.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 PLUGIN_PACKAGES = ("autobatch.policies", "autobatch.scaling", "autobatch.problems")

@@ -61,12 +61,15 @@ def _estimate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def values(data: Any, source: Path) -> dict[str, Any]:
-    """The page's named values: the run's device and versions, the checks' table and tally, and
-    the figures of the memory estimate's check (``est``)."""
+    """The page's named values: the run's device and versions, the checks' table and tally
+    (passed and skipped counted apart, from the rows: results written before the script wrote
+    its own tally have none, and called a skip "skipped (no CUDA)"), and the figures of the
+    memory estimate's check (``est``)."""
     rows = [[r["check"], r["status"], f"{r['seconds']:.1f} s", r["detail"]] for r in data["rows"]]
     return {
         "seconds": data["total_seconds"], "device": data["device"], "torch": data["torch"],
         "cuda": data.get("cuda", "?"), "table": table(["check", "status", "time", "detail"], rows, "llrl"),
-        "passed": sum(r["status"] == "pass" for r in data["rows"]), "checks": len(data["rows"]),
+        "passed": sum(r["status"] == "pass" for r in data["rows"]),
+        "skipped": sum(r["status"].startswith("skipped") for r in data["rows"]), "checks": len(data["rows"]),
         "est": _estimate(data["rows"]),
     }

@@ -1,4 +1,4 @@
-"""A small fit that checkpoints after every step, for kill -9 tests (tests/test_checkpoint.py).
+"""A small fit that checkpoints after every step, for tests/subprocess/test_kill_resume.py (kill -9).
 
 ``python checkpoint_worker.py DIR`` trains (resuming from ``DIR/last.pt`` when there is one)
 and prints each finished step's number; the test kills it at a random moment and resumes

@@ -1,4 +1,4 @@
-"""A small fit that checkpoints only when interrupted, for SIGINT/SIGTERM tests (tests/test_fit.py).
+"""A small fit that checkpoints only when interrupted, for tests/subprocess/test_interrupt_resume.py.
 
 ``python interrupt_worker.py DIR SURVIVE`` trains (resuming from ``DIR/last.pt`` when there is
 one) and prints each finished step's number; the test sends SIGINT or SIGTERM at random

@@ -82,13 +82,9 @@ class _Net(nn.Module):
         return self.head(self.frozen_head(self.body(x)))
 
 
-def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(n, 4), torch.randint(3, (n,))
-
-
-def test_model_grads_modes_buffers_and_rng_are_left_as_they_were() -> None:
+def test_model_grads_modes_buffers_and_rng_are_left_as_they_were(classification) -> None:
     model = _Net()
-    x, y = _data()
+    x, y = classification(64, 4)
     F.cross_entropy(model(x), y).backward()  # leave some .grad behind
     model.body[1].eval()  # a deliberate per-module mode
     model.head.weight.grad = None  # and a parameter without .grad
@@ -112,9 +108,9 @@ def test_model_grads_modes_buffers_and_rng_are_left_as_they_were() -> None:
     assert random.getstate() == rng[1] and np.array_equal(np.random.get_state()[1], rng[2])
 
 
-def test_seed_repeats_and_every_data_form_gives_the_same_estimate() -> None:
+def test_seed_repeats_and_every_data_form_gives_the_same_estimate(classification) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = _data()
+    x, y = classification(64, 4)
     kwargs = {"batch_size": 16, "num_batches": 3, "seed": 7}
     first = measure_noise_scale(model, (x, y), F.cross_entropy, **kwargs)
     for data in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)):
@@ -124,9 +120,9 @@ def test_seed_repeats_and_every_data_form_gives_the_same_estimate() -> None:
     assert first.samples_used == 48 and first.num_batches == 3
 
 
-def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it() -> None:
+def test_bad_inputs_say_what_is_wrong_and_how_to_fix_it(classification) -> None:
     model = nn.Linear(4, 3)
-    x, y = _data()
+    x, y = classification(64, 4)
     data = (x, y)
     cases = [
         (dict(model=nn.Linear(4, 3).requires_grad_(False)), ValueError, "no trainable parameters"),

@@ -2,8 +2,6 @@ import copy
 import functools
 import math
 import random
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import Dataset
 
 import autobatch
-from autobatch.cli import main
 from autobatch.memory._count import LiveStorageBytes
 from autobatch.memory.probe import MemoryProbeResult, largest_fitting, probe_memory
 
@@ -360,37 +357,6 @@ def test_result_table_plot_and_interpolation(tmp_path) -> None:
     assert autobatch.probe_memory is probe_memory and autobatch.MemoryProbeResult is MemoryProbeResult
 
 
-# ---------------------------------------------------------------------------- the CLI
-def test_cli_probes_a_user_factory(tmp_path, monkeypatch, capsys) -> None:
-    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def build():
-            model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
-            batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
-            return model, batch, nn.functional.cross_entropy
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plot = tmp_path / "p.png"
-    code = main(["probe", "--model", "my_models:build", "--budget", "2MiB", "--margin", "0",
-                 "--optimizer", "sgd", "--plot", str(plot)])
-    out = capsys.readouterr().out
-    model, batch, loss_fn = mlp_and_batch()
-    expected = probe_memory(model, batch, loss_fn, OPTIMIZERS["sgd_momentum"],
-                            budget_bytes=2 * 2**20, margin=0)
-    assert code == 0 and f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
-    assert plot.exists()
-    sys.modules.pop("my_models", None)
-
-
-def test_cli_reports_bad_arguments(capsys) -> None:
-    assert main(["probe", "--model", "no_colon_here", "--budget", "1GiB"]) == 2
-    assert "--model must be module:factory (got 'no_colon_here')" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["probe", "--budget", "1GiB"])  # neither --problem nor --model
-
-
 def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
     class Masked(nn.Module):
         def __init__(self) -> None:
@@ -404,20 +370,6 @@ def test_a_model_fake_tensors_cannot_run_gets_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"fake tensors cannot run this model's training step,"
                        r" although it runs on real tensors"):
         probe_memory(Masked(), batch, nn.functional.cross_entropy, budget_bytes=2**30)
-
-
-def test_cli_probes_a_built_in_example(capsys) -> None:
-    from autobatch.registry import get_problem
-
-    ex = get_problem("synthetic")
-    expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,
-                            lambda params: ex.optimizer(params, ex.default_lr),
-                            budget_bytes=2**20, margin=0.1, max_micro_batch_size=4096)
-    assert main(["probe", "--problem", "synthetic", "--budget", "1MiB",
-                 "--max-micro-batch-size", "4096"]) == 0
-    out = capsys.readouterr().out
-    assert f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
-    assert "budget                     1.0 MiB  (margin 10%" in out
 
 
 # ---------------------------------------------------------------------------- issue 10

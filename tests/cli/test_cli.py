@@ -1,12 +1,20 @@
+"""The ``autobatch`` command (autobatch.cli): fit, probe and tune, and how a bad setting is
+reported (one line, exit status 2)."""
+
+import functools
 import re
 import subprocess
 import sys
+import textwrap
 
+import optuna
 import pytest
 import torch
+from torch import nn
 
 import autobatch
 from autobatch.cli import main
+from autobatch.memory.probe import probe_memory
 
 
 @pytest.mark.slow
@@ -167,3 +175,64 @@ def test_byte_strings_are_read_alike_by_the_cli_fit_config_and_probe_memory() ->
     assert probe_memory(model, batch, loss, budget_bytes="4GiB", mode="estimate").budget_bytes == 4 * 2**30
     with pytest.raises(ValueError, match=r"budget_bytes: cannot read memory size '4 GiBs'"):
         probe_memory(model, batch, loss, budget_bytes="4 GiBs")
+
+
+# -- autobatch probe ----------------------------------------------------------------------------
+def test_cli_probes_a_user_factory(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
+            batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
+            return model, batch, nn.functional.cross_entropy
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plot = tmp_path / "p.png"
+    code = main(["probe", "--model", "my_models:build", "--budget", "2MiB", "--margin", "0",
+                 "--optimizer", "sgd", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))  # as build() makes it
+    batch = (torch.randn(4, 40), torch.randint(0, 10, (4,)))
+    expected = probe_memory(model, batch, nn.functional.cross_entropy,
+                            functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),  # --optimizer sgd
+                            budget_bytes=2 * 2**20, margin=0)
+    assert code == 0 and f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
+    assert plot.exists()
+    sys.modules.pop("my_models", None)
+
+
+def test_cli_reports_bad_arguments(capsys) -> None:
+    assert main(["probe", "--model", "no_colon_here", "--budget", "1GiB"]) == 2
+    assert "--model must be module:factory (got 'no_colon_here')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["probe", "--budget", "1GiB"])  # neither --problem nor --model
+
+
+def test_cli_probes_a_built_in_example(capsys) -> None:
+    from autobatch.registry import get_problem
+
+    ex = get_problem("synthetic")
+    expected = probe_memory(ex.model_fn(), ex.train_data, ex.loss_fn,
+                            lambda params: ex.optimizer(params, ex.default_lr),
+                            budget_bytes=2**20, margin=0.1, max_micro_batch_size=4096)
+    assert main(["probe", "--problem", "synthetic", "--budget", "1MiB",
+                 "--max-micro-batch-size", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert f"max micro-batch   {expected.max_micro_batch_size:12d}" in out
+    assert "budget                     1.0 MiB  (margin 10%" in out
+
+
+# -- autobatch tune -----------------------------------------------------------------------------
+def test_cli_prints_the_table_and_best_lr_and_writes_the_plot(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    code = main(["tune", "--problem", "synthetic", "--trials", "2", "--epochs", "0.1", "--storage", url,
+                 "--study", "cli", "--lr-min", "0.01", "--lr-max", "0.3", "--evals", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "study 'cli'" in out and "best base LR: " in out and "at B0=16" in out
+    lrs = [float(line.split()[2]) for line in out.splitlines() if line[:1].isdigit()]
+    assert len(lrs) == 2 and all(0.01 <= lr <= 0.3 for lr in lrs)
+    assert (tmp_path / "tune-synthetic.png").exists()
+    assert len(optuna.load_study(study_name="cli", storage=url).trials) == 2

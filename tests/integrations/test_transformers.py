@@ -21,7 +21,7 @@ from autobatch.train.sampler import SampleStream
 from tests.helpers.guard_reference import smoothed_loss
 
 _spec = importlib.util.spec_from_file_location(
-    "hf_trainer_example", Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_example.py")
+    "hf_trainer_example", Path(__file__).resolve().parents[2] / "examples" / "hf_trainer_example.py")
 example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 
@@ -148,12 +148,6 @@ def test_hyperparameter_search_with_optuna_runs_trials_with_their_own_b0(tmp_pat
     assert all(accumulation == 1 for *_, accumulation in seen)  # the Trainer's loop sees whole steps
     assert math.isfinite(best.objective)
     assert trainer.args.gradient_accumulation_steps == 2  # the user's setting, put back
-
-
-def test_the_example_script_runs_and_learns(capsys) -> None:
-    trainer = example.main(epochs=2.0)
-    assert trainer.history[-1].train_loss < trainer.history[0].train_loss - 1.0
-    assert "steps; B (step, size)" in capsys.readouterr().out
 
 
 def test_the_default_policys_stability_guard_sees_every_steps_loss(tmp_path) -> None:

@@ -1,15 +1,10 @@
-"""What ``autobatch.fit`` does when things go wrong inside it (docs/faults.md): signals,
-non-finite steps, bad settings, fp16 overflows."""
+"""What ``autobatch.fit`` does when things go wrong inside it (docs/faults.md): non-finite
+steps, bad settings, fp16 overflows (real signals: tests/subprocess/test_interrupt_resume.py)."""
 
 from __future__ import annotations
 
 import errno
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,63 +13,6 @@ from torch import nn
 
 import autobatch
 from autobatch.train import loop
-from autobatch.train.checkpoint import load_checkpoint
-from tests.helpers import interrupt_worker as worker_module
-
-_WORKER = Path(worker_module.__file__)  # run as a script by the subprocesses
-
-
-@pytest.mark.slow
-def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_weights(tmp_path) -> None:
-    worker = worker_module  # the reference run is the workers' own code
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the worker process
-    try:
-        full_model, full = worker.run(str(tmp_path / "full"))
-        rng = random.Random(0)
-        directory, done = tmp_path / "interrupted", 0
-        # 12 interrupts, SIGINT and SIGTERM in turn, each at a random moment of a random step,
-        # each resumed from the interrupt's own checkpoint (the only one written, so every
-        # step it counts wrongly shows in the weights): the first process survives 5 and is
-        # ended by the 6th (a SIGTERM), the second survives 6 and runs to the end.
-        for survive in (5, 6):
-            proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory), str(survive)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for trial in range(6):
-                sig = signal.SIGINT if trial % 2 == 0 else signal.SIGTERM
-                at_step, delay = done + rng.randint(1, 3), rng.uniform(0, 0.004)
-                for line in proc.stdout:
-                    if int(line) >= at_step:
-                        break
-                time.sleep(delay)
-                proc.send_signal(sig)
-                if trial < survive:
-                    line = proc.stdout.readline()
-                    while line and line.split()[0] != "stopped":  # steps that ended before the signal
-                        line = proc.stdout.readline()
-                    assert line, f"the worker ended before 'stopped' (at_step {at_step}): {proc.stderr.read()}"
-                    name = "KeyboardInterrupt" if sig == signal.SIGINT else "Preempted"
-                    assert line.split()[1] == name, line
-                else:
-                    _, err = proc.communicate(timeout=60)
-                    # a clean exit after SIGTERM: status 143, no traceback
-                    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
-                ckpt = load_checkpoint(directory)
-                stream = ckpt["stream"]
-                # the counters count every example the stream handed out: none skipped
-                assert ckpt["result"]["samples"] == stream["epoch"] * stream["num_examples"] + stream["position"]
-                assert at_step <= ckpt["result"]["steps"] < worker.MAX_STEPS
-                done = ckpt["result"]["steps"]
-        proc.communicate(timeout=60)
-        assert proc.returncode == 0
-        assert load_checkpoint(directory)["result"]["steps"] == worker.MAX_STEPS
-        model, result = worker.run(str(directory))
-        assert (result.steps, result.samples) == (full.steps, full.samples)
-        assert [r.batch_size for r in result.history] == [r.batch_size for r in full.history]
-        for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values(), strict=True):
-            assert torch.equal(a, b), name
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _bn_model() -> nn.Module:
@@ -82,9 +20,8 @@ def _bn_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
 
 
-def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted() -> None:
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g)
+def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_counted(noise_data) -> None:
+    x, y = noise_data(256, 8, 1)
     clean = _bn_model()
     # one micro-batch per step (gns_method="off" splits no step), so one forward per step
     ref = autobatch.fit(clean, (x.clone(), y), loss_fn=nn.functional.mse_loss, lr=0.01, epochs=1,
@@ -116,7 +53,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_before_warns_once_and_is_
     assert int(clean[1].num_batches_tracked) == 8 and ref.skipped_steps == 0
 
 
-def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch) -> None:
+def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(monkeypatch, noise_data) -> None:
     # fp16 needs CUDA in fit; this torch build runs fp16 autocast and GradScaler("cpu") on the
     # CPU, so the same code path runs here with the CPU scaler.
     scalers = []
@@ -126,8 +63,7 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
         return torch.float16, scalers[-1]
 
     monkeypatch.setattr(loop, "setup_precision", fp16_on_cpu)
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(128, 8, generator=g), torch.randn(128, 1, generator=g)
+    x, y = noise_data(128, 8, 2)
     torch.manual_seed(0)
     model = nn.Linear(8, 1)
     done = [0]
@@ -149,15 +85,9 @@ def test_an_fp16_overflow_with_gradscaler_skips_the_step_and_lowers_the_scale(mo
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _data():
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
-
-
 class _Stream(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        x, y = _data()
-        return iter(zip(x, y))
+    def __iter__(self):  # never reached: fit refuses an IterableDataset before reading it
+        return iter(zip(torch.zeros(64, 8), torch.zeros(64, 1)))
 
     def __len__(self) -> int:
         return 64
@@ -191,7 +121,7 @@ def _two_groups(model):
     ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
 ])
-def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
+def test_a_bad_setting_is_refused_before_the_first_step(setting, match, noise_data) -> None:
     model = nn.Linear(8, 1)
     before = [p.detach().clone() for p in model.parameters()]
     steps = []
@@ -200,7 +130,7 @@ def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
         def on_step_end(self, record) -> None:
             steps.append(record.step)
 
-    kwargs = {"lr": 0.1, "max_steps": 3, "data": _data(), **setting}
+    kwargs = {"lr": 0.1, "max_steps": 3, "data": noise_data(64, 8, 3), **setting}
     if callable(kwargs.get("optimizer")):
         kwargs["optimizer"] = kwargs["optimizer"](model)
     data = kwargs.pop("data")
@@ -211,19 +141,19 @@ def test_a_bad_setting_is_refused_before_the_first_step(setting, match) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed() -> None:
+def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed(noise_data) -> None:
     model = nn.Linear(8, 1)
     bias = model.bias.detach().clone()
-    res = autobatch.fit(model, _data(), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
+    res = autobatch.fit(model, noise_data(64, 8, 3), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=2,
                         optimizer=torch.optim.SGD([model.weight], lr=0.1), initial_batch_size=8,
                         progress=False)
     assert res.steps == 2 and torch.equal(model.bias, bias)  # the rest stays frozen
 
 
 def test_a_checkpoint_dir_that_is_a_file_or_not_writable_is_refused_before_the_first_step(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, monkeypatch, noise_data) -> None:
     def run(directory, steps=3):
-        return autobatch.fit(nn.Linear(8, 1), _data(), loss_fn=nn.functional.mse_loss, lr=0.1,
+        return autobatch.fit(nn.Linear(8, 1), noise_data(64, 8, 3), loss_fn=nn.functional.mse_loss, lr=0.1,
                              max_steps=steps, initial_batch_size=8, checkpoint_dir=directory,
                              progress=False)
 
@@ -270,3 +200,48 @@ def test_the_probed_micro_batch_runs_in_fits_step_under_the_same_budget(name, bu
         res = autobatch.fit(make(), (x, y), loss_fn=nn.functional.cross_entropy, lr=0.01, max_steps=6,
                             initial_batch_size=16, policy="fixed", memory_budget=budget, progress=False)
         assert (res.max_micro_batch_size, res.oom_retries) == (probed, 0), (budget, probed)
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded(regression, mse) -> None:
+    x, y = regression(n=256)
+    x[5] = float("nan")  # one poisoned example: the steps holding it are skipped
+    model = nn.Linear(8, 1)
+    res = autobatch.fit(model, (x, y), loss_fn=mse, lr=0.01, epochs=2, initial_batch_size=32,
+                        policy="fixed", progress=False)
+    assert res.skipped_steps == 2
+    assert sum(r.skipped for r in res.history) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    bad = (torch.full((64, 8), float("nan")), torch.zeros(64, 1))
+    with pytest.raises(FloatingPointError, match=r"3 optimizer steps in a row.*max_nonfinite_steps=3"):
+        autobatch.fit(nn.Linear(8, 1), bad, loss_fn=mse, lr=0.1, epochs=5, initial_batch_size=8,
+                      max_nonfinite_steps=3, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(data=(torch.zeros(0, 8), torch.zeros(0, 1))), ValueError, "empty"),
+        (dict(initial_batch_size=1000), ValueError, "initial_batch_size=1000 is larger than the training set"),
+        (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
+         "max_batch_size must be >= min_batch_size"),
+        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, ramp"),
+        (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
+        (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
+        (dict(lr=None), ValueError, "lr is required"),
+        (dict(data=(torch.zeros(64, 8, device="meta"), torch.zeros(64, 1, device="meta"))), ValueError,
+         "model is on cpu but the data tensors are on meta"),
+    ],
+)
+def test_bad_inputs_are_named(kwargs, exc, match, regression, mse) -> None:
+    x, y = regression(n=64)
+    args = dict(data=(x, y), loss_fn=mse, lr=0.1, epochs=1, initial_batch_size=16, progress=False)
+    args.update(kwargs)
+    data = args.pop("data")
+    with pytest.raises(exc, match=match):
+        autobatch.fit(nn.Linear(8, 1), data, **args)
+
+
+def test_frozen_model_is_rejected(regression, mse) -> None:
+    model = nn.Linear(8, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        autobatch.fit(model, regression(64), loss_fn=mse, lr=0.1, epochs=1)

@@ -1,3 +1,7 @@
+"""The budget policy (autobatch/policies/budget.py) and its loss-spike guard (guard.py): the
+guard against sequences computed by hand, the batch cap, the anneal, and what the controller
+and fit tell the policy."""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,6 @@
+"""Batch-size policies (autobatch/policies/): rounding, gns, goodput, ramp and fixed against
+hand and brute-force answers, then the shared suite every registered policy runs."""
+
 from __future__ import annotations
 
 import math

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_custom_loop_example_runs_and_beats_chance(capsys) -> None:
-    path = Path(__file__).resolve().parents[1] / "examples" / "custom_loop.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "custom_loop.py"
     spec = importlib.util.spec_from_file_location("custom_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

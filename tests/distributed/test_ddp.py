@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch build without gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch build without gloo"),
+    pytest.mark.slow,
+    pytest.mark.distributed,
+]
 
-WORKER = str(Path(__file__).parent / "helpers" / "ddp_worker.py")
+WORKER = str(Path(__file__).resolve().parents[1] / "helpers" / "ddp_worker.py")
 
 
 def _run(out: Path, *args: str, ranks: int) -> list[dict]:
@@ -31,8 +33,6 @@ def _run(out: Path, *args: str, ranks: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path) -> None:
     # Estimator off, fixed B=64: the summed all-reduce of two ranks' b/B-weighted gradients is
     # the gradient of the whole batch, so the weights match one process (up to rounding).
@@ -48,8 +48,6 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path) -> None
     assert r0["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_path) -> None:
     # goodput decides from measured step times, which differ between the ranks: rank 0's
     # decision must be the one every rank follows.
@@ -60,8 +58,6 @@ def test_two_ranks_take_the_same_decisions_and_end_with_the_same_weights(tmp_pat
     assert r0["weights"] == r1["weights"]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate(tmp_path) -> None:
     # Parameters barely move (lr 1e-9), B=64: two ranks of 32 vs one process with two
     # micro-batches of 32 (a micro-batch cap of 32, so every step is measured there too)
@@ -75,8 +71,6 @@ def test_two_rank_noise_estimate_matches_the_single_process_micro_batch_estimate
     assert err <= 1e-3 * single["noise_scale"]  # in fact the same computation, up to rounding
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path) -> None:
     ckpt = str(tmp_path / "ckpt")
     first = _run(tmp_path / "a", "--max-steps", "12", "--checkpoint", ckpt, ranks=2)[0]
@@ -86,8 +80,6 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path) -> None:
     assert resumed["samples"] == first["samples"] + sum(resumed["batch_sizes"][12:])
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_an_oom_on_one_rank_makes_every_rank_back_off_together(tmp_path) -> None:
     # Only rank 1 has a budget: 12 kB, below the ~16 kB a local micro-batch of 64 peaks at.
     r0, r1 = _run(tmp_path, "--max-steps", "6", "--policy", "fixed", "--batch", "128",
@@ -99,53 +91,6 @@ def test_an_oom_on_one_rank_makes_every_rank_back_off_together(tmp_path) -> None
     assert r0["weights"] == r1["weights"]
 
 
-def test_local_shares_cover_every_index_once() -> None:
-    import torch
-
-    from autobatch.train.distributed import DistInfo, local_share
-
-    idx = torch.arange(11)
-    shares = [local_share(idx, DistInfo(r, 4)) for r in range(4)]
-    assert [len(s) for s in shares] == [3, 3, 3, 2]
-    assert torch.equal(torch.cat(shares), idx)
-    tail = [local_share(torch.arange(1), DistInfo(r, 2)) for r in range(2)]
-    assert [len(s) for s in tail] == [1, 0]  # nothing dropped, a rank may get nothing
-
-
-def test_a_missing_backend_names_the_fix(monkeypatch) -> None:
-    import torch
-
-    from autobatch.train.distributed import setup_distributed
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "is_gloo_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no 'gloo' process-group backend; install a torch build"):
-        setup_distributed(torch.device("cpu"))
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("prune", [False, True])
-def test_a_study_under_torchrun_is_owned_by_rank_0_and_followed_by_the_others(tmp_path, prune) -> None:
-    worker = str(Path(__file__).parent / "helpers" / "ddp_tune_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           worker, str(tmp_path), str(tmp_path / "study.db"), *(["--prune"] if prune else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert r0["returned"] and not r1["returned"]
-    assert len(r0["trials"]) == 4  # one study, four trials, written by rank 0 only
-    lrs = sorted(t["lr"] for t in r0["trials"])
-    assert r1["seen"] == pytest.approx(lrs) and r0["seen"] == pytest.approx(lrs)
-    if prune:  # rank 0's pruner stopped trials 1-3 on both ranks (no hang, same trials after)
-        states = [t["state"] for t in r0["trials"]]
-        assert states[1:] == ["PRUNED"] * 3, states
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_matches(tmp_path) -> None:
     # Rank 1 alone is signalled; the flag rides in the step's gradient all-reduce, so both
     # ranks stop after the same step (no collective of its own), rank 0 writes the checkpoint,
@@ -161,43 +106,3 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_matche
     full = _run(tmp_path / "full", "--max-steps", "30", "--policy", "gns", ranks=2)
     assert resumed[0]["weights"] == resumed[1]["weights"] == full[0]["weights"]
     assert resumed[0]["batch_sizes"] == full[0]["batch_sizes"] and resumed[0]["steps"] == 30
-
-
-def test_the_kept_flat_buffer_is_reused_and_reduces_like_a_new_one(tmp_path) -> None:
-    import torch
-    from torch import nn
-
-    from autobatch.train.distributed import DistInfo, FlatGradientBuffer
-
-    # A one-process group sums each tensor with itself alone: what is under test is the
-    # gathering into the kept buffer and the scattering back, against a new buffer each time.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        info = DistInfo(rank=0, world_size=2)  # enabled, as on any data-parallel run
-        model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
-        params = list(model.parameters())
-        kept, pointers = FlatGradientBuffer(), set()
-        for step in range(3):
-            for p in params:
-                p.grad = torch.full_like(p, float(step + 1)) + torch.randn_like(p)
-            expected = [p.grad.clone() for p in params]
-            extra = torch.tensor([1.5, float(step)])
-            reference = torch.cat([g.reshape(-1) for g in expected])
-            totals, flat = kept.all_reduce(params, info, [extra[:1], extra[1]])  # 1-D and 0-d pieces
-            pointers.add(flat.data_ptr())
-            assert torch.equal(flat, reference) and torch.equal(totals, extra)
-            assert all(torch.equal(p.grad, g) for p, g in zip(params, expected, strict=True))
-        assert len(pointers) == 1  # one buffer for the three steps
-        # The rank's own squared norm, read from the gathered buffer into a slot of extra
-        # before the sum, against the norm of the gradients computed apart in float64.
-        local = sum(float(p.grad.double().square().sum()) for p in params)
-        totals, _ = kept.all_reduce(params, info, [torch.tensor([1.5, -7.0, 3.0])], local_sq_norm=(1, 4.0))
-        assert totals[0] == 1.5 and totals[2] == 3.0
-        assert abs(float(totals[1]) - 4.0 * local) <= 1e-5 * local
-        params[-1].grad = None  # a parameter no example reached: zeros, and the same size
-        totals, flat = FlatGradientBuffer().all_reduce(params, info, [torch.tensor(2.0)])
-        assert flat.numel() == sum(p.numel() for p in params) and torch.equal(params[-1].grad, torch.zeros(3))
-        _, flat = kept.all_reduce(params[:2], info, [torch.tensor(2.0)])  # another size: a new buffer
-        assert flat.data_ptr() not in pointers and flat.numel() == 5 * 7 + 7
-    finally:
-        dist.destroy_process_group()

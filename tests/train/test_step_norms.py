@@ -18,9 +18,8 @@ def _micro_sizes(cap: int | None):
     return sizes
 
 
-def _problem(n: int = 12):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 5, generator=g), torch.randn(n, 1, generator=g)
+def _problem(noise_data, n: int = 12):
+    x, y = noise_data(n, 5, 0)
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)), x, y
 
@@ -53,8 +52,8 @@ def test_norms_from_totals_averages_every_small_batch() -> None:
     assert norms_from_totals(5.0, 1.0, 1.0, 2.0, 7) is None  # one small batch: nothing smaller
 
 
-def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exact() -> None:
-    model, x, y = _problem(12)
+def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exact(noise_data) -> None:
+    model, x, y = _problem(noise_data, 12)
     meter = StepNormMeter(model, "micro", every=4, first=2)
     plan = []
     for step in range(1, 10):
@@ -72,8 +71,8 @@ def test_micro_meter_measures_every_kth_step_split_in_two_and_its_norms_are_exac
     meter.remove()
 
 
-def test_a_step_split_by_the_memory_cap_is_measured_for_free() -> None:
-    model, x, y = _problem(12)
+def test_a_step_split_by_the_memory_cap_is_measured_for_free(noise_data) -> None:
+    model, x, y = _problem(noise_data, 12)
     meter = StepNormMeter(model, "micro", every=100)
     sizes, _, norms = _run_step(meter, model, x, y, step=4, cap=5)  # not due, but split anyway
     assert sizes == [4, 4, 4] and norms is not None
@@ -83,8 +82,8 @@ def test_a_step_split_by_the_memory_cap_is_measured_for_free() -> None:
     meter.remove()
 
 
-def test_per_example_meter_matches_brute_force_and_sleeps_between_measurements() -> None:
-    model, x, y = _problem(8)
+def test_per_example_meter_matches_brute_force_and_sleeps_between_measurements(noise_data) -> None:
+    model, x, y = _problem(noise_data, 8)
     meter = StepNormMeter(model, "per_example", every=3)
     sizes, _, norms = _run_step(meter, model, x, y, step=1)
     assert sizes == [8] and norms.small_batch_size == 1.0
@@ -96,8 +95,8 @@ def test_per_example_meter_matches_brute_force_and_sleeps_between_measurements()
     meter.remove()
 
 
-def test_off_meter_reads_only_the_loss() -> None:
-    model, x, y = _problem(8)
+def test_off_meter_reads_only_the_loss(noise_data) -> None:
+    model, x, y = _problem(noise_data, 8)
     meter = StepNormMeter(model, "off", every=1)
     sizes, loss, norms = _run_step(meter, model, x, y, step=1)
     assert sizes == [8] and norms is None

@@ -15,10 +15,6 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(n, 6), torch.randint(3, (n,))
-
-
 def _sq_norm(grads: list[torch.Tensor | None]) -> float:
     return sum(float(g.double().square().sum()) for g in grads if g is not None)
 
@@ -47,9 +43,9 @@ def _run_step(model, x, y, sizes, *, reduction="mean", weights=None, grad_scale=
         return collector.end_step(grad_scale=grad_scale)
 
 
-def test_unequal_micro_batches_match_separate_gradients() -> None:
+def test_unequal_micro_batches_match_separate_gradients(classification) -> None:
     model = _model()
-    x, y = _data()
+    x, y = classification(16, 6)
     sizes = [3, 5, 8]
     ref_small, ref_big, ref_grads = _reference(model, x, y, sizes)
     norms = _run_step(model, x, y, sizes)
@@ -64,9 +60,9 @@ def test_unequal_micro_batches_match_separate_gradients() -> None:
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-def test_sum_reduction_amp_scale_and_unit_weights_give_mean_loss_norms() -> None:
+def test_sum_reduction_amp_scale_and_unit_weights_give_mean_loss_norms(classification) -> None:
     model = _model()
-    x, y = _data()
+    x, y = classification(16, 6)
     sizes = [4, 4, 4, 4]
     ref_small, ref_big, _ = _reference(model, x, y, sizes)
     # Sum-reduced losses, each weighted 1 (so .grad is the gradient of the total sum).
@@ -78,7 +74,7 @@ def test_sum_reduction_amp_scale_and_unit_weights_give_mean_loss_norms() -> None
         assert norms.big_sq_norm == pytest.approx(ref_big, rel=1e-5)
 
 
-def test_frozen_and_unused_parameters_are_left_out() -> None:
+def test_frozen_and_unused_parameters_are_left_out(classification) -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -90,7 +86,7 @@ def test_frozen_and_unused_parameters_are_left_out() -> None:
             return self.head(torch.tanh(self.frozen(x)))
 
     model = Net()
-    x, y = _data()
+    x, y = classification(16, 6)
     ref_small, ref_big, _ = _reference(model, x, y, [8, 8])
     norms = _run_step(model, x, y, [8, 8])
     assert norms.small_sq_norms == pytest.approx(ref_small, rel=1e-5)
@@ -98,9 +94,9 @@ def test_frozen_and_unused_parameters_are_left_out() -> None:
     assert model.unused.weight.grad is None
 
 
-def test_one_micro_batch_gives_none_and_removed_hooks_record_nothing() -> None:
+def test_one_micro_batch_gives_none_and_removed_hooks_record_nothing(classification) -> None:
     model = _model()
-    x, y = _data()
+    x, y = classification(16, 6)
     assert _run_step(model, x, y, [16]) is None
     collector = MicroBatchNormCollector(model)
     collector.remove()
@@ -147,13 +143,13 @@ def test_harmonic_batch_size_makes_unequal_sizes_exact() -> None:
     assert (g, s) == (pytest.approx(grad_sq), pytest.approx(trace_cov))
 
 
-def test_errors_name_the_value_and_the_fix() -> None:
+def test_errors_name_the_value_and_the_fix(classification) -> None:
     with pytest.raises(ValueError, match="no trainable parameters"):
         MicroBatchNormCollector(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ValueError, match=r"loss_reduction must be one of .* loss_reduction='max'"):
         MicroBatchNormCollector(_model(), loss_reduction="max")  # type: ignore[arg-type]
     model = _model()
-    x, y = _data()
+    x, y = classification(16, 6)
     with pytest.raises(ValueError, match=r"proportional .* weights \[0.5, 0.5\] for sizes \[4, 12\]"):
         _run_step(model, x, y, [4, 12], weights=[0.5, 0.5])
     collector = MicroBatchNormCollector(model)

@@ -18,22 +18,11 @@ from autobatch.batch import forward_and_loss
 from autobatch.testing import USER_MODELS
 from autobatch.train.controller import BatchSizeController
 
-
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
-
-
-def _regression(n: int = 256, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=gen)
-    return x, x @ torch.randn(8, 1, generator=gen) + 0.1 * torch.randn(n, 1, generator=gen)
+pytestmark = pytest.mark.usefixtures("quiet_user_warnings")
 
 
 @pytest.mark.parametrize("name", ["gpt2", "padded_lm"])
-def test_one_fit_step_of_four_micro_batches_is_the_big_batch_token_mean_gradient(name: str) -> None:
+def test_one_fit_step_of_four_micro_batches_is_the_big_batch_token_mean_gradient(name: str, flat_grad) -> None:
     case = USER_MODELS[name](n=32)
     dataset = case.data.dataset
     # The reference: all 32 padded sequences in one batch, one backward of the token mean.
@@ -47,14 +36,13 @@ def test_one_fit_step_of_four_micro_batches_is_the_big_batch_token_mean_gradient
     assert result.history[0].accum_steps == 4 and result.history[0].examples == 32
     # lengths vary, so micro-batches hold different numbers of loss tokens: weighting them by
     # examples would be off by percents (issue 10)
-    got = torch.cat([p.grad.reshape(-1) for p in case.model.parameters() if p.grad is not None])
-    want = torch.cat([p.grad.reshape(-1) for p in ref_model.parameters() if p.grad is not None])
+    got, want = flat_grad(case.model), flat_grad(ref_model)
     assert (got - want).norm() <= 1e-5 * want.norm()
     assert result.history[0].train_loss == pytest.approx(loss.item(), rel=1e-5)
 
 
-def test_lr_is_the_base_schedule_times_the_batch_factor() -> None:
-    x, y = _regression(n=256)
+def test_lr_is_the_base_schedule_times_the_batch_factor(regression) -> None:
+    x, y = regression(n=256, noise=0.1)
     b0, lr0, warm, total = 16, 0.01, 5, 60
 
     def schedule(step: int) -> float:  # warm-up then cosine, in steps of the base batch
@@ -75,8 +63,8 @@ def test_lr_is_the_base_schedule_times_the_batch_factor() -> None:
         samples = r.samples
 
 
-def test_clipping_bounds_the_step_and_the_estimator_sees_the_unclipped_norm(monkeypatch) -> None:
-    x, y = _regression(n=256)
+def test_clipping_bounds_the_step_and_the_estimator_sees_the_unclipped_norm(monkeypatch, regression) -> None:
+    x, y = regression(n=256, noise=0.1)
     seen_by_estimator: list[float] = []
     observe = BatchSizeController.observe
 
@@ -103,8 +91,8 @@ def test_clipping_bounds_the_step_and_the_estimator_sees_the_unclipped_norm(monk
         assert after == pytest.approx(min(before, max_norm), rel=1e-4)
 
 
-def test_optimizer_specs_class_partial_and_an_adamw_instance_with_a_memory_budget() -> None:
-    x, y = _regression(n=128)
+def test_optimizer_specs_class_partial_and_an_adamw_instance_with_a_memory_budget(regression) -> None:
+    x, y = regression(n=128, noise=0.1)
     common = {"loss_fn": F.mse_loss, "max_steps": 3, "initial_batch_size": 16, "policy": "fixed",
               "lr_scaling": "none", "progress": False}
     res = autobatch.fit(nn.Linear(8, 1), (x, y), optimizer=torch.optim.SGD, lr=0.05, **common)

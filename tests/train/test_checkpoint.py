@@ -1,6 +1,7 @@
 """autobatch.train.checkpoint: RNG states and fit checkpoints that load with
-``weights_only=True``, crafted files refused before anything runs, durable atomic writes, and
-kill -9 at random moments (checkpoint writes included) resuming to bit-identical weights."""
+``weights_only=True``, a fit resumed after a stop or a crash continuing the same run, crafted
+files refused before anything runs, and durable atomic writes (kill -9 at random moments:
+tests/subprocess/test_kill_resume.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import contextlib
 import os
 import pickle
 import random
-import signal
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,6 @@ from autobatch.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from tests.helpers import checkpoint_worker as worker_module
 
 
 def _draws() -> tuple:
@@ -190,39 +186,53 @@ def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monke
     assert not (tmp_path / "last.tmp").exists()
 
 
-# -- kill -9 ------------------------------------------------------------------------------------
-_WORKER = Path(worker_module.__file__)  # run as a script by the subprocesses
+def test_resume_gives_the_same_batch_sizes_order_and_weights(tmp_path, regression, mse) -> None:
+    x, y = regression(n=600, noise=2.0)
+
+    def run(max_steps, ckpt, resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+        if resume:
+            torch.manual_seed(123)  # a different global RNG: resume must restore it
+            for p in model.parameters():
+                nn.init.normal_(p)  # and different weights: resume must load them
+        res = autobatch.fit(model, (x, y), loss_fn=mse, val_data=(x[:100], y[:100]), lr=0.02,
+                            optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                            max_steps=max_steps, initial_batch_size=16, decide_every=3,
+                            checkpoint_dir=ckpt, resume=resume, eval_every=7, progress=False)
+        return model, res
+
+    full_model, full = run(60, tmp_path / "full")
+    run(23, tmp_path / "part")  # stops at a step that is no eval point
+    resumed_model, resumed = run(60, tmp_path / "part", resume=True)
+    assert [r.batch_size for r in resumed.history] == [r.batch_size for r in full.history]
+    assert len({r.batch_size for r in full.history}) > 1
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.steps == 60 and resumed.samples == full.samples
 
 
-@pytest.mark.slow  # three subprocesses of a few seconds each
-def test_kill_9_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path) -> None:
-    worker = worker_module  # the reference run is the workers' own code
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the worker process
-    try:
-        full_model, full = worker.run(str(tmp_path / "full"))
-        rng = random.Random(0)
-        # A checkpoint after every step: a good share of each run is spent writing one, so a
-        # random moment often falls inside a write.
-        for trial in range(3):
-            directory = tmp_path / f"killed{trial}"
-            at_step, delay = rng.randint(2, worker.MAX_STEPS - 10), rng.uniform(0, 0.03)
-            proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory)], stdout=subprocess.PIPE,
-                                    text=True)
-            for line in proc.stdout:
-                if int(line) >= at_step:
-                    break
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-            assert proc.returncode == -signal.SIGKILL
-            done = load_checkpoint(directory)["result"]["steps"]
-            # killed mid-run (a step is announced just before its checkpoint is written)
-            assert at_step - 1 <= done < worker.MAX_STEPS
-            model, result = worker.run(str(directory))
-            assert (result.steps, result.samples) == (full.steps, full.samples)
-            assert [r.batch_size for r in result.history] == [r.batch_size for r in full.history]
-            for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values(), strict=True):
-                assert torch.equal(a, b), (trial, at_step, name)
-    finally:
-        torch.set_num_threads(threads)
+def test_a_crashed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, regression, mse) -> None:
+    x, y = regression(n=600, noise=2.0)
+
+    class Crash(autobatch.Callback):
+        def on_step_end(self, record):
+            if record.step == 17:
+                raise RuntimeError("simulated crash")
+
+    def run(ckpt, callbacks=(), resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+        res = autobatch.fit(model, (x, y), loss_fn=mse, lr=0.02, max_steps=40,
+                            initial_batch_size=16, decide_every=3, checkpoint_dir=ckpt,
+                            checkpoint_every=5, resume=resume, callbacks=callbacks, progress=False)
+        return model, res
+
+    full_model, full = run(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crash", callbacks=[Crash()])
+    resumed_model, resumed = run(tmp_path / "crash", resume=True)  # continues from step 15
+    assert resumed.history[14].step == 15 and len(resumed.history) == 40
+    assert [r.batch_size for r in resumed.history] == [r.batch_size for r in full.history]
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -9,7 +9,6 @@ weights and ``ignore_index`` on ``(tokens, targets)`` items, a BatchNorm CNN, a 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -24,11 +23,7 @@ from autobatch.testing import USER_MODELS
 CASES = sorted(USER_MODELS)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_user_warnings")
 
 
 def _kwargs(case) -> dict:

@@ -1,0 +1,60 @@
+"""autobatch.evaluate: validation loss and accuracy against the same metrics computed in one pass."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autobatch.data import as_batch_source
+from autobatch.evaluate import evaluate
+from autobatch.testing import USER_MODELS, token_loss
+
+
+def test_evaluate_scores_class_and_token_logits_ignoring_minus_100() -> None:
+    lin = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(3, (10,))
+    y[3] = -100
+    ce = functools.partial(F.cross_entropy, ignore_index=-100)
+    metrics = evaluate(lin, (x, y), ce, batch_size=4, loss_items="tokens")
+    keep = y != -100
+    with torch.no_grad():
+        assert metrics["val_accuracy"] == pytest.approx(float((lin(x).argmax(1) == y)[keep].float().mean()))
+        assert metrics["val_loss"] == pytest.approx(float(ce(lin(x), y)), rel=1e-6)
+    assert "val_accuracy" not in evaluate(lin, (x, torch.randn(10, 3)), F.mse_loss)  # regression
+
+    case = USER_MODELS["padded_lm"]()
+    metrics = evaluate(case.model, case.data, case.loss_fn, batch_size=5, loss_items="tokens")
+    x, y = as_batch_source(case.data).batch(range(len(case.data.dataset)))
+    with torch.no_grad():
+        logits = case.model(x)
+        keep = y != -100
+        assert metrics["val_accuracy"] == pytest.approx(float((logits.argmax(-1) == y)[keep].float().mean()))
+        assert metrics["val_loss"] == pytest.approx(float(token_loss(logits, y)), rel=1e-5)
+
+    class TupleOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x), x.sum()
+
+    x, y = torch.randn(10, 4), torch.randint(3, (10,))
+    tuple_metrics = evaluate(TupleOut(), (x, y), lambda out, t: F.cross_entropy(out[0], t))
+    assert tuple_metrics == evaluate(lin, (x, y), F.cross_entropy)
+
+
+def test_evaluate_a_hugging_face_causal_lm_scores_the_next_token() -> None:
+    case = USER_MODELS["gpt2"]()
+    metrics = evaluate(case.model, case.data, batch_size=7)
+    batch = as_batch_source(case.data).batch(range(len(case.data.dataset)))
+    with torch.no_grad():
+        out = case.model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != -100
+    assert metrics["val_loss"] == pytest.approx(float(out.loss), rel=1e-5)  # token mean, whatever the batching
+    assert metrics["val_accuracy"] == pytest.approx(float((logits.argmax(-1) == labels)[keep].float().mean()))
