@@ -235,6 +235,66 @@ def _nccl_worker(device_type: str) -> None:
         dist.destroy_process_group()
 
 
+def check_fsdp_one_process(device: torch.device) -> tuple[bool, str]:
+    """fit on a model sharded with FSDP2 ``fully_shard`` (each block, then the root) in a
+    one-process group (nccl on CUDA), against the same model unsharded: the same weights."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--fsdp-worker", device.type], capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"worker exit {out.returncode}: {tail}"
+    report = json.loads(lines[-1])
+    ok = report["max_diff"] <= 1e-4 and report["steps"] == report["expected_steps"]
+    return ok, (f"backend {report['backend']}: {report['steps']} steps of a 2-block transformer sharded with "
+                f"fully_shard vs unsharded, max weight difference {report['max_diff']:.3g}")
+
+
+def _fsdp_worker(device_type: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from autobatch.testing import BlockTransformer, markov_tokens, token_cross_entropy
+
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        x, y = markov_tokens(256, vocab=16, length=8, seed=1)
+        args = dict(loss_fn=token_cross_entropy, lr=0.2, max_steps=10, initial_batch_size=16, policy="fixed",
+                    gns_method="off", lr_scaling="none", shuffle=False, progress=False, device=device)
+        models = []
+        for shard in (False, True):
+            torch.manual_seed(0)
+            model = BlockTransformer(vocab=16, width=32, length=8, depth=2).to(device)
+            if shard:
+                mesh = init_device_mesh(device.type, (1,))
+                for block in model.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+            result = _fit_any(model, (x, y), args)
+            models.append(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                          if shard else {k: v.cpu() for k, v in model.state_dict().items()})
+        diff = max(float((models[0][k] - models[1][k]).abs().max()) for k in models[0])
+        print(json.dumps({"backend": dist.get_backend(), "steps": result.steps, "expected_steps": 10, "max_diff": diff}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fit_any(model: nn.Module, data, args: dict):
+    import autobatch
+
+    return autobatch.fit(model, data, **args)
+
+
 def check_checkpoint_resume(device: torch.device) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as tmp:
         def run(max_steps: int, directory: str) -> nn.Module:
@@ -424,6 +484,7 @@ CHECKS: dict[str, Callable[[torch.device], tuple[bool, str]]] = {
     "bf16_autocast": check_bf16_autocast,
     "pinned_workers": check_pinned_workers,
     "nccl_one_process": check_nccl_one_process,
+    "fsdp_one_process": check_fsdp_one_process,
     "checkpoint_resume": check_checkpoint_resume,
     "lightning": check_lightning,
     "hf_trainer": check_hf_trainer,
@@ -490,9 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="run the checks' code on CPU (fp32 instead of fp16, gloo instead of nccl)")
     parser.add_argument("--nccl-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.nccl_worker:
         _nccl_worker(args.nccl_worker)
+        return 0
+    if args.fsdp_worker:
+        _fsdp_worker(args.fsdp_worker)
         return 0
     report = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
     if torch.cuda.is_available() or args.smoke_cpu:

@@ -228,16 +228,15 @@ def train(
             # 4. gradient sync: one all-reduce of the gradients (DDP), carrying the step's totals;
             #    FSDP reduce-scattered them in backward, and the totals go alone
             totals = meter.local_totals(work.acc.loss, work.sizes, step_b)
-            flat_grad = None
-            if info.enabled:
-                flags = [torch.full((), f, device=device) for f in signals.flags()]
-                if sharded is not None:
-                    summed = sum_over_ranks(totals.tensors + flags, info)
-                else:
-                    summed, flat_grad = grad_buffer.all_reduce(params, info, totals.tensors + flags,
-                                                               local_sq_norm=totals.own_norm)
+            summed, flat_grad = totals.tensors, None
+            flags = [torch.full((), f, device=device) for f in signals.flags()] if info.enabled else []
+            if sharded is not None:
+                summed = sum_over_ranks(totals.tensors + flags, info)
+            elif info.enabled:
+                summed, flat_grad = grad_buffer.all_reduce(params, info, totals.tensors + flags,
+                                                           local_sq_norm=totals.own_norm)
             # 5. the step's loss and norms, summed over ranks: the step's one host sync
-            train_loss, norms, extra = meter.read(summed if info.enabled else totals.tensors, step_b, flat_grad)
+            train_loss, norms, extra = meter.read(summed, step_b, flat_grad)
             agreed_signals = (extra[0], extra[1]) if info.enabled else None
             finite = math.isfinite(train_loss) and (norms is None or math.isfinite(norms.big_sq_norm))
             # 6. the optimizer step, unless the loss or gradient is not finite

@@ -432,7 +432,7 @@ class StepNormMeter:
         # The step's one host sync: the loss, the norms and the AMP scale in one transfer.
         if len(parts) == 1 and parts[0].ndim == 0:
             values = [parts[0].item()]
-        elif not self.data_parallel:  # 0-d float32 tensors
+        elif not self.data_parallel and self.sharded is None:  # 0-d float32 tensors
             values = torch.stack(parts).tolist()
         else:
             values = torch.cat([t.reshape(-1).float() for t in parts]).tolist()

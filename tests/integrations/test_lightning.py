@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -223,6 +224,16 @@ def test_unsupported_setups_are_refused_with_the_fix() -> None:
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(), max_epochs=1, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match="num_workers is not used"):
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(num_workers=2), max_epochs=1)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharded_strategies_are_refused_with_the_way_out(strategy: str) -> None:
+    # Lightning builds its FSDP strategy only with a GPU: the callback's check sees the
+    # strategy the Trainer holds, here a stand-in of that class.
+    trainer = types.SimpleNamespace(strategy=type(strategy, (), {})(), callbacks=[], reload_dataloaders_every_n_epochs=0,
+                                    limit_train_batches=1.0, overfit_batches=0)
+    with pytest.raises(ValueError, match=rf"strategy={strategy}\); it supports one device and DDP.*fully_shard"):
+        AdaptiveBatchSize().setup(trainer, Regression(), "fit")
 
 
 def test_the_default_policys_stability_guard_sees_every_steps_loss() -> None:

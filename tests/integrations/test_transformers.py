@@ -174,3 +174,12 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path
     trainer.train()
     ctx = trainer.batch_controller.context()
     assert ctx.limited_by == "steps" and ctx.progress == pytest.approx(1.0) and not ctx.lr_scheduled
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_the_trainers_sharding_engines_are_refused_with_the_way_out(tmp_path, engine: str) -> None:
+    trainer = _trainer(tmp_path)
+    setattr(trainer, f"is_{engine}_enabled", True)  # as the Trainer sets it from its FSDP / DeepSpeed arguments
+    with pytest.raises(ValueError, match=rf"Trainer's {'FSDP' if engine == 'fsdp' else 'DeepSpeed'} engine does not "
+                                         r"let it do .* supports DDP .*fully_shard and train it with autobatch.fit"):
+        trainer.get_train_dataloader()
