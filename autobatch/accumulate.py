@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -129,9 +129,9 @@ def count_loss_items(
     return int(count)
 
 
-@dataclass(frozen=True)
-class MicroStep:
-    """One micro-batch after its backward, as :func:`accumulate_gradients` reports it.
+class MicroStep(NamedTuple):
+    """One micro-batch after its backward, as :func:`accumulate_gradients` reports it (a named
+    tuple: made once per micro-batch, on the step's hot path).
 
     Attributes:
         index: position in the step.
@@ -214,6 +214,7 @@ def accumulate_gradients(
     all_reduce_items: Callable[[int], int] | None = None,
     counts: Sequence[int] | None = None,
     total_items: int | None = None,
+    examples: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     weighted_loss: WeightedLoss | None = None,
@@ -245,7 +246,9 @@ def accumulate_gradients(
         counts, total_items: the micro-batches' loss items and the step's total over
             processes, when counted already (:func:`count_step_items`, e.g. outside a block
             that retries after an out-of-memory error, so that every process reaches the
-            count's all-reduce); then ``micro_batches`` must be a sequence.
+            count's all-reduce; for ``loss_items="examples"``, their sizes and ``B``).
+        examples: the micro-batches' examples, when the caller knows them (saves reading
+            each batch's dimension 0).
         device: where each micro-batch is moved; None leaves it in place.
         amp_dtype: autocast dtype for the forward and loss (None: no autocast).
         weighted_loss: replaces ``forward_and_loss(...) x weight`` (see :data:`WeightedLoss`);
@@ -291,24 +294,29 @@ def accumulate_gradients(
     if total <= 0:
         raise ValueError(f"total_items must be > 0 (got {total}); it is the step's loss items over all processes")
     dev = canonical_device(device) if device is not None else None
-    cast = autocast(dev if dev is not None else model_device(model), amp_dtype)  # reentrant: once per step
+    # reentrant: made once per step, and not at all in full precision
+    cast = autocast(dev if dev is not None else model_device(model), amp_dtype) if amp_dtype is not None else None
     loss_sum: torch.Tensor | None = None
     items_done: list[int] = []
     examples_done: list[int] = []
     for index, batch in enumerate(batches):
-        examples = batch_size_of(batch)
-        items = examples if counts is None else counts[index]
+        size = batch_size_of(batch) if examples is None else examples[index]
+        items = size if counts is None else counts[index]
         items_done.append(items)
-        examples_done.append(examples)
+        examples_done.append(size)
         if items == 0:
             continue
         weight = items / total
         if weighted_loss is not None:
             scaled = weighted_loss(batch, weight)
         else:
-            batch = move_to(batch, dev)
-            with cast:
+            if dev is not None:
+                batch = move_to(batch, dev)
+            if amp_dtype is None:  # no context at all: a small step's overhead counts
                 mean = forward_and_loss(model, batch, loss_fn, forward_loss)[0]
+            else:
+                with cast:
+                    mean = forward_and_loss(model, batch, loss_fn, forward_loss)[0]
             if mean.dtype != torch.float32:
                 mean = mean.float()
             factor = weight * loss_scale
@@ -325,7 +333,7 @@ def accumulate_gradients(
         del scaled, part
         if after_backward is not None:
             applied = weight if weighted_loss is not None else weight * loss_scale
-            after_backward(MicroStep(index, batch, examples, items, applied))
+            after_backward(MicroStep(index, batch, size, items, applied))
     return Accumulated(loss_sum, total, items_done, examples_done)
 
 

@@ -268,7 +268,8 @@ def train(
                 skipped=not finite,
             )
             result.history.append(record)
-            controller.maybe_decide(agree=(lambda b: broadcast_int(b, info, device)) if info.enabled else None)
+            if step % controller.decide_every == 0:  # the policy picks the next B; rank 0's for all
+                controller.maybe_decide(agree=(lambda b: broadcast_int(b, info, device)) if info.enabled else None)
             # 8. progress, callbacks, evaluation and checkpoint
             if bar is not None:
                 bar.update(step_b)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.accumulate import Accumulated, MicroStep, accumulate_gradients, count_step_items
+from autobatch.accumulate import Accumulated, accumulate_gradients, count_step_items
 from autobatch.batch import ForwardLoss, LossFn, forward_and_loss
 from autobatch.data import move_to
 from autobatch.devices import autocast
@@ -172,19 +172,25 @@ def _accumulate(run: MicroBatchRun, batches: Any, counts: list[int] | None, tota
         passes[0] += 1
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def after_backward(m: MicroStep) -> None:
-        meter.after_backward(m.examples, m.weight, m.items)
-
-    # Under DDP no micro-batch syncs: the loop sums the gradients once, after all of them.
-    with run.model.no_sync() if run.info.enabled and sharded is None else contextlib.nullcontext():
-        acc = accumulate_gradients(
-            run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss, loss_items=run.loss_items,
-            step_examples=total, counts=counts, total_items=total,
-            device=run.device if run.move else None, amp_dtype=run.amp_dtype,
-            loss_scale=sharded.data_parallel if sharded is not None else 1.0,
-            backward=backward if sharded is not None or scaler is not None else None,
-            after_backward=after_backward)
-    while sharded is not None and passes[0] < parts:
+    counts = sizes if counts is None else counts  # loss_items="examples": the items are the sizes
+    device = run.device if run.move else None
+    # the meter sees the micro-batches of a measured step only (a small step's overhead counts)
+    after_backward = meter.after_micro_batch if meter.measuring else None
+    if not run.info.enabled and scaler is None:  # one process: no context around the micro-batches
+        return accumulate_gradients(run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss,
+                                    counts=counts, total_items=total, examples=sizes, device=device,
+                                    amp_dtype=run.amp_dtype, after_backward=after_backward)
+    step_args = {"counts": counts, "total_items": total, "examples": sizes, "device": device,
+                 "amp_dtype": run.amp_dtype, "backward": backward, "after_backward": after_backward}
+    if not run.info.enabled:
+        return accumulate_gradients(run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss, **step_args)
+    if sharded is None:  # DDP: no micro-batch syncs; the loop sums the gradients once, after all of them
+        with run.model.no_sync():
+            return accumulate_gradients(run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss,
+                                        **step_args)
+    acc = accumulate_gradients(run.model, batches, loss_fn=run.loss_fn, forward_loss=run.forward_loss,
+                               loss_scale=sharded.data_parallel, **step_args)
+    while passes[0] < parts:
         # This rank's share had fewer (non-empty) micro-batches than the largest: a pass of
         # weight zero runs the same all-gathers and reduce-scatters as the others' and adds
         # nothing (a BatchNorm layer would see its batch, though).

@@ -55,6 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from autobatch.accumulate import MicroStep
 from autobatch.noise.micro_batch import (
     MicroBatchNormCollector,
     StepGradNorms,
@@ -352,6 +353,11 @@ class StepNormMeter:
             sq = self._per_example.sq_norms(loss_weight=loss_weight).sum()
             self._pe_sum = sq if self._pe_sum is None else self._pe_sum + sq
             self._pe_count += batch_size
+
+    def after_micro_batch(self, micro: MicroStep) -> None:
+        """:meth:`after_backward` for a :class:`~autobatch.accumulate.MicroStep`, as
+        :func:`~autobatch.accumulate.accumulate_gradients` reports each micro-batch."""
+        self.after_backward(micro.examples, micro.weight, micro.items)
 
     def discard_pass(self) -> None:
         """A forward/backward that only kept the ranks' collectives in step (a zero-weight
