@@ -279,9 +279,10 @@ def test_each_step_runs_its_phases_in_the_documented_order(ranks, monkeypatch, t
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         monkeypatch.setattr(loop, "setup_distributed", lambda device: DistInfo(rank=0, world_size=2))
     try:
-        # warm-up: every step has an LR of its own, so the forward shows which step's LR it saw
+        # warm-up: every step has an LR of its own, so the forward shows which step's LR it saw;
+        # a decision every step (the loop asks for one on decision steps only)
         res = autobatch.fit(model, (x, y), loss_fn=mse, optimizer=opt, max_steps=3, initial_batch_size=16,
-                            warmup_steps=4, max_grad_norm=1.0, progress=False)
+                            warmup_steps=4, max_grad_norm=1.0, decide_every=1, progress=False)
     finally:
         if ranks == 2:
             dist.destroy_process_group()
