@@ -5,7 +5,10 @@ the CPU memory budget (on real tensors): a ``TorchDispatchMode`` sees the output
 op, registers each new untyped storage with a weak reference whose callback subtracts its bytes
 when the storage is freed, and keeps the running total and its maximum. Storages that were
 already alive before the block (parameters, optimizer state, the input batch) are invisible to
-the mode until an op returns them, so callers register them up front with :meth:`track`.
+the mode until an op returns them, so callers register them up front with :meth:`track`. A view
+op (``split``, ``view``, slicing) allocates nothing: its outputs count only through a storage
+already known, so a slice of a large tensor made before the block (fit's step indices are a
+slice of the epoch's permutation) does not count its whole storage.
 
 What it cannot see (on any device): memory an op allocates and frees inside itself (kernel
 scratch), the CUDA context, cuDNN/cuBLAS workspaces, and allocator caching or fragmentation.
@@ -124,8 +127,9 @@ class LiveStorageBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        view = func.is_view  # outputs share an input's storage: nothing new is allocated
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not (view and id(t.untyped_storage()) not in self._live):
                 self._add(t)
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         self._check()

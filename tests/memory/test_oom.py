@@ -59,6 +59,22 @@ def test_budget_counts_storage_bytes_as_a_hand_count_says() -> None:
     del b
 
 
+def test_views_of_storage_alive_before_the_block_are_not_counted() -> None:
+    # fit's step splits a slice of the epoch's permutation: 8 bytes per example of the data set,
+    # alive before the step and not part of it (it once counted, whole, against the budget)
+    order = torch.randperm(4096)  # 32,768 bytes
+    step = order[:64]
+    with MemoryBudget(1_000) as guard:
+        chunks = torch.split(step, [32, 32])  # views: nothing allocated
+        flat = step.view(8, 8)
+        assert guard.current_bytes == 0
+        copied = chunks[0] + 0  # a new storage: 32 int64 = 256 bytes
+        assert guard.current_bytes == 256
+        del copied
+    assert guard.peak_bytes == 256
+    del chunks, flat
+
+
 def test_budget_raises_torch_oom_once_the_live_total_passes_it() -> None:
     keep = []
     with pytest.raises(torch.OutOfMemoryError, match=r"out of memory under MemoryBudget: "

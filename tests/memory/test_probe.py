@@ -449,3 +449,20 @@ def test_a_mixed_precision_step_is_probed_under_autocast(case: str) -> None:
     assert estimate["bf16"] < 0.9 * estimate["fp32"]  # at 160 the bf16 activations dominate
     with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'bf16', 'fp16' \(got precision='half'\)"):
         probe_memory(model, make_batch(3), loss_fn, make_optimizer, budget_bytes=2**30, precision="half")
+
+
+@pytest.mark.parametrize("width,budget", [(4, 20_000), (32, 20_000), (32, 60_000), (128, 200_000)])
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_fit_runs_the_micro_batch_the_probe_found(width: int, budget: int, optimizer) -> None:
+    # Under a small CPU budget fit once raised "a single example ran out of memory" where the
+    # probe had said tens of examples fit (CLI: autobatch fit --problem synthetic --budget 20000).
+    torch.manual_seed(0)
+    data = (torch.randn(4096, 16), torch.randint(0, 4, (4096,)))
+    model = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 4))
+    found = probe_memory(model, data, nn.functional.cross_entropy, optimizer=optimizer,
+                         budget_bytes=budget).max_micro_batch_size
+    result = autobatch.fit(model, data, loss_fn=nn.functional.cross_entropy, optimizer=optimizer, lr=0.01,
+                           memory_budget=budget, initial_batch_size=2 * found, max_steps=3, decide_every=100,
+                           progress=False)
+    assert result.oom_retries == 0  # every micro-batch at the probed size ran inside the budget
+    assert result.max_micro_batch_size == found
