@@ -26,6 +26,7 @@ those that ignore ``num_items_in_batch``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -33,12 +34,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from autobatch._state import preserved_state
 from autobatch.batch import ForwardLoss, LossFn, forward_and_loss, shifts_labels
-from autobatch.data import batch_size_of, move_to
+from autobatch.data import BatchSource, batch_size_of, move_to
 from autobatch.devices import autocast, canonical_device, model_device
 
-__all__ = ["Accumulated", "LossItems", "MicroStep", "WeightedLoss", "accumulate_gradients", "count_loss_items",
-           "count_step_items", "resolve_loss_items"]
+__all__ = ["Accumulated", "LossItems", "MicroStep", "WeightedLoss", "accumulate_gradients", "check_mean_reduced",
+           "count_loss_items", "count_step_items", "resolve_loss_items"]
 
 LossItems = Literal["auto", "examples", "tokens"] | Callable[[Any], "int | torch.Tensor"]
 _NAMES = ("auto", "examples", "tokens")
@@ -335,6 +337,81 @@ def accumulate_gradients(
             applied = weight if weighted_loss is not None else weight * loss_scale
             after_backward(MicroStep(index, batch, size, items, applied))
     return Accumulated(loss_sum, total, items_done, examples_done)
+
+
+def check_mean_reduced(
+    model: nn.Module, source: BatchSource, *, loss_fn: LossFn | None = None, forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto", device: torch.device | None = None, amp_dtype: torch.dtype | None = None,
+    examples: int = 6,
+) -> Literal["examples", "tokens"] | Callable[[Any], Any]:
+    """Refuse a loss summed over the batch, before any training; return ``loss_items`` resolved.
+
+    The loss of the first 6 examples as one batch is compared with the losses of its two
+    parts, ``L1`` of 2 examples and ``L2`` of 4 (with ``n1`` and ``n2`` loss items). A
+    mean-reduced loss gives ``(n1 L1 + n2 L2) / (n1 + n2)``; a summed one (``reduction="sum"``,
+    or a sum over a fixed denominator) gives ``L1 + L2``, 1.5 to 3 times as much, and would
+    scale every gradient with ``B`` (the LR rules and the noise scale assume a mean). The parts
+    are unequal so that a mean loss growing as ``log B`` (a contrastive loss at
+    initialisation: ``log 6`` against ``log 2 + log 4``) does not pass for a sum. The three passes run in eval mode
+    (no dropout; BatchNorm on its running statistics, so examples do not interact) without
+    gradients, and leave weights, buffers, RNGs and ``.grad`` as they were. The check refuses
+    only when the sum matches within 2% (low precision) and the mean is off by 30% or more, so
+    a loss that couples the examples of a batch (contrastive losses, mixup in a collate
+    function) is let through. Nothing is collated one example at a time (a collate function
+    may need an even batch). Skipped with fewer than ``examples`` examples (data, or the
+    micro-batch cap), or when the passes fail (out of memory, or a model whose eval mode
+    computes no loss): training reports its own errors.
+
+    Args:
+        model: the model, on ``device``.
+        source: the training data.
+        loss_fn, forward_loss, loss_items: as given to the entry point.
+        device: where the batch is moved (None: left where it is).
+        amp_dtype: autocast dtype of the training step (None: full precision).
+        examples: the most examples one pass may hold (the micro-batch cap); below 6 the
+            check is skipped.
+
+    Returns:
+        ``loss_items`` resolved for this data and loss (:func:`resolve_loss_items`).
+
+    Raises:
+        ValueError: the loss is summed over the batch (the message gives the three losses
+            and the fix).
+    """
+    k = min(6, examples, len(source))
+    whole = source.batch(torch.arange(k if k % 2 == 0 or k == 1 else k - 1))  # no 1-example collate
+    mode = resolve_loss_items(loss_items, whole, loss_fn=loss_fn, forward_loss=forward_loss)
+    if k < 6:
+        return mode
+    halves = [source.batch(torch.arange(0, 2)), source.batch(torch.arange(2, 6))]
+    dev = device if device is not None else model_device(model)
+
+    def loss_and_items(batch: Any) -> tuple[float, int]:
+        batch = move_to(batch, dev) if device is not None else batch
+        with autocast(dev, amp_dtype):
+            loss = forward_and_loss(model, batch, loss_fn, forward_loss)[0]
+        items = count_loss_items(batch, mode, model=model, loss_fn=loss_fn, forward_loss=forward_loss)
+        return float(loss), int(items)
+
+    try:
+        with preserved_state(model, train=False), torch.no_grad():
+            (full, _), (l1, n1), (l2, n2) = (loss_and_items(b) for b in (whole, *halves))
+    except Exception:  # e.g. out of memory, or a model whose eval mode computes no loss:
+        return mode  # the check is skipped, and training reports its own errors
+
+    if n1 + n2 == 0 or not all(math.isfinite(v) for v in (full, l1, l2)) or full == 0.0:
+        return mode
+    mean, total = (n1 * l1 + n2 * l2) / (n1 + n2), l1 + l2
+    if abs(full - total) <= 0.02 * abs(full) and abs(full - mean) >= 0.3 * abs(full):
+        who = "forward_loss" if forward_loss is not None else "loss_fn" if loss_fn is not None else "the model's loss"
+        raise ValueError(
+            f"{who} looks summed over the batch, not averaged: the loss of 6 examples as one batch is "
+            f"{full:.6g}, the sum of the losses of its first 2 and last 4 ({l1:.6g} + {l2:.6g}) rather "
+            f"than their mean ({mean:.6g}). autobatch needs a mean-reduced loss (a sum grows with the batch size, which "
+            "breaks the LR rules and the noise scale): use reduction='mean' (e.g. nn.CrossEntropyLoss()), "
+            "or divide the sum by the batch's examples or tokens"
+        )
+    return mode
 
 
 def _chain(first: list[Any], rest: Iterable[Any]) -> Iterable[Any]:

@@ -97,3 +97,68 @@ def test_streaming_and_data_parallel_denominators(flat_grad) -> None:
     tokens = accumulate_gradients(model, [(x[:6], y[:6]), (x[6:], y[6:])], loss_fn=F.cross_entropy,
                                   loss_items="tokens", all_reduce_items=lambda n: 2 * n)
     assert tokens.total_items == 24 and torch.allclose(flat_grad(model), reference / 2)
+
+
+# -- the loss must be a mean: a summed one is refused before any step ------------------------
+def _summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _info_nce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # a mean over the batch whose examples interact: about log(B) at initialisation
+    z = F.normalize(out, dim=1)
+    return F.cross_entropy(z @ z.T / 0.1, torch.arange(len(z)))
+
+
+def test_a_summed_loss_is_refused_before_any_step(classification) -> None:
+    import autobatch
+
+    x, y = classification(n=256, d=8, classes=3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"loss_fn looks summed over the batch.*reduction='mean'"):
+        autobatch.fit(model, (x, y), loss_fn=nn.CrossEntropyLoss(reduction="sum"), lr=0.01, epochs=1,
+                      progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step ran
+    with pytest.raises(ValueError, match="looks summed"):
+        autobatch.measure_noise_scale(model, (x, y), nn.CrossEntropyLoss(reduction="sum"), batch_size=32,
+                                      micro_batch_size=8, num_batches=2)
+    # the same model with the mean trains, as does a mean whose examples interact
+    autobatch.fit(model, (x, y), loss_fn=nn.CrossEntropyLoss(), lr=0.01, max_steps=2, progress=False)
+    autobatch.fit(nn.Linear(8, 16), (x, y), loss_fn=_info_nce, lr=0.01, max_steps=2, progress=False)
+
+
+def test_a_token_sum_is_refused_and_a_padded_token_mean_is_not() -> None:
+    import autobatch
+
+    case = USER_MODELS["padded_lm"]()  # variable-length sequences padded with -100
+    with pytest.raises(ValueError, match=r"looks summed.*first 2 and last 4"):
+        autobatch.fit(case.model, case.data, loss_fn=_summed_token_loss, loss_items="tokens", lr=0.01,
+                      max_steps=1, progress=False)
+    # the halves hold different token counts: a token mean must be weighted by them to pass
+    autobatch.fit(case.model, case.data, loss_fn=case.loss_fn, loss_items="tokens", lr=0.01, max_steps=1,
+                  progress=False)
+
+
+def test_setup_never_collates_one_example(classification) -> None:
+    # timm's Mixup collate refuses odd batches ("batch size should be even"); setup once
+    # collated a single example to read the batch's form, failing before training
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data._utils.collate import default_collate
+
+    import autobatch
+
+    sizes: list[int] = []
+
+    def even_only(items):
+        sizes.append(len(items))
+        if len(items) % 2:
+            raise ValueError(f"batch size should be even (got {len(items)})")
+        return default_collate(items)
+
+    x, y = classification(n=256, d=8, classes=3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, collate_fn=even_only)
+    result = autobatch.fit(nn.Linear(8, 3), loader, loss_fn=F.cross_entropy, lr=0.1, epochs=1,
+                           initial_batch_size=16, max_batch_size=64, progress=False)
+    assert result.samples == 256 and 1 not in sizes

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from autobatch._state import preserved_state
-from autobatch.accumulate import LossItems, MicroStep, accumulate_gradients
+from autobatch.accumulate import LossItems, MicroStep, accumulate_gradients, check_mean_reduced
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.noise._effective_batch import without_replacement_batch_size
@@ -125,7 +125,8 @@ def measure_noise_scale(
     Raises:
         ValueError: on a model without trainable parameters, ``batch_size < 2`` or larger
             than the data, a ``micro_batch_size`` that does not divide or exceeds
-            ``batch_size``, ``num_batches < 1``, an unknown method, or a non-scalar loss.
+            ``batch_size``, ``num_batches < 1``, an unknown method, a non-scalar loss, or a loss summed over the batch
+            (:func:`autobatch.accumulate.check_mean_reduced`).
         TypeError: if ``data`` is of no accepted form.
         UnsupportedForPerExample: ``method="per_example"`` on a model it cannot handle.
     """
@@ -134,6 +135,8 @@ def measure_noise_scale(
     micro, num_batches = _check_sizes(_pass_length(source), batch_size, micro_batch_size,
                                       num_batches, method)
     device = params[0].device
+    loss_items = check_mean_reduced(model, source, loss_fn=loss_fn, forward_loss=forward_loss, loss_items=loss_items,
+                                    device=device, examples=micro)  # a summed loss is refused
     with preserved_state(model, train=train):
         if seed is not None:
             torch.manual_seed(seed)

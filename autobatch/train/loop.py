@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobatch.accumulate import LossItems, resolve_loss_items
+from autobatch.accumulate import LossItems, check_mean_reduced
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
@@ -147,6 +147,10 @@ def train(
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0, smoothing=est.gns_smoothing)
     meter = StepNormMeter(model, method, data_parallel=info.enabled, every=schedule, scaler=scaler,
                           first=round(1 / (1 - est.gns_smoothing)), min_micro=min_micro, sharded=sharded)
+    # a summed loss is refused here, before any step (and "auto" loss items read from the data)
+    items_mode = check_mean_reduced(model, source, loss_fn=loss_fn, forward_loss=forward_loss, loss_items=loss_items,
+                                    device=device if not source.on_device(device) else None, amp_dtype=amp_dtype,
+                                    examples=micro_cap or len(source))
     stream = setup_sample_stream(source, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
     loader = MicroBatchLoader(source, cfg.data.num_workers, pin=device.type == "cuda")
     micro = MicroBatchRun(
@@ -155,8 +159,7 @@ def train(
         # user's own: FSDP reduce-scatters in backward.
         model=wrap_ddp(model, device) if info.enabled and sharded is None else model,
         loader=loader, loss_fn=loss_fn, forward_loss=forward_loss,
-        loss_items=resolve_loss_items(loss_items, source.batch(torch.arange(1)), loss_fn=loss_fn,
-                                      forward_loss=forward_loss),
+        loss_items=items_mode,
         device=device, move=not source.on_device(device), amp_dtype=amp_dtype, scaler=scaler, info=info,
         # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
         # uses), so OOM handling is exercised where no device limit exists.
