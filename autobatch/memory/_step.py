@@ -86,14 +86,15 @@ def template_batch(example: Any, *, check_items: bool = True, max_scan: int = 10
 
     A batch is validated and used as it is. A map-style Dataset (or DataLoader, BatchSource)
     gives its longest item (by element count, over at most ``max_scan`` evenly spaced items)
-    collated alone: for variable-length data, every probed batch is made of the longest
-    example, the worst case a padded batch can reach.
+    collated twice into one batch (never a 1-example batch: a collate function may need an
+    even one): for variable-length data, every probed batch is made of the longest example,
+    the worst case a padded batch can reach.
     """
     if isinstance(example, (Dataset, DataLoader, BatchSource)):
         source = as_batch_source(example, name="example", check_items=check_items)
         stride = max(1, len(source) // max_scan)
         longest = max(range(0, len(source), stride), key=lambda i: _item_size(source.dataset[i]))
-        example = source.batch([longest])
+        example = source.batch([longest, longest])  # a pair: a collate may need an even batch
     example = _plain(example)
     check_batch(example)
     return example

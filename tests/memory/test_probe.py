@@ -466,3 +466,21 @@ def test_fit_runs_the_micro_batch_the_probe_found(width: int, budget: int, optim
                            progress=False)
     assert result.oom_retries == 0  # every micro-batch at the probed size ran inside the budget
     assert result.max_micro_batch_size == found
+
+
+def test_the_probe_never_collates_one_example() -> None:
+    # a collate that needs an even batch (timm's Mixup) once failed on the probe's template
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data._utils.collate import default_collate
+
+    def even_only(items):
+        if len(items) % 2:
+            raise ValueError(f"batch size should be even (got {len(items)})")
+        return default_collate(items)
+
+    data = TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+    model = nn.Linear(16, 4)
+    by_loader = probe_memory(model, DataLoader(data, batch_size=8, collate_fn=even_only), nn.functional.cross_entropy,
+                             budget_bytes=50_000)
+    by_tensors = probe_memory(model, data.tensors, nn.functional.cross_entropy, budget_bytes=50_000)
+    assert by_loader.max_micro_batch_size == by_tensors.max_micro_batch_size
