@@ -247,7 +247,10 @@ class DataConfig(_Section):
     Attributes:
         shuffle: reshuffle the training set every epoch (seeded by ``seed``).
         seed: seed of the shuffling generator.
-        num_workers: DataLoader worker processes (0 loads in the main process).
+        num_workers: DataLoader worker processes (0 loads in the main process); None (the
+            default) takes the ``num_workers`` of ``data`` when it is a DataLoader (whose
+            ``pin_memory``, ``persistent_workers``, ``prefetch_factor`` and ``worker_init_fn``
+            are followed too), else 0.
         small_tail: what to do with a step smaller than the model trains on (the last step of
             an epoch holding 1 example, with BatchNorm in train mode): ``"carry"`` fills it
             up to the batch size with the next epoch's first examples (one step spans the
@@ -258,7 +261,7 @@ class DataConfig(_Section):
 
     shuffle: bool = True
     seed: int = 0
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(None, ge=0)
     small_tail: Literal["carry", "drop"] = "carry"
 
 

@@ -13,7 +13,10 @@ studies) accepts the same forms, converted here once:
   longest item), its batch size is not (autobatch picks the batch). A ``sampler`` that is
   not plain sequential or shuffled order (e.g. ``WeightedRandomSampler``) is kept as
   :attr:`BatchSource.sampler` and draws each epoch's order; a custom ``batch_sampler`` or a
-  ``DistributedSampler`` is refused with an error saying why.
+  ``DistributedSampler`` is refused with an error saying why. Its worker settings
+  (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``,
+  ``worker_init_fn``, ``multiprocessing_context``, ``timeout``) are kept as
+  :attr:`BatchSource.loader_options`, and ``fit`` loads with them.
 
 How a batch becomes a loss is :mod:`autobatch.batch`'s business; this module only builds
 batches (:meth:`BatchSource.batch`) and moves, splits and measures them.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,11 +69,15 @@ class BatchSource:
         collate_fn: turns a list of items into a batch.
         sampler: the user's sampler (from a DataLoader) drawing each epoch's order of
             examples, or None for autobatch's own seeded shuffling. See :meth:`sampler_order`.
+        loader_options: the DataLoader's worker settings, as its keyword arguments
+            (``num_workers``, ``pin_memory``, ``persistent_workers``, ...); empty for data
+            that came without a DataLoader.
     """
 
     dataset: Dataset
     collate_fn: Callable[[list[Any]], Any] = default_collate
     sampler: Sampler | None = None
+    loader_options: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -170,7 +177,12 @@ def _from_loader(loader: DataLoader, name: str) -> BatchSource:
                      and sampler._num_samples is None and sampler.generator is None)
     if type(sampler) is SequentialSampler or plain_shuffle:
         sampler = None  # order is autobatch's own (config.data.shuffle, seeded)
-    return BatchSource(loader.dataset, loader.collate_fn or default_collate, sampler)
+    options = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+               "persistent_workers": loader.persistent_workers, "timeout": loader.timeout}
+    if loader.num_workers > 0:  # settings a DataLoader accepts only with workers
+        options.update(prefetch_factor=loader.prefetch_factor, worker_init_fn=loader.worker_init_fn,
+                       multiprocessing_context=loader.multiprocessing_context)
+    return BatchSource(loader.dataset, loader.collate_fn or default_collate, sampler, options)
 
 
 def as_batch_source(data: Any, *, name: str = "data", check_items: bool = True) -> BatchSource:

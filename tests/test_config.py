@@ -27,7 +27,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert (cfg.lr.lr_scaling, cfg.lr.lr_milestones, cfg.lr.lr_decay, cfg.lr.warmup_steps) == ("linear", [], 0.1, 0)
     assert (cfg.estimator.gns_method, cfg.estimator.gns_smoothing, cfg.estimator.gns_min_updates) == ("micro", 0.95, 3)
     assert (cfg.memory.probe_memory, cfg.memory.memory_budget, cfg.memory.memory_margin) == (None, None, 0.1)
-    assert (cfg.data.shuffle, cfg.data.seed, cfg.data.num_workers) == (True, 0, 0)
+    assert (cfg.data.shuffle, cfg.data.seed, cfg.data.num_workers) == (True, 0, None)
     assert (cfg.log.progress, cfg.log.eval_every, cfg.log.log_every) == (None, None, 1)
     assert cfg.max_nonfinite_steps == 5
 

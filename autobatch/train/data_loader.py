@@ -44,25 +44,48 @@ def take_step(stream: SampleStream, batch_size: int, smallest: int,
 class MicroBatchLoader:
     """Collates a step's micro-batches, in the main process or with DataLoader workers.
 
-    With workers, one persistent DataLoader serves every step: its batch sampler is pointed
-    at the step's micro-batch index lists, so workers collate them in parallel while the
-    order stays exactly the stream's.
+    With workers, one DataLoader serves every step: its batch sampler is pointed at the
+    step's micro-batch index lists, so workers collate them in parallel while the order stays
+    exactly the stream's. The workers live from step to step; with the user's
+    ``persistent_workers=False`` they are restarted at each epoch (:meth:`new_epoch`), as
+    the user's DataLoader would, so per-epoch worker state (``worker_init_fn``, a dataset's
+    copy in each worker) is made afresh.
 
     Args:
-        source: the training data.
-        num_workers: DataLoader worker processes (0: collate in the main process).
-        pin: pin collated batches in page-locked memory (for a CUDA device).
+        source: the training data; its :attr:`~autobatch.data.BatchSource.loader_options`
+            (a DataLoader's ``num_workers``, ``pin_memory``, ``persistent_workers``,
+            ``prefetch_factor``, ``worker_init_fn``, ...) are followed.
+        num_workers: worker processes (0: collate in the main process); None takes the
+            DataLoader's own ``num_workers`` (0 for data that came without one).
+        pin: pin collated batches in page-locked memory (for a CUDA device), unless the
+            DataLoader said ``pin_memory=False``.
     """
 
-    def __init__(self, source: BatchSource, num_workers: int, *, pin: bool) -> None:
+    def __init__(self, source: BatchSource, num_workers: int | None, *, pin: bool) -> None:
         self.source = source
         self._plan: list[list[int]] = []
         self._loader = None
-        if num_workers > 0:
+        options = dict(source.loader_options)
+        own = options.pop("num_workers", 0)  # the user's DataLoader's (0 without one)
+        workers = own if num_workers is None else num_workers
+        persistent = options.pop("persistent_workers", True)
+        pin = options.pop("pin_memory", True) and pin
+        if own == 0:  # fit(num_workers=) on data without worker settings: autobatch's defaults
+            options, persistent = {}, True
+        self._restart_each_epoch = not persistent
+        if workers > 0:
             self._loader = torch.utils.data.DataLoader(
-                source.dataset, batch_sampler=_PlanSampler(self), num_workers=num_workers,
-                collate_fn=source.collate_fn, persistent_workers=True, pin_memory=pin,
+                source.dataset, batch_sampler=_PlanSampler(self), num_workers=workers,
+                collate_fn=source.collate_fn, persistent_workers=True, pin_memory=pin, **options,
             )
+
+    def new_epoch(self) -> None:
+        """Called when a step starts a new epoch: restarts the workers if the user's
+        DataLoader did not keep them (``persistent_workers=False``)."""
+        if self._restart_each_epoch:
+            self.close()
+            if self._loader is not None:
+                self._loader._iterator = None  # the next step starts new workers
 
     def micro_batches(self, indices: torch.Tensor, sizes: list[int]):
         """Yield the collated micro-batches of ``indices`` cut into ``sizes``, in order."""

@@ -218,6 +218,8 @@ def train(
             step += 1
             # 1. the step's examples, in the epoch's seeded order, and this rank's share
             epoch_before = stream.epoch
+            if stream.position == 0:
+                loader.new_epoch()  # the step opens an epoch: workers restart if the user's DataLoader said so
             indices, carried = take_step(stream, controller.batch_size, min_step, cfg.data.small_tail)
             result.small_tails += carried
             step_b = indices.shape[0]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +167,37 @@ def test_dataloader_workers_give_the_same_run(mse) -> None:
         runs.append((model.seen, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def _log_worker_start(folder: str, worker_id: int) -> None:
+    (Path(folder) / f"{os.getpid()}-{worker_id}").touch()
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_dataloaders_own_worker_settings_are_followed(persistent: bool, tmp_path, mse) -> None:
+    # fit once collated in the main process whatever the DataLoader said; now its num_workers,
+    # persistent_workers and worker_init_fn are followed, with the same run as no workers
+    data = IndexedData(n=96)
+    runs = []
+    for workers, name in ((0, "none"), (2, "two")):
+        folder = tmp_path / name
+        folder.mkdir()
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=5, num_workers=workers, persistent_workers=persistent and workers > 0,
+            worker_init_fn=functools.partial(_log_worker_start, str(folder)) if workers else None)
+        torch.manual_seed(0)
+        model = Recorder()
+        autobatch.fit(model, loader, loss_fn=mse, lr=0.01, epochs=2, initial_batch_size=16, progress=False)
+        runs.append((model.seen, [p.detach().clone() for p in model.parameters()], len(list(folder.iterdir()))))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert runs[0][2] == 0 and runs[1][2] == (2 if persistent else 4)  # started once, or once per epoch
+    # fit's own setting wins over the DataLoader's
+    folder = tmp_path / "override"
+    folder.mkdir()
+    loader = torch.utils.data.DataLoader(data, batch_size=5, num_workers=2,
+                                         worker_init_fn=functools.partial(_log_worker_start, str(folder)))
+    autobatch.fit(Recorder(), loader, loss_fn=mse, lr=0.01, epochs=1, num_workers=0, progress=False)
+    assert not list(folder.iterdir())
 
 
 @pytest.mark.parametrize("method", ["micro", "per_example"])
