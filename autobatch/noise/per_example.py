@@ -93,6 +93,10 @@ class PerExampleNormCollector:
         self._layers, self._root_params, owner = structure(model, train=None)
         self._handles: list[Any] = []
         self._got_grad: set[int] = set()
+        # torch.compile'd (a wrapper, or module.compile()): a graph compiled before these hooks
+        # were added keeps running without them (dynamo does not guard on hooks added later)
+        self._compiled = type(model).__name__ == "OptimizedModule" or any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer), with_kwargs=True))
             if layer.kind == "func":
@@ -310,6 +314,14 @@ class PerExampleNormCollector:
                     self._finish(layer)
             for layer in self._layers:
                 if not layer.called and any(id(p) in self._got_grad for p in layer.params.values()):
+                    if self._compiled:
+                        raise UnsupportedForPerExample(
+                            f"layer '{layer.name}' ({type(layer.module).__name__}) ran inside a torch.compile'd "
+                            "graph that skips the per-example hooks: torch.compile reuses a graph compiled "
+                            "before the hooks were added (it does not check for hooks added later, e.g. when "
+                            "the compiled model was trained or evaluated before); call torch._dynamo.reset() "
+                            f"before this run to recompile with them, or {HINT}"
+                        )
                     raise UnsupportedForPerExample(
                         f"a parameter of layer '{layer.name}' ({type(layer.module).__name__}) got a "
                         "gradient but the layer's forward never ran: the parameter is used "

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,33 @@ def test_torch_compile_gives_the_same_losses_and_norms_as_eager(regression, mse)
     assert [r.train_loss for r in comp] == pytest.approx([r.train_loss for r in eager], rel=1e-5)
     assert comp[-1].grad_sq == pytest.approx(eager[-1].grad_sq, rel=1e-4)
     assert comp[-1].trace_cov == pytest.approx(eager[-1].trace_cov, rel=1e-4)
+
+
+def test_per_example_on_a_compiled_model_whose_graph_predates_the_hooks(regression, mse) -> None:
+    # A torch.compile wrapper trained before (here by a first fit with micro-batch norms) keeps
+    # its graph, compiled without the per-example hooks: the fallback's warning once blamed a
+    # parameter "used outside its layer"; it names the compiled graph and the fix.
+    # (model.compile() in place runs the hooks of its submodules: no fallback there.)
+    x, y = regression(n=256)
+    torch.manual_seed(0)
+    net = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)), backend="aot_eager")
+    torch._dynamo.reset()
+    try:
+        kwargs = dict(loss_fn=mse, lr=0.01, max_steps=4, initial_batch_size=32, policy="fixed", progress=False)
+        autobatch.fit(net, (x, y), gns_method="micro", **kwargs)
+        with pytest.warns(UserWarning, match=r"torch.compile'd graph that skips the per-example hooks.*"
+                                             r"torch._dynamo.reset\(\)") as caught:
+            res = autobatch.fit(net, (x, y), gns_method="per_example", **kwargs)
+        assert not any("used outside" in str(w.message) for w in caught)
+        assert math.isfinite(res.history[-1].trace_cov)  # measured with micro-batch norms instead
+        torch._dynamo.reset()  # the fix the warning gives: per-example norms are read
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = autobatch.fit(net, (x, y), gns_method="per_example", **kwargs)
+        assert not any("per_example" in str(w.message) for w in caught)
+        assert math.isfinite(res.history[-1].trace_cov)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_lr_factor_is_capped_at_max_lr_factor(regression, mse) -> None:
