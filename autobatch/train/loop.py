@@ -295,7 +295,9 @@ def train(
     except StopTraining:
         stopped_by = "callback"
     except (KeyboardInterrupt, Preempted):
-        if no_step_in_flight(stream, samples):  # else (a second Ctrl-C) last.pt stays as it was
+        # Only between steps (a second Ctrl-C raises at once, maybe mid-step: last.pt then stays as
+        # it was): every example handed out trained on, and every step counted and recorded
+        if no_step_in_flight(stream, samples) and len(result.history) == step:
             update_totals()
             save(result)
         raise

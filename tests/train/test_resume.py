@@ -17,6 +17,7 @@ from torch import nn
 
 import autobatch
 from autobatch.config import FitConfig
+from autobatch.policies import BatchSizePolicy
 from autobatch.train import checkpoint as ckpt_mod
 from autobatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_run, save_checkpoint
 from autobatch.train.controller import build_controller
@@ -212,3 +213,27 @@ def test_a_sharded_checkpoint_is_checked_before_dcp_loads_anything(written, monk
     with pytest.raises(ValueError, match=_prefix(written) + ".*" + message):
         restore_run(written, settings=settings, sharded=True, **_fresh_parts(cfg))
     assert loads == []
+
+
+class _StopIn(BatchSizePolicy):
+    """Keeps B; raises KeyboardInterrupt (a second Ctrl-C) inside step ``at``, after its
+    examples are counted and before it is recorded."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at = at
+
+    def propose(self, ctx) -> int:
+        return ctx.batch_size
+
+    def observe(self, ctx) -> None:
+        if ctx.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_inside_a_step_leaves_the_last_checkpoint_which_resumes(tmp_path, data) -> None:
+    directory = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(), data, directory, policy=_StopIn(at=5), checkpoint_every=2)
+    assert load_checkpoint(directory)["result"]["steps"] == 4  # not step 5, counted but never recorded
+    result = _fit(_model(), data, directory, resume=True, max_steps=8, policy=_StopIn(), checkpoint_every=2)
+    assert [r.step for r in result.history] == list(range(1, 9))
