@@ -88,7 +88,13 @@ def fit(
             :class:`~autobatch.train._interrupt.Preempted` (SIGTERM, a ``SystemExit`` with
             status 143) is raised; resuming gives the run that was never stopped.
         resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
-            same sample order, same weights as a run that was never stopped.
+            same sample order, same weights as a run that was never stopped. The checkpoint
+            must be of this run: one written with other settings (B0, policy, LR rule, seed,
+            shuffle, ...), another model, data set size or optimizer, or edited counters, is
+            refused before anything is loaded, every difference named; the stopping rules,
+            ``max_batch_size`` / ``min_batch_size`` (honoured from the first resumed step) and
+            the display, evaluation, checkpoint and memory settings may change
+            (:mod:`autobatch.train.checkpoint`).
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
             (``val_loss``, and ``val_accuracy`` when outputs are class logits).
         precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or GPU) or ``"fp16"``
@@ -121,7 +127,8 @@ def fit(
     Raises:
         ValueError: for bad settings (every one named, with the fix), empty data, a base
             batch larger than the data, a non-scalar loss, model and data on different
-            devices, or more than ``max_nonfinite_steps`` non-finite steps in a row.
+            devices, a checkpoint to resume from that does not fit this run, or more than
+            ``max_nonfinite_steps`` non-finite steps in a row.
     """
     search = None
     if isinstance(lr, str):

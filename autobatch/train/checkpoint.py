@@ -13,14 +13,41 @@ directory cannot run code in the training process. Saving converts numpy scalars
 numbers and pydantic models to dicts; any other object in the state (a custom policy's
 state, say) is refused when saving, naming where it is, unless its type was allowed with
 ``torch.serialization.add_safe_globals`` (which ``torch.load`` then accepts too).
+
+Resuming continues the same run, so :func:`restore_run` first makes sure the checkpoint fits
+this one, and only then touches the model, the optimizer, the controller, the sample stream
+or the RNGs (:mod:`autobatch.train._resume`); each refusal is one ``ValueError`` naming the
+file, what differs and the fix:
+
+- the run's settings, saved with the checkpoint, must be this run's: every setting of the
+  config (the policy and the LR rule as resolved) but those below, the base LRs, the LR
+  scheduler's class, the data set size, the optimizer's class and param groups (the shape of
+  each parameter), the model's parameter names and shapes, the loss-items mode and the
+  precision. None depends on the number of processes: a checkpoint resumes on another;
+- may change: the stopping rules (``epochs``, ``max_steps``, ``max_samples``: that is how a
+  run is extended); ``max_batch_size`` and ``min_batch_size``, bounds honoured from the first
+  resumed step (a checkpoint's batch size outside them is moved inside, with a warning); the
+  memory settings (the smaller of the checkpoint's micro-batch cap and this run's applies);
+  and ``progress``, ``eval_every``, ``log_every``, ``checkpoint_every``, ``num_workers``,
+  ``max_nonfinite_steps`` (:data:`~autobatch.train._resume.MAY_CHANGE`);
+- the counters must agree: steps with the history, samples with the history's steps and the
+  sample stream's position, epochs with that position and the data set size;
+- the model state must have this model's parameter and buffer names, shapes and dtypes, and
+  the optimizer state this optimizer's groups, each state tensor shaped as its parameter; the
+  controller's, measurement schedule's and stream's state are loaded into copies first.
+
+A sharded run's model and optimizer are loaded by DCP (:mod:`autobatch.train.dcp`) after every
+check on ``last.pt``'s own state passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import pickle
 import random
+import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,14 +57,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from autobatch.train._resume import check_counters, check_model_state, check_optimizer_state, check_settings
 from autobatch.train.dcp import load_sharded, remove_stale_sharded, save_sharded
 
 __all__ = ["CHECKPOINT_NAME", "capture_rng", "load_checkpoint", "restore_rng", "restore_run", "save_checkpoint",
            "save_run"]
 
 CHECKPOINT_NAME = "last.pt"
-# 2: RNG states as tensors and plain types, read with weights_only=True (1 pickled numpy's).
-_FORMAT_VERSION = 2
+# 3: the run's settings, compared on resume; 2: RNG states as tensors and plain types, read
+# with weights_only=True (1 pickled numpy's).
+_FORMAT_VERSION = 3
 
 
 def capture_rng() -> dict[str, Any]:
@@ -183,14 +212,16 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def save_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
-             measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, result: Any,
+             measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, result: Any, settings: dict[str, Any],
              is_main: bool = True, sharded: bool = False) -> None:
     """Write a fit's whole state to ``directory/last.pt`` (see :func:`save_checkpoint`): the
     model and optimizer, the controller (batch size, estimator, policy), the measurement
     schedule, the sample stream's position, the user's LR scheduler and fp16 scaler (None
-    without them), every RNG, and the result so far (counters, history).
+    without them), every RNG, the result so far (counters, history) and the run's settings.
 
     Args:
+        settings: what gives the run its meaning (:func:`autobatch.train._resume.run_settings`),
+            compared when it resumes.
         is_main: whether this process writes ``last.pt`` (rank 0 of a data-parallel run).
         sharded: the model is sharded with FSDP2: every process (call it on all) writes its
             shards of the model and optimizer with DCP (:mod:`autobatch.train.dcp`) and
@@ -205,6 +236,7 @@ def save_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.
     if is_main:
         save_checkpoint(directory, {
             **weights,
+            "settings": settings,
             "controller": controller.state_dict(),
             "measure_schedule": measure_schedule.state_dict(),
             "stream": stream.state_dict(),
@@ -218,18 +250,25 @@ def save_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.
 
 
 def restore_run(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, controller: Any,
-                measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any,
+                measure_schedule: Any, stream: Any, scheduler: Any, scaler: Any, settings: dict[str, Any],
                 sharded: bool = False) -> dict[str, Any] | None:
     """Load ``directory/last.pt`` (written by :func:`save_run`) into the given objects and
     the RNGs; return the saved result's fields (the counters and history so far), or None
     when there is no checkpoint yet. With ``sharded`` (call it on every process) the model
     and optimizer come from the DCP folder ``last.pt`` names, resharded to this run's processes.
 
+    Nothing is changed until the checkpoint is known to fit (module docstring): its settings
+    against ``settings`` (:func:`autobatch.train._resume.run_settings` of this run), its
+    counters, its model and optimizer state against ``model`` and ``optimizer``; the other
+    objects' state is loaded into copies first.
+
     Raises:
-        ValueError: as :func:`load_checkpoint`, for a checkpoint of another data set size, or
-            one written by a sharded run resumed unsharded (or the other way round).
+        ValueError: as :func:`load_checkpoint`; for a checkpoint written with other settings
+            (naming every difference), of another model or optimizer, with counters that
+            disagree, or written by a sharded run resumed unsharded (or the other way round).
     """
     directory = Path(directory)
+    path = directory / CHECKPOINT_NAME
     ckpt = load_checkpoint(directory)
     if ckpt is None:
         return None
@@ -237,20 +276,59 @@ def restore_run(directory: str | Path, *, model: nn.Module, optimizer: torch.opt
         wrote, runs = ("a model sharded with fully_shard", "unsharded") if "sharded" in ckpt else (
             "an unsharded model (one process or DDP)", "sharded with fully_shard")
         raise ValueError(
-            f"checkpoint {directory / CHECKPOINT_NAME} was written for {wrote}, and this run's model is {runs}; "
+            f"checkpoint {path} was written for {wrote}, and this run's model is {runs}; "
             "resume with the model laid out as when it was written, or start fresh in another checkpoint_dir"
         )
+    check_settings(path, ckpt.get("settings"), settings)
+    parts = {"controller": controller, "measure_schedule": measure_schedule, "stream": stream}
+    _load_into_copies(path, ckpt, parts)
+    check_counters(path, ckpt)
+    if not sharded:
+        check_model_state(path, ckpt["model"], model)
+        check_optimizer_state(path, ckpt["optimizer"], optimizer)
+    _check_rng(path, ckpt["rng"])
+    # Everything fits: from here on nothing is refused (but by DCP, reading its own files).
     if sharded:
         load_sharded(directory, ckpt["sharded"], model, optimizer)
     else:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    controller.load_state_dict(ckpt["controller"])
-    measure_schedule.load_state_dict(ckpt["measure_schedule"])
-    stream.load_state_dict(ckpt["stream"])
+    for key, obj in parts.items():
+        obj.load_state_dict(ckpt[key])
     if scheduler is not None and ckpt["scheduler"] is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     restore_rng(ckpt["rng"])
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt["result"]
+
+
+def _load_into_copies(path: Path, ckpt: dict[str, Any], parts: dict[str, Any]) -> None:
+    """Load each part's state into a copy of it, so that a state that does not load is
+    refused before anything is changed."""
+    for key, obj in parts.items():
+        try:
+            with warnings.catch_warnings():  # the real load warns
+                warnings.simplefilter("ignore")
+                copy.deepcopy(obj).load_state_dict(ckpt[key])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"refusing to resume from checkpoint {path}: its {key} state does not load ({type(err).__name__}: "
+                f"{err}), so the file was edited or damaged; nothing was loaded. Resume from a copy you trust, or move "
+                "it away to start fresh"
+            ) from None
+
+
+def _check_rng(path: Path, state: dict[str, Any]) -> None:
+    """Refuse RNG states that do not load: tried, then the current ones put back."""
+    current = capture_rng()
+    try:
+        restore_rng(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise ValueError(
+            f"refusing to resume from checkpoint {path}: its RNG state does not load ({type(err).__name__}: {err}), so "
+            "the file was edited or damaged; nothing was loaded. Resume from a copy you trust, or move it away to "
+            "start fresh"
+        ) from None
+    finally:
+        restore_rng(current)

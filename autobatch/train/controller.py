@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -312,9 +313,19 @@ class BatchSizeController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` written by a controller with the same settings."""
-        self.batch_size = int(state["batch_size"])
-        self.max_micro_batch_size = state["max_micro_batch_size"]
+        """Restore a :meth:`state_dict` written by a controller with the same settings, but
+        for the caps, which may change: a batch size outside this controller's bounds is moved
+        inside them (with a warning), and the smaller of the two micro-batch caps applies."""
+        saved = int(state["batch_size"])
+        self.batch_size = min(max(saved, self.min_batch_size), self.max_batch_size)
+        if self.batch_size != saved:
+            warnings.warn(
+                f"the checkpoint's batch size {saved} is outside this run's bounds (min_batch_size="
+                f"{self.min_batch_size}, max_batch_size={self.max_batch_size}); resuming at {self.batch_size} from "
+                "the first resumed step. The bounds may change on resume; pass the checkpoint's to continue the "
+                "run as it was", stacklevel=2)
+        caps = [c for c in (state["max_micro_batch_size"], self.max_micro_batch_size) if c is not None]
+        self.max_micro_batch_size = min(caps) if caps else None
         self.num_decisions = int(state["num_decisions"])
         self._step, self._epoch = int(state["step"]), float(state["epoch"])
         self._samples = int(state["samples"])

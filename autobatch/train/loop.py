@@ -51,6 +51,7 @@ from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec
 from autobatch.run_length import RunLength
 from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
+from autobatch.train._resume import run_settings
 from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._validate import validate_fit_args
 from autobatch.train.callbacks import Callback, StopTraining
@@ -158,8 +159,7 @@ def train(
         # by one all-reduce after all micro-batches (step 4 below). A sharded model is the
         # user's own: FSDP reduce-scatters in backward.
         model=wrap_ddp(model, device) if info.enabled and sharded is None else model,
-        loader=loader, loss_fn=loss_fn, forward_loss=forward_loss,
-        loss_items=items_mode,
+        loader=loader, loss_fn=loss_fn, forward_loss=forward_loss, loss_items=items_mode,
         device=device, move=not source.on_device(device), amp_dtype=amp_dtype, scaler=scaler, info=info,
         # On CPU a budget is enforced by counting live storage bytes (the same guard the probe
         # uses), so OOM handling is exercised where no device limit exists.
@@ -171,15 +171,20 @@ def train(
     has_eval = val_source is not None or eval_fn is not None
     bar = _progress_bar(cfg, run.examples(n)) if info.is_main else None
     min_step = min_micro * info.world_size  # the smallest step (global examples) the model trains on
+    # What gives the run its meaning: saved with every checkpoint, and a resume must match it
+    settings = run_settings(cfg, model=model, optimizer=opt, base_lrs=base_lrs, scheduler=scheduler,
+                            controller=controller, num_examples=stream.num_examples, loss_items=items_mode,
+                            precision=precision)
 
     def save(result: FitResult) -> None:  # rank 0 writes last.pt; every rank its shards under FSDP
         if ckpt_dir is not None and (info.is_main or sharded is not None):
             save_run(ckpt_dir, model=model, optimizer=opt, controller=controller, measure_schedule=schedule,
-                     stream=stream, scheduler=scheduler, scaler=scaler, result=result, is_main=info.is_main,
-                     sharded=sharded is not None)
+                     stream=stream, scheduler=scheduler, scaler=scaler, result=result, settings=settings,
+                     is_main=info.is_main, sharded=sharded is not None)
 
+    # Refuses a checkpoint that does not fit this run before it changes anything
     saved = restore_run(ckpt_dir, model=model, optimizer=opt, controller=controller, measure_schedule=schedule,
-                        stream=stream, scheduler=scheduler, scaler=scaler,
+                        stream=stream, scheduler=scheduler, scaler=scaler, settings=settings,
                         sharded=sharded is not None) if resume and ckpt_dir else None
     result = FitResult(model=model, **saved) if saved is not None else FitResult(model=model)
     result.lr_search = lr_search or result.lr_search
@@ -295,7 +300,9 @@ def train(
     except StopTraining:
         stopped_by = "callback"
     except (KeyboardInterrupt, Preempted):
-        if no_step_in_flight(stream, samples):  # else (a second Ctrl-C) last.pt stays as it was
+        # Only between steps (a second Ctrl-C raises at once, maybe mid-step: last.pt then stays as
+        # it was): every example handed out trained on, and every step counted and recorded
+        if no_step_in_flight(stream, samples) and len(result.history) == step:
             update_totals()
             save(result)
         raise

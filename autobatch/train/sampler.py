@@ -101,17 +101,27 @@ class SampleStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`; the data set size must match."""
+        """Continue from a :meth:`state_dict`; the data set size must match.
+
+        Raises:
+            ValueError: for another data set size, or a position outside an epoch
+                (``0 <= position < num_examples``, ``epoch >= 0``); nothing is changed.
+        """
         if int(state["num_examples"]) != self.num_examples:
             raise ValueError(
                 "checkpoint was written for a data set of "
                 f"{state['num_examples']} examples, this one has {self.num_examples}; resume "
                 "with the same training data"
             )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.num_examples:
+            raise ValueError(
+                f"a sample stream state at epoch {epoch}, position {position} is outside the data: the position "
+                f"must be in [0, {self.num_examples}) and the epoch >= 0; the state was edited or damaged"
+            )
         self.shuffle = bool(state["shuffle"])
         self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.epoch, self.position = epoch, position
         self._order = None
 
 

@@ -68,7 +68,7 @@ def test_a_fit_checkpoint_loads_with_weights_only_and_resumes_bit_for_bit(tmp_pa
     full_model, full = run(30, tmp_path / "full")
     run(13, tmp_path / "part")
     raw = torch.load(tmp_path / "part" / CHECKPOINT_NAME, weights_only=True)
-    assert raw["format_version"] == 2 and raw["result"]["steps"] == 13
+    assert raw["format_version"] == 3 and raw["result"]["steps"] == 13
     assert isinstance(raw["result"]["history"][0], dict)  # pydantic records stored as dicts
     resumed_model, resumed = run(30, tmp_path / "part")
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
@@ -115,7 +115,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_runs_nothing(tmp_path, wr
     directory = tmp_path / "ckpt"
     directory.mkdir()
     marker = tmp_path / "pwned"
-    payload = {"format_version": 2, "model": {}, "rng": _Planted(marker)}
+    payload = {"format_version": 3, "model": {}, "rng": _Planted(marker)}
     with open(directory / CHECKPOINT_NAME, "wb") as f:
         torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f)
 
@@ -146,9 +146,10 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, content) -> Non
         load_checkpoint(tmp_path)
 
 
-def test_an_older_format_is_refused_with_the_version(tmp_path) -> None:
-    torch.save({"format_version": 1}, tmp_path / CHECKPOINT_NAME)
-    with pytest.raises(ValueError, match=r"has format_version=1, this autobatch reads 2"):
+@pytest.mark.parametrize("version", [1, 2])  # 2: before the run's settings were saved
+def test_an_older_format_is_refused_with_the_version(tmp_path, version) -> None:
+    torch.save({"format_version": version}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match=rf"has format_version={version}, this autobatch reads 3"):
         load_checkpoint(tmp_path)
 
 

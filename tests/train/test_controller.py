@@ -215,6 +215,20 @@ def test_state_dict_round_trip_restores_the_decisions() -> None:
     assert _step(fresh, 4, _norms([9.0], 12, 5.0, 24)) == 32
 
 
+@pytest.mark.parametrize(("saved_cap", "own_cap", "cap"), [(6, None, 6), (None, 4, 4), (6, 4, 4), (3, 4, 3)])
+def test_a_restored_controller_keeps_its_own_bounds_and_the_smaller_micro_batch_cap(saved_cap, own_cap, cap) -> None:
+    state = {**_controller().state_dict(), "batch_size": 256, "max_micro_batch_size": saved_cap}
+    restored = _controller(max_batch_size=64, max_micro_batch_size=own_cap)
+    with pytest.warns(UserWarning, match=r"the checkpoint's batch size 256 is outside this run's bounds "
+                      r"\(min_batch_size=8, max_batch_size=64\); resuming at 64 from the first resumed step"):
+        restored.load_state_dict(state)
+    assert (restored.batch_size, restored.max_micro_batch_size) == (64, cap)
+    state["batch_size"] = 4  # below min_batch_size=8
+    with pytest.warns(UserWarning, match=r"the checkpoint's batch size 4 is outside .* resuming at 8"):
+        restored.load_state_dict(state)
+    assert restored.batch_size == 8
+
+
 @pytest.mark.parametrize(
     ("bounds", "message"),
     [

@@ -40,6 +40,16 @@ def test_state_dict_resumes_the_same_sequence() -> None:
         SampleStream(49).load_state_dict(a.state_dict())
 
 
+@pytest.mark.parametrize(("epoch", "position"), [(0, 50), (0, -1), (-1, 0)])
+def test_a_state_outside_the_data_is_refused_and_changes_nothing(epoch, position) -> None:
+    stream = SampleStream(50, seed=3)
+    stream.take(7)
+    with pytest.raises(ValueError, match=rf"a sample stream state at epoch {epoch}, position {position} is outside "
+                       r"the data: the position must be in \[0, 50\) and the epoch >= 0"):
+        stream.load_state_dict({**stream.state_dict(), "seed": 4, "epoch": epoch, "position": position})
+    assert (stream.seed, stream.epoch, stream.position) == (3, 0, 7)
+
+
 def test_split_sizes() -> None:
     assert split_sizes(10, 4) == [3, 3, 2, 2]
     assert split_sizes(3, 5) == [1, 1, 1]
