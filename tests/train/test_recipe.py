@@ -15,7 +15,7 @@ from torch import nn
 
 import autobatch
 from autobatch.batch import forward_and_loss
-from autobatch.testing import USER_MODELS, markov_tokens
+from autobatch.testing import USER_MODELS, markov_tokens, pad_collate
 from autobatch.train.controller import BatchSizeController
 
 pytestmark = pytest.mark.usefixtures("quiet_user_warnings")
@@ -204,3 +204,22 @@ def test_a_chainable_scheduler_never_compounds_the_batch_factor_or_the_warm_up(c
         assert r.lr == pytest.approx(base * r.batch_size / b0 * min(1.0, r.step / warm), rel=1e-12)
         samples = r.samples
 
+
+def test_variable_length_items_without_a_padding_collate_fn_are_refused_naming_the_field_and_the_fix() -> None:
+    case = USER_MODELS["gpt2"](n=32)  # dict items of 4 to 16 tokens; the user's DataLoader pads them
+    dataset, weights = case.data.dataset, [p.detach().clone() for p in case.model.parameters()]
+    common = {"optimizer": torch.optim.AdamW, "lr": 1e-3, "max_steps": 2, "initial_batch_size": 8, "progress": False}
+    with pytest.raises(ValueError, match=r"cannot stack the dataset's items into one batch: field 'input_ids' has "
+                                         r"shape \(\d+,\) in item \d+ and \(\d+,\) in item \d+, .* pass a DataLoader "
+                                         r"whose collate_fn pads each batch, e.g. DataLoader\(dataset, collate_fn=pad\)"):
+        autobatch.fit(case.model, dataset, **common)
+    assert all(torch.equal(a, b) for a, b in zip(weights, case.model.parameters()))  # refused before any step
+    lm = USER_MODELS["padded_lm"](n=32)  # (tokens, next tokens) pairs: the field is named by position
+    with pytest.raises(ValueError, match=r"element 0 has shape \(\d+,\) in item \d+ and \(\d+,\)"):
+        autobatch.fit(lm.model, lm.data.dataset, loss_fn=lm.loss_fn, **common)
+    with pytest.raises(ValueError, match=r"unknown setting 'collate_fn' \(not a fit setting: pass the data as a "
+                                         r"DataLoader whose collate_fn pads each batch, e.g. fit\(model, "
+                                         r"DataLoader\(dataset, collate_fn=pad\), \.\.\.\)"):
+        autobatch.fit(case.model, dataset, collate_fn=pad_collate, **common)
+    result = autobatch.fit(case.model, torch.utils.data.DataLoader(dataset, collate_fn=pad_collate), **common)
+    assert result.steps == 2  # the fix both messages give
