@@ -432,6 +432,16 @@ def _flat_keys() -> dict[str, str]:
     return {key: section for section, model in _sections().items() for key in model.model_fields}
 
 
+# DataLoader arguments people pass to fit: where each goes instead.
+_DATA_LOADER_ARGS = {
+    "collate_fn": "not a fit setting: pass the data as a DataLoader whose collate_fn pads each batch, e.g. "
+                  "fit(model, DataLoader(dataset, collate_fn=pad), ...); autobatch uses its collate_fn, not its "
+                  "batch size",
+    "sampler": "not a fit setting: pass the data as a DataLoader with it, e.g. "
+               "fit(model, DataLoader(dataset, sampler=sampler), ...)",
+}
+
+
 def _merge(merged: dict[str, Any], items: dict[str, Any]) -> None:
     """Put ``items`` (flat or nested keys) into the nested dict ``merged``, in order."""
     sections, flat = _sections(), _flat_keys()
@@ -460,7 +470,9 @@ def _merge(merged: dict[str, Any], items: dict[str, Any]) -> None:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.6)
-            hints.append(f"{key!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+            elsewhere = _DATA_LOADER_ARGS.get(key.rsplit(".", 1)[-1])
+            hints.append(f"{key!r}" + (f" ({elsewhere})" if elsewhere else
+                                       f" (did you mean {' or '.join(close)}?)" if close else ""))
         raise ValueError(
             f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
             f"valid settings: {', '.join(valid)}"

@@ -92,7 +92,21 @@ class BatchSource:
             if isinstance(ds, TensorDictDataset):
                 return {k: t[idx if t.device == idx.device else idx.to(t.device)] for k, t in ds.tensors.items()}
             return tuple([t[idx if t.device == idx.device else idx.to(t.device)] for t in ds.tensors])
-        return self.collate_fn([ds[int(i)] for i in indices])
+        items = [ds[int(i)] for i in indices]
+        if self.collate_fn is not default_collate:
+            return self.collate_fn(items)
+        try:
+            return default_collate(items)
+        except RuntimeError as err:  # torch's "stack expects each tensor to be equal size"
+            differ = _unequal_field(items, [int(i) for i in indices])
+            if differ is None:
+                raise
+            raise ValueError(
+                f"cannot stack the dataset's items into one batch: {differ}, and the default collation "
+                "stacks equal shapes only; pass a DataLoader whose collate_fn pads each batch, e.g. "
+                "DataLoader(dataset, collate_fn=pad) (autobatch uses its dataset and collate_fn, not its "
+                "batch size), or make the items equal in length"
+            ) from err
 
     def on_device(self, device: torch.device) -> bool:
         """Whether every batch :meth:`batch` returns is already on ``device`` (in-memory
@@ -129,6 +143,30 @@ class BatchSource:
                 "must yield example indices of the dataset"
             )
         return order
+
+
+def _unequal_field(items: list[Any], indices: list[int]) -> str | None:
+    """Which field of ``items`` (a dict key, or a tuple position) differs in shape between two
+    of them, said with both shapes and the items' dataset indices; None if none does."""
+    def fields(item: Any) -> dict[str, Any]:
+        if isinstance(item, Mapping):
+            return {f"field {k!r}": v for k, v in item.items()}
+        if isinstance(item, (tuple, list)):
+            return {f"element {i}": v for i, v in enumerate(item)}
+        return {"the item": item}
+
+    def shape(value: Any) -> tuple[int, ...] | None:
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            return tuple(value.shape)
+        return (len(value),) if isinstance(value, (list, tuple)) else None
+
+    first = fields(items[0])
+    for item, index in zip(items[1:], indices[1:]):
+        for name, value in fields(item).items():
+            a, b = shape(first.get(name)), shape(value)
+            if a is not None and b is not None and a != b:
+                return f"{name} has shape {a} in item {indices[0]} and {b} in item {index}"
+    return None
 
 
 def _to_tensor(a: Any, name: str) -> torch.Tensor:

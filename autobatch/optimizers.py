@@ -5,13 +5,18 @@
 - a class, e.g. ``torch.optim.AdamW``: built as ``cls(params, lr=lr)``, so ``lr`` is needed;
 - a factory ``f(params)`` that holds its hyperparameters, e.g.
   ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``: ``lr`` is optional; given,
-  it is passed as ``f(params, lr=lr)`` when ``f`` takes an ``lr``, else it replaces the LR of
-  every param group of ``f(params)``;
-- an optimizer instance built over the model's parameters: used as it is by ``fit`` (``lr``,
-  if given, replaces every group's LR); where another optimizer over other tensors is needed
-  (the memory probe's stand-in parameters), :func:`copy_for` rebuilds it faithfully: the same
-  class with every param group's hyperparameters (``type(opt)(params, **opt.defaults)`` is
-  not enough: ``AdamW.defaults`` holds keys its constructor refuses).
+  it is passed as ``f(params, lr=lr)`` when ``f`` takes an ``lr``, else it sets the LRs of
+  ``f(params)``'s param groups as for an instance;
+- an optimizer instance built over the model's parameters: used as it is by ``fit``; where
+  another optimizer over other tensors is needed (the memory probe's stand-in parameters,
+  the trials of ``lr="auto"``), :func:`copy_for` rebuilds it faithfully: the same class with
+  every param group's hyperparameters (``type(opt)(params, **opt.defaults)`` is not enough:
+  ``AdamW.defaults`` holds keys its constructor refuses, and per-group settings are lost).
+
+``lr`` given with an instance (or a factory's own groups) is the **first** param group's LR,
+and every other group keeps its ratio to it (:func:`scale_lrs`): a head at 10x the body's LR
+stays at 10x, a group at LR 0 stays frozen. The first group's LR is also what ``fit``
+records as the step's LR.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerSpec", "build_optimizer", "copy_for"]
+__all__ = ["OptimizerSpec", "build_optimizer", "copy_for", "scale_lrs"]
 
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] | torch.optim.Optimizer
 
@@ -58,6 +63,29 @@ def _check_result(opt: Any, spec: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def scale_lrs(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``opt``'s base LR to ``lr``: the first param group's LR becomes ``lr`` and every
+    other group's is scaled by the same factor, so the ratios between groups are kept (groups
+    that all share one LR, whatever it is, all get ``lr``).
+
+    Raises:
+        ValueError: groups of different LRs whose first is not > 0 (no ratio to keep).
+    """
+    lrs = [group["lr"] for group in opt.param_groups]
+    if all(x == lrs[0] for x in lrs):
+        ratios = [1.0] * len(lrs)
+    elif not (isinstance(lrs[0], (int, float)) and lrs[0] > 0):
+        raise ValueError(
+            f"cannot set lr={lr} on the {type(opt).__name__}: lr is the first param group's LR and the others "
+            f"keep their ratio to it, but its groups' LRs are {lrs}; give the first group an LR > 0, or pass "
+            "lr=None to train with the groups' own LRs"
+        )
+    else:
+        ratios = [x / lrs[0] for x in lrs]
+    for group, ratio in zip(opt.param_groups, ratios):
+        group["lr"] = lr * ratio
+
+
 def build_optimizer(
     spec: OptimizerSpec, params: Iterable[torch.Tensor], lr: float | None = None
 ) -> torch.optim.Optimizer:
@@ -70,7 +98,8 @@ def build_optimizer(
         lr: the base learning rate; required for a class, optional otherwise.
 
     Returns:
-        A new optimizer, or the instance itself (its LRs replaced when ``lr`` is given).
+        A new optimizer, or the instance itself (its LRs set by :func:`scale_lrs` when ``lr``
+        is given).
 
     Raises:
         ValueError: ``lr <= 0``, ``lr`` missing for a class or for a factory that requires it,
@@ -89,8 +118,7 @@ def build_optimizer(
                 "as functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)"
             )
         if lr is not None:
-            for group in spec.param_groups:
-                group["lr"] = lr
+            scale_lrs(spec, lr)
         return spec
     if isinstance(spec, type):
         if not issubclass(spec, torch.optim.Optimizer):
@@ -118,8 +146,7 @@ def build_optimizer(
     if _takes_lr(spec):
         return _check_result(spec(trainable, lr=lr), spec)
     opt = _check_result(spec(trainable), spec)
-    for group in opt.param_groups:
-        group["lr"] = lr
+    scale_lrs(opt, lr)
     return opt
 
 
@@ -129,15 +156,18 @@ def copy_for(
     """An optimizer like the one ``spec`` describes, over stand-ins of the model's tensors.
 
     Used where the training step must run on other tensors than the model's own (the memory
-    probe's fake parameters). Its state starts empty.
+    probe's fake parameters), or on the same ones from a fresh state (``stand_ins`` mapping
+    every parameter to itself: a trial of ``lr="auto"``). Its state starts empty.
 
     Args:
         spec: a class, factory or instance (module docstring).
         stand_ins: each parameter of the model mapped to the tensor that stands in for it,
             in ``model.parameters()`` order; a class or factory gets the stand-ins of the
             parameters that require a gradient.
-        lr: the learning rate for a class (default: the class's own default, which is
-            enough where only the optimizer's memory matters).
+        lr: the learning rate: for a class (default: the class's own default, which is
+            enough where only the optimizer's memory matters), and for an instance the first
+            group's, the others keeping their ratio to it (:func:`scale_lrs`; default: the
+            instance's own LRs).
 
     Raises:
         ValueError: an instance holding tensors not in ``stand_ins``.
@@ -157,12 +187,15 @@ def copy_for(
         try:
             # Every hyperparameter lives in the param groups (torch copies the constructor's
             # defaults into each group), so groups are a faithful description.
-            return type(spec)(groups)
+            copy = type(spec)(groups)
         except TypeError as err:
             raise TypeError(
                 f"cannot rebuild {type(spec).__name__} from its param groups ({err}); pass a "
                 f"factory instead, e.g. functools.partial({type(spec).__name__}, ...)"
             ) from err
+        if lr is not None:
+            scale_lrs(copy, lr)
+        return copy
     params = [s for p, s in stand_ins.items() if p.requires_grad]
     if isinstance(spec, type) and lr is None:
         return spec(params)

@@ -59,3 +59,28 @@ def test_an_instance_is_copied_faithfully_per_param_group() -> None:
 
     with pytest.raises(TypeError, match=r"cannot rebuild NeedsArg from its param groups .* factory"):
         copy_for(NeedsArg(model.parameters(), 2.0), stand_ins)
+
+
+def test_lr_sets_the_first_groups_lr_and_the_others_keep_their_ratio() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1), nn.Linear(1, 1))
+    body, head, frozen = (list(m.parameters()) for m in model)
+    groups = [{"params": body}, {"params": head, "lr": 1e-2, "weight_decay": 0.0}, {"params": frozen, "lr": 0.0}]
+    instance = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)
+    assert build_optimizer(instance, model.parameters(), lr=4e-3) is instance
+    assert [g["lr"] for g in instance.param_groups] == pytest.approx([4e-3, 4e-2, 0.0], rel=1e-12)
+    assert [g["weight_decay"] for g in instance.param_groups] == [0.1, 0.0, 0.1]
+    # a copy (the trials of lr="auto") sets its LRs alike and leaves the instance as it was
+    copy = copy_for(instance, {p: p for p in model.parameters()}, lr=1e-3)
+    assert [g["lr"] for g in copy.param_groups] == pytest.approx([1e-3, 1e-2, 0.0], rel=1e-12)
+    assert instance.param_groups[0]["lr"] == 4e-3
+    # a factory f(params) building its own groups is treated as its instance would be
+    two = build_optimizer(lambda ps: torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.2}], lr=0.1),
+                          model.parameters(), lr=0.5)
+    assert [g["lr"] for g in two.param_groups] == pytest.approx([0.5, 1.0], rel=1e-12)
+    # groups of one LR all take lr, whatever it was; a ratio to an LR of 0 does not exist
+    same = torch.optim.SGD([{"params": body}, {"params": head}], lr=0.0)
+    assert [g["lr"] for g in build_optimizer(same, model.parameters(), lr=0.3).param_groups] == [0.3, 0.3]
+    first_frozen = torch.optim.SGD([{"params": body, "lr": 0.0}, {"params": head}], lr=0.1)
+    with pytest.raises(ValueError, match=r"cannot set lr=0.3 on the SGD: lr is the first param group's LR .*"
+                                         r"\[0.0, 0.1\]; give the first group an LR > 0, or pass lr=None"):
+        build_optimizer(first_frozen, model.parameters(), lr=0.3)

@@ -3,18 +3,39 @@
 A bad flag, or a setting the library refuses before any work is done (a budget too small
 for one step, an LR range the wrong way round), ends the command with one line on stderr,
 ``autobatch <command>: error: <what, the rule, the fix>``, and exit status 2; never a
-traceback, and never a silently replaced value.
+traceback, and never a silently replaced value. So do an output folder that cannot be
+written (checked before any work, :func:`output_folder`), a ``--model`` factory that cannot
+be imported or called (:func:`call_factory`), and a budget too small for one example
+(:func:`out_of_memory`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib
+import inspect
 import math
 import sys
-from typing import NoReturn
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["Parser", "byte_size", "device", "fail", "fraction", "non_negative_int", "one_line",
-           "positive_float", "positive_int"]
+import torch
+
+__all__ = ["OPTIMIZERS", "Parser", "byte_size", "call_factory", "device", "fail", "fraction", "non_negative_int",
+           "one_line", "out_of_memory", "output_folder", "positive_float", "positive_int"]
+
+
+# --optimizer name -> the optimizer spec (autobatch.optimizers) it stands for; the SGD ones hold
+# lr=0.1, which --lr replaces where a command has one (the probe counts only the state's size)
+OPTIMIZERS: dict[str, Any] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    "sgd-plain": functools.partial(torch.optim.SGD, lr=0.1),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,8 +118,6 @@ def byte_size(text: str) -> int:
 
 def device(text: str) -> str:
     """A torch device string naming a device this machine has (``cpu``, ``cuda:1``, ...)."""
-    import torch
-
     try:
         dev = torch.device(text)
     except RuntimeError:
@@ -107,3 +126,94 @@ def device(text: str) -> str:
     if dev.type != "cpu" and (backend is None or not backend.is_available()):
         raise argparse.ArgumentTypeError(f"device {text!r} is not available on this machine; e.g. cpu")
     return text
+
+
+def output_folder(flag: str, path: str | Path) -> None:
+    """Refuse ``path`` (given as ``flag``) before any work unless it is a folder this process
+    can create and write files in; the folders the check creates are removed again.
+
+    Raises:
+        ValueError: naming the path and why (an existing file, a file on the way, no permission...).
+    """
+    from autobatch.train._validate import _writable
+
+    folder = Path(path)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    problems = _writable(folder, flag)
+    for created in missing:
+        with contextlib.suppress(OSError):
+            created.rmdir()
+    if problems:
+        raise ValueError(problems[0])
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised while handling, an out-of-memory error (a budget or
+    device too small for one example): a setting, not a bug, for the one-line report."""
+    from autobatch.memory.oom import is_oom_error
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if is_oom_error(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _raised(err: BaseException) -> str:
+    """``err`` as ``Type: message (at file:line)``, the line being where it was raised."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {one_line(err)}{where}"
+
+
+def call_factory(spec: str, returns: str, sizes: tuple[int, ...]) -> tuple:
+    """Import ``module:factory`` (the current directory first, as ``python -m`` would), call it
+    with no argument, and check it returned a tuple of one of ``sizes`` items whose first is an
+    ``nn.Module``.
+
+    Args:
+        spec: ``--model``'s value.
+        returns: what the factory must return, for messages, e.g. ``"(model, example_batch, loss_fn)"``.
+        sizes: the tuple lengths accepted.
+
+    Raises:
+        ValueError: for a malformed spec, a module that cannot be imported (missing, a syntax
+            error, an error at import), no such function, a function that needs arguments or
+            raises, or a wrong return; naming where and the fix, in one line.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model must be module:factory (got {spec!r}), e.g. my_models:build")
+    rule = f"--model names a function that takes no argument and returns {returns}"
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current directory, as `python -m` would have it
+    try:
+        module = importlib.import_module(module_name)
+    except SyntaxError as err:
+        raise ValueError(f"--model {spec}: {module_name} does not compile: {err.msg} ({err.filename}, line "
+                         f"{err.lineno}); fix the syntax error") from None
+    except ImportError as err:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r} ({one_line(err)}); run from the folder "
+                         f"holding {module_name.replace('.', '/')}.py or put that folder on PYTHONPATH") from None
+    except Exception as err:
+        raise ValueError(f"--model {spec}: importing {module_name} raised {_raised(err)}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name} has no callable {attr!r} (from --model {spec!r})")
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        params = []
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise ValueError(f"--model {spec}: {attr} takes arguments ({', '.join(required)}); {rule}")
+    try:
+        built = factory()
+    except Exception as err:
+        raise ValueError(f"--model {spec} raised {_raised(err)}; {rule}") from None
+    if not (isinstance(built, tuple) and len(built) in sizes and isinstance(built[0], torch.nn.Module)):
+        got = (f"a tuple of {len(built)} starting with a {type(built[0]).__name__}" if isinstance(built, tuple) and built
+               else f"a {type(built).__name__}")
+        raise ValueError(f"--model {spec} must return {returns} (got {got})")
+    return built

@@ -12,25 +12,13 @@ Python path) that takes no argument and returns ``(model, example_batch, loss_fn
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from autobatch.cli._args import byte_size, device, fail, fraction, positive_int
+from autobatch.cli._args import OPTIMIZERS, byte_size, call_factory, device, fail, fraction, output_folder, positive_int
 
 __all__ = ["add_parser"]
-
-# --optimizer name -> factory params -> Optimizer (the state size is what matters here)
-_OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
-    "sgd-plain": functools.partial(torch.optim.SGD, lr=0.1),
-}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -57,23 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="estimate: fake tensors only; real: confirm with real steps "
                         "(default auto: real on an accelerator, estimate on CPU)")
     p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1, ... (default: the model's)")
-    p.add_argument("--optimizer", default=None, choices=sorted(_OPTIMIZERS),
+    p.add_argument("--optimizer", default=None, choices=sorted(OPTIMIZERS),
                    help="optimizer whose state to count (default: the example's, else adam)")
     p.add_argument("--plot", default=None, help="write peak vs batch size to this PNG")
     p.set_defaults(func=_run)
-
-
-def _load_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--model must be module:factory (got {spec!r}), e.g. my_models:build")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # the current directory, as `python -m` would have it
-    module = importlib.import_module(module_name)
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"{module_name} has no callable {attr!r} (from --model {spec!r})")
-    return factory
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,7 +56,9 @@ def _run(args: argparse.Namespace) -> int:
 
     prog = "autobatch probe"
     try:
-        optimizer = _OPTIMIZERS[args.optimizer] if args.optimizer else None
+        if args.plot:
+            output_folder(f"--plot {args.plot!r}: its folder", Path(args.plot).parent)
+        optimizer = OPTIMIZERS[args.optimizer] if args.optimizer else None
         if args.problem is not None:
             from autobatch.registry import get_problem
 
@@ -90,16 +67,10 @@ def _run(args: argparse.Namespace) -> int:
             if optimizer is None:
                 optimizer = lambda params: ex.optimizer(params, ex.default_lr)  # noqa: E731
         else:
-            built = _load_factory(args.model)()
-            if not (isinstance(built, tuple) and len(built) == 3):
-                raise ValueError(
-                    f"--model {args.model} must return (model, example_batch, loss_fn) "
-                    f"(got a {type(built).__name__})"
-                )
-            model, example, loss_fn = built
+            model, example, loss_fn = call_factory(args.model, "(model, example_batch, loss_fn)", (3,))
         if args.device is not None:
             model = model.to(args.device)
-    except (ValueError, ImportError) as err:
+    except ValueError as err:
         return fail(prog, err)
     try:
         probe = probe_memory(
@@ -111,5 +82,9 @@ def _run(args: argparse.Namespace) -> int:
         return fail(prog, err)
     print(probe.table())
     if args.plot:
-        print(f"plot: {probe.plot(Path(args.plot))}")
+        try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            print(f"plot: {probe.plot(Path(args.plot))}")
+        except OSError as err:  # checked before the probe: a disk that filled up since
+            return fail(prog, err)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autobatch.cli._args import fail, non_negative_int, positive_float, positive_int
+from autobatch.cli._args import fail, non_negative_int, output_folder, positive_float, positive_int
 
 __all__ = ["add_parser"]
 
@@ -50,9 +50,14 @@ def _run(args: argparse.Namespace) -> int:
     from autobatch.registry import get_problem
     from autobatch.tune.study import tune_lr
 
+    prog = "autobatch tune"
     if args.lr_min >= args.lr_max:
-        return fail("autobatch tune", ValueError(
+        return fail(prog, ValueError(
             f"--lr-min must be below --lr-max (got --lr-min {args.lr_min:g}, --lr-max {args.lr_max:g})"))
+    try:
+        output_folder("--out", args.out)  # before the study: the plot would be lost after it
+    except ValueError as err:
+        return fail(prog, err)
     ex = get_problem(args.problem, seed=args.seed)
     b0 = args.batch_size if args.batch_size is not None else ex.default_batch_size
     study = args.study or f"tune-{args.problem}"
@@ -74,8 +79,8 @@ def _run(args: argparse.Namespace) -> int:
             n_evals=args.evals,
             verbose=args.verbose,
         )
-    except ValueError as err:  # an LR range the wrong way round, a malformed storage URL...
-        return fail("autobatch tune", err)
+    except ValueError as err:  # a malformed storage URL, a read-only database...
+        return fail(prog, err)
     print(f"autobatch tune --problem {args.problem}: study {study!r} in {args.storage}")
     print(result.table())
     if result.best_lr is None:
@@ -83,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(f"best base LR: {result.best_lr:.4g} at B0={b0} (val_loss={result.best_value:.4g}, "
           f"{len(result.trials)} trials, {result.total_samples} examples trained in all)")
-    plot = result.plot(Path(args.out) / f"tune-{args.problem}.png")
+    try:
+        plot = result.plot(Path(args.out) / f"tune-{args.problem}.png")
+    except OSError as err:  # checked before the study: a disk that filled up since
+        return fail(prog, err)
     print(f"plot: {plot}")
     return 0

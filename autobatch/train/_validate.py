@@ -128,10 +128,12 @@ def _available(device: Any) -> list[str]:
     return []
 
 
-def _writable(checkpoint_dir: Any) -> list[str]:
+def _writable(checkpoint_dir: Any, name: str = "checkpoint_dir") -> list[str]:
+    """Problems with the folder ``checkpoint_dir`` (called ``name`` in them): none once it
+    exists and a file was written and removed in it. The CLI checks its ``--out`` with it."""
     path = Path(checkpoint_dir)
     if path.exists() and not path.is_dir():
-        return [(f"checkpoint_dir={str(path)!r} is an existing file, not a directory; pass a "
+        return [(f"{name}={str(path)!r} is an existing file, not a directory; pass a "
                 "directory path (it is created if missing)")]
     probe = path / f".autobatch-write-test-{os.getpid()}"
     try:
@@ -139,6 +141,6 @@ def _writable(checkpoint_dir: Any) -> list[str]:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        return [(f"checkpoint_dir={str(path)!r} is not writable ({err.strerror or err}); pass a "
+        return [(f"{name}={str(path)!r} is not writable ({err.strerror or err}); pass a "
                 "directory this process can create and write files in")]
     return []

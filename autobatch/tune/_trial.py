@@ -7,12 +7,14 @@ objective with its reporting callback.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -96,6 +98,39 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.st
             last = err
             break
     raise ValueError(f"cannot open storage {storage!r} ({type(last).__name__}: {last}); {hint}") from last
+
+
+@contextlib.contextmanager
+def writable(storage: optuna.storages.BaseStorage, url: str | None, study_name: str) -> Iterator[None]:
+    """Turn a storage that refuses to be written (a read-only database file or folder, a full
+    disk) into a ValueError naming the storage, the database's own reason and the fix.
+
+    Raises:
+        ValueError: from Optuna's ``StorageInternalError`` or a database ``OperationalError``.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, OperationalError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # the database's own words, e.g. "attempt to write a readonly database"
+            cause = cause.__cause__
+        where = repr(url) if url is not None else type(storage).__name__
+        raise ValueError(
+            f"cannot write study {study_name!r} to storage {where} ({type(cause).__name__}: "
+            f"{' '.join(str(cause).split())}); make the database file and its folder writable, or pass another "
+            "storage such as 'sqlite:///autobatch_studies.db' in a folder you can write"
+        ) from err
+
+
+def sampler_seed(seed: int, trials: int) -> int:
+    """The default sampler's seed for a process given ``seed`` that finds ``trials`` trials in
+    the study: a 32-bit hash of both. Another call (more trials) draws other points, and two
+    processes given different seeds draw different ones whenever each starts (``seed +
+    trials`` gave seed 1 after one trial the stream of seed 2 at none)."""
+    digest = hashlib.blake2b(f"{seed}:{trials}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def is_in_memory(storage: str | optuna.storages.BaseStorage | None) -> bool:

@@ -61,7 +61,7 @@ from torch import nn
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource, as_batch_source
 from autobatch.evaluate import evaluate
-from autobatch.optimizers import build_optimizer
+from autobatch.optimizers import build_optimizer, copy_for
 from autobatch.run_length import RunLength
 from autobatch.train.callbacks import Callback, StopTraining
 from autobatch.train.checkpoint import capture_rng, load_checkpoint, restore_rng
@@ -295,7 +295,8 @@ def choose_base_lr(
         val_data: data to score trials on; None holds out :data:`VAL_FRACTION` of ``data``
             (a seeded random 10%, by ``config``'s ``seed``) and trains trials on the rest.
         optimizer: as for ``fit``: a class, a factory ``f(params, lr)`` or a built optimizer
-            (rebuilt per trial with its defaults and the trial's LR).
+            (copied per trial with every param group's settings; the trial's LR is the first
+            group's and the others keep their ratio to it, :mod:`autobatch.optimizers`).
         epochs, max_steps, max_samples: the run's stopping rules, as given to ``fit``.
         config: the run's settings (FitConfig or dict); trials use them with the progress
             bar, evaluation and checkpoint cadence off.
@@ -352,7 +353,7 @@ def choose_base_lr(
     rungs, survivors = plan
     n0 = survivors[0]
     candidates = [low * (high / low) ** (i / (n0 - 1)) for i in range(n0)]
-    factory = _factory(optimizer)
+    factory = _factory(optimizer, model)
     adaptive = _is_adaptive(optimizer)
     limits = {"epochs": epochs, "max_steps": max_steps, "max_samples": max_samples}
     trial_cfg = FitConfig.from_any(cfg, progress=False, eval_every=None, checkpoint_every=None)
@@ -516,11 +517,14 @@ def _subset(source: BatchSource, indices: torch.Tensor) -> BatchSource:
     return BatchSource(torch.utils.data.Subset(ds, indices.tolist()), source.collate_fn)
 
 
-def _factory(optimizer: Any) -> Any:
-    """The optimizer spec for trials: a built optimizer is rebuilt for each trial (same class
-    and settings, the trial's LR), since it is bound to the state of one run."""
+def _factory(optimizer: Any, model: nn.Module) -> Any:
+    """The optimizer spec for trials: a built optimizer is copied for each trial
+    (:func:`~autobatch.optimizers.copy_for`: the same class and every param group's settings,
+    the trial's LR as the spec sets it), since it is bound to the state of one run; the run
+    itself then trains with the instance. A factory gets the trainable parameters in
+    ``model.parameters()`` order: the model's own, or the memory probe's stand-ins for them."""
     if isinstance(optimizer, torch.optim.Optimizer):
-        cls, defaults = type(optimizer), dict(optimizer.defaults)
-        return lambda params, lr: cls(params, **{**defaults, "lr": lr})
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return lambda params, lr: copy_for(optimizer, dict(zip(trainable, params, strict=True)), lr)
     return optimizer
 

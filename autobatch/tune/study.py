@@ -18,11 +18,16 @@ working directory: a second call with the same ``study_name`` resumes the study 
 ``seed``, or they propose the same first points); for many workers on one machine a
 ``optuna.storages.JournalStorage`` file avoids SQLite's write locks.
 
-A trial whose process dies (killed, out of memory, power loss) would stay RUNNING forever;
-trials opened from a database URL send a heartbeat, and when the study resumes the trials
-whose heartbeat stopped more than ``GRACE_PERIOD_S`` (60 s) ago are marked FAIL, the table
-noting ``stale: process died``. An in-memory storage (None, ``InMemoryStorage``,
-``sqlite://``) cannot be resumed: naming the study there warns.
+A trial whose process dies (killed, out of memory, power loss) would stay RUNNING forever.
+Every trial records the host and PID of its process (:mod:`autobatch.tune._process`): when
+the study resumes, a RUNNING trial of this host whose process is gone is marked FAIL at once
+(``dead: its process (PID ...) is gone``). Trials of other hosts are left to the heartbeat:
+trials opened from a database URL send one, and the trials whose heartbeat stopped more than
+``GRACE_PERIOD_S`` (60 s) ago are marked FAIL, the table noting ``stale: process died``.
+SIGTERM ends the trial in flight as FAIL (``terminated: SIGTERM``) and the process with
+status 143, as it does ``fit`` (:mod:`autobatch.tune._signals`); Ctrl-C ends it as FAIL too.
+An in-memory storage (None, ``InMemoryStorage``, ``sqlite://``) cannot be resumed: naming the
+study there warns.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.registry import make_pruner
 from autobatch.train.distributed import setup_distributed
+from autobatch.tune._process import fail_dead_trials, record_process
+from autobatch.tune._signals import StudySignals
 from autobatch.tune._trial import (
     ModelFactory,
     end_trials,
@@ -50,7 +57,9 @@ from autobatch.tune._trial import (
     lead_trial,
     open_storage,
     run_trial,
+    sampler_seed,
     stale_reason,
+    writable,
 )
 from autobatch.tune.objectives import OBJECTIVES
 
@@ -75,8 +84,9 @@ class TrialRow(BaseModel):
         samples: examples the trial trained on before it ended (its cost).
         steps: optimizer steps it took.
         final_batch_size: the global batch size when it ended.
-        reason: why it ended early (pruned at evaluation k, diverged: ..., or stale: process
-            died), else None.
+        reason: why it ended early (pruned at evaluation k, diverged: ..., dead: its process
+            ... is gone, stale: process died, terminated: SIGTERM ..., interrupted: SIGINT
+            ...), else None.
         wall_time_s: seconds its fit took.
     """
 
@@ -226,7 +236,9 @@ def tune_lr(
             ``optuna.pruners.BasePruner``.
         config: the :func:`autobatch.fit` settings shared by every trial (FitConfig or dict);
             ``initial_batch_size`` there is the batch the LR is tuned for.
-        seed: seeds the default sampler (not the model: ``model_fn`` owns its init).
+        seed: seeds the default sampler, hashed with the number of trials already in the
+            study, so that a resumed study draws new points and workers given different
+            seeds never draw the same ones (not the model: ``model_fn`` owns its init).
         n_evals: validation evaluations per trial, at equal fractions of the trial length.
         objective: what a trial scores (:mod:`autobatch.tune.objectives`): ``"tail"`` (the
             default), the mean of its last evaluations (2 of 8), ``"final"``, the validation
@@ -246,8 +258,11 @@ def tune_lr(
 
     Raises:
         ValueError: for invalid arguments (every one named at once, with the fix), a
-            malformed storage URL, a study whose trial length differs from this one, or a
-            ``model_fn`` that returns a model it returned before.
+            malformed storage URL, a storage that cannot be written (a read-only database),
+            a study whose trial length differs from this one, or a ``model_fn`` that returns
+            a model it returned before.
+        Preempted: a ``SystemExit`` with status 143, after SIGTERM (the trial in flight
+            marked FAIL).
     """
     problems = []
     low, high = _pair(lr_range, problems)
@@ -361,13 +376,18 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, trial_length, 
     info = setup_distributed(comm_device)
     make_model = ModelFactory(model_fn)
 
+    signals = StudySignals()  # SIGTERM: the trial ends FAIL, the process exits 143
+
     def one_trial(trial: optuna.Trial) -> float:
-        if info.enabled and info.is_main:
-            lead_trial(trial, space, info, comm_device)
-        return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
-                         loss_fn=loss_fn, optimizer=optimizer, config=cfg,
-                         total_samples=total, n_evals=n_evals, device=device, objective=objective,
-                         protocol=protocol)
+        with signals.trial(trial):
+            if info.is_main:
+                record_process(trial)
+            if info.enabled and info.is_main:
+                lead_trial(trial, space, info, comm_device)
+            return run_trial(trial, space=space, make_model=make_model, data=data, val=val,
+                             loss_fn=loss_fn, optimizer=optimizer, config=cfg,
+                             total_samples=total, n_evals=n_evals, device=device, objective=objective,
+                             protocol=protocol)
 
     if not info.is_main:  # under torchrun: rank 0 owns the study, this rank follows its trials
         follow_trials(one_trial, info, comm_device)
@@ -379,28 +399,34 @@ def _study(model_fn, data, *, space, loss_fn, val_data, n_trials, trial_length, 
             f"storage={DEFAULT_STORAGE!r} to keep it",
             stacklevel=3,
         )
+    url = storage if isinstance(storage, str) else None
     storage = open_storage(storage)
 
     level = optuna.logging.get_verbosity()
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
-                                    pruner=pruner, load_if_exists=True)
-        _check_same_trials(study, total, n_evals, objective)
-        # Optuna also does this before each trial; here too, so that the start-up seed
-        # offset below and a table printed after n_trials already count the dead trials.
-        _fail_stale_trials(study)
-        # Offset the seed by the trials already there, so a resumed study does not replay
-        # the random start-up points of the first call.
+        with writable(storage, url, study_name):
+            study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                        pruner=pruner, load_if_exists=True)
+            _check_same_trials(study, total, n_evals, objective)
+            # Optuna also does this before each trial; here too, so that the sampler seed
+            # below and a table printed after n_trials already count the dead trials. A
+            # trial whose process on this machine is gone needs no heartbeat to tell.
+            _fail_stale_trials(study)
+            fail_dead_trials(study)
+        # Seeded by the seed and the trials already there: a resumed study does not replay
+        # the random start-up points of the first call, and workers given different seeds
+        # never share a sampler stream (a hash: seed + count collided, 1 + 1 = 2 + 0).
         study.sampler = sampler or optuna.samplers.TPESampler(
-            seed=None if seed is None else seed + len(study.trials), n_startup_trials=5,
+            seed=None if seed is None else sampler_seed(seed, len(study.trials)), n_startup_trials=5,
             multivariate=True,
         )
-        try:
-            study.optimize(one_trial, n_trials=n_trials)
-        finally:
-            end_trials(info)
+        with signals.installed(not info.enabled):  # under torchrun fit stops every rank alike
+            try:
+                study.optimize(one_trial, n_trials=n_trials, callbacks=[signals.after_trial])
+            finally:
+                end_trials(info)
     finally:
         optuna.logging.set_verbosity(level)
     return _summarise(study)

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
@@ -97,6 +98,14 @@ FIT_CNN = ["fit", "--problem", "mnist1d", "--max-steps", "2", "--no-progress"]
         ([*FIT, "--gns-every", "0"], r"argument --gns-every: must be an integer >= 1, or 'auto' \(got '0'\)"),
         pytest.param([*FIT, "--device", "cuda"], r"argument --device: device 'cuda' is not available on this machine",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        # the probe lets 234 examples into 20,000 bytes; the step's own count runs out at 1
+        ([*FIT, "--budget", "20000"], (r"autobatch fit: error: (a single example ran out of memory \(micro_batch_size=1\)"
+                                       r".*raise memory_budget|budget too small)")),
+        (["fit", "--model", "nosuch_module_f25:build", "--max-steps", "2"],
+         r"autobatch fit: error: --model needs --lr: the base LR at the base batch \(a number > 0"),
+        (["fit", "--model", "nosuch_module_f25:build", "--lr", "0.1"],
+         r"autobatch fit: error: --model needs --epochs or --max-steps"),
+        (["fit", "--problem", "synthetic", "--model", "m:f"], r"argument --model: not allowed with argument --problem"),
     ],
 )
 def test_a_bad_setting_prints_one_line_and_exits_2(argv, message, capsys, tmp_path, monkeypatch) -> None:
@@ -175,6 +184,135 @@ def test_byte_strings_are_read_alike_by_the_cli_fit_config_and_probe_memory() ->
     assert probe_memory(model, batch, loss, budget_bytes="4GiB", mode="estimate").budget_bytes == 4 * 2**30
     with pytest.raises(ValueError, match=r"budget_bytes: cannot read memory size '4 GiBs'"):
         probe_memory(model, batch, loss, budget_bytes="4 GiBs")
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+@pytest.mark.parametrize("command", ["fit", "tune", "probe"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(command, where, tmp_path, monkeypatch,
+                                                                            capsys) -> None:
+    if where == "in /proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "a_file").write_text("")
+    out = str(tmp_path / "a_file" / "runs") if where == "under a file" else "/proc/autobatch-runs"
+    reason = "Not a directory" if where == "under a file" else r"No such file or directory|Permission denied"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the output folder was checked")
+
+    monkeypatch.setattr(autobatch, "fit", no_work)
+    monkeypatch.setattr("autobatch.tune.study.tune_lr", no_work)
+    monkeypatch.setattr("autobatch.memory.probe.probe_memory", no_work)
+    argv = {"fit": [*FIT, "--out", out],
+            "tune": ["tune", "--problem", "synthetic", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", out],
+            "probe": ["probe", "--problem", "synthetic", "--plot", f"{out}/p.png"]}[command]
+    code, err = _run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    flag = "--out" if command != "probe" else r"--plot '.*/p.png': its folder"
+    assert re.search(rf"autobatch {command}: error: {flag}='{re.escape(out)}' is not writable \(({reason})\); pass a "
+                     "directory this process can create and write files in", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+_FACTORIES = {
+    "cli_raises_f25": "def build():\n    raise RuntimeError('boom')\n",
+    "cli_syntax_f25": "def build(:\n    pass\n",
+    "cli_wrong_f25": "def build():\n    return 3\n",
+    "cli_import_f25": "import nosuch_dependency_f25\n",
+}
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """The modules of ``_FACTORIES`` in a folder on sys.path, forgotten afterwards."""
+    for name, text in _FACTORIES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in _FACTORIES:
+        sys.modules.pop(name, None)
+
+
+_PROBE_RETURNS = r"--model names a function that takes no argument and returns \(model, example_batch, loss_fn\)"
+
+
+@pytest.mark.usefixtures("factories")
+@pytest.mark.parametrize(("argv", "message"), [
+    (["probe", "--model", "os:system"], rf"--model os:system: system takes arguments \(command\); {_PROBE_RETURNS}"),
+    (["probe", "--model", "cli_raises_f25:build"],
+     rf"--model cli_raises_f25:build raised RuntimeError: boom \(at .*cli_raises_f25.py:2\); {_PROBE_RETURNS}"),
+    (["probe", "--model", "cli_syntax_f25:build"],
+     r"--model cli_syntax_f25:build: cli_syntax_f25 does not compile: invalid syntax \(.*cli_syntax_f25.py, line 1\); "
+     r"fix the syntax error"),
+    (["probe", "--model", "cli_import_f25:build"],
+     r"--model cli_import_f25:build: cannot import 'cli_import_f25' \(No module named 'nosuch_dependency_f25'\); run "
+     r"from the folder holding cli_import_f25.py or put that folder on PYTHONPATH"),
+    (["probe", "--model", "cli_wrong_f25:build"],
+     r"--model cli_wrong_f25:build must return \(model, example_batch, loss_fn\) \(got a int\)"),
+    (["probe", "--model", "cli_wrong_f25:nothing"], r"cli_wrong_f25 has no callable 'nothing'"),
+    (["fit", "--model", "cli_raises_f25:build", "--lr", "0.1", "--max-steps", "2"],
+     r"--model cli_raises_f25:build raised RuntimeError: boom \(at .*cli_raises_f25.py:2\); --model names a function "
+     r"that takes no argument and returns \(model, train_data, loss_fn\) or \(model, train_data, loss_fn, val_data\)"),
+    (["fit", "--model", "os:system", "--lr", "0.1", "--max-steps", "2"], r"--model os:system: system takes arguments"),
+    (["fit", "--model", "cli_syntax_f25:build", "--lr", "0.1", "--max-steps", "2"],
+     r"--model cli_syntax_f25:build: cli_syntax_f25 does not compile: invalid syntax"),
+])
+def test_a_model_factory_that_cannot_be_used_prints_one_line_and_exits_2(argv, message, capsys) -> None:
+    code, err = _run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(rf"^autobatch {argv[0]}: error: {message}", err), err
+
+
+def test_tune_on_a_read_only_database_prints_one_line_and_exits_2(tmp_path, capfd) -> None:
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'ro.db'}", study_name="other")  # the tables exist
+    read_only = f"sqlite:///file:{tmp_path / 'ro.db'}?mode=ro&uri=true"  # refused even to root
+    code = main(["tune", "--problem", "synthetic", "--trials", "1", "--storage", read_only, "--study", "s",
+                 "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err  # the file descriptor: Optuna's log handler writes there too
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == (f"autobatch tune: error: cannot write study 's' to storage {read_only!r} (OperationalError: attempt "
+                   "to write a readonly database); make the database file and its folder writable, or pass another "
+                   "storage such as 'sqlite:///autobatch_studies.db' in a folder you can write\n")
+    assert not (tmp_path / "out").exists()
+
+
+_FIT_FACTORY = """
+import torch
+from torch import nn
+
+def build():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    return nn.Linear(8, 1), (x, y), nn.functional.mse_loss
+
+def build_with_val():
+    model, data, loss_fn = build()
+    return model, data, loss_fn, (data[0][:64], data[1][:64])
+"""
+
+
+def test_fit_trains_a_user_factory_and_the_same_factory_serves_the_probe(tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    (tmp_path / "cli_user_f25.py").write_text(_FIT_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        out = tmp_path / "runs"
+        code = main(["fit", "--model", "cli_user_f25:build_with_val", "--lr", "0.05", "--max-steps", "6",
+                     "--batch-size", "16", "--policy", "fixed", "--optimizer", "sgd", "--no-progress",
+                     "--out", str(out)])
+        stdout = capsys.readouterr().out
+        assert code == 0 and "autobatch fit --model cli_user_f25:build_with_val --policy fixed" in stdout
+        result = json.loads((out / "build_with_val-fixed.json").read_text())
+        assert result["steps"] == 6 and [r["batch_size"] for r in result["history"]] == [16] * 6
+        assert result["history"][0]["lr"] == pytest.approx(0.05) and "val_loss" in result["evals"][-1]
+        assert (out / "build_with_val-fixed.png").exists()
+        assert main(["fit", "--model", "cli_user_f25:build", "--lr", "0.05", "--max-steps", "2", "--no-progress",
+                     "--out", str(out)]) == 0
+        assert main(["probe", "--model", "cli_user_f25:build", "--budget", "1MiB"]) == 0
+        assert "max micro-batch" in capsys.readouterr().out
+    finally:
+        sys.modules.pop("cli_user_f25", None)
 
 
 # -- autobatch probe ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 
 import autobatch
 from autobatch.batch import forward_and_loss
-from autobatch.testing import USER_MODELS
+from autobatch.testing import USER_MODELS, markov_tokens, pad_collate
 from autobatch.train.controller import BatchSizeController
 
 pytestmark = pytest.mark.usefixtures("quiet_user_warnings")
@@ -161,3 +161,65 @@ def test_per_example_on_an_unsupported_model_falls_back_with_one_warning() -> No
     mine = [w for w in caught if "per_example" in str(w.message)]
     assert len(mine) == 1 and "GRU" in str(mine[0].message) and "micro-batch norms" in str(mine[0].message)
     assert any(math.isfinite(r.trace_cov) for r in result.history)
+
+
+def test_a_dict_of_tensors_trains_a_hugging_face_model_taking_the_batch_as_keywords() -> None:
+    # fit(model, {"input_ids": X, "labels": y}), a documented form, once crashed resolving the
+    # device (the dataset's tensors are a dict: KeyError: 0)
+    model = USER_MODELS["gpt2"](n=8).model
+    ids, _ = markov_tokens(256, vocab=16, length=12)
+    data = {"input_ids": ids, "labels": ids}  # GPT-2 shifts the labels itself
+    with torch.no_grad():
+        before = model(**data).loss.item()
+    result = autobatch.fit(model, data, optimizer=torch.optim.AdamW, lr=3e-3, epochs=3, initial_batch_size=32,
+                           policy="fixed", progress=False)
+    with torch.no_grad():
+        after = model(**data).loss.item()
+    assert result.steps == 24 and result.history[0].examples == 32
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("chainable", ["exponential", "step"])
+def test_a_chainable_scheduler_never_compounds_the_batch_factor_or_the_warm_up(chainable: str, regression) -> None:
+    # ExponentialLR and StepLR compute each LR from the group's current one: stepped on the
+    # LR autobatch set (base x factor), the factor would multiply in again at every tick.
+    x, y = regression(n=256, noise=0.1)
+    b0, lr0, warm, gamma = 16, 0.01, 6, 0.9
+    if chainable == "exponential":
+        make = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)  # noqa: E731
+        schedule = lambda tick: gamma ** tick  # noqa: E731
+    else:
+        make = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)  # noqa: E731
+        schedule = lambda tick: 0.5 ** (tick // 5)  # noqa: E731
+    result = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=F.mse_loss, optimizer=torch.optim.SGD, lr=lr0,
+                           epochs=3, initial_batch_size=b0, policy="ramp", lr_milestones=[1, 2], lr_decay=0.5,
+                           lr_scaling="linear", max_lr_factor=None, gns_method="off", warmup_steps=warm,
+                           progress=False, lr_scheduler=make)
+    assert {r.batch_size for r in result.history} == {16, 32, 64}  # batch factors 1, 2 and 4
+    assert len(result.history) > 3 * warm and result.samples // b0 >= 45  # many ticks past the warm-up
+    samples = 0
+    for r in result.history:
+        base = lr0 * schedule(samples // b0)  # the scheduler at its clock: one tick per B0 examples
+        assert r.base_lr == pytest.approx(base, rel=1e-12)
+        assert r.lr == pytest.approx(base * r.batch_size / b0 * min(1.0, r.step / warm), rel=1e-12)
+        samples = r.samples
+
+
+def test_variable_length_items_without_a_padding_collate_fn_are_refused_naming_the_field_and_the_fix() -> None:
+    case = USER_MODELS["gpt2"](n=32)  # dict items of 4 to 16 tokens; the user's DataLoader pads them
+    dataset, weights = case.data.dataset, [p.detach().clone() for p in case.model.parameters()]
+    common = {"optimizer": torch.optim.AdamW, "lr": 1e-3, "max_steps": 2, "initial_batch_size": 8, "progress": False}
+    with pytest.raises(ValueError, match=r"cannot stack the dataset's items into one batch: field 'input_ids' has "
+                                         r"shape \(\d+,\) in item \d+ and \(\d+,\) in item \d+, .* pass a DataLoader "
+                                         r"whose collate_fn pads each batch, e.g. DataLoader\(dataset, collate_fn=pad\)"):
+        autobatch.fit(case.model, dataset, **common)
+    assert all(torch.equal(a, b) for a, b in zip(weights, case.model.parameters()))  # refused before any step
+    lm = USER_MODELS["padded_lm"](n=32)  # (tokens, next tokens) pairs: the field is named by position
+    with pytest.raises(ValueError, match=r"element 0 has shape \(\d+,\) in item \d+ and \(\d+,\)"):
+        autobatch.fit(lm.model, lm.data.dataset, loss_fn=lm.loss_fn, **common)
+    with pytest.raises(ValueError, match=r"unknown setting 'collate_fn' \(not a fit setting: pass the data as a "
+                                         r"DataLoader whose collate_fn pads each batch, e.g. fit\(model, "
+                                         r"DataLoader\(dataset, collate_fn=pad\), \.\.\.\)"):
+        autobatch.fit(case.model, dataset, collate_fn=pad_collate, **common)
+    result = autobatch.fit(case.model, torch.utils.data.DataLoader(dataset, collate_fn=pad_collate), **common)
+    assert result.steps == 2  # the fix both messages give

@@ -241,3 +241,34 @@ def test_fit_with_lr_auto_runs_the_study_then_the_run_and_records_it(ex):
     with pytest.raises(ValueError, match=r"lr='auto' to choose it"):
         autobatch.fit(ex.model_fn(), ex.train_data, optimizer=torch.optim.SGD,
                       **{k: v for k, v in kwargs.items() if k != "optimizer"})
+
+
+def test_lr_auto_with_a_built_adamw_of_two_param_groups_keeps_each_groups_settings(ex):
+    # The trials once rebuilt the instance as type(opt)(params, **opt.defaults): a TypeError
+    # for AdamW, and one group's settings for all. Now each trial trains a copy of both groups
+    # (the trial's LR is the first group's, the second keeps its 1/10 ratio), and the run the
+    # user's own optimizer at the chosen LR.
+    steps = []  # (optimizer id, [(lr, weight_decay) of each group]) at every optimizer step
+
+    class Recorded(torch.optim.AdamW):
+        def step(self, closure=None):
+            steps.append((id(self), [(g["lr"], g["weight_decay"]) for g in self.param_groups]))
+            return super().step(closure)
+
+    model = ex.model_fn()
+    opt = Recorded([{"params": [model.weight], "weight_decay": 0.1},
+                    {"params": [model.bias], "lr": 1e-4, "weight_decay": 0.0}], lr=1e-3, betas=(0.8, 0.95))
+    result = autobatch.fit(model, ex.train_data, loss_fn=ex.loss_fn, val_data=ex.val_data, optimizer=opt, lr="auto",
+                           epochs=4, initial_batch_size=B0, policy="fixed", lr_scaling="none", progress=False)
+    search = result.lr_search
+    trials = [groups for owner, groups in steps if owner != id(opt)]
+    run = [groups for owner, groups in steps if owner == id(opt)]
+    assert trials and len(run) == result.steps and steps[-len(run):] == [(id(opt), g) for g in run]
+    tried = set()
+    for (lr0, wd0), (lr1, wd1) in trials:
+        assert (wd0, wd1) == (0.1, 0.0) and lr1 == pytest.approx(lr0 / 10, rel=1e-12)
+        tried.add(lr0)
+    assert sorted(tried) == pytest.approx(search.candidates, rel=1e-12)  # every candidate trained
+    for (lr0, wd0), (lr1, wd1) in run:
+        assert (lr0, wd0, wd1) == (search.lr, 0.1, 0.0) and lr1 == pytest.approx(search.lr / 10, rel=1e-12)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95) and result.history[0].lr == search.lr
