@@ -147,6 +147,16 @@ class LRConfig(_Section):
         max_grad_norm: clip the step's gradient to this L2 norm (over all trainable
             parameters, of the mean loss, unscaled under fp16) before the optimizer step;
             ``None``: no clipping. The noise-scale estimator sees the norms before clipping.
+        scale_betas: keep Adam's moment averages' half-lives fixed in examples when B
+            changes (Marek et al. 2025): each group's ``beta`` becomes ``beta^(B/B0)``, the
+            user's betas being those at ``B0``. ``"beta2"`` scales the second-moment beta
+            only, ``"both"`` both; ``"none"`` (default) leaves them. For optimizers with
+            ``betas`` in their param groups (Adam, AdamW, ...).
+        scale_weight_decay: keep AdamW's decoupled weight decay per example when B or the
+            LR factor changes (the timescale ``B / (LR x wd)`` of Bergsma et al. 2025): each
+            group's ``weight_decay`` becomes ``wd x (B/B0) / f``, ``f`` autobatch's LR factor
+            at B (the user's schedule and warm-up left out: their decay is theirs). Meant for
+            decoupled decay (AdamW); off by default.
     """
 
     lr_scaling: Any = None  # a name, an LRScaling instance or None (see _known_scaling)
@@ -155,6 +165,8 @@ class LRConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     max_lr_factor: float | None = Field(2.0, gt=0.0)
     max_grad_norm: float | None = Field(None, gt=0.0)
+    scale_betas: Literal["none", "beta2", "both"] = "none"
+    scale_weight_decay: bool = False
 
     @field_validator("lr_scaling")
     @classmethod

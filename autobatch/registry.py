@@ -60,6 +60,7 @@ POLICIES: dict[str, str] = {
     "gns": "autobatch.policies.gns:GNSPolicy",
     "goodput": "autobatch.policies.goodput:GoodputPolicy",
     "ramp": "autobatch.policies.ramp:RampPolicy",
+    "schedule": "autobatch.policies.schedule:SchedulePolicy",
 }
 
 LR_SCALINGS: dict[str, str] = {

@@ -15,6 +15,8 @@ per policy, named as in :data:`autobatch.registry.POLICIES`:
   (Pollux, Qiao et al., OSDI 2021); its model is plain functions.
 - :mod:`~autobatch.policies.ramp`: grow the batch where a step schedule would decay the LR
   (Smith et al. 2017), and decay the LR only once the batch is capped.
+- :mod:`~autobatch.policies.schedule`: grow the batch where the user's LR scheduler decays
+  the LR (Seesaw for Adam, Smith et al. for SGD), never past the noise scale.
 - :mod:`~autobatch.policies.fixed`: keep the initial batch; decay the LR at the milestones.
 - :mod:`~autobatch.policies.base`: the base class, the context and the shared rounding.
 """
@@ -33,6 +35,7 @@ from autobatch.policies.goodput import (
 )
 from autobatch.policies.guard import LossSpikeGuard
 from autobatch.policies.ramp import RampPolicy
+from autobatch.policies.schedule import SchedulePolicy
 
 __all__ = [
     "BatchSizePolicy",
@@ -43,6 +46,7 @@ __all__ = [
     "LossSpikeGuard",
     "PolicyContext",
     "RampPolicy",
+    "SchedulePolicy",
     "fit_step_time",
     "goodput",
     "round_batch_size",

@@ -51,6 +51,9 @@ class PolicyContext:
             does not say.
         lr_scheduled: whether the user's LR scheduler shapes the base LR (``fit``'s
             ``lr_scheduler``, or a trainer's decaying schedule): the run's LR decay is theirs.
+        lr_decay: the user's schedule now, as a fraction of its peak so far: the last
+            step's base LR over the largest base LR of the run (1 without a scheduler,
+            during warm-up and at the peak; 0.1 at the end of a cosine to 10%).
     """
 
     step: int
@@ -77,6 +80,7 @@ class PolicyContext:
     lr_rule: Callable[[int], float] | None = field(default=None, compare=False)
     progress: float = math.nan
     lr_scheduled: bool = False
+    lr_decay: float = 1.0
 
 
 class BatchSizePolicy(ABC):

@@ -116,6 +116,8 @@ class BatchSizeController:
         self._step = 0
         self._epoch = 0.0
         self._samples = 0
+        self._lr_peak = 0.0  # the user's schedule: its largest base LR so far, and the last over it
+        self._lr_decay = 1.0
         # PolicyContext is built per step only for a policy that reads steps (the base's is a no-op)
         self._policy_observes = type(policy).observe is not BatchSizePolicy.observe
 
@@ -139,6 +141,7 @@ class BatchSizeController:
         step_time_s: float | None = None,
         norms: Any = None,
         loss: float | None = None,
+        base_lr: float | None = None,
     ) -> None:
         """Record one finished optimizer step.
 
@@ -159,8 +162,13 @@ class BatchSizeController:
                 told the step, so its averages keep their memory in steps however sparse the
                 measurements (``GradientNoiseScale.update(step=)``).
             loss: the step's mean training loss (for the policy's stability guard), or None.
+            base_lr: the step's base LR (the first param group's, the user's schedule
+                before autobatch's factor), for :attr:`PolicyContext.lr_decay`; None leaves it.
         """
         self._step, self._epoch, self._samples = step, epoch, samples
+        if base_lr is not None and base_lr > 0:
+            self._lr_peak = max(self._lr_peak, base_lr)
+            self._lr_decay = base_lr / self._lr_peak
         self._loss = math.nan if loss is None else float(loss)
         if norms is not None and norms.small_sq_norms:
             self.estimator.update(norms.small_sq_norms, norms.small_batch_size, norms.big_sq_norm,
@@ -212,6 +220,7 @@ class BatchSizeController:
             lr_rule=self._rule_factor,
             progress=self._progress(),
             lr_scheduled=self.lr_scheduled,
+            lr_decay=self._lr_decay,
         )
 
     def _progress(self) -> float:
@@ -306,6 +315,8 @@ class BatchSizeController:
             "step": self._step,
             "epoch": self._epoch,
             "samples": self._samples,
+            "lr_peak": self._lr_peak,
+            "lr_decay": self._lr_decay,
             "step_times": {b: list(t) for b, t in self._step_times.items()},
             "estimator": self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
@@ -329,6 +340,8 @@ class BatchSizeController:
         self.num_decisions = int(state["num_decisions"])
         self._step, self._epoch = int(state["step"]), float(state["epoch"])
         self._samples = int(state["samples"])
+        self._lr_peak = float(state.get("lr_peak", 0.0))  # (absent before the schedule policy)
+        self._lr_decay = float(state.get("lr_decay", 1.0))
         self._step_times = {
             int(b): deque(t, maxlen=_TIME_WINDOW) for b, t in state["step_times"].items()
         }

@@ -49,6 +49,7 @@ from autobatch.data import as_batch_source
 from autobatch.evaluate import evaluate
 from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec
+from autobatch.policies.schedule import SchedulePolicy
 from autobatch.run_length import RunLength
 from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_flight
 from autobatch.train._resume import run_settings
@@ -68,7 +69,7 @@ from autobatch.train.distributed import (
     sum_over_ranks,
     wrap_ddp,
 )
-from autobatch.train.optimizer import set_lr, setup_optimizer
+from autobatch.train.optimizer import OptimizerScaling, set_lr, setup_optimizer
 from autobatch.train.results import FitResult, StepRecord
 from autobatch.train.sharded import sharded_layout
 from autobatch.train.step import MicroBatchRun, clip_gradients, forward_backward, optimizer_step
@@ -117,6 +118,9 @@ def train(
     run = RunLength(epochs, max_steps, max_samples)
     if not run.given:
         raise ValueError("fit needs a stopping rule: give epochs, max_steps or max_samples (got all three None)")
+    if (cfg.batch.policy == "schedule" or isinstance(cfg.batch.policy, SchedulePolicy)) and lr_scheduler is None:
+        raise ValueError("policy='schedule' grows the batch where lr_scheduler decays the LR, and none was given; "
+                         "pass lr_scheduler=f(optimizer) -> scheduler (e.g. warm-up + cosine), or another policy")
     source = as_batch_source(data, check_items=forward_loss is None)
     val_source = as_batch_source(val_data, name="val_data", check_items=forward_loss is None) if val_data is not None else None
     device = setup_device(model, source, device)
@@ -129,6 +133,7 @@ def train(
                          f"pass initial_batch_size <= {n}")
     max_b = min(cfg.batch.max_batch_size or n, n)
     opt, base_lrs, scheduler = setup_optimizer(optimizer, model, lr, lr_scheduler)
+    opt_scaling = OptimizerScaling(opt, betas=cfg.lr.scale_betas, weight_decay=cfg.lr.scale_weight_decay)
     amp_dtype, scaler = setup_precision(precision, device)
     micro_cap, min_micro = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn, forward_loss=forward_loss,
                                                  optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision,
@@ -230,6 +235,8 @@ def train(
             step_b = indices.shape[0]
             # 2. the LR for this B and step (the user's schedule on a clock in samples)
             base_lr = set_lr(opt, base_lrs, scheduler, controller.lr_factor(step), clock=samples // b0)[0]
+            if opt_scaling.active:  # Adam's betas and AdamW's decay per example (settings)
+                opt_scaling.apply(opt, step_b / b0, controller.lr_factor())
             nonfinite.before_step()  # the forward writes BatchNorm statistics; a skip undoes it
             # 3. forward/backward of every micro-batch; an OOM anywhere redoes the step (buffers reset)
             work = forward_backward(micro, local_share(indices, info), step_b, step, meter=meter,
@@ -267,7 +274,7 @@ def train(
                 controller.estimator.smoothing = schedule.smoothing(step_b)
             controller.observe(step=step, epoch=stream.epochs_done, samples=samples, batch_size=step_b,
                                step_time_s=step_time, norms=norms if finite else None,
-                               loss=train_loss if finite else None)
+                               loss=train_loss if finite else None, base_lr=base_lr)
             est = controller.estimator
             record = StepRecord.trusted(  # no validation: the loop's own values
                 step=step, epoch=stream.epochs_done, samples=samples, batch_size=controller.batch_size,

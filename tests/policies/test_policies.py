@@ -264,7 +264,7 @@ def test_make_policy_reads_the_config() -> None:
     assert isinstance(goodput, GoodputPolicy) and goodput.max_growth == 3.0
     mine = GNSPolicy()
     assert make_policy(mine, cfg.batch, cfg.lr) is mine
-    with pytest.raises(ValueError, match=r"unknown policy 'gnss'; allowed: budget, fixed, gns, goodput, ramp, or a "
+    with pytest.raises(ValueError, match=r"unknown policy 'gnss'; allowed: budget, fixed, gns, goodput, ramp, schedule, or a "
                                          r"BatchSizePolicy instance; did you mean 'gns'\?"):
         make_policy("gnss", cfg.batch, cfg.lr)
     with pytest.raises(ValueError, match=r"unknown policy 3; allowed: budget, fixed, gns"):
