@@ -209,6 +209,7 @@ def train(
     model.train()
     signals = DeferredSignals(info, device)  # SIGINT/SIGTERM wait for the step to finish
     agreed_signals = None  # under DDP, the flags the last step's all-reduce summed over ranks
+    stopped_by = None
     try:
         while (reason := run.reached(step, samples, stream.epochs_done)) is None:
             signals.check(agreed_signals)  # between steps: a checkpoint describes one moment
@@ -295,7 +296,8 @@ def train(
             save(result)
         raise
     finally:
-        signals.close()
+        if stopped_by is None:  # leaving with an error: the handlers go back now
+            signals.close()
         meter.close()
         loader.close()
         if micro.model is not model:
@@ -306,16 +308,21 @@ def train(
             gc.collect()
         if bar is not None:
             bar.close()
-    if has_eval and (not result.evals or result.evals[-1]["step"] != step):
-        with contextlib.suppress(StopTraining):
-            run_eval()
-    result.final_metrics["train_loss"] = result.history[-1].train_loss if result.history else math.nan
-    result.stopped_by = stopped_by
-    update_totals()
-    save(result)
-    for cb in callbacks:
-        cb.on_fit_end(result)
-    signals.check()  # a signal received in the last step: the run is complete and saved
+    # The final evaluation and save run with the handlers still installed: a signal that
+    # arrives during them is raised once last.pt holds the complete run.
+    try:
+        if has_eval and (not result.evals or result.evals[-1]["step"] != step):
+            with contextlib.suppress(StopTraining):
+                run_eval()
+        result.final_metrics["train_loss"] = result.history[-1].train_loss if result.history else math.nan
+        result.stopped_by = stopped_by
+        update_totals()
+        save(result)
+        for cb in callbacks:
+            cb.on_fit_end(result)
+    finally:
+        signals.close()
+    signals.check()  # a signal received in the last step or since: the run is complete and saved
     return result
 
 
