@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,8 +20,12 @@ from autobatch.batch import (
 )
 from autobatch.data import as_batch_source, move_to
 from autobatch.devices import autocast, canonical_device, model_device
+from autobatch.memory.oom import release_after_oom, retry_after_oom
 
-__all__ = ["evaluate"]
+__all__ = ["EVAL_BATCH_SIZE", "evaluate"]
+
+EVAL_BATCH_SIZE = 1024
+"""Examples per forward pass of :func:`evaluate` when no memory cap is known."""
 
 
 def _predictions(model: nn.Module, batch: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -50,8 +54,9 @@ def evaluate(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     device: torch.device | str | None = None,
-    batch_size: int = 1024,
+    batch_size: int = EVAL_BATCH_SIZE,
     amp_dtype: torch.dtype | None = None,
+    agree: Callable[[int], int] | None = None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy where meaningful) of ``model`` over ``data``, in eval mode.
 
@@ -68,8 +73,13 @@ def evaluate(
             are weighted by it, so ``val_loss`` is the mean over all loss items (all
             non-ignored tokens of an LM), whatever the batching.
         device: where batches go; None: the device of the model's first parameter.
-        batch_size: examples per forward pass (memory only; the result does not depend on it).
+        batch_size: examples per forward pass (memory only; the result does not depend on
+            it). ``fit`` passes its micro-batch cap. A batch that runs out of memory is
+            halved and run again, and the smaller size kept for the rest.
         amp_dtype: autocast dtype for the forward and loss (None: none).
+        agree: under FSDP, the largest batch size that ran out of memory over all processes
+            (0 where none did), so that every process halves together and their forwards'
+            collectives match (:func:`autobatch.memory.oom.retry_after_oom`).
 
     Returns:
         ``{"val_loss": ...}``, plus ``"val_accuracy"`` (a fraction in [0, 1]) when every batch
@@ -82,6 +92,7 @@ def evaluate(
 
     Raises:
         ValueError: ``batch_size < 1``, or the data has no loss item at all.
+        RuntimeError: a single example runs out of memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
@@ -91,25 +102,47 @@ def evaluate(
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     items_total = correct = scored = 0
     classify = forward_loss is None
+    start, size = 0, batch_size
+
+    def attempt() -> tuple[int, int, Any, tuple[int, int] | None]:
+        chunk = order[start:start + size]
+        batch = source.batch(chunk)
+        items = int(count_loss_items(batch, loss_items, model=model, loss_fn=loss_fn, forward_loss=forward_loss))
+        if items == 0:
+            return len(chunk), 0, None, None
+        batch = move_to(batch, device)
+        with autocast(device, amp_dtype):
+            loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
+        pair = _predictions(model, batch, output) if classify else None
+        if pair is None:
+            return len(chunk), items, loss, None
+        logits, target = pair
+        keep = target != IGNORE_INDEX
+        return len(chunk), items, loss, (int(((logits.argmax(-1) == target) & keep).sum()), int(keep.sum()))
+
+    def halve(failed: int) -> None:
+        nonlocal size
+        if failed <= 1:
+            raise RuntimeError("evaluation ran out of memory on a single example; the model does not fit this "
+                               "device for inference: free memory, use a smaller model, or lower precision")
+        release_after_oom(model, device=device, keep_grads=True)
+        size = failed // 2
+
+    def failed_size() -> int:
+        return min(size, len(order) - start)
+
     with train_modes(model, train=False):
-        for chunk in order.split(batch_size):
-            batch = source.batch(chunk)
-            items = int(count_loss_items(batch, loss_items, model=model, loss_fn=loss_fn,
-                                         forward_loss=forward_loss))
+        while start < len(order):
+            (taken, items, loss, hits), _ = retry_after_oom(attempt, failed_size=failed_size, on_oom=halve, agree=agree)
+            start += taken
             if items == 0:
                 continue
-            batch = move_to(batch, device)
-            with autocast(device, amp_dtype):
-                loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
             loss_total += loss.double() * items
             items_total += items
-            pair = _predictions(model, batch, output) if classify else None
-            classify = pair is not None
+            classify = classify and hits is not None
             if classify:
-                logits, target = pair
-                keep = target != IGNORE_INDEX
-                correct += int(((logits.argmax(-1) == target) & keep).sum())
-                scored += int(keep.sum())
+                correct += hits[0]
+                scored += hits[1]
     if items_total == 0:
         raise ValueError("val_data has no loss item (every target is -100?); nothing to evaluate")
     metrics = {"val_loss": float(loss_total) / items_total}

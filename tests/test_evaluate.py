@@ -58,3 +58,31 @@ def test_evaluate_a_hugging_face_causal_lm_scores_the_next_token() -> None:
     keep = labels != -100
     assert metrics["val_loss"] == pytest.approx(float(out.loss), rel=1e-5)  # token mean, whatever the batching
     assert metrics["val_accuracy"] == pytest.approx(float((logits.argmax(-1) == labels)[keep].float().mean()))
+
+
+class _OutOfMemoryAbove(nn.Module):
+    """A classifier whose forward runs out of memory on more than ``limit`` examples, as a
+    full device would."""
+
+    def __init__(self, lin: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.lin, self.limit, self.sizes = lin, limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above {self.limit} examples)")
+        return self.lin(x)
+
+
+def test_an_out_of_memory_batch_is_halved_and_the_metrics_do_not_change() -> None:
+    lin = nn.Linear(4, 3)
+    x, y = torch.randn(100, 4), torch.randint(3, (100,))
+    model = _OutOfMemoryAbove(lin, limit=8)
+    metrics = evaluate(model, (x, y), F.cross_entropy, batch_size=64)
+    assert model.sizes[:4] == [64, 32, 16, 8] and max(model.sizes[4:]) == 8  # halved once, kept
+    whole = evaluate(lin, (x, y), F.cross_entropy, batch_size=100)
+    assert metrics["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert metrics["val_accuracy"] == whole["val_accuracy"]
+    with pytest.raises(RuntimeError, match=r"evaluation ran out of memory on a single example"):
+        evaluate(_OutOfMemoryAbove(lin, limit=0), (x, y), F.cross_entropy, batch_size=4)

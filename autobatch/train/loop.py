@@ -46,7 +46,7 @@ from autobatch.accumulate import LossItems, resolve_loss_items
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
-from autobatch.evaluate import evaluate
+from autobatch.evaluate import EVAL_BATCH_SIZE, evaluate
 from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec
 from autobatch.run_length import RunLength
@@ -60,6 +60,7 @@ from autobatch.train.data_loader import MicroBatchLoader, setup_sample_stream, t
 from autobatch.train.device import setup_device, setup_micro_batch_cap, setup_precision
 from autobatch.train.distributed import (
     FlatGradientBuffer,
+    agree_max,
     broadcast_buffers,
     broadcast_int,
     local_share,
@@ -191,9 +192,12 @@ def train(
         result.wall_time_s = time.perf_counter() - start
 
     def run_eval() -> None:
+        # Forwards no larger than training's (the probed cap, halved after an OOM); under FSDP
+        # the processes halve an out-of-memory batch together, as their collectives must match.
         metrics = eval_fn(model) if eval_fn is not None else evaluate(
             model, val_source, loss_fn, forward_loss=forward_loss, loss_items=loss_items, device=device,
-            amp_dtype=amp_dtype)
+            batch_size=controller.max_micro_batch_size or EVAL_BATCH_SIZE, amp_dtype=amp_dtype,
+            agree=(lambda size: int(agree_max(size, info, device))) if sharded is not None else None)
         result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})
         result.final_metrics = dict(metrics)
         stop = None

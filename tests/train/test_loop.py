@@ -380,3 +380,32 @@ def test_an_oom_retry_leaves_no_trace_in_batchnorm_statistics(regression, mse) -
     assert ref.oom_retries == 0 and [r.accum_steps for r in ref.history] == [r.accum_steps for r in res.history]
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked too
+
+
+class _OutOfMemoryAbove(nn.Module):
+    """A classifier whose forward runs out of memory on more than ``limit`` examples, as a
+    model that fits only the probed micro-batch on a full device would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.lin, self.limit, self.sizes = nn.Linear(4, 3), limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above {self.limit} examples)")
+        return self.lin(x)
+
+
+def test_evaluation_runs_in_micro_batches_under_the_training_cap() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(3, (64,), generator=g)
+    xv, yv = torch.randn(100, 4, generator=g), torch.randint(3, (100,), generator=g)
+    model = _OutOfMemoryAbove(limit=8)
+    res = autobatch.fit(model, (x, y), loss_fn=nn.functional.cross_entropy, val_data=(xv, yv), lr=0.1, epochs=2,
+                        initial_batch_size=16, max_micro_batch_size=8, policy="fixed", progress=False)
+    assert max(model.sizes) == 8 and res.oom_retries == 0 and len(res.evals) == 2
+    with torch.no_grad():
+        logits = model.lin(xv)
+    assert res.final_metrics["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, yv)), rel=1e-6)
+    assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
