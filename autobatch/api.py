@@ -48,6 +48,7 @@ def fit(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    accuracy: str | bool = "auto",
     **config_overrides: Any,
 ) -> FitResult:
     """Train ``model`` on ``data`` with a batch size chosen, and re-chosen, by autobatch.
@@ -90,7 +91,7 @@ def fit(
         resume: continue from ``checkpoint_dir/last.pt`` if it exists: same batch sizes,
             same sample order, same weights as a run that was never stopped.
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
-            (``val_loss``, and ``val_accuracy`` when outputs are class logits).
+            (``val_loss``, and ``val_accuracy`` when outputs are class or token logits).
         precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or GPU) or ``"fp16"``
             (CUDA autocast with a GradScaler; norms are measured after unscaling).
         forward_loss: ``forward_loss(model, batch) -> loss`` for batches of any other form,
@@ -108,6 +109,12 @@ def fit(
             ``initial_batch_size`` examples processed (its "step" is ``samples // B0``), so a
             schedule written in steps of the base batch, or in epochs, keeps its meaning when
             B changes. Do not step it yourself.
+        accuracy: which target ``val_accuracy`` scores each prediction against
+            (:mod:`autobatch.evaluate`): ``"auto"`` (the next token for a Hugging Face causal
+            LM, the same position where the targets are a tensor of their own, and no accuracy,
+            with a warning, where the targets are the inputs themselves: ``(x, x)`` batches
+            with a loss of your own), ``"next_token"`` (position t against target t + 1),
+            ``"same_position"``, or False (none).
         **config_overrides: flat settings applied on top of ``config``, e.g.
             ``policy="goodput"``, ``max_batch_size=1024``, ``max_grad_norm=1.0`` (clip the
             gradient's L2 norm after the noise-scale norms are read and before the optimizer
@@ -144,5 +151,5 @@ def fit(
     return train(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr, epochs=epochs,
                  max_steps=max_steps, max_samples=max_samples, config=config, callbacks=callbacks, device=device,
                  checkpoint_dir=checkpoint_dir, resume=resume, eval_fn=eval_fn, precision=precision,
-                 forward_loss=forward_loss, loss_items=loss_items, lr_scheduler=lr_scheduler, lr_search=search,
-                 **config_overrides)
+                 forward_loss=forward_loss, loss_items=loss_items, lr_scheduler=lr_scheduler, accuracy=accuracy,
+                 lr_search=search, **config_overrides)

@@ -1,7 +1,21 @@
-"""Evaluation of a model on held-out data: mean loss, and accuracy where it means something."""
+"""Evaluation of a model on held-out data: mean loss, and accuracy where it means something.
+
+Accuracy needs to know which target each prediction is for. ``accuracy="auto"`` scores:
+
+- a Hugging Face causal LM on dict batches (:func:`autobatch.batch.shifts_labels`): the logits
+  at position ``t`` against ``labels[t + 1]``, as its own loss does;
+- targets that are a tensor of their own (``(x, y)``, a dict's ``labels`` other than its
+  inputs): each prediction against the target at its own position;
+- targets that are the inputs themselves (``(x, x)`` batches, ``labels`` equal to
+  ``input_ids`` wherever not -100) with a loss of the user's: nothing, with a warning. The
+  loss alone knows whether position ``t`` predicts token ``t`` or ``t + 1``; a guess would
+  report 0.0 for a model that predicts every next token. ``accuracy="next_token"`` or
+  ``"same_position"`` says which.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,31 +32,114 @@ from autobatch.batch import (
     shifts_labels,
     target_of,
 )
-from autobatch.data import as_batch_source, move_to
+from autobatch.data import BatchSource, as_batch_source, move_to
 from autobatch.devices import autocast, canonical_device, model_device
 from autobatch.memory.oom import release_after_oom, retry_after_oom
 
-__all__ = ["EVAL_BATCH_SIZE", "evaluate"]
+__all__ = ["ACCURACY_MODES", "EVAL_BATCH_SIZE", "accuracy_errors", "evaluate"]
+
+ACCURACY_MODES = ("auto", "next_token", "same_position")
+"""The values of ``accuracy`` besides False (no accuracy); see the module docstring."""
 
 EVAL_BATCH_SIZE = 1024
 """Examples per forward pass of :func:`evaluate` when no memory cap is known."""
 
 
-def _predictions(model: nn.Module, batch: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(logits, targets)`` to score, or None where accuracy is not meaningful.
+def accuracy_errors(accuracy: Any, forward_loss: ForwardLoss | None = None) -> list[str]:
+    """What is wrong with an ``accuracy`` setting (nothing: an empty list), with the fix."""
+    if accuracy is not False and (not isinstance(accuracy, str) or accuracy not in ACCURACY_MODES):
+        return [f"accuracy must be 'auto', 'next_token', 'same_position' or False (got accuracy={accuracy!r}); "
+                "'next_token' scores the logits at position t against target t + 1 (a language model on (x, x) "
+                "batches), 'same_position' against target t, 'auto' decides when it can"]
+    if accuracy in ("next_token", "same_position") and forward_loss is not None:
+        return [f"accuracy={accuracy!r} needs the model's outputs, which forward_loss hides; pass accuracy='auto' "
+                "(no accuracy with forward_loss), or compute it in eval_fn"]
+    return []
 
-    Meaningful: integer targets and logits with one more (class) dimension and the same
-    leading shape: class logits ``(B, C)`` vs ``(B,)``, token logits ``(B, T, V)`` vs
-    ``(B, T)``. A Hugging Face causal LM's logits at position ``t`` predict ``labels[t + 1]``.
+
+def _targets_are_inputs(batch: Any, target: torch.Tensor) -> bool:
+    """Whether ``target`` repeats one of the batch's inputs wherever it is not -100: a
+    ``(x, x)`` batch, or ``labels`` that are the ``input_ids`` (padded with -100)."""
+    if isinstance(batch, Mapping):
+        inputs = [v for k, v in batch.items() if k != "labels"]
+    else:
+        inputs = list(batch[:-1])
+    ignored = target == IGNORE_INDEX
+    return any(isinstance(x, torch.Tensor) and x.shape == target.shape and not (x.is_floating_point()
+               or x.is_complex()) and bool(((x == target) | ignored).all()) for x in inputs)
+
+
+def _alignment(model: nn.Module, batch: Any, accuracy: str | bool) -> str | bool:
+    """What ``accuracy`` means for batches like ``batch``: ``"next_token"``,
+    ``"same_position"``, or False (no accuracy); ``"auto"`` decided as the module docstring
+    says, once per evaluation (a small batch whose targets happen to equal its inputs does not
+    decide for the others)."""
+    if accuracy != "auto":
+        return accuracy
+    target = target_of(batch)
+    if target is None or target.is_floating_point() or target.is_complex():
+        return False
+    if isinstance(batch, Mapping) and shifts_labels(model):
+        return "next_token"
+    if _targets_are_inputs(batch, target):
+        warnings.warn(
+            "val_accuracy is not reported: the targets are the inputs themselves ((x, x) batches, or labels equal "
+            "to input_ids), so only the loss knows whether the logits at position t predict token t or t + 1; pass "
+            "accuracy='next_token' (a language model) or accuracy='same_position'", UserWarning, stacklevel=5)
+        return False
+    return "same_position"
+
+
+def _predictions(batch: Any, output: Any, mode: str, explicit: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits, targets)`` to score, aligned as ``mode`` says, or None where the output and
+    targets are not class or token logits over integer targets: class logits ``(B, C)`` vs
+    ``(B,)``, token logits ``(B, T, V)`` vs ``(B, T)``.
+
+    Raises:
+        ValueError: where they are not, for a mode the user gave (``explicit``).
     """
     logits, target = output_logits(output), target_of(batch)
     if logits is None or target is None or target.is_floating_point() or target.is_complex():
-        return None
-    if isinstance(batch, Mapping) and shifts_labels(model) and logits.ndim >= 3:
+        if not explicit:
+            return None
+        got = "no logits in the model's output" if logits is None else (
+            "no targets" if target is None else f"{str(target.dtype).removeprefix('torch.')} targets")
+        raise ValueError(f"accuracy={mode!r} needs integer targets (class or token indices) and logits in the "
+                         f"model's output (got {got}); pass accuracy=False for targets that are not class indices")
+    shapes = f"got logits of shape {tuple(logits.shape)} and targets of shape {tuple(target.shape)}"
+    if mode == "next_token":
+        if logits.ndim < 3 or logits.ndim != target.ndim + 1:
+            if not explicit:
+                return None
+            raise ValueError(
+                f"accuracy='next_token' needs token logits (B, T, V) and targets (B, T), the logits at position t "
+                f"scored against target t + 1 ({shapes}); pass accuracy='same_position' for class logits, or "
+                "accuracy=False")
         logits, target = logits[..., :-1, :], target[..., 1:]
     if logits.ndim != target.ndim + 1 or logits.shape[:-1] != target.shape:
-        return None
+        if not explicit:
+            return None
+        raise ValueError(f"accuracy={mode!r} needs logits with one more (class) dimension than the targets, (B, C) "
+                         f"against (B,) or (B, T, V) against (B, T) ({shapes}); pass accuracy=False")
     return logits, target
+
+
+def _forward(model: nn.Module, batch: Any, loss_fn: LossFn | None, forward_loss: ForwardLoss | None,
+             loss_items: LossItems, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[int, Any, Any, Any]:
+    """``(loss items, loss, output, batch on the device)`` of one batch; no forward (loss and
+    output None) for a batch without a loss item."""
+    items = int(count_loss_items(batch, loss_items, model=model, loss_fn=loss_fn, forward_loss=forward_loss))
+    if items == 0:
+        return 0, None, None, batch
+    batch = move_to(batch, device)
+    with autocast(device, amp_dtype):
+        loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
+    return items, loss, output, batch
+
+
+def _order(source: BatchSource) -> torch.Tensor:
+    """The examples an evaluation scores, in order: one epoch of a DataLoader's sampler, or all."""
+    return source.sampler_order(0) if source.sampler is not None else torch.arange(len(source))
 
 
 @torch.no_grad()
@@ -56,6 +153,7 @@ def evaluate(
     device: torch.device | str | None = None,
     batch_size: int = EVAL_BATCH_SIZE,
     amp_dtype: torch.dtype | None = None,
+    accuracy: str | bool = "auto",
     agree: Callable[[int], int] | None = None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy where meaningful) of ``model`` over ``data``, in eval mode.
@@ -77,43 +175,49 @@ def evaluate(
             it). ``fit`` passes its micro-batch cap. A batch that runs out of memory is
             halved and run again, and the smaller size kept for the rest.
         amp_dtype: autocast dtype for the forward and loss (None: none).
+        accuracy: ``"auto"``, ``"next_token"``, ``"same_position"`` or False: which target
+            each prediction is scored against (module docstring).
         agree: under FSDP, the largest batch size that ran out of memory over all processes
             (0 where none did), so that every process halves together and their forwards'
             collectives match (:func:`autobatch.memory.oom.retry_after_oom`).
 
     Returns:
         ``{"val_loss": ...}``, plus ``"val_accuracy"`` (a fraction in [0, 1]) when every batch
-        has integer targets and logits with one more (class) dimension: class logits ``(B, C)``
-        vs ``(B,)``, token logits ``(B, T, V)`` vs ``(B, T)`` compared per token. Targets equal
-        to -100 (``ignore_index``) are not counted; a Hugging Face causal LM's logits are
-        compared with the next token. Logits are the output itself, its ``.logits``, or the
-        first element of a tuple output; targets are a tuple batch's last element or a dict
-        batch's ``"labels"``. No accuracy with ``forward_loss``.
+        has integer targets and logits with one more (class) dimension, aligned as
+        ``accuracy`` says: class logits ``(B, C)`` vs ``(B,)``, token logits ``(B, T, V)`` vs
+        ``(B, T)`` compared per token. Targets equal to -100 (``ignore_index``) are not
+        counted. Logits are the output itself, its ``.logits``, or the first element of a
+        tuple output; targets are a tuple batch's last element or a dict batch's ``"labels"``.
+        No accuracy with ``forward_loss``.
 
     Raises:
-        ValueError: ``batch_size < 1``, or the data has no loss item at all.
+        ValueError: ``batch_size < 1``, a bad ``accuracy`` or one the outputs cannot have, or
+            the data has no loss item at all.
         RuntimeError: a single example runs out of memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got batch_size={batch_size})")
+    if errors := accuracy_errors(accuracy, forward_loss):
+        raise ValueError(errors[0])
     source = as_batch_source(data, name="val_data", check_items=forward_loss is None)
     device = canonical_device(device) if device is not None else model_device(model)
-    order = source.sampler_order(0) if source.sampler is not None else torch.arange(len(source))
+    order = _order(source)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     items_total = correct = scored = 0
-    classify = forward_loss is None
+    classify = forward_loss is None and accuracy is not False
+    mode: str | bool | None = None  # decided on the first batch with a loss item
     start, size = 0, batch_size
 
     def attempt() -> tuple[int, int, Any, tuple[int, int] | None]:
+        nonlocal mode
         chunk = order[start:start + size]
-        batch = source.batch(chunk)
-        items = int(count_loss_items(batch, loss_items, model=model, loss_fn=loss_fn, forward_loss=forward_loss))
-        if items == 0:
-            return len(chunk), 0, None, None
-        batch = move_to(batch, device)
-        with autocast(device, amp_dtype):
-            loss, output = forward_and_loss(model, batch, loss_fn, forward_loss)
-        pair = _predictions(model, batch, output) if classify else None
+        items, loss, output, batch = _forward(model, source.batch(chunk), loss_fn, forward_loss, loss_items, device,
+                                              amp_dtype)
+        if not (classify and items):
+            return len(chunk), items, loss, None
+        if mode is None:
+            mode = _alignment(model, batch, accuracy)
+        pair = _predictions(batch, output, mode, explicit=accuracy != "auto") if mode else None
         if pair is None:
             return len(chunk), items, loss, None
         logits, target = pair

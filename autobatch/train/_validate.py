@@ -14,6 +14,8 @@ Decisions:
   built for another model would train nothing here.
 - ``epochs=0``, ``max_steps=0`` or ``max_samples=0`` are allowed (no step runs; the model is
   evaluated); negative values are refused.
+- An explicit ``accuracy`` alignment is refused where nothing would read it: with
+  ``forward_loss`` (no outputs to score) or ``eval_fn`` (which replaces the default evaluation).
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["validate_fit_args"]
+from autobatch.evaluate import accuracy_errors
+
+__all__ = ["evaluation_errors", "validate_fit_args"]
 
 
 def validate_fit_args(
     model: nn.Module, data: Any, val_data: Any, optimizer: Any, lr: Any, epochs: Any,
-    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any,
+    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any, *,
+    eval_fn: Any = None, forward_loss: Any = None, accuracy: Any = "auto",
 ) -> None:
     """Check ``fit``'s arguments (as documented there) before any training.
 
@@ -60,8 +65,18 @@ def validate_fit_args(
         errors += _available(device)
     if checkpoint_dir is not None:
         errors += _writable(checkpoint_dir)
+    errors += evaluation_errors(eval_fn, forward_loss, accuracy)
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def evaluation_errors(eval_fn: Any, forward_loss: Any, accuracy: Any) -> list[str]:
+    """The problems with the settings of ``fit``'s default evaluation (module docstring)."""
+    errors = accuracy_errors(accuracy, forward_loss)
+    if accuracy in ("next_token", "same_position") and eval_fn is not None:
+        errors.append(f"accuracy={accuracy!r} is given but eval_fn replaces the default evaluation that reads it; "
+                      "compute the accuracy in eval_fn, or drop eval_fn")
+    return errors
 
 
 def _number(value: Any) -> bool:

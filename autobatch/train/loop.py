@@ -98,6 +98,7 @@ def train(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    accuracy: str | bool = "auto",
     lr_search: Any = None,
     **config_overrides: Any,
 ) -> FitResult:
@@ -112,7 +113,8 @@ def train(
         ValueError: as listed in :func:`autobatch.fit`.
     """
     # -- setup: plain values, every bad setting refused before any work ----------------------
-    validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir)
+    validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir,
+                      eval_fn=eval_fn, forward_loss=forward_loss, accuracy=accuracy)
     cfg = FitConfig.from_any(config, **config_overrides)
     run = RunLength(epochs, max_steps, max_samples)
     if not run.given:
@@ -196,7 +198,7 @@ def train(
         # the processes halve an out-of-memory batch together, as their collectives must match.
         metrics = eval_fn(model) if eval_fn is not None else evaluate(
             model, val_source, loss_fn, forward_loss=forward_loss, loss_items=loss_items, device=device,
-            batch_size=controller.max_micro_batch_size or EVAL_BATCH_SIZE, amp_dtype=amp_dtype,
+            batch_size=controller.max_micro_batch_size or EVAL_BATCH_SIZE, amp_dtype=amp_dtype, accuracy=accuracy,
             agree=(lambda size: int(agree_max(size, info, device))) if sharded is not None else None)
         result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})
         result.final_metrics = dict(metrics)

@@ -120,6 +120,11 @@ def _two_groups(model):
     ({"max_samples": -64}, r"max_samples must be finite and >= 0 \(got max_samples=-64\)"),
     ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
+    ({"accuracy": "next"}, r"accuracy must be 'auto', 'next_token', 'same_position' or False \(got accuracy='next'\)"),
+    ({"accuracy": "next_token", "forward_loss": lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])},
+     r"accuracy='next_token' needs the model's outputs, which forward_loss hides"),
+    ({"accuracy": "same_position", "eval_fn": lambda m: {}},
+     r"accuracy='same_position' is given but eval_fn replaces the default evaluation that reads it"),
 ])
 def test_a_bad_setting_is_refused_before_the_first_step(setting, match, noise_data) -> None:
     model = nn.Linear(8, 1)

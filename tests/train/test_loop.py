@@ -409,3 +409,38 @@ def test_evaluation_runs_in_micro_batches_under_the_training_cap() -> None:
         logits = model.lin(xv)
     assert res.final_metrics["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, yv)), rel=1e-6)
     assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
+
+
+class _GRULM(nn.Module):
+    def __init__(self, vocab: int = 12, width: int = 16) -> None:
+        super().__init__()
+        self.emb, self.gru, self.head = nn.Embedding(vocab, width), nn.GRU(width, width, batch_first=True), \
+            nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.emb(tokens))[0])
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A user's own LM loss on (x, x) batches: position t predicts token t + 1."""
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_a_gru_lm_on_x_x_batches_reports_next_token_accuracy_or_none() -> None:
+    from autobatch.testing import markov_tokens
+
+    tokens, _ = markov_tokens(320, vocab=12, length=10, seed=0)
+    x, xv = tokens[:256], tokens[256:]
+    kwargs = {"loss_fn": _next_token_loss, "val_data": (xv, xv), "lr": 0.5, "epochs": 3, "initial_batch_size": 16,
+              "policy": "fixed", "progress": False}
+    torch.manual_seed(0)
+    model = _GRULM()
+    res = autobatch.fit(model, (x, x), accuracy="next_token", **kwargs)
+    with torch.no_grad():
+        predicted = model(xv).argmax(-1)
+    by_hand = float((predicted[:, :-1] == xv[:, 1:]).float().mean())
+    assert by_hand > 0.2 and res.final_metrics["val_accuracy"] == pytest.approx(by_hand)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"accuracy='next_token'"):
+        res = autobatch.fit(_GRULM(), (x, x), **kwargs)
+    assert "val_accuracy" not in res.final_metrics and all("val_accuracy" not in e for e in res.evals)
