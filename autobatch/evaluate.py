@@ -11,6 +11,9 @@ Accuracy needs to know which target each prediction is for. ``accuracy="auto"`` 
   loss alone knows whether position ``t`` predicts token ``t`` or ``t + 1``; a guess would
   report 0.0 for a model that predicts every next token. ``accuracy="next_token"`` or
   ``"same_position"`` says which.
+
+:func:`check_val_data` runs the first examples through the same code before training, so a
+``val_data`` that cannot be evaluated fails then, not at the first evaluation.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from autobatch._state import train_modes
+from autobatch._state import preserved_state, train_modes
 from autobatch.accumulate import IGNORE_INDEX, LossItems, count_loss_items
 from autobatch.batch import (
     ForwardLoss,
@@ -32,11 +36,11 @@ from autobatch.batch import (
     shifts_labels,
     target_of,
 )
-from autobatch.data import BatchSource, as_batch_source, move_to
+from autobatch.data import BatchSource, TensorDictDataset, as_batch_source, move_to
 from autobatch.devices import autocast, canonical_device, model_device
-from autobatch.memory.oom import release_after_oom, retry_after_oom
+from autobatch.memory.oom import is_oom_error, release_after_oom, retry_after_oom
 
-__all__ = ["ACCURACY_MODES", "EVAL_BATCH_SIZE", "accuracy_errors", "evaluate"]
+__all__ = ["ACCURACY_MODES", "EVAL_BATCH_SIZE", "accuracy_errors", "check_val_data", "evaluate"]
 
 ACCURACY_MODES = ("auto", "next_token", "same_position")
 """The values of ``accuracy`` besides False (no accuracy); see the module docstring."""
@@ -253,3 +257,98 @@ def evaluate(
     if classify and scored:
         metrics["val_accuracy"] = correct / scored
     return metrics
+
+
+def _class_index_outside(source: BatchSource, classes: int) -> tuple[int, int] | None:
+    """``(example, target)``: the first in-memory integer target outside ``[0, classes)`` and
+    not -100, or None (there is none, or the targets are not held as one tensor)."""
+    ds = source.dataset
+    target = ds.tensors.get("labels") if isinstance(ds, TensorDictDataset) else (
+        ds.tensors[-1] if isinstance(ds, TensorDataset) else None)
+    if source.sampler is not None or not isinstance(target, torch.Tensor) or target.ndim == 0 \
+            or target.is_floating_point() or target.is_complex():
+        return None
+    bad = ((target != IGNORE_INDEX) & ((target < 0) | (target >= classes))).reshape(len(target), -1)
+    rows = bad.any(1).nonzero()
+    if not len(rows):
+        return None
+    i = int(rows[0])
+    return i, int(target[i].reshape(-1)[bad[i]][0])
+
+
+def _cannot_evaluate(err: Exception, what: str, loss_name: str, model: nn.Module, batch: Any) -> ValueError:
+    """The error for a ``val_data`` the model or loss fails on: the error, a likely cause, the fix."""
+    tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != own})
+    hint = (f" (val_data holds {' and '.join(other)} tensors where the model's parameters are "
+            f"{str(own).removeprefix('torch.')}: convert them, e.g. X_val.to({own}))") if own is not None and other else ""
+    other_form = "" if loss_name in ("val_loss_fn", "forward_loss") else (
+        ", or pass val_loss_fn=f(output, target) -> scalar if its targets have another form (e.g. hard labels "
+        "where training uses soft ones)")
+    return ValueError(f"val_data cannot be evaluated: {what} through the model and {loss_name} raised "
+                      f"{type(err).__name__}: {err}{hint}. Every evaluation runs val_data through them, as training "
+                      f"runs data: give it the form, dtypes and targets of data{other_form}")
+
+
+def check_val_data(
+    model: nn.Module,
+    source: BatchSource,
+    loss_fn: LossFn | None = None,
+    *,
+    forward_loss: ForwardLoss | None = None,
+    loss_items: LossItems = "auto",
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    accuracy: str | bool = "auto",
+    loss_name: str = "loss_fn",
+) -> None:
+    """Evaluate ``source``'s first 2 examples as :func:`evaluate` would, before training, so a
+    ``val_data`` the model or loss cannot read fails now, not after an epoch.
+
+    Also run: the first example whose in-memory class index the logits cannot score (outside
+    ``[0, C)`` and not -100), if any, so a bad label anywhere is caught (a loss that maps
+    labels itself passes). The model is left as it was (:func:`autobatch._state.preserved_state`:
+    modes, RNGs, buffers, gradients).
+
+    Args:
+        model, source, loss_fn, forward_loss, loss_items, device, amp_dtype, accuracy: as
+            the evaluations will get them.
+        loss_name: what ``loss_fn`` is called in messages (``"val_loss_fn"``, ``"loss_fn"``).
+
+    Raises:
+        ValueError: naming ``val_data``, the example(s), the error, a likely cause and the fix;
+            or an ``accuracy`` the outputs cannot have.
+    """
+    if forward_loss is not None:
+        loss_name = "forward_loss"
+    elif loss_fn is None:
+        loss_name = "the model's own .loss"
+    first = _order(source)[:2]
+
+    def run(indices: torch.Tensor, what: str) -> tuple[Any, Any]:
+        batch = source.batch(indices)
+        try:
+            _, loss, output, batch = _forward(model, batch, loss_fn, forward_loss, loss_items, device, amp_dtype)
+            if loss is not None:
+                float(loss)  # a device-side error (a CUDA index assert) surfaces here, not later
+        except Exception as err:
+            if is_oom_error(err):
+                raise
+            raise _cannot_evaluate(err, what, loss_name, model, batch) from err
+        return output, batch
+
+    with preserved_state(model, train=False), torch.no_grad():
+        output, batch = run(first, f"its first {len(first)} example{'s' if len(first) > 1 else ''}")
+        if output is None:
+            return
+        if accuracy in ACCURACY_MODES[1:]:  # an alignment the outputs cannot have fails now
+            _predictions(batch, output, accuracy, explicit=True)
+        logits, target = output_logits(output), target_of(batch)
+        if logits is not None and target is not None and logits.ndim == target.ndim + 1:
+            bad = _class_index_outside(source, logits.shape[-1])
+            if bad is not None:
+                i, value = bad
+                run(torch.tensor([i]), f"example {i} (target {value}, outside the {logits.shape[-1]} classes the "
+                                       "model's logits score)")

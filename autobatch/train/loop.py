@@ -46,7 +46,7 @@ from autobatch.accumulate import LossItems, resolve_loss_items
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
-from autobatch.evaluate import EVAL_BATCH_SIZE, evaluate
+from autobatch.evaluate import EVAL_BATCH_SIZE, check_val_data, evaluate
 from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec
 from autobatch.run_length import RunLength
@@ -98,6 +98,7 @@ def train(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    val_loss_fn: LossFn | None = None,
     accuracy: str | bool = "auto",
     lr_search: Any = None,
     **config_overrides: Any,
@@ -114,7 +115,7 @@ def train(
     """
     # -- setup: plain values, every bad setting refused before any work ----------------------
     validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir,
-                      eval_fn=eval_fn, forward_loss=forward_loss, accuracy=accuracy)
+                      val_loss_fn=val_loss_fn, eval_fn=eval_fn, forward_loss=forward_loss, accuracy=accuracy)
     cfg = FitConfig.from_any(config, **config_overrides)
     run = RunLength(epochs, max_steps, max_samples)
     if not run.given:
@@ -132,6 +133,10 @@ def train(
     max_b = min(cfg.batch.max_batch_size or n, n)
     opt, base_lrs, scheduler = setup_optimizer(optimizer, model, lr, lr_scheduler)
     amp_dtype, scaler = setup_precision(precision, device)
+    eval_loss = val_loss_fn or loss_fn
+    if val_source is not None and eval_fn is None:  # one forward now, not a failure after an epoch
+        check_val_data(model, val_source, eval_loss, forward_loss=forward_loss, loss_items=loss_items, device=device,
+                       amp_dtype=amp_dtype, accuracy=accuracy, loss_name="val_loss_fn" if val_loss_fn else "loss_fn")
     micro_cap, min_micro = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn, forward_loss=forward_loss,
                                                  optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision,
                                                  sharded=sharded is not None)
@@ -197,7 +202,7 @@ def train(
         # Forwards no larger than training's (the probed cap, halved after an OOM); under FSDP
         # the processes halve an out-of-memory batch together, as their collectives must match.
         metrics = eval_fn(model) if eval_fn is not None else evaluate(
-            model, val_source, loss_fn, forward_loss=forward_loss, loss_items=loss_items, device=device,
+            model, val_source, eval_loss, forward_loss=forward_loss, loss_items=loss_items, device=device,
             batch_size=controller.max_micro_batch_size or EVAL_BATCH_SIZE, amp_dtype=amp_dtype, accuracy=accuracy,
             agree=(lambda size: int(agree_max(size, info, device))) if sharded is not None else None)
         result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})

@@ -411,6 +411,39 @@ def test_evaluation_runs_in_micro_batches_under_the_training_cap() -> None:
     assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
 
 
+def _soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """timm's SoftTargetCrossEntropy: targets are class distributions (Mixup, label smoothing)."""
+    return torch.sum(-target * nn.functional.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def test_a_soft_target_loss_trains_and_val_loss_fn_scores_the_hard_labels() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(256, 6, generator=g), torch.randn(50, 6, generator=g)
+    labels, yv = x[:, :3].argmax(1), xv[:, :3].argmax(1)
+    soft = 0.9 * nn.functional.one_hot(labels, 3).float() + 0.1 / 3  # label smoothing
+    kwargs = {"loss_fn": _soft_target_ce, "lr": 0.1, "epochs": 2, "initial_batch_size": 16, "progress": False}
+    steps = []
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            steps.append(record.step)
+
+    # without val_loss_fn the soft-target loss cannot read hard labels: refused before any step
+    with pytest.raises(ValueError, match=r"val_data cannot be evaluated.*val_loss_fn"):
+        autobatch.fit(nn.Linear(6, 3), (x, soft), val_data=(xv, yv), callbacks=[Count()], **kwargs)
+    assert steps == []
+    model = nn.Linear(6, 3)
+    res = autobatch.fit(model, (x, soft), val_data=(xv, yv), val_loss_fn=nn.functional.cross_entropy, **kwargs)
+    with torch.no_grad():
+        logits = model(xv)
+    assert res.final_metrics["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, yv)), rel=1e-6)
+    assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
+    # lr="auto" scores its trials on val_data with val_loss_fn too
+    res = autobatch.fit(nn.Linear(6, 3), (x, soft), val_data=(xv, yv), val_loss_fn=nn.functional.cross_entropy,
+                        **{**kwargs, "lr": "auto", "epochs": 8})
+    assert res.lr_search is not None and math.isfinite(res.final_metrics["val_loss"])
+
+
 class _GRULM(nn.Module):
     def __init__(self, vocab: int = 12, width: int = 16) -> None:
         super().__init__()
@@ -444,3 +477,18 @@ def test_a_gru_lm_on_x_x_batches_reports_next_token_accuracy_or_none() -> None:
     with pytest.warns(UserWarning, match=r"accuracy='next_token'"):
         res = autobatch.fit(_GRULM(), (x, x), **kwargs)
     assert "val_accuracy" not in res.final_metrics and all("val_accuracy" not in e for e in res.evals)
+
+
+def test_val_data_is_converted_once(monkeypatch) -> None:
+    from autobatch import data as data_module
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 4, generator=g), torch.randn(256, 1, generator=g)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:64], y[:64]), batch_size=8)
+    converted = []
+    from_loader = data_module._from_loader
+    monkeypatch.setattr(data_module, "_from_loader",
+                        lambda loader, name: converted.append(loader is val) or from_loader(loader, name))
+    autobatch.fit(nn.Linear(4, 1), (x, y), loss_fn=nn.functional.mse_loss, val_data=val, lr="auto", max_steps=100,
+                  initial_batch_size=8, policy="fixed", progress=False)
+    assert converted.count(True) == 1
