@@ -20,6 +20,7 @@ from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.optimizers import OptimizerSpec
+from autobatch.train._validate import evaluation_errors
 from autobatch.train.callbacks import Callback
 from autobatch.train.loop import train
 from autobatch.train.results import FitResult
@@ -48,6 +49,8 @@ def fit(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    val_loss_fn: LossFn | None = None,
+    accuracy: str | bool = "auto",
     **config_overrides: Any,
 ) -> FitResult:
     """Train ``model`` on ``data`` with a batch size chosen, and re-chosen, by autobatch.
@@ -66,7 +69,10 @@ def fit(
             **mean-reduced** over the batch's loss items (a sum-reduced loss would scale the
             gradient with B and break both the LR rules and the noise scale).
         val_data: optional held-out data in the same forms; evaluated every
-            ``eval_every`` steps (default: every epoch) and at the end.
+            ``eval_every`` steps (default: every epoch) and at the end, in forwards no larger
+            than training's micro-batch cap (an out-of-memory one is halved). Its first
+            examples run through the model and the loss before training, so data the model
+            or loss cannot read fails then.
         optimizer: the optimizer spec of every entry point (:mod:`autobatch.optimizers`): a
             class (built as ``cls(params, lr=lr)``), a factory ``f(params)`` holding its
             hyperparameters (e.g. ``functools.partial(SGD, lr=0.1, momentum=0.9)``; then
@@ -96,7 +102,7 @@ def fit(
             the display, evaluation, checkpoint and memory settings may change
             (:mod:`autobatch.train.checkpoint`).
         eval_fn: ``eval_fn(model) -> {name: value}`` replacing the default evaluation
-            (``val_loss``, and ``val_accuracy`` when outputs are class logits).
+            (``val_loss``, and ``val_accuracy`` when outputs are class or token logits).
         precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or GPU) or ``"fp16"``
             (CUDA autocast with a GradScaler; norms are measured after unscaling).
         forward_loss: ``forward_loss(model, batch) -> loss`` for batches of any other form,
@@ -114,6 +120,16 @@ def fit(
             ``initial_batch_size`` examples processed (its "step" is ``samples // B0``), so a
             schedule written in steps of the base batch, or in epochs, keeps its meaning when
             B changes. Do not step it yourself.
+        val_loss_fn: the loss of evaluations (``val_loss``, and the study of ``lr="auto"``
+            on ``val_data``), in the form of ``loss_fn``; None: ``loss_fn``. For validation
+            targets of another form than the training ones, e.g. a soft-target loss (Mixup,
+            timm's ``SoftTargetCrossEntropy``) in training and ``cross_entropy`` on hard labels.
+        accuracy: which target ``val_accuracy`` scores each prediction against
+            (:mod:`autobatch.evaluate`): ``"auto"`` (the next token for a Hugging Face causal
+            LM, the same position where the targets are a tensor of their own, and no accuracy,
+            with a warning, where the targets are the inputs themselves: ``(x, x)`` batches
+            with a loss of your own), ``"next_token"`` (position t against target t + 1),
+            ``"same_position"``, or False (none).
         **config_overrides: flat settings applied on top of ``config``, e.g.
             ``policy="goodput"``, ``max_batch_size=1024``, ``max_grad_norm=1.0`` (clip the
             gradient's L2 norm after the noise-scale norms are read and before the optimizer
@@ -127,7 +143,8 @@ def fit(
     Raises:
         ValueError: for bad settings (every one named, with the fix), empty data, a base
             batch larger than the data, a non-scalar loss, model and data on different
-            devices, a checkpoint to resume from that does not fit this run, or more than
+            devices, ``val_data`` the model or loss cannot read, a checkpoint to resume from
+            that does not fit this run, or more than
             ``max_nonfinite_steps`` non-finite steps in a row.
     """
     search = None
@@ -140,16 +157,20 @@ def fit(
                              "does not support forward_loss or a model's own .loss yet), or pass a number as lr")
         from autobatch.tune.auto_lr import choose_base_lr, resumed_search  # imports optuna
 
+        if errors := evaluation_errors(val_data, val_loss_fn, eval_fn, forward_loss, accuracy):
+            raise ValueError("; ".join(errors))  # before the study, not after it
         data = as_batch_source(data)  # converted once: the study and the run see the same source
+        if val_data is not None:
+            val_data = as_batch_source(val_data, name="val_data")
         search = resumed_search(checkpoint_dir) if resume else None
         if search is None:
             search = choose_base_lr(
-                model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, epochs=epochs,
-                max_steps=max_steps, max_samples=max_samples, config=FitConfig.from_any(config, **config_overrides),
-                device=device, precision=precision)
+                model, data, loss_fn=loss_fn, val_data=val_data, val_loss_fn=val_loss_fn, optimizer=optimizer,
+                epochs=epochs, max_steps=max_steps, max_samples=max_samples,
+                config=FitConfig.from_any(config, **config_overrides), device=device, precision=precision)
         lr = search.lr
     return train(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr, epochs=epochs,
                  max_steps=max_steps, max_samples=max_samples, config=config, callbacks=callbacks, device=device,
                  checkpoint_dir=checkpoint_dir, resume=resume, eval_fn=eval_fn, precision=precision,
-                 forward_loss=forward_loss, loss_items=loss_items, lr_scheduler=lr_scheduler, lr_search=search,
-                 **config_overrides)
+                 forward_loss=forward_loss, loss_items=loss_items, lr_scheduler=lr_scheduler, val_loss_fn=val_loss_fn,
+                 accuracy=accuracy, lr_search=search, **config_overrides)

@@ -74,6 +74,8 @@ def release_after_oom(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str | None = None,
+    *,
+    keep_grads: bool = False,
 ) -> None:
     """Free what a failed training step left: gradients, garbage, the allocator's cache.
 
@@ -86,9 +88,11 @@ def release_after_oom(
         optimizer: if given, every parameter it holds has its gradient set to ``None`` too
             (its state, e.g. Adam's moments, is kept).
         device: the device whose cache to empty; defaults to the model's first parameter's.
+        keep_grads: leave the gradients alone (an evaluation, which made none, failed).
     """
-    for p in model.parameters():
-        p.grad = None
+    if not keep_grads:
+        for p in model.parameters():
+            p.grad = None
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     gc.collect()

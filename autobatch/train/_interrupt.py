@@ -7,7 +7,9 @@ count it yet. So while ``fit`` runs, :class:`DeferredSignals` catches both signa
 step in flight finish (its evaluation and checkpoint included), and raises at the top of the
 next iteration (:meth:`DeferredSignals.check`), where the state is exactly that of a
 periodic checkpoint; ``fit`` then writes ``last.pt`` and re-raises. A resumed run continues
-from there to the same weights and the same sample count as a run never interrupted.
+from there to the same weights and the same sample count as a run never interrupted. The
+handlers stay installed through the final evaluation and save: a signal that arrives then is
+raised once ``last.pt`` holds the complete run.
 
 - SIGINT (Ctrl-C) -> ``KeyboardInterrupt``, as Python does by default. A second Ctrl-C
   before the step ends raises at once (a step that hangs can still be left); ``fit`` then

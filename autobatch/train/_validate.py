@@ -14,6 +14,12 @@ Decisions:
   built for another model would train nothing here.
 - ``epochs=0``, ``max_steps=0`` or ``max_samples=0`` are allowed (no step runs; the model is
   evaluated); negative values are refused.
+- A setting of the default evaluation that would go unused is refused: ``val_loss_fn``
+  without ``val_data``, or with an ``eval_fn`` (which replaces the default evaluation) or a
+  ``forward_loss`` (which replaces the loss), and an explicit ``accuracy`` alignment with
+  ``forward_loss`` (no outputs to score) or ``eval_fn``. Whether ``val_data`` itself can be evaluated is
+  checked later, once the model is on its device, with one forward
+  (:func:`autobatch.evaluate.check_val_data`).
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["validate_fit_args"]
+from autobatch.evaluate import accuracy_errors
+
+__all__ = ["evaluation_errors", "validate_fit_args"]
 
 
 def validate_fit_args(
     model: nn.Module, data: Any, val_data: Any, optimizer: Any, lr: Any, epochs: Any,
-    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any,
+    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any, *,
+    val_loss_fn: Any = None, eval_fn: Any = None, forward_loss: Any = None, accuracy: Any = "auto",
 ) -> None:
     """Check ``fit``'s arguments (as documented there) before any training.
 
@@ -60,8 +69,31 @@ def validate_fit_args(
         errors += _available(device)
     if checkpoint_dir is not None:
         errors += _writable(checkpoint_dir)
+    errors += evaluation_errors(val_data, val_loss_fn, eval_fn, forward_loss, accuracy)
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def evaluation_errors(val_data: Any, val_loss_fn: Any, eval_fn: Any, forward_loss: Any, accuracy: Any) -> list[str]:
+    """The problems with the settings of ``fit``'s default evaluation (module docstring)."""
+    errors = accuracy_errors(accuracy, forward_loss)
+    if accuracy in ("next_token", "same_position") and eval_fn is not None:
+        errors.append(f"accuracy={accuracy!r} is given but eval_fn replaces the default evaluation that reads it; "
+                      "compute the accuracy in eval_fn, or drop eval_fn")
+    if val_loss_fn is None:
+        return errors
+    if not callable(val_loss_fn):
+        errors.append(f"val_loss_fn must be a function f(output, target) -> scalar (got a {type(val_loss_fn).__name__}); "
+                      "pass e.g. torch.nn.functional.cross_entropy")
+    elif val_data is None:
+        errors.append("val_loss_fn is given but there is no val_data to evaluate; pass val_data, or drop val_loss_fn")
+    elif eval_fn is not None:
+        errors.append("val_loss_fn is given but eval_fn replaces the default evaluation that calls it; compute the "
+                      "loss in eval_fn, or drop eval_fn")
+    elif forward_loss is not None:
+        errors.append("val_loss_fn is given but forward_loss computes every loss, evaluations' included; pass eval_fn "
+                      "for a validation loss of its own, or drop val_loss_fn")
+    return errors
 
 
 def _number(value: Any) -> bool:

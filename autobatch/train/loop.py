@@ -46,7 +46,7 @@ from autobatch.accumulate import LossItems, check_mean_reduced
 from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
-from autobatch.evaluate import evaluate
+from autobatch.evaluate import EVAL_BATCH_SIZE, check_val_data, evaluate
 from autobatch.noise.per_example import per_example_supported
 from autobatch.optimizers import OptimizerSpec
 from autobatch.policies.schedule import SchedulePolicy
@@ -62,6 +62,7 @@ from autobatch.train.data_loader import MicroBatchLoader, setup_sample_stream, t
 from autobatch.train.device import setup_device, setup_micro_batch_cap, setup_precision
 from autobatch.train.distributed import (
     FlatGradientBuffer,
+    agree_max,
     broadcast_buffers,
     broadcast_int,
     local_share,
@@ -99,6 +100,8 @@ def train(
     forward_loss: ForwardLoss | None = None,
     loss_items: LossItems = "auto",
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    val_loss_fn: LossFn | None = None,
+    accuracy: str | bool = "auto",
     lr_search: Any = None,
     **config_overrides: Any,
 ) -> FitResult:
@@ -113,7 +116,8 @@ def train(
         ValueError: as listed in :func:`autobatch.fit`.
     """
     # -- setup: plain values, every bad setting refused before any work ----------------------
-    validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir)
+    validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir,
+                      val_loss_fn=val_loss_fn, eval_fn=eval_fn, forward_loss=forward_loss, accuracy=accuracy)
     cfg = FitConfig.from_any(config, **config_overrides)
     run = RunLength(epochs, max_steps, max_samples)
     if not run.given:
@@ -135,6 +139,10 @@ def train(
     opt, base_lrs, scheduler = setup_optimizer(optimizer, model, lr, lr_scheduler)
     opt_scaling = OptimizerScaling(opt, betas=cfg.lr.scale_betas, weight_decay=cfg.lr.scale_weight_decay)
     amp_dtype, scaler = setup_precision(precision, device)
+    eval_loss = val_loss_fn or loss_fn
+    if val_source is not None and eval_fn is None:  # one forward now, not a failure after an epoch
+        check_val_data(model, val_source, eval_loss, forward_loss=forward_loss, loss_items=loss_items, device=device,
+                       amp_dtype=amp_dtype, accuracy=accuracy, loss_name="val_loss_fn" if val_loss_fn else "loss_fn")
     micro_cap, min_micro = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn, forward_loss=forward_loss,
                                                  optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision,
                                                  sharded=sharded is not None)
@@ -204,9 +212,12 @@ def train(
         result.wall_time_s = time.perf_counter() - start
 
     def run_eval() -> None:
+        # Forwards no larger than training's (the probed cap, halved after an OOM); under FSDP
+        # the processes halve an out-of-memory batch together, as their collectives must match.
         metrics = eval_fn(model) if eval_fn is not None else evaluate(
-            model, val_source, loss_fn, forward_loss=forward_loss, loss_items=loss_items, device=device,
-            amp_dtype=amp_dtype)
+            model, val_source, eval_loss, forward_loss=forward_loss, loss_items=loss_items, device=device,
+            batch_size=controller.max_micro_batch_size or EVAL_BATCH_SIZE, amp_dtype=amp_dtype, accuracy=accuracy,
+            agree=(lambda size: int(agree_max(size, info, device))) if sharded is not None else None)
         result.evals.append({"step": step, "epoch": stream.epochs_done, "samples": samples, **metrics})
         result.final_metrics = dict(metrics)
         stop = None
@@ -222,6 +233,7 @@ def train(
     model.train()
     signals = DeferredSignals(info, device)  # SIGINT/SIGTERM wait for the step to finish
     agreed_signals = None  # under DDP, the flags the last step's all-reduce summed over ranks
+    stopped_by = None
     try:
         while (reason := run.reached(step, samples, stream.epochs_done)) is None:
             signals.check(agreed_signals)  # between steps: a checkpoint describes one moment
@@ -314,7 +326,8 @@ def train(
             save(result)
         raise
     finally:
-        signals.close()
+        if stopped_by is None:  # leaving with an error: the handlers go back now
+            signals.close()
         meter.close()
         loader.close()
         if micro.model is not model:
@@ -325,16 +338,21 @@ def train(
             gc.collect()
         if bar is not None:
             bar.close()
-    if has_eval and (not result.evals or result.evals[-1]["step"] != step):
-        with contextlib.suppress(StopTraining):
-            run_eval()
-    result.final_metrics["train_loss"] = result.history[-1].train_loss if result.history else math.nan
-    result.stopped_by = stopped_by
-    update_totals()
-    save(result)
-    for cb in callbacks:
-        cb.on_fit_end(result)
-    signals.check()  # a signal received in the last step: the run is complete and saved
+    # The final evaluation and save run with the handlers still installed: a signal that
+    # arrives during them is raised once last.pt holds the complete run.
+    try:
+        if has_eval and (not result.evals or result.evals[-1]["step"] != step):
+            with contextlib.suppress(StopTraining):
+                run_eval()
+        result.final_metrics["train_loss"] = result.history[-1].train_loss if result.history else math.nan
+        result.stopped_by = stopped_by
+        update_totals()
+        save(result)
+        for cb in callbacks:
+            cb.on_fit_end(result)
+    finally:
+        signals.close()
+    signals.check()  # a signal received in the last step or since: the run is complete and saved
     return result
 
 

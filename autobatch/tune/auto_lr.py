@@ -268,6 +268,7 @@ def choose_base_lr(
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     val_data: Any = None,
+    val_loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     optimizer: Any = torch.optim.SGD,
     epochs: float | None = None,
     max_steps: int | None = None,
@@ -294,6 +295,8 @@ def choose_base_lr(
         loss_fn: ``loss_fn(output, target)`` -> scalar, **mean-reduced** over the batch.
         val_data: data to score trials on; None holds out :data:`VAL_FRACTION` of ``data``
             (a seeded random 10%, by ``config``'s ``seed``) and trains trials on the rest.
+        val_loss_fn: the loss that scores trials on ``val_data`` (None: ``loss_fn``; a
+            held-out share of ``data`` is always scored with ``loss_fn``).
         optimizer: as for ``fit``: a class, a factory ``f(params, lr)`` or a built optimizer
             (copied per trial with every param group's settings; the trial's LR is the first
             group's and the others keep their ratio to it, :mod:`autobatch.optimizers`).
@@ -375,7 +378,7 @@ def choose_base_lr(
             for k, rung in enumerate(rungs):
                 for t in alive:
                     _run_segment(t, model, initial, train_source, val, loss_fn, factory, rung, limits, trial_cfg, device,
-                                 precision)
+                                 precision, val_loss_fn=None if held_out else val_loss_fn)
                 by_score = sorted(alive, key=lambda t: t.score)
                 cut = survivors[k + 1] if k + 1 < len(rungs) else len(by_score)
                 ranked = _lower_neighbour_second(by_score, candidates) if cut == 2 and adaptive else by_score
@@ -434,14 +437,14 @@ class _Trial:
 
 
 def _run_segment(t: _Trial, model, initial, train_data, val, loss_fn, factory, rung: int, limits: dict[str, Any],
-                 cfg: FitConfig, device, precision) -> None:
+                 cfg: FitConfig, device, precision, val_loss_fn=None) -> None:
     """Train trial ``t`` on to ``rung`` examples (from the initial weights, or from its
     checkpoint) and score it on its evaluations at 7/8 of the rung and at its end. ``limits``
     are the run's stopping rules (``epochs``, ``max_steps``, ``max_samples``): the trial's fit
     has them, so that its policy sees the run's length, and a callback ends it at the rung."""
     marks = [math.ceil(rung * 7 / 8), rung]
     seen = len(t.losses)
-    segment = _Segment(model, val, loss_fn, [m for m in marks if m > t.samples], device, t.losses, rung)
+    segment = _Segment(model, val, val_loss_fn or loss_fn, [m for m in marks if m > t.samples], device, t.losses, rung)
     if not t.samples:
         model.load_state_dict(initial)
     start = time.perf_counter()

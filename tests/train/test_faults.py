@@ -120,6 +120,15 @@ def _two_groups(model):
     ({"max_samples": -64}, r"max_samples must be finite and >= 0 \(got max_samples=-64\)"),
     ({"data": _Stream()}, r"data is an IterableDataset \(_Stream\), even with __len__"),
     ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, r"device='cuda(:7)?' but this machine has"),
+    ({"accuracy": "next"}, r"accuracy must be 'auto', 'next_token', 'same_position' or False \(got accuracy='next'\)"),
+    ({"accuracy": "next_token", "forward_loss": lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])},
+     r"accuracy='next_token' needs the model's outputs, which forward_loss hides"),
+    ({"accuracy": "same_position", "eval_fn": lambda m: {}},
+     r"accuracy='same_position' is given but eval_fn replaces the default evaluation that reads it"),
+    ({"val_loss_fn": nn.functional.l1_loss}, r"val_loss_fn is given but there is no val_data to evaluate"),
+    ({"val_loss_fn": nn.functional.l1_loss, "val_data": (torch.zeros(4, 8), torch.zeros(4, 1)),
+      "eval_fn": lambda m: {}}, r"val_loss_fn is given but eval_fn replaces the default evaluation"),
+    ({"val_loss_fn": "l1"}, r"val_loss_fn must be a function f\(output, target\) -> scalar \(got a str\)"),
 ])
 def test_a_bad_setting_is_refused_before_the_first_step(setting, match, noise_data) -> None:
     model = nn.Linear(8, 1)
@@ -139,6 +148,51 @@ def test_a_bad_setting_is_refused_before_the_first_step(setting, match, noise_da
                       callbacks=[Count()], progress=False, **kwargs)
     assert steps == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _float64_inputs(xv, yv):
+    return xv.double(), yv
+
+
+def _a_label_out_of_range(xv, yv):  # deep in val_data, not in the first examples
+    yv = yv.clone()
+    yv[30] = 5
+    return xv, yv
+
+
+def _a_feature_missing(xv, yv):
+    return xv[:, :3], yv
+
+
+@pytest.mark.parametrize(("spoil", "match"), [
+    (_float64_inputs, r"val_data cannot be evaluated: its first 2 examples through the model and loss_fn raised "
+                      r"RuntimeError: .*Double.* \(val_data holds float64 tensors where the model's parameters are "
+                      r"float32: convert them, e.g. X_val\.to\(torch\.float32\)\)\. Every evaluation runs val_data "
+                      r"through them, as training runs data: give it the form, dtypes and targets of data"),
+    (_a_label_out_of_range, r"val_data cannot be evaluated: example 30 \(target 5, outside the 3 classes the model's "
+                            r"logits score\) through the model and loss_fn raised IndexError: Target 5 is out of bounds"),
+    (_a_feature_missing, r"val_data cannot be evaluated: .*raised RuntimeError: mat1 and mat2 shapes cannot be "
+                         r"multiplied \(2x3 and 4x16\)"),
+])
+def test_val_data_that_cannot_be_evaluated_is_refused_before_the_first_step(spoil, match) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(3, (64,), generator=g)
+    xv, yv = spoil(torch.randn(40, 4, generator=g), torch.randint(3, (40,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    steps = []
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            steps.append(record.step)
+
+    with pytest.raises(ValueError, match=match):
+        autobatch.fit(model, (x, y), loss_fn=nn.functional.cross_entropy, val_data=(xv, yv), lr=0.1, epochs=1,
+                      initial_batch_size=8, callbacks=[Count()], progress=False)
+    assert steps == [] and model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_an_optimizer_over_a_subset_of_the_parameters_is_allowed(noise_data) -> None:

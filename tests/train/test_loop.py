@@ -444,3 +444,115 @@ def test_an_oom_retry_leaves_no_trace_in_batchnorm_statistics(regression, mse) -
     assert ref.oom_retries == 0 and [r.accum_steps for r in ref.history] == [r.accum_steps for r in res.history]
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked too
+
+
+class _OutOfMemoryAbove(nn.Module):
+    """A classifier whose forward runs out of memory on more than ``limit`` examples, as a
+    model that fits only the probed micro-batch on a full device would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.lin, self.limit, self.sizes = nn.Linear(4, 3), limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above {self.limit} examples)")
+        return self.lin(x)
+
+
+def test_evaluation_runs_in_micro_batches_under_the_training_cap() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(3, (64,), generator=g)
+    xv, yv = torch.randn(100, 4, generator=g), torch.randint(3, (100,), generator=g)
+    model = _OutOfMemoryAbove(limit=8)
+    res = autobatch.fit(model, (x, y), loss_fn=nn.functional.cross_entropy, val_data=(xv, yv), lr=0.1, epochs=2,
+                        initial_batch_size=16, max_micro_batch_size=8, policy="fixed", progress=False)
+    assert max(model.sizes) == 8 and res.oom_retries == 0 and len(res.evals) == 2
+    with torch.no_grad():
+        logits = model.lin(xv)
+    assert res.final_metrics["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, yv)), rel=1e-6)
+    assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
+
+
+def _soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """timm's SoftTargetCrossEntropy: targets are class distributions (Mixup, label smoothing)."""
+    return torch.sum(-target * nn.functional.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def test_a_soft_target_loss_trains_and_val_loss_fn_scores_the_hard_labels() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(256, 6, generator=g), torch.randn(50, 6, generator=g)
+    labels, yv = x[:, :3].argmax(1), xv[:, :3].argmax(1)
+    soft = 0.9 * nn.functional.one_hot(labels, 3).float() + 0.1 / 3  # label smoothing
+    kwargs = {"loss_fn": _soft_target_ce, "lr": 0.1, "epochs": 2, "initial_batch_size": 16, "progress": False}
+    steps = []
+
+    class Count(autobatch.Callback):
+        def on_step_end(self, record) -> None:
+            steps.append(record.step)
+
+    # without val_loss_fn the soft-target loss cannot read hard labels: refused before any step
+    with pytest.raises(ValueError, match=r"val_data cannot be evaluated.*val_loss_fn"):
+        autobatch.fit(nn.Linear(6, 3), (x, soft), val_data=(xv, yv), callbacks=[Count()], **kwargs)
+    assert steps == []
+    model = nn.Linear(6, 3)
+    res = autobatch.fit(model, (x, soft), val_data=(xv, yv), val_loss_fn=nn.functional.cross_entropy, **kwargs)
+    with torch.no_grad():
+        logits = model(xv)
+    assert res.final_metrics["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, yv)), rel=1e-6)
+    assert res.final_metrics["val_accuracy"] == pytest.approx(float((logits.argmax(1) == yv).float().mean()))
+    # lr="auto" scores its trials on val_data with val_loss_fn too
+    res = autobatch.fit(nn.Linear(6, 3), (x, soft), val_data=(xv, yv), val_loss_fn=nn.functional.cross_entropy,
+                        **{**kwargs, "lr": "auto", "epochs": 8})
+    assert res.lr_search is not None and math.isfinite(res.final_metrics["val_loss"])
+
+
+class _GRULM(nn.Module):
+    def __init__(self, vocab: int = 12, width: int = 16) -> None:
+        super().__init__()
+        self.emb, self.gru, self.head = nn.Embedding(vocab, width), nn.GRU(width, width, batch_first=True), \
+            nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.emb(tokens))[0])
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A user's own LM loss on (x, x) batches: position t predicts token t + 1."""
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_a_gru_lm_on_x_x_batches_reports_next_token_accuracy_or_none() -> None:
+    from autobatch.testing import markov_tokens
+
+    tokens, _ = markov_tokens(320, vocab=12, length=10, seed=0)
+    x, xv = tokens[:256], tokens[256:]
+    kwargs = {"loss_fn": _next_token_loss, "val_data": (xv, xv), "lr": 0.5, "epochs": 3, "initial_batch_size": 16,
+              "policy": "fixed", "progress": False}
+    torch.manual_seed(0)
+    model = _GRULM()
+    res = autobatch.fit(model, (x, x), accuracy="next_token", **kwargs)
+    with torch.no_grad():
+        predicted = model(xv).argmax(-1)
+    by_hand = float((predicted[:, :-1] == xv[:, 1:]).float().mean())
+    assert by_hand > 0.2 and res.final_metrics["val_accuracy"] == pytest.approx(by_hand)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"accuracy='next_token'"):
+        res = autobatch.fit(_GRULM(), (x, x), **kwargs)
+    assert "val_accuracy" not in res.final_metrics and all("val_accuracy" not in e for e in res.evals)
+
+
+def test_val_data_is_converted_once(monkeypatch) -> None:
+    from autobatch import data as data_module
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 4, generator=g), torch.randn(256, 1, generator=g)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:64], y[:64]), batch_size=8)
+    converted = []
+    from_loader = data_module._from_loader
+    monkeypatch.setattr(data_module, "_from_loader",
+                        lambda loader, name: converted.append(loader is val) or from_loader(loader, name))
+    autobatch.fit(nn.Linear(4, 1), (x, y), loss_fn=nn.functional.mse_loss, val_data=val, lr="auto", max_steps=100,
+                  initial_batch_size=8, policy="fixed", progress=False)
+    assert converted.count(True) == 1
