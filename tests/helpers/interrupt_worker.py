@@ -1,8 +1,8 @@
 """A small fit that checkpoints only when interrupted, for tests/subprocess/test_interrupt_resume.py.
 
 ``python interrupt_worker.py DIR SURVIVE`` trains (resuming from ``DIR/last.pt`` when there is
-one) and prints each finished step's number; the test sends SIGINT or SIGTERM at random
-moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
+one) and prints each finished step's number, then waits for a line on stdin (the test reads
+in step with it); the test sends SIGINT or SIGTERM at random moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
 checkpoint is written) and the run resumes from the checkpoint in a fresh model, in the same
 process (a process start costs seconds); the next one ends the process. No periodic checkpoint:
 the only ``last.pt`` is the interrupt's
@@ -26,6 +26,10 @@ MAX_STEPS = 80
 class _Say(autobatch.Callback):
     def on_step_end(self, record) -> None:
         print(record.step, flush=True)
+        # Wait for the test to read it (a line on stdin; end of file: go on): on a loaded
+        # machine the run would otherwise race ahead of the reader, and its signals would land
+        # dozens of steps after the moment drawn (or after the run's end).
+        sys.stdin.readline()
 
 
 def run(directory: str, say: bool = False) -> tuple[nn.Module, autobatch.FitResult]:

@@ -35,19 +35,27 @@ def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_wei
         # ended by the 6th (a SIGTERM), the second survives 6 and runs to the end.
         for survive in (5, 6):
             proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory), str(survive)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+            def read() -> str:  # the worker's next line; a step's number is acknowledged (it waits)
+                line = proc.stdout.readline()
+                if line and line.split()[0] != "stopped":
+                    proc.stdin.write("\n")
+                    proc.stdin.flush()
+                return line
+
             for trial in range(6):
                 sig = signal.SIGINT if trial % 2 == 0 else signal.SIGTERM
                 at_step, delay = done + rng.randint(1, 3), rng.uniform(0, 0.004)
-                for line in proc.stdout:
-                    if int(line) >= at_step:
-                        break
-                time.sleep(delay)
+                while int(read()) < at_step:
+                    pass
+                time.sleep(delay)  # the worker runs its next step meanwhile
                 proc.send_signal(sig)
                 if trial < survive:
-                    line = proc.stdout.readline()
+                    line = read()
                     while line and line.split()[0] != "stopped":  # steps that ended before the signal
-                        line = proc.stdout.readline()
+                        line = read()
                     assert line, f"the worker ended before 'stopped' (at_step {at_step}): {proc.stderr.read()}"
                     name = "KeyboardInterrupt" if sig == signal.SIGINT else "Preempted"
                     assert line.split()[1] == name, line
