@@ -20,6 +20,7 @@ MAX_STEPS = 40
 class _Say(autobatch.Callback):
     def on_step_end(self, record) -> None:
         print(record.step, flush=True)
+        sys.stdin.readline()  # wait for the test to read it (end of file: go on), so it never races ahead
 
 
 def run(directory: str, say: bool = False) -> tuple[nn.Module, autobatch.FitResult]:

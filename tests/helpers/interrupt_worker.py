@@ -1,13 +1,13 @@
 """A small fit that checkpoints only when interrupted, for tests/subprocess/test_interrupt_resume.py.
 
 ``python interrupt_worker.py DIR SURVIVE`` trains (resuming from ``DIR/last.pt`` when there is
-one) and prints each finished step's number, then waits for a line on stdin (the test reads
-in step with it); the test sends SIGINT or SIGTERM at random moments. The first SURVIVE interrupts are caught (``stopped N`` is printed once the
-checkpoint is written) and the run resumes from the checkpoint in a fresh model, in the same
-process (a process start costs seconds); the next one ends the process. No periodic checkpoint:
-the only ``last.pt`` is the interrupt's
-own, so a step counted wrongly there shows in the final weights. Dropout and BatchNorm make
-the RNG and the buffers part of what must be restored.
+one) and prints each finished step's number, then waits for a line on stdin (the test reads in
+step with it); the test sends SIGINT or SIGTERM at random moments. The first SURVIVE interrupts
+are caught (``stopped N`` is printed once the checkpoint is written) and the run resumes from
+the checkpoint in a fresh model, in the same process (a process start costs seconds); the next
+one ends the process. No periodic checkpoint: the only ``last.pt`` is the interrupt's own, so a
+step counted wrongly there shows in the final weights. Dropout and BatchNorm make the RNG and
+the buffers part of what must be restored.
 """
 
 from __future__ import annotations

@@ -20,6 +20,15 @@ from tests.helpers import interrupt_worker as worker_module
 _WORKER = Path(worker_module.__file__)  # run as a script by the subprocesses
 
 
+def _read(proc: subprocess.Popen) -> str:
+    """The worker's next line; a step's number is acknowledged (the worker waits for it)."""
+    line = proc.stdout.readline()
+    if line and line.split()[0] != "stopped":
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    return line
+
+
 @pytest.mark.slow
 def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_weights(tmp_path) -> None:
     worker = worker_module  # the reference run is the workers' own code
@@ -38,25 +47,18 @@ def test_sigint_and_sigterm_at_random_moments_then_resume_give_bit_identical_wei
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
 
-            def read() -> str:  # the worker's next line; a step's number is acknowledged (it waits)
-                line = proc.stdout.readline()
-                if line and line.split()[0] != "stopped":
-                    proc.stdin.write("\n")
-                    proc.stdin.flush()
-                return line
-
             for trial in range(6):
                 sig = signal.SIGINT if trial % 2 == 0 else signal.SIGTERM
                 at_step, delay = done + rng.randint(1, 3), rng.uniform(0, 0.004)
-                while int(read()) < at_step:
+                while int(_read(proc)) < at_step:
                     pass
                 time.sleep(delay)  # the worker runs its next step meanwhile
                 proc.send_signal(sig)
                 if trial < survive:
-                    line = read()
+                    line = _read(proc)
                     while line and line.split()[0] != "stopped":  # steps that ended before the signal
-                        line = read()
-                    assert line, f"the worker ended before 'stopped' (at_step {at_step}): {proc.stderr.read()}"
+                        line = _read(proc)
+                    assert line, f"the worker ended before 'stopped' (at_step {at_step}): {proc.stderr._read(proc)}"
                     name = "KeyboardInterrupt" if sig == signal.SIGINT else "Preempted"
                     assert line.split()[1] == name, line
                 else:

@@ -32,12 +32,14 @@ def test_kill_9_at_random_moments_then_resume_gives_bit_identical_weights(tmp_pa
         for trial in range(3):
             directory = tmp_path / f"killed{trial}"
             at_step, delay = rng.randint(2, worker.MAX_STEPS - 10), rng.uniform(0, 0.03)
-            proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory)], stdout=subprocess.PIPE,
-                                    text=True)
+            proc = subprocess.Popen([sys.executable, str(_WORKER), str(directory)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
             for line in proc.stdout:
+                proc.stdin.write("\n")  # the worker waits for each step to be read
+                proc.stdin.flush()
                 if int(line) >= at_step:
                     break
-            time.sleep(delay)
+            time.sleep(delay)  # the checkpoint of that step, or the next step, runs meanwhile
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=60)
             assert proc.returncode == -signal.SIGKILL
