@@ -63,7 +63,8 @@ class BatchConfig(_Section):
         max_batch_size: largest global batch a policy may pick; ``None`` means the size of
             the training set (resolved by ``fit``).
         policy: the batch-size policy, a name from :data:`autobatch.registry.POLICIES`
-            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
+            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``, or
+            ``"measure"``: B0 and the base LR kept, the noise scale only measured) or a
             :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
             A named policy may need other settings (``"ramp"`` needs ``lr_milestones``).
         decide_every: optimizer steps between two batch-size decisions.

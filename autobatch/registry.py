@@ -59,6 +59,7 @@ POLICIES: dict[str, str] = {
     "fixed": "autobatch.policies.fixed:FixedPolicy",
     "gns": "autobatch.policies.gns:GNSPolicy",
     "goodput": "autobatch.policies.goodput:GoodputPolicy",
+    "measure": "autobatch.policies.measure:MeasurePolicy",
     "ramp": "autobatch.policies.ramp:RampPolicy",
 }
 

@@ -16,6 +16,8 @@ per policy, named as in :data:`autobatch.registry.POLICIES`:
 - :mod:`~autobatch.policies.ramp`: grow the batch where a step schedule would decay the LR
   (Smith et al. 2017), and decay the LR only once the batch is capped.
 - :mod:`~autobatch.policies.fixed`: keep the initial batch; decay the LR at the milestones.
+- :mod:`~autobatch.policies.measure`: keep the initial batch and the LR; only measure the noise
+  scale (a user's fixed-B run, watched).
 - :mod:`~autobatch.policies.base`: the base class, the context and the shared rounding.
 """
 
@@ -32,6 +34,7 @@ from autobatch.policies.goodput import (
     statistical_efficiency,
 )
 from autobatch.policies.guard import LossSpikeGuard
+from autobatch.policies.measure import MeasurePolicy
 from autobatch.policies.ramp import RampPolicy
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "GNSPolicy",
     "GoodputPolicy",
     "LossSpikeGuard",
+    "MeasurePolicy",
     "PolicyContext",
     "RampPolicy",
     "fit_step_time",
