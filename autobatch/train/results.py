@@ -25,7 +25,9 @@ class StepRecord(BaseModel):
     ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
     the estimator is ready) and ``noise_scale_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
-    the fit started (evaluation included).
+    the fit started (evaluation included); ``loss_items`` counts the loss items processed so far,
+    like ``samples`` (all ranks, cumulative): tokens for a token-mean loss, else the examples
+    (0 where an entry point does not count them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +48,7 @@ class StepRecord(BaseModel):
     noise_scale_stderr: float = math.inf
     wall_time_s: float
     skipped: bool = False
+    loss_items: int = 0
 
     @classmethod
     def trusted(cls, **values: Any) -> StepRecord:
