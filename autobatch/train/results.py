@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from autobatch._optional import import_pandas
+
 __all__ = ["FitResult", "StepRecord"]
 
 
@@ -125,6 +127,16 @@ class FitResult(BaseModel):
             for rec in self.history:
                 writer.writerow(rec.model_dump())
         return path
+
+    def to_pandas(self) -> Any:
+        """The per-step history as a ``pandas.DataFrame``: one row per step, StepRecord's
+        columns (the evaluations: ``pandas.DataFrame(result.evals)``).
+
+        Raises:
+            ImportError: without pandas (``pip install "torch-autobatch[pandas]"``).
+        """
+        pd = import_pandas("FitResult.to_pandas")
+        return pd.DataFrame([rec.model_dump() for rec in self.history], columns=list(StepRecord.model_fields))
 
     def to_json(self, path: str | Path) -> Path:
         """Write everything but the model as JSON (NaN written as null)."""
