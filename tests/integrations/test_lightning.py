@@ -274,6 +274,9 @@ def test_unsupported_setups_are_refused_with_the_fix() -> None:
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(), max_epochs=1, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match="num_workers is not used"):
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(num_workers=2), max_epochs=1)
+    with pytest.raises(ValueError, match=r"loggers is not used by the trainer integrations; set the trainer's own "
+                                         r"loggers \(Lightning's logger=, the Trainer's report_to\)"):
+        _fit(Regression(), loader(x, y), AdaptiveBatchSize(loggers=["jsonl"]), max_epochs=1)
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
