@@ -45,8 +45,10 @@ class JSONLLogger(Logger):
         self._file = self.path.open("a" if append else "w", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        row = {"step": step, **{k: finite_or_none(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        line = json.dumps({"step": step, **metrics})
+        if "NaN" in line or "Infinity" in line:  # rare once the estimate is ready: JSON has neither
+            line = json.dumps({"step": step, **{k: finite_or_none(v) for k, v in metrics.items()}})
+        self._file.write(line + "\n")
 
     def flush(self) -> None:
         if not self._file.closed:
