@@ -66,7 +66,7 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
     plt = _pyplot()
     h = result.history
     steps = [r.step for r in h]
-    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(13, 11), sharex=True)
     if not h:
         axes[0].text(0.5, 0.5, "no step taken", ha="center", transform=axes[0].transAxes)
         return _save(fig, path, plt)
@@ -77,22 +77,22 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
     window = max(1, len(h) // 100)
     ax.plot(steps, losses, lw=0.5, alpha=0.35, color="C0", label="train loss (each step)")
     if window > 1:
-        ax.plot(steps, _smoothed(losses, window), lw=1.4, color="C0", label=f"train loss (mean of {window} steps)")
+        ax.plot(steps, _smoothed(losses, window), lw=1.4, color="C0", label=f"train loss\n(mean of {window} steps)")
     val = [(e["step"], e["val_loss"]) for e in result.evals if "val_loss" in e]
     if val:
         ax.plot(*zip(*val), "o-", color="C3", ms=4, label="val loss")
     ax.set(ylabel="loss", yscale="log" if _spans_decades(losses + [v for _, v in val]) else "linear")
-    ax.legend(fontsize=8, loc="upper right")
+    _legend(ax)
     _examples_axis(ax, h)
 
     # 2. B above the micro-batch: the split steps that measure the noise scale show as dots at B/2
     ax = axes[1]
     ax.plot(steps, [r.micro_batch_size for r in h], ".", ms=2, color="C1", alpha=0.5, zorder=2,
-            label="micro-batch (dots at B/2: steps split in two to measure the noise scale)")
+            label="micro-batch: a dot per step\n(at B/2: steps split in two\nto measure the noise scale)")
     ax.step(steps, [r.batch_size for r in h], where="post", lw=2, color="C0", zorder=3, label="batch size B")
     ax.set(ylabel="examples", yscale="log", title="batch size")
     ax.set_yscale("log", base=2)
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax)
 
     # 3. the noise scale with its standard error, against B; no estimate: shaded and said why
     ax = axes[2]
@@ -103,31 +103,36 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
     else:
         low = [max(v - r.noise_scale_stderr, v / 10) for v, r in zip(noise, h)]
         high = [v + r.noise_scale_stderr for v, r in zip(noise, h)]
-        ax.fill_between(steps, low, high, color="C2", alpha=0.2, lw=0, label="noise scale +- 1 standard error")
+        ax.fill_between(steps, low, high, color="C2", alpha=0.2, lw=0, label="noise scale\n+- 1 standard error")
         ax.plot(steps, noise, lw=1.0, color="C2", label="noise scale B_simple")
         gaps = _gaps(steps, [math.isnan(v) for v in noise])
         first_ready = next(s for s, v in zip(steps, noise) if not math.isnan(v))
         early = [g for g in gaps if g[0] < first_ready]
         later = [g for g in gaps if g[0] >= first_ready]
-        for spans, colour, label in ((early, "0.85", "not yet measured (the estimator's first updates)"),
-                                     (later, "C3", "no estimate: the averaged |G|^2 is <= 0 (noise swamps it)")):
+        for spans, colour, label in ((early, "0.85", "not yet measured\n(the estimator's first updates)"),
+                                     (later, "C3", "no estimate: the averaged\n|G|^2 is <= 0 (noise swamps it)")):
             for i, (a, b) in enumerate(spans):
                 ax.axvspan(a - 0.5, b + 0.5, color=colour, alpha=0.25 if colour == "C3" else 0.6, lw=0,
                            label=label if i == 0 else None)
     ax.step(steps, [r.batch_size for r in h], where="post", lw=1.2, color="C0", alpha=0.7, label="batch size B")
     ax.set(ylabel="examples", yscale="log", title="gradient noise scale B_simple = tr(Sigma) / |G|^2")
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax)
 
     # 4. the LR the step used, and the base LR (the user's schedule) when the batch factor moved it
     ax = axes[3]
     lrs, base = [r.lr for r in h], [r.base_lr for r in h]
-    ax.plot(steps, lrs, lw=1.2, color="C4", label="LR (base LR x batch factor)")
+    ax.plot(steps, lrs, lw=1.2, color="C4", label="LR\n(base LR x batch factor)")
     if any(math.isfinite(b) and abs(b - lr) > 1e-12 * abs(b) for b, lr in zip(base, lrs)):
-        ax.plot(steps, base, "--", lw=1.0, color="0.4", label="base LR (before the batch factor)")
+        ax.plot(steps, base, "--", lw=1.0, color="0.4", label="base LR\n(before the batch factor)")
     ax.set(ylabel="learning rate", yscale="log" if _spans_decades(lrs + base) else "linear", title="learning rate",
            xlabel="optimizer step")
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax)
     return _save(fig, path, plt)
+
+
+def _legend(ax: Any) -> None:
+    """The legend beside the panel, where it hides no point."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _examples_axis(ax: Any, history: Sequence[Any]) -> None:
