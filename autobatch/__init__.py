@@ -4,9 +4,9 @@ The top level holds the entry points, their configs and results. The parts live 
 subpackages: :mod:`autobatch.noise` (the noise-scale estimator and collectors),
 :mod:`autobatch.policies` (batch-size policies), :mod:`autobatch.scaling` (LR rules),
 :mod:`autobatch.memory` (the probe and OOM handling), :mod:`autobatch.train` (the loop and the
-custom-loop kit), :mod:`autobatch.tune` (Optuna studies), :mod:`autobatch.problems` (built-in
-problems). The study entry points are imported on first use, so ``import autobatch`` does not
-import optuna.
+custom-loop kit), :mod:`autobatch.loggers` (a run's figures to TensorBoard, W&B, MLflow, files),
+:mod:`autobatch.tune` (Optuna studies), :mod:`autobatch.problems` (built-in problems). The study
+entry points are imported on first use, so ``import autobatch`` does not import optuna.
 """
 
 from __future__ import annotations

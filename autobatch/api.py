@@ -86,7 +86,10 @@ def fit(
         epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
             ``epochs`` may be fractional. ``max_samples`` counts examples processed.
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
-        callbacks: :class:`~autobatch.train.callbacks.Callback` instances.
+        callbacks: :class:`~autobatch.train.callbacks.Callback` instances: ``on_step_end(record)``
+            after every optimizer step, ``on_eval(step, samples, metrics)`` after every
+            evaluation, ``on_fit_end(result)`` once; raising
+            :class:`~autobatch.train.callbacks.StopTraining` in one ends the run cleanly.
         device: where to train; the model is moved there. None: the model's device.
         checkpoint_dir: write ``last.pt`` there at every evaluation, every
             ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM: the step in
@@ -135,7 +138,10 @@ def fit(
             gradient's L2 norm after the noise-scale norms are read and before the optimizer
             step, unscaled under fp16), ``small_tail="drop"`` (a step too small for
             BatchNorm at an epoch's end: carried into the next step by default, see
-            :class:`~autobatch.config.DataConfig`).
+            :class:`~autobatch.config.DataConfig`), ``loggers=["tensorboard", "jsonl"]`` with
+            ``log_dir="runs/a"`` (each step's figures under stable names while the run goes,
+            :mod:`autobatch.loggers`), ``policy="measure"`` (B0 and the LR kept, the noise scale
+            only measured and logged).
 
     Returns:
         A :class:`~autobatch.train.results.FitResult` with the model, metrics and history.
@@ -164,10 +170,12 @@ def fit(
             val_data = as_batch_source(val_data, name="val_data")
         search = resumed_search(checkpoint_dir) if resume else None
         if search is None:
+            study_config = FitConfig.from_any(config, **config_overrides)
+            study_config.log.loggers = []  # the loggers are the run's: the study's trials send them nothing
             search = choose_base_lr(
                 model, data, loss_fn=loss_fn, val_data=val_data, val_loss_fn=val_loss_fn, optimizer=optimizer,
-                epochs=epochs, max_steps=max_steps, max_samples=max_samples,
-                config=FitConfig.from_any(config, **config_overrides), device=device, precision=precision)
+                epochs=epochs, max_steps=max_steps, max_samples=max_samples, config=study_config, device=device,
+                precision=precision)
         lr = search.lr
     return train(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr, epochs=epochs,
                  max_steps=max_steps, max_samples=max_samples, config=config, callbacks=callbacks, device=device,

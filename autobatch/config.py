@@ -20,6 +20,7 @@ import difflib
 import itertools
 import math
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -63,7 +64,8 @@ class BatchConfig(_Section):
         max_batch_size: largest global batch a policy may pick; ``None`` means the size of
             the training set (resolved by ``fit``).
         policy: the batch-size policy, a name from :data:`autobatch.registry.POLICIES`
-            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``) or a
+            (``"budget"``, the default, ``"gns"``, ``"goodput"``, ``"ramp"``, ``"fixed"``, or
+            ``"measure"``: B0 and the base LR kept, the noise scale only measured) or a
             :class:`~autobatch.policies.BatchSizePolicy` instance (not JSON-serialisable).
             A named policy may need other settings (``"ramp"`` needs ``lr_milestones``).
         decide_every: optimizer steps between two batch-size decisions.
@@ -278,7 +280,7 @@ class DataConfig(_Section):
 
 
 class LogConfig(_Section):
-    """Progress display, evaluation and history.
+    """Progress display, evaluation, history and loggers.
 
     Attributes:
         progress: show a progress bar; ``None`` means only when stderr is a terminal.
@@ -288,12 +290,35 @@ class LogConfig(_Section):
         checkpoint_every: optimizer steps between checkpoints (with ``checkpoint_dir``), on
             top of those written at every evaluation, at the end and on KeyboardInterrupt;
             ``None``: only those.
+        loggers: where each step's figures go while the run goes, under stable names
+            (:mod:`autobatch.loggers`): names from :data:`autobatch.registry.LOGGERS`
+            (``"tensorboard"``, ``"jsonl"``, ``"csv"``, ``"wandb"``, ``"mlflow"``; one name alone
+            is a list of one) and :class:`~autobatch.loggers.Logger` instances. Empty: none.
+        log_dir: the folder the named loggers write to (TensorBoard's event files,
+            ``metrics.jsonl``, ``metrics.csv``, W&B's files); created when the run starts.
     """
 
     progress: bool | None = None
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     checkpoint_every: int | None = Field(None, ge=1)
+    # Any: the registry checks names and instances, so this module imports no plug-in.
+    loggers: list[Any] = Field(default_factory=list)
+    log_dir: Path = Path("autobatch_logs")
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _known_loggers(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) or not isinstance(value, (list, tuple)) else list(value)
+        problems = []
+        for item in items:
+            try:
+                check_spec("logger", item)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return items
 
 
 class FitConfig(BaseModel):

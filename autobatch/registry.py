@@ -1,6 +1,6 @@
 """Every plug-in a config, a call or the CLI may name by string, and how it is built.
 
-Four families, each one readable dict from name to ``"module:attribute"`` (a class, or a
+Five families, each one readable dict from name to ``"module:attribute"`` (a class, or a
 builder function where the thing built is not ours). Entries are imported on first use, so
 this module imports nothing of autobatch's and ``import autobatch`` does not import optuna or a
 problem's data set:
@@ -8,7 +8,8 @@ problem's data set:
 - :data:`POLICIES`: batch-size policies (:class:`~autobatch.policies.BatchSizePolicy`);
 - :data:`LR_SCALINGS`: LR rules (:class:`~autobatch.scaling.LRScaling`);
 - :data:`PRUNERS`: Optuna pruners for :mod:`autobatch.tune`, built from the reports per trial;
-- :data:`PROBLEMS`: built-in problems (:mod:`autobatch.problems`).
+- :data:`PROBLEMS`: built-in problems (:mod:`autobatch.problems`);
+- :data:`LOGGERS`: where a run's figures go while it runs (:class:`~autobatch.loggers.Logger`).
 
 :func:`create` is the one "name or instance" lookup: a name builds its entry, an instance of
 the family's base class is used as given, and anything else is an error that lists the names
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAMILIES",
+    "LOGGERS",
     "LR_SCALINGS",
     "POLICIES",
     "PROBLEMS",
@@ -59,6 +61,7 @@ POLICIES: dict[str, str] = {
     "fixed": "autobatch.policies.fixed:FixedPolicy",
     "gns": "autobatch.policies.gns:GNSPolicy",
     "goodput": "autobatch.policies.goodput:GoodputPolicy",
+    "measure": "autobatch.policies.measure:MeasurePolicy",
     "ramp": "autobatch.policies.ramp:RampPolicy",
     "schedule": "autobatch.policies.schedule:SchedulePolicy",
 }
@@ -83,6 +86,16 @@ PROBLEMS: dict[str, str] = {
     "charlm": "autobatch.problems.charlm:build",
     "mnist1d": "autobatch.problems.mnist1d:build",
     "synthetic": "autobatch.problems.synthetic:build",
+}
+
+
+# cls(log_dir, append=...) -> Logger; append: a resumed run adds to its files
+LOGGERS: dict[str, str] = {
+    "csv": "autobatch.loggers.files:CSVLogger",
+    "jsonl": "autobatch.loggers.files:JSONLLogger",
+    "mlflow": "autobatch.loggers.mlflow:MLflowLogger",
+    "tensorboard": "autobatch.loggers.tensorboard:TensorBoardLogger",
+    "wandb": "autobatch.loggers.wandb:WandbLogger",
 }
 
 
@@ -112,6 +125,7 @@ FAMILIES: dict[str, Family] = {
                      "None (median), or an optuna.pruners.BasePruner instance"),
     "problem": Family("problem", PROBLEMS, None,
                       "or build your own model and data and call autobatch.fit directly"),
+    "logger": Family("logger", LOGGERS, "autobatch.loggers.base:Logger", "or an autobatch.loggers.Logger instance"),
 }
 
 
@@ -163,7 +177,7 @@ def create(family: str, spec: Any, /, **kwargs: Any) -> Any:
 
     Args:
         family: a key of :data:`FAMILIES` (``"policy"``, ``"lr_scaling"``, ``"pruner"``,
-            ``"problem"``).
+            ``"problem"``, ``"logger"``).
         spec: a name from the family's dict, or an instance of its base class.
         **kwargs: keyword arguments of the class or builder (ignored for an instance).
 

@@ -13,7 +13,10 @@ model for the same number of optimizer steps at the same fixed B:
   splits within 5% of the training time, calibrated from step times);
 - ``per_example``: the same with per-example norms (``gns_method="per_example"``); not
   defined for charlm, whose position embedding takes positions, not the batch, along
-  dimension 0 (the small transformer of ``autobatch.testing`` stands in).
+  dimension 0 (the small transformer of ``autobatch.testing`` stands in);
+- with ``--loggers jsonl tensorboard ...``, one more variant per name, ``micro+NAME``:
+  ``micro`` with that logger writing into a temporary folder (not in the recorded JSON's
+  default run; compare it with ``micro`` of the same rounds).
 
 Every run is a whole ``fit`` call, setup included; with the estimator on, its first 20
 steps (the estimator's first window) are all measured, so short runs pay a little more than
@@ -27,6 +30,7 @@ shared machine inflate less than wall-clock time; wall-clock ratios are stored t
 
     python -m benchmarks.fit_overhead                 # from the repository root, ~15 minutes
     python -m benchmarks.fit_overhead --rounds 3 --cases cnn-16   # a quick look
+    python -m benchmarks.fit_overhead --rounds 3 --cases cnn-16 --loggers jsonl --out /tmp/fo.json  # a logger's cost
 """
 
 from __future__ import annotations
@@ -122,12 +126,17 @@ def _plain(case: Case) -> None:
 
 
 def _fit(case: Case, variant: str) -> None:
+    import tempfile
+
     import autobatch
 
+    variant, _, logger = variant.partition("+")
     method, every = ("micro", "auto") if variant == "micro_auto" else (variant, 8)
-    autobatch.fit(case.make_model(), (case.x, case.y), loss_fn=case.loss_fn, optimizer=case.optimizer,
-                  lr=case.lr, max_steps=case.steps, initial_batch_size=case.batch_size,
-                  policy="fixed", lr_scaling="none", gns_method=method, gns_every=every, progress=False)
+    with tempfile.TemporaryDirectory() as log_dir:
+        autobatch.fit(case.make_model(), (case.x, case.y), loss_fn=case.loss_fn, optimizer=case.optimizer,
+                      lr=case.lr, max_steps=case.steps, initial_batch_size=case.batch_size,
+                      policy="fixed", lr_scaling="none", gns_method=method, gns_every=every, progress=False,
+                      loggers=[logger] if logger else [], log_dir=log_dir)
 
 
 def _run(case: Case, variant: str) -> bool:
@@ -175,7 +184,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per run for every case chosen "
                         "(default: each case's own)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--loggers", nargs="*", default=[], help="also time micro with each of these loggers "
+                        "(variants micro+NAME)")
     args = parser.parse_args()
+    variants = (*VARIANTS, *(f"micro+{name}" for name in args.loggers))
     torch.set_num_threads(1)
     pinned = _pin_malloc()
     load_before = os.getloadavg()
@@ -184,9 +196,9 @@ def main() -> None:
     for case in _cases(args.cases):
         if args.steps:
             case = dataclasses.replace(case, steps=args.steps)
-        cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        order, skip = list(VARIANTS), set()
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        order, skip = list(variants), set()
         for r in range(args.rounds + 1):
             order = order[1:] + order[:1]
             for v in order:
@@ -203,7 +215,7 @@ def main() -> None:
 
         def ratios(times: dict[str, list[float]]) -> dict[str, float | None]:
             return {v: statistics.median(t / p for t, p in zip(times[v], times["plain"]))
-                    if times[v] else None for v in VARIANTS if v != "plain"}
+                    if times[v] else None for v in variants if v != "plain"}
 
         rows[case.name] = {
             "params": sum(p.numel() for p in case.make_model().parameters()),
@@ -225,12 +237,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print()
-    print("| case | params | B | plain ms/step | " + " | ".join(VARIANTS[1:]) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | params | B | plain ms/step | " + " | ".join(variants[1:]) + " |")
+    print("|---" * (len(variants) + 3) + "|")
     for name, row in rows.items():
         r = row["ratio"]
         print(f"| {name} | {row['params']:,} | {row['batch_size']} | {row['plain_ms_per_step']:.3f} | "
-              + " | ".join(_fmt(r[v]) for v in VARIANTS[1:]) + " |")
+              + " | ".join(_fmt(r[v]) for v in variants[1:]) + " |")
     print(f"\nload average before/after: {load_before} / {out['load_average_after']}; "
           f"wrote {args.out} ({out['seconds']:.0f} s)")
 

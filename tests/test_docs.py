@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmarks.docs as docs
 
@@ -258,3 +262,61 @@ def test_every_autobatch_name_in_the_readme_exists_at_its_new_home() -> None:
                     missing.append(name)
                 break
     assert missing == []
+
+
+# -- the README's main job: its printed block is what the command prints --------------------------
+# How the block was produced (the README says so): torch 2.13.0's kernels for AVX-512, one torch
+# thread (the CLI's default). Other thread counts, kernels or torch releases round differently,
+# and a run of 3,000 steps then takes other steps: there the numbers are not compared.
+_BLOCK_TORCH, _BLOCK_CPU = "2.13.0", "AVX512"
+
+
+def _readme_main_job() -> tuple[str, list[str]]:
+    """The README's first command (``autobatch fit ...``) and its printed block."""
+    text = README.read_text()
+    command = re.search(r"pip install -e \. && (autobatch fit [^`\n]*)", text).group(1).strip()
+    block = re.search(r"```console\n(.*?)```", text, re.S).group(1)
+    return command, block.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str], Path]:
+    """(the README's block, what the command prints, the folder it ran in): run as a user runs
+    it, in a fresh folder."""
+    command, block = _readme_main_job()
+    folder = tmp_path_factory.mktemp("main_job")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    run = subprocess.run([sys.executable, "-m", "autobatch", *command.split()[1:], "--no-progress"], cwd=folder,
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr
+    return block, run.stdout.strip().splitlines(), folder
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split())
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_prints_the_blocks_lines(main_job) -> None:
+    block, printed, folder = main_job
+    assert len(printed) == len(block) and printed[0] == block[0]  # the command it echoes
+    totals, expected = _fields(printed[1]), _fields(block[1])
+    assert list(totals) == list(expected) and totals["samples"] == expected["samples"] == "80000"
+    assert totals["epochs"] == expected["epochs"]
+    assert printed[2].startswith("final: val_loss=") and printed[3].startswith("batch size: 16 -> ")
+    assert printed[4:] == block[4:]  # the plot and history paths
+    assert (folder / block[4].removeprefix("plot: ")).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_readme_main_jobs_numbers_are_the_commands(main_job) -> None:
+    cpu = torch.backends.cpu.get_cpu_capability()
+    if torch.__version__.split("+")[0] != _BLOCK_TORCH or cpu != _BLOCK_CPU:
+        pytest.skip(f"the README's numbers come from torch {_BLOCK_TORCH} on {_BLOCK_CPU}; this is torch "
+                    f"{torch.__version__} on {cpu}, which rounds differently")
+    block, printed, _ = main_job
+    # every total but the wall time, the final metrics at their printed precision, the B line
+    totals, expected = _fields(printed[1]), _fields(block[1])
+    assert {k: v for k, v in totals.items() if k != "wall_time"} == {k: v for k, v in expected.items() if k != "wall_time"}
+    assert printed[2] == block[2]
+    assert printed[3] == block[3]

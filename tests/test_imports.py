@@ -164,7 +164,7 @@ def test_import_autobatch_imports_neither_trainer() -> None:
     assert out.stdout.strip() == "[]"
 
 
-PLUGIN_PACKAGES = ("autobatch.policies", "autobatch.scaling", "autobatch.problems")
+PLUGIN_PACKAGES = ("autobatch.policies", "autobatch.scaling", "autobatch.problems", "autobatch.loggers")
 
 
 @pytest.mark.parametrize("name", [n for n in MODULES if n.startswith(PLUGIN_PACKAGES)])

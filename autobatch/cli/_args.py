@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import importlib
 import inspect
@@ -39,11 +40,44 @@ OPTIMIZERS: dict[str, Any] = {
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (argparse's own print the usage first);
-    subparsers inherit the class."""
+    """An ArgumentParser whose errors are one line (argparse's own print the usage first),
+    name the closest flag or choice ("did you mean --policy?") and point to the help of the
+    command at hand (``autobatch fit --help``, not the top level's); subparsers inherit the
+    class."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            # A subcommand's parser: report what it does not know itself, under its own name
+            # (argparse would hand the words up to the top-level parser, whose help is not it).
+            self.error(self.unrecognized(extras))
+        return namespace, extras
+
+    def unrecognized(self, words: list[str]) -> str:
+        """The message for arguments this parser does not know, with the closest flag of each
+        unknown one (``--batch_size``: ``--batch-size``; ``--polcy``: ``--policy``)."""
+        flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        close = []
+        for word in words:
+            name = word.split("=", 1)[0]
+            if not name.startswith("--"):
+                continue
+            dashed = name.replace("_", "-")
+            close += [dashed] if dashed in flags else difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        message = f"unrecognized arguments: {' '.join(words)}"
+        return f"{message}; did you mean {' and '.join(close)}?" if close else message
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        # argparse's own check, with the closest choice named
+        if action.choices is not None and value not in action.choices:
+            names = [str(c) for c in action.choices]
+            close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} (choose from {', '.join(map(repr, names))})"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def one_line(err: BaseException) -> str:

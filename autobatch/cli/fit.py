@@ -42,7 +42,7 @@ SGD unless --optimizer says otherwise. A factory for `autobatch probe --model` r
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``autobatch fit``."""
-    from autobatch.registry import LR_SCALINGS, POLICIES, PROBLEMS
+    from autobatch.registry import LOGGERS, LR_SCALINGS, POLICIES, PROBLEMS
 
     p = subparsers.add_parser(
         "fit",
@@ -85,6 +85,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint-dir's last.pt if there is one")
     p.add_argument("--out", default="autobatch_runs", help="folder for the plot and history")
+    p.add_argument("--loggers", nargs="+", default=[], choices=sorted(LOGGERS), metavar="NAME",
+                   help=f"send each step's figures to these loggers as the run goes ({', '.join(sorted(LOGGERS))})")
+    p.add_argument("--log-dir", default=None, help="the loggers' folder (default: OUT/PROBLEM-POLICY-logs)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads on CPU (default 1: a run takes the same steps on any number of cores; "
+                        "more threads round differently, and the run differs from the first steps on)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run)
 
@@ -153,9 +159,12 @@ def _from_model(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     import autobatch
 
     prog = "autobatch fit"
+    torch.set_num_threads(args.threads)
     try:
         if args.resume and args.checkpoint_dir is None:
             raise ValueError("--resume needs --checkpoint-dir (the folder holding last.pt)")
@@ -174,6 +183,9 @@ def _run(args: argparse.Namespace) -> int:
         overrides["gns_every"] = args.gns_every
     if args.no_progress:
         overrides["progress"] = False
+    if args.loggers:
+        overrides["loggers"] = args.loggers
+        overrides["log_dir"] = args.log_dir or Path(args.out) / f"{name}-{args.policy}-logs"
     if args.device is not None:
         overrides["device"] = args.device
     try:
@@ -202,4 +214,6 @@ def _run(args: argparse.Namespace) -> int:
               f"[{search.lr_range[0]:g}, {search.lr_range[1]:g}]; the study trained on {search.samples} "
               f"examples ({search.fraction:.0%} of the run)")
     print(f"plot: {plot}\nhistory: {history}")
+    if args.loggers:
+        print(f"logs: {overrides['log_dir']} ({', '.join(args.loggers)})")
     return 0

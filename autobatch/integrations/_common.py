@@ -15,7 +15,7 @@ from autobatch.config import FitConfig
 from autobatch.run_length import RunLength
 from autobatch.train.controller import BatchSizeController, build_controller
 
-__all__ = ["LRFactor", "explicit_settings", "round_to_multiple", "trainer_controller"]
+__all__ = ["LRFactor", "explicit_settings", "round_to_multiple", "trainer_controller", "unwrap_optimizer"]
 
 # FitConfig sections that describe fit's own loop; the integrations leave these to the trainer.
 _TRAINER_OWNED = {
@@ -23,6 +23,8 @@ _TRAINER_OWNED = {
     "eval_every": "the trainer's evaluation schedule",
     "checkpoint_every": "the trainer's checkpointing",
     "progress": "the trainer's progress bar",
+    "loggers": "the trainer's own loggers (Lightning's logger=, the Trainer's report_to), which get the same names",
+    "log_dir": "the trainer's own loggers' folder",
 }
 
 
@@ -63,7 +65,7 @@ def trainer_controller(
     """
     for key, owner in _TRAINER_OWNED.items():
         section = next(s for s in (cfg.data, cfg.log) if key in type(s).model_fields)
-        if getattr(section, key) != type(section).model_fields[key].default:
+        if getattr(section, key) != type(section).model_fields[key].get_default(call_default_factory=True):
             raise ValueError(f"{key} is not used by the trainer integrations; set {owner} instead")
     if cfg.estimator.gns_method == "per_example":
         raise ValueError(
@@ -118,12 +120,15 @@ class LRFactor:
     Attributes:
         factor: the multiplier for the next ``step()`` calls (1.0 at first).
         last_lrs: the first param group's LR as used by the last step, per optimizer.
+        last_base_lrs: that group's LR as the scheduler set it for the last step (before the
+            factor): ``StepRecord.base_lr``.
     """
 
     def __init__(self, optimizers: Iterable[Any]) -> None:
         self.factor = 1.0
-        self._optimizers = [_unwrap(o) for o in optimizers]
-        self.last_lrs = [opt.param_groups[0]["lr"] for opt in self._optimizers]
+        self._optimizers = [unwrap_optimizer(o) for o in optimizers]
+        self.last_lrs = [float(opt.param_groups[0]["lr"]) for opt in self._optimizers]
+        self.last_base_lrs = list(self.last_lrs)
         self._saved: dict[int, list[Any]] = {}
         self._handles = []
         for i, opt in enumerate(self._optimizers):
@@ -136,6 +141,7 @@ class LRFactor:
             for group, lr in zip(opt.param_groups, self._saved[i]):
                 group["lr"] = lr * self.factor
             self.last_lrs[i] = float(opt.param_groups[0]["lr"])
+            self.last_base_lrs[i] = float(self._saved[i][0])
 
         return hook
 
@@ -153,7 +159,8 @@ class LRFactor:
         self._handles = []
 
 
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer whose ``step()`` really runs, under wrappers exposing ``.optimizer``."""
     # accelerate's AcceleratedOptimizer (itself an Optimizer) and similar wrappers step the
     # optimizer they hold; the hooks must sit on that one, whose step() really runs.
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):

@@ -62,6 +62,8 @@ from autobatch.integrations._common import (
     round_to_multiple,
     trainer_controller,
 )
+from autobatch.loggers.base import probe_metrics, step_metrics
+from autobatch.memory.probe import probe_memory
 from autobatch.noise.micro_batch import (
     MicroBatchNormCollector,
     grad_sq_norm,
@@ -147,7 +149,12 @@ class AdaptiveBatchSize(pl.Callback):
             the Trainer's current global batch, ``W x m x accumulate_grad_batches``, and on one
             process to at least ``2 x m`` (two micro-batches per step give the noise estimate);
             ``round_to`` defaults to ``W x m``. The fit-loop settings ``num_workers``,
-            ``eval_every``, ``checkpoint_every``, ``progress`` and the memory probe are not used.
+            ``eval_every``, ``checkpoint_every``, ``progress``, ``loggers`` and ``log_dir`` are
+            the Trainer's. ``probe_memory=True`` (off by default) runs the memory probe on the
+            module's ``training_step`` and optimizer when training starts and grows the
+            DataLoader's batch (the micro-batch) to the largest that fits and that B0 splits
+            into (on one process at most B0 / 2), never below the DataLoader's own
+            (``memory_budget``, ``memory_margin`` as in ``fit``; the answer in ``probe``).
         **overrides: flat settings on top of ``config``, e.g. ``max_batch_size=4096``.
 
     Attributes:
@@ -155,9 +162,13 @@ class AdaptiveBatchSize(pl.Callback):
             of ``FitResult.history``; restored from checkpoints.
         controller: the :class:`~autobatch.train.controller.BatchSizeController` (set when
             training starts).
+        probe: the memory probe's :class:`~autobatch.memory.probe.MemoryProbeResult` with
+            ``probe_memory=True``, else None.
 
-    The callback sends ``batch_size``, ``noise_scale`` (once known) and ``lr_factor`` to the
-    Trainer's loggers every ``log_every_n_steps`` optimizer steps (at ``trainer.global_step``).
+    The callback sends fit's names (:mod:`autobatch.loggers.base`: ``train/batch_size``,
+    ``train/micro_batch_size``, ``train/lr``, ``train/loss``, ``train/examples``, ``train/epoch``,
+    ``gns/*`` once known) and ``train/lr_factor`` to the Trainer's loggers every
+    ``log_every_n_steps`` optimizer steps (at ``trainer.global_step``), and ``probe/*`` once.
     """
 
     def __init__(self, config: FitConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
@@ -170,6 +181,7 @@ class AdaptiveBatchSize(pl.Callback):
         self._plan: dict[str, Any] | None = None
         self._steps = self._samples = 0
         self._elapsed = 0.0
+        self.probe = None
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -231,6 +243,9 @@ class AdaptiveBatchSize(pl.Callback):
                 f"= {unit}{' and at least 2 micro-batches' if w == 1 else ''}; the DataLoader's "
                 "batch_size is the micro-batch, so change one of the two"
             )
+        if cfg.memory.probe_memory:
+            m = self._grow_micro_batch(trainer, pl_module, loader, b0, m)
+            unit = w * m
         round_to = cfg.batch.round_to if "round_to" in self._explicit else unit
         if round_to % unit:
             raise ValueError(f"round_to={round_to} must be a multiple of world_size x micro-batch = {unit}")
@@ -266,6 +281,32 @@ class AdaptiveBatchSize(pl.Callback):
         self._lr = LRFactor(trainer.optimizers)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._start = time.perf_counter() - self._elapsed
+
+    def _grow_micro_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader, b0: int,
+                          m: int) -> int:
+        """``probe_memory=True``: the largest micro-batch the memory probe lets a step hold, on
+        the module's ``training_step`` and optimizer, at the Trainer's precision, rounded down to
+        one B0 splits into (one process: at least two per step), never below the DataLoader's
+        own; the DataLoader's batch sampler and Lightning's count of batches take it."""
+        w = trainer.world_size
+        local = b0 // w
+        most = local // 2 if w == 1 else local
+        probe = probe_memory(
+            pl_module, loader, None, optimizer=trainer.optimizers[0], forward_loss=_training_step_loss,
+            device=pl_module.device, budget_bytes=self.config.memory.memory_budget, max_micro_batch_size=max(most, m),
+            margin=self.config.memory.memory_margin, precision=_PRECISIONS.get(str(trainer.precision), "fp32"))
+        found = broadcast_int(probe.max_micro_batch_size, DistInfo(trainer.global_rank, w), pl_module.device)
+        step = self.config.batch.round_to // w if "round_to" in self._explicit else None
+        grown = max((d for d in range(m, min(found, most) + 1)
+                     if local % d == 0 and (step is None or step % d == 0)), default=m)
+        self.probe = probe
+        if trainer.loggers and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(probe_metrics(probe), step=0)
+        if grown != m:
+            loader.batch_sampler.batch_size = grown
+            _recount_batches(trainer, loader)
+        return grown
 
     def _restore(self) -> None:
         state, self._loaded = self._loaded, None
@@ -393,9 +434,10 @@ class AdaptiveBatchSize(pl.Callback):
         record = StepRecord(
             step=self._steps, epoch=epochs_done, samples=self._samples, batch_size=controller.batch_size,
             examples=total, micro_batch_size=max(plan["sizes"]), accum_steps=len(plan["sizes"]),
-            lr=self._lr.last_lrs[0], train_loss=loss, grad_sq=est.grad_sq, trace_cov=est.trace_cov,
-            noise_scale=est.noise_scale if est.ready else math.nan, noise_scale_stderr=est.noise_scale_stderr,
-            wall_time_s=time.perf_counter() - self._start, skipped=not finite,
+            lr=self._lr.last_lrs[0], base_lr=self._lr.last_base_lrs[0], train_loss=loss, grad_sq=est.grad_sq,
+            trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
+            noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
+            skipped=not finite, loss_items=self._samples,
         )
         self.history.append(record)
         # whole micro-batches on every rank, and rank 0's decision for all (step times differ)
@@ -405,10 +447,10 @@ class AdaptiveBatchSize(pl.Callback):
         trainer = pl_module.trainer
         if trainer.loggers and self._steps % trainer.log_every_n_steps == 0:
             # Straight to the loggers, as LearningRateMonitor does: LightningModule.log costs
-            # milliseconds per call, a tenth of a small model's step.
-            metrics = {"batch_size": float(record.batch_size), "lr_factor": float(self._lr.factor)}
-            if est.ready:
-                metrics["noise_scale"] = float(record.noise_scale)
+            # milliseconds per call, a tenth of a small model's step. fit's names; what is not
+            # known yet (NaN: the noise scale before its estimate) is left out.
+            metrics = {k: float(v) for k, v in step_metrics(record).items() if math.isfinite(v)}
+            metrics["train/lr_factor"] = float(self._lr.factor)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -464,3 +506,35 @@ def _shuffles(sampler: Any) -> bool:
         f"{type(sampler).__name__} cannot be carried over. Use shuffle=True or False (seed= sets the "
         "order), or write the loop yourself with the custom-loop kit"
     )
+
+
+_PRECISIONS = {"16-mixed": "fp16", "bf16-mixed": "bf16", "bf16-true": "bf16", "16-true": "fp16"}
+
+
+def _training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """The loss of the module's own ``training_step``, for the memory probe: its ``self.log``
+    calls are silenced (the probe's steps run on fake tensors that no logger may keep)."""
+    silenced = {"log": lambda *args, **kwargs: None, "log_dict": lambda *args, **kwargs: None}
+    module.__dict__.update(silenced)
+    try:
+        out = module.training_step(batch, 0)
+    finally:
+        for name in silenced:
+            module.__dict__.pop(name, None)
+    return out["loss"] if isinstance(out, dict) else out
+
+
+def _recount_batches(trainer: pl.Trainer, loader: DataLoader) -> None:
+    """Tell Lightning's fit loop the train DataLoader's new length (its batch size changed
+    after the loop counted it): the loader's limit, its iterator, the epoch's batches and the
+    validation interval derived from them (as ``_FitLoop.setup_data`` computes them)."""
+    loop = trainer.fit_loop
+    combined = getattr(loop, "_combined_loader", None)
+    if combined is not None:
+        combined.limits = [len(loader)]
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is not None:
+        iter(fetcher)
+    loop.max_batches = len(loader)
+    if isinstance(trainer.val_check_interval, float) and trainer.val_check_batch is not None:
+        trainer.val_check_batch = max(1, int(len(loader) * trainer.val_check_interval))

@@ -34,8 +34,10 @@ How it works (an optimizer step holds one global batch of B examples):
   schedule counts optimizer steps, as the run does.
 - **State**: the controller, the data position and the history go into ``trainer_state.json``
   (``stateful_callbacks["AdaptiveBatchTrainer"]``); ``resume_from_checkpoint`` continues with the
-  same B and order. ``state.log_history`` carries ``batch_size``, ``noise_scale`` and
-  ``lr_factor`` with every training log; ``state.epoch`` counts examples seen.
+  same B and order. Every training log (``state.log_history``, ``report_to``'s writers) carries
+  fit's names (``batch_size``, ``micro_batch_size``, ``lr``, ``examples``, ``tokens``,
+  ``gns/noise_scale``, ...; TensorBoard and W&B put ``train/`` in front) with ``noise_scale`` and
+  ``lr_factor``; ``state.epoch`` counts examples seen.
 
 - **Several processes** (``torchrun``, ``accelerate launch``; the Trainer's DDP): every process
   takes the step's global indices and keeps its contiguous share; only its last micro-batch
@@ -45,9 +47,9 @@ How it works (an optimizer step holds one global batch of B examples):
   decision is broadcast. The Trainer's FSDP and DeepSpeed engines fix gradient accumulation
   at the start and are refused (shard with ``fully_shard`` and use :func:`autobatch.fit`).
 
-Limits: no memory probe (pick
-``per_device_train_batch_size`` with :func:`autobatch.probe_memory`, see docs/integrations.md);
-an out-of-memory micro-batch halves the micro-batch and the step is redone. Collation runs in
+Memory: ``probe_memory=True`` (off by default) sets the micro-batch cap to the memory probe's
+answer when training starts; an out-of-memory micro-batch halves the micro-batch and the step
+is redone. Collation runs in
 the main process (``dataloader_num_workers`` is not used for training); the Trainer's
 sampler options (``group_by_length``, ``dataloader_drop_last``) do not apply.
 """
@@ -68,8 +70,10 @@ from transformers import TrainerCallback
 
 from autobatch.accumulate import accumulate_gradients, count_step_items
 from autobatch.config import FitConfig
-from autobatch.integrations._common import LRFactor, explicit_settings, trainer_controller
+from autobatch.integrations._common import LRFactor, explicit_settings, trainer_controller, unwrap_optimizer
+from autobatch.loggers.base import probe_metrics, step_metrics
 from autobatch.memory.oom import release_after_oom, retry_after_oom
+from autobatch.memory.probe import probe_memory
 from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms, grad_sq_norm
 from autobatch.train.data_loader import take_step
 from autobatch.train.distributed import DistInfo, agree_max, broadcast_int, local_share, sum_int
@@ -167,13 +171,18 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             global examples per optimizer step; ``initial_batch_size`` defaults to
             ``per_device_train_batch_size x gradient_accumulation_steps`` and
             ``max_micro_batch_size`` to ``per_device_train_batch_size``. ``seed`` defaults to
-            ``TrainingArguments.seed``.
+            ``TrainingArguments.seed``. ``probe_memory=True`` (off by default) replaces that cap
+            with the memory probe's answer when training starts (on the model, the Trainer's
+            optimizer and ``compute_loss``, the longest training example; ``memory_budget``,
+            ``memory_margin`` as in ``fit``). ``loggers`` are the Trainer's (``report_to``).
 
     Attributes:
         batch_controller: the :class:`~autobatch.train.controller.BatchSizeController` of the
             current (or last) run.
         history: one :class:`~autobatch.train.results.StepRecord` per optimizer step.
         oom_retries: steps redone with a smaller micro-batch after running out of memory.
+        probe: the memory probe's :class:`~autobatch.memory.probe.MemoryProbeResult` with
+            ``probe_memory=True``, else None.
     """
 
     def __init__(self, *args: Any, autobatch_config: FitConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -187,6 +196,8 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         self._collector: MicroBatchNormCollector | None = None
         self._lr: LRFactor | None = None
         self._pending: dict[str, Any] = {}
+        self._by_tokens = False
+        self.probe = None
         self.add_callback(_Bookkeeping(self))
 
     # -- the run -----------------------------------------------------------------------------
@@ -257,6 +268,7 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             raise ValueError(f"initial_batch_size={b0} is below the {self._info.world_size} processes: every process "
                              f"needs an example of each step; use initial_batch_size >= {self._info.world_size}")
         self._stream = SampleStream(n, shuffle=cfg.data.shuffle, seed=cfg.data.seed)
+        self._train_source = (dataset, collate)  # for the memory probe, when training starts
         self._steps = self._samples = 0
         self._samples_at_start = 0
         self._start = time.perf_counter()
@@ -315,6 +327,26 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         if self._cfg.estimator.gns_method != "off":
             self._collector = MicroBatchNormCollector(self.model)
         self._lr = LRFactor([self.optimizer])
+        if self._cfg.memory.probe_memory:
+            self._probe_micro_batch()
+
+    def _probe_micro_batch(self) -> None:
+        """``probe_memory=True``: the micro-batch cap becomes the memory probe's answer, found on
+        the model, the Trainer's optimizer and loss (``compute_loss``) and the longest training
+        example collated, at the Trainer's precision; bounded by an explicit
+        ``max_micro_batch_size``. Rank 0's answer is every process's."""
+        dataset, collate = self._train_source
+        cfg, controller = self._cfg, self.batch_controller
+        explicit = cfg.memory.max_micro_batch_size if "max_micro_batch_size" in self._explicit else None
+        probe = probe_memory(
+            self.model, torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate), None,
+            optimizer=unwrap_optimizer(self.optimizer), forward_loss=lambda model, batch: self.compute_loss(model, batch),
+            device=self.args.device, budget_bytes=cfg.memory.memory_budget,
+            max_micro_batch_size=explicit or controller.max_batch_size, margin=cfg.memory.memory_margin,
+            precision="bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32")
+        controller.max_micro_batch_size = broadcast_int(probe.max_micro_batch_size, self._info, self.args.device)
+        self.probe = probe
+        super().log(probe_metrics(probe))
 
     def _end_training(self) -> None:
         for name in ("_collector", "_lr"):
@@ -427,7 +459,8 @@ class AdaptiveBatchTrainer(transformers.Trainer):
             per_token = step.global_size / total
             norms = StepGradNorms(norms.small_sq_norms, norms.small_batch_size * per_token, norms.big_sq_norm,
                                   step.global_size, step.sizes)
-        self._pending.update(norms=norms, loss=loss_total, step=step)
+        self._pending.update(norms=norms, loss=loss_total, step=step, items=total)
+        self._by_tokens = by_tokens
         return torch.tensor(loss_total, device=device)
 
     def _end_step(self, control) -> None:
@@ -448,10 +481,11 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         self.history.append(StepRecord(
             step=self._steps, epoch=stream.epochs_done, samples=self._samples, batch_size=controller.batch_size,
             examples=step.global_size, micro_batch_size=max(step.sizes), accum_steps=len(step.sizes),
-            lr=self._lr.last_lrs[0] if self._lr is not None else math.nan, train_loss=loss,
+            lr=self._lr.last_lrs[0] if self._lr is not None else math.nan,
+            base_lr=self._lr.last_base_lrs[0] if self._lr is not None else math.nan, train_loss=loss,
             grad_sq=est.grad_sq, trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
             noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - self._start,
-            skipped=not finite,
+            skipped=not finite, loss_items=(self.history[-1].loss_items if self.history else 0) + int(pending["items"]),
         ))
         info = self._info  # rank 0 decides for every process (their step times differ)
         controller.maybe_decide(agree=(lambda b: broadcast_int(b, info, self.args.device)) if info.enabled else None)
@@ -472,11 +506,18 @@ class AdaptiveBatchTrainer(transformers.Trainer):
 
     # -- figures -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """``Trainer.log``; training logs also carry ``batch_size``, ``noise_scale`` (once the
-        estimate is ready) and ``lr_factor``."""
+        """``Trainer.log``; training logs also carry fit's names (:mod:`autobatch.loggers.base`)
+        as ``report_to``'s writers expect them: without the ``train/`` that TensorBoard's and
+        W&B's add to every training-time name (``batch_size``, ``micro_batch_size``, ``lr``,
+        ``examples``, ``tokens`` for token-normalised losses), the estimator's under ``gns/``
+        once known, and ``noise_scale`` and ``lr_factor``. The Trainer's own ``loss`` and
+        ``epoch`` stay its own."""
         if "loss" in logs and self.history and self.batch_controller is not None:
             last = self.history[-1]
-            logs = {**logs, "batch_size": last.batch_size}
+            ours = {name.removeprefix("train/"): value
+                    for name, value in step_metrics(last, tokens=getattr(self, "_by_tokens", False)).items()
+                    if name not in ("train/loss", "train/epoch") and math.isfinite(value)}
+            logs = {**logs, **ours}
             if math.isfinite(last.noise_scale):
                 logs["noise_scale"] = last.noise_scale
             if self._lr is not None:

@@ -169,33 +169,11 @@ class MemoryProbeResult(BaseModel):
         return self.table()
 
     def plot(self, path: str | Path) -> Path:
-        """Write a PNG of the estimated (and measured) peak vs batch size, with the budget."""
-        import matplotlib
+        """Write a PNG of the estimated (and measured) peak against the micro-batch, both axes
+        logarithmic, with the budget, the limit the search aimed at and the answer."""
+        from autobatch._plots import plot_probe
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        mib = 2.0**20
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        sizes = sorted(self.estimated)
-        ax.plot(sizes, [self.estimated[b] / mib for b in sizes], "o-", label="estimated peak")
-        real = sorted(b for b, v in self.measured.items() if v is not None)
-        if real:
-            ax.plot(real, [self.measured[b] / mib for b in real], "s", label="measured peak")
-        ax.axhline(self.budget_bytes / mib, color="k", label="budget")
-        ax.axhline(self.limit_bytes / mib, color="k", ls="--", label="budget x (1 - margin)")
-        ax.axvline(self.max_micro_batch_size, color="C2", ls=":",
-                   label=f"max micro-batch {self.max_micro_batch_size}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("micro-batch size")
-        ax.set_ylabel("peak memory of a training step (MiB)")
-        ax.set_title(f"memory probe on {self.device} ({self.mode})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return plot_probe(self, path)
 
 
 def _check_arguments(budget_bytes: Any, max_micro_batch_size: Any, margin: Any, mode: Any,

@@ -18,6 +18,8 @@ per policy, named as in :data:`autobatch.registry.POLICIES`:
 - :mod:`~autobatch.policies.schedule`: grow the batch where the user's LR scheduler decays
   the LR (Seesaw for Adam, Smith et al. for SGD), never past the noise scale.
 - :mod:`~autobatch.policies.fixed`: keep the initial batch; decay the LR at the milestones.
+- :mod:`~autobatch.policies.measure`: keep the initial batch and the LR; only measure the noise
+  scale (a user's fixed-B run, watched).
 - :mod:`~autobatch.policies.base`: the base class, the context and the shared rounding.
 """
 
@@ -34,6 +36,7 @@ from autobatch.policies.goodput import (
     statistical_efficiency,
 )
 from autobatch.policies.guard import LossSpikeGuard
+from autobatch.policies.measure import MeasurePolicy
 from autobatch.policies.ramp import RampPolicy
 from autobatch.policies.schedule import SchedulePolicy
 
@@ -44,6 +47,7 @@ __all__ = [
     "GNSPolicy",
     "GoodputPolicy",
     "LossSpikeGuard",
+    "MeasurePolicy",
     "PolicyContext",
     "RampPolicy",
     "SchedulePolicy",

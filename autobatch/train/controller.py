@@ -376,7 +376,7 @@ def build_controller(cfg: FitConfig, *, optimizer: Any, method: str, base_batch_
     """
     run = run if run is not None else RunLength()
     scaling_name = cfg.lr.lr_scaling or default_scaling(optimizer)
-    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput") or scaling_name == "adascale"):
+    if method == "off" and (cfg.batch.policy in ("budget", "gns", "goodput", "measure") or scaling_name == "adascale"):
         raise ValueError(
             f"gns_method='off' leaves policy={cfg.batch.policy!r} / lr_scaling={scaling_name!r} "
             "without the noise scale they need; use policy 'fixed' or 'ramp' with lr_scaling "

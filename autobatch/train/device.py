@@ -14,7 +14,7 @@ from autobatch.batch import ForwardLoss, LossFn
 from autobatch.config import FitConfig
 from autobatch.data import BatchSource
 from autobatch.devices import AUTOCAST_DTYPES, canonical_device
-from autobatch.memory.probe import probe_memory
+from autobatch.memory.probe import MemoryProbeResult, probe_memory
 from autobatch.noise.micro_batch import trainable_parameters
 from autobatch.optimizers import OptimizerSpec, build_optimizer
 
@@ -65,9 +65,10 @@ def setup_precision(precision: str, device: torch.device) -> tuple[torch.dtype |
 def setup_micro_batch_cap(model: nn.Module, source: BatchSource, cfg: FitConfig, device: torch.device, *,
                           loss_fn: LossFn | None, forward_loss: ForwardLoss | None, optimizer: OptimizerSpec,
                           lr: float | None, max_batch_size: int, precision: str,
-                          sharded: bool = False) -> tuple[int | None, int]:
-    """``(cap, smallest)``: the largest micro-batch a step may run (per process; None: no cap)
-    and the smallest one the model trains on (2 for BatchNorm, else 1).
+                          sharded: bool = False) -> tuple[int | None, int, MemoryProbeResult | None]:
+    """``(cap, smallest, probe)``: the largest micro-batch a step may run (per process; None: no
+    cap), the smallest one the model trains on (2 for BatchNorm, else 1), and the probe's
+    result (None when it did not run).
 
     The memory probe runs when ``cfg.memory.probe_memory`` says so (default: on accelerators,
     or with a ``memory_budget``), at the step's ``precision``, with the user's optimizer spec
@@ -87,11 +88,11 @@ def setup_micro_batch_cap(model: nn.Module, source: BatchSource, cfg: FitConfig,
             raise ValueError("probe_memory=True: the memory probe does not run on a model sharded with fully_shard "
                              "yet; leave probe_memory unset (an out-of-memory micro-batch halves the cap), or set "
                              "max_micro_batch_size")
-        return cap, smallest
+        return cap, smallest, None
     if should is None:
         should = device.type != "cpu" or cfg.memory.memory_budget is not None
     if not should:
-        return cap, smallest
+        return cap, smallest, None
     spec: Any = optimizer if isinstance(optimizer, torch.optim.Optimizer) else functools.partial(
         build_optimizer, optimizer, lr=lr)
     probe = probe_memory(
@@ -100,4 +101,4 @@ def setup_micro_batch_cap(model: nn.Module, source: BatchSource, cfg: FitConfig,
         margin=cfg.memory.memory_margin, precision=precision,
     )
     found = probe.max_micro_batch_size
-    return (min(found, cap) if cap is not None else found), probe.min_micro_batch_size
+    return (min(found, cap) if cap is not None else found), probe.min_micro_batch_size, probe

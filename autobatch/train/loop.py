@@ -55,7 +55,7 @@ from autobatch.train._interrupt import DeferredSignals, Preempted, no_step_in_fl
 from autobatch.train._resume import run_settings
 from autobatch.train._skip import NonFiniteSteps
 from autobatch.train._validate import validate_fit_args
-from autobatch.train.callbacks import Callback, StopTraining
+from autobatch.train.callbacks import Callback, StopTraining, setup_loggers
 from autobatch.train.checkpoint import restore_run, save_run
 from autobatch.train.controller import build_controller
 from autobatch.train.data_loader import MicroBatchLoader, setup_sample_stream, take_step
@@ -143,9 +143,9 @@ def train(
     if val_source is not None and eval_fn is None:  # one forward now, not a failure after an epoch
         check_val_data(model, val_source, eval_loss, forward_loss=forward_loss, loss_items=loss_items, device=device,
                        amp_dtype=amp_dtype, accuracy=accuracy, loss_name="val_loss_fn" if val_loss_fn else "loss_fn")
-    micro_cap, min_micro = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn, forward_loss=forward_loss,
-                                                 optimizer=optimizer, lr=lr, max_batch_size=max_b, precision=precision,
-                                                 sharded=sharded is not None)
+    micro_cap, min_micro, probe = setup_micro_batch_cap(model, source, cfg, device, loss_fn=loss_fn,
+                                                        forward_loss=forward_loss, optimizer=optimizer, lr=lr,
+                                                        max_batch_size=max_b, precision=precision, sharded=sharded is not None)
     method = cfg.estimator.gns_method
     if sharded is not None:
         method = _check_sharded_run(cfg, method, info.world_size, sharded.data_parallel)
@@ -179,7 +179,8 @@ def train(
         memory_budget=cfg.memory.memory_budget if device.type == "cpu" else None, sharded=sharded)
     grad_buffer = FlatGradientBuffer()  # the data-parallel all-reduce's, kept between steps
     params = meter.params
-    callbacks = list(callbacks)
+    callbacks = [*callbacks, *setup_loggers(cfg.log, resume=resume, tokens=micro.loss_items != "examples",
+                                            probe=probe, main=info.is_main)]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     has_eval = val_source is not None or eval_fn is not None
     bar = _progress_bar(cfg, run.examples(n)) if info.is_main else None
@@ -294,7 +295,7 @@ def train(
                 lr=float(opt.param_groups[0]["lr"]), base_lr=float(base_lr), train_loss=train_loss,
                 grad_sq=est.grad_sq, trace_cov=est.trace_cov, noise_scale=est.noise_scale if est.ready else math.nan,
                 noise_scale_stderr=est.noise_scale_stderr, wall_time_s=time.perf_counter() - start,
-                skipped=not finite,
+                skipped=not finite, loss_items=(result.history[-1].loss_items if result.history else 0) + work.items,
             )
             result.history.append(record)
             if step % controller.decide_every == 0:  # the policy picks the next B; rank 0's for all

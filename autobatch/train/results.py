@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from autobatch._optional import import_pandas
+
 __all__ = ["FitResult", "StepRecord"]
 
 
@@ -25,7 +27,9 @@ class StepRecord(BaseModel):
     ``noise_scale`` are the estimator's
     smoothed values after this step (NaN until it has data; ``noise_scale`` stays NaN until
     the estimator is ready) and ``noise_scale_stderr`` the noise scale's standard error; ``wall_time_s`` is seconds since
-    the fit started (evaluation included).
+    the fit started (evaluation included); ``loss_items`` counts the loss items processed so far,
+    like ``samples`` (all ranks, cumulative): tokens for a token-mean loss, else the examples
+    (0 where an entry point does not count them).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +50,7 @@ class StepRecord(BaseModel):
     noise_scale_stderr: float = math.inf
     wall_time_s: float
     skipped: bool = False
+    loss_items: int = 0
 
     @classmethod
     def trusted(cls, **values: Any) -> StepRecord:
@@ -123,6 +128,16 @@ class FitResult(BaseModel):
                 writer.writerow(rec.model_dump())
         return path
 
+    def to_pandas(self) -> Any:
+        """The per-step history as a ``pandas.DataFrame``: one row per step, StepRecord's
+        columns (the evaluations: ``pandas.DataFrame(result.evals)``).
+
+        Raises:
+            ImportError: without pandas (``pip install "torch-autobatch[pandas]"``).
+        """
+        pd = import_pandas("FitResult.to_pandas")
+        return pd.DataFrame([rec.model_dump() for rec in self.history], columns=list(StepRecord.model_fields))
+
     def to_json(self, path: str | Path) -> Path:
         """Write everything but the model as JSON (NaN written as null)."""
         path = Path(path)
@@ -143,41 +158,14 @@ class FitResult(BaseModel):
         )
 
     def plot(self, path: str | Path) -> Path:
-        """Write a PNG with four panels: train (and val) loss vs samples, B vs step, noise
-        scale vs step (with B for comparison, log scale), and LR vs step."""
-        import matplotlib
+        """Write a PNG of the run over one x axis, the optimizer step (examples seen on top):
+        the loss (each step, its running mean, the evaluations), B above the micro-batch, the
+        noise scale with its standard error against B (the steps without an estimate shaded,
+        the legend says why), and the LR (with the base LR when the batch factor moved it). Log
+        axes wherever the values span decades."""
+        from autobatch._plots import plot_fit
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        h = self.history
-        steps = [r.step for r in h]
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-        ax = axes[0, 0]
-        ax.plot([r.samples for r in h], [r.train_loss for r in h], lw=0.8, label="train loss")
-        if self.evals and "val_loss" in self.evals[0]:
-            ax.plot([e["samples"] for e in self.evals], [e["val_loss"] for e in self.evals], "o-",
-                    label="val loss")
-        ax.set(xlabel="samples", ylabel="loss", yscale="log", title="loss vs samples")
-        ax.legend()
-        ax = axes[0, 1]
-        ax.step(steps, [r.batch_size for r in h], where="post", label="batch size B")
-        ax.step(steps, [r.micro_batch_size for r in h], where="post", label="micro-batch", alpha=0.6)
-        ax.set(xlabel="step", ylabel="examples", yscale="log", title="batch size vs step")
-        ax.legend()
-        ax = axes[1, 0]
-        ax.plot(steps, [r.noise_scale for r in h], lw=0.8, label="noise scale B_simple")
-        ax.step(steps, [r.batch_size for r in h], where="post", label="batch size B", alpha=0.6)
-        ax.set(xlabel="step", ylabel="examples", yscale="log", title="noise scale vs step")
-        ax.legend()
-        ax = axes[1, 1]
-        ax.plot(steps, [r.lr for r in h])
-        ax.set(xlabel="step", ylabel="learning rate", title="LR vs step")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return plot_fit(self, path)
 
 
 def _nan_to_none(obj: Any) -> Any:

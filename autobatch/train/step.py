@@ -87,12 +87,14 @@ class StepWork:
         started: ``time.perf_counter()`` at the start of that attempt, so the step time
             leaves out attempts that ran out of memory.
         oom_retries: attempts that ran out of memory before it.
+        items: the step's loss items over all ranks (its examples with ``loss_items="examples"``).
     """
 
     acc: Accumulated
     sizes: list[int]
     started: float
     oom_retries: int
+    items: int
 
 
 def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: int, step: int, *,
@@ -137,6 +139,7 @@ def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: in
             counts, total = count_step_items(
                 batches, run.loss_items, model=run.model, loss_fn=run.loss_fn, forward_loss=run.forward_loss,
                 all_reduce_items=(lambda n: sum_int(n, run.info, run.device)) if run.info.enabled else None)
+        state["items"] = total
         try:
             with _memory_guard(run, optimizer):
                 return _accumulate(run, batches, counts, total, meter, sizes, optimizer, parts, indices)
@@ -156,7 +159,7 @@ def forward_backward(run: MicroBatchRun, indices: torch.Tensor, global_batch: in
         attempt, failed_size=lambda: max(state["sizes"]), on_oom=on_oom,
         # every rank learns the largest failed micro-batch before any gradient collective
         agree=(lambda size: int(agree_max(size, run.info, run.device))) if run.info.enabled else None)
-    return StepWork(acc, state["sizes"], state["started"], retries)
+    return StepWork(acc, state["sizes"], state["started"], retries, state["items"])
 
 
 def _accumulate(run: MicroBatchRun, batches: Any, counts: list[int] | None, total: int, meter: StepNormMeter,

@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from autobatch._optional import import_pandas
 from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.registry import make_pruner
@@ -147,6 +148,23 @@ class TuneResult(BaseModel):
         return "\n".join(
             "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows
         )
+
+    def to_pandas(self) -> Any:
+        """The trials as a ``pandas.DataFrame``, one row per trial: ``number``, ``state``,
+        ``value``, one column per sampled parameter (``lr``, ...), ``samples``, ``steps``,
+        ``final_batch_size``, ``reason``, ``wall_time_s``.
+
+        Raises:
+            ImportError: without pandas (``pip install "torch-autobatch[pandas]"``).
+        """
+        pd = import_pandas("TuneResult.to_pandas")
+        names = sorted({name for row in self.trials for name in row.params})
+        rows = [{"number": row.number, "state": row.state, "value": row.value,
+                 **{name: row.params.get(name) for name in names}, "samples": row.samples, "steps": row.steps,
+                 "final_batch_size": row.final_batch_size, "reason": row.reason, "wall_time_s": row.wall_time_s}
+                for row in self.trials]
+        columns = ["number", "state", "value", *names, "samples", "steps", "final_batch_size", "reason", "wall_time_s"]
+        return pd.DataFrame(rows, columns=columns)
 
     def plot(self, path: str | Path) -> Path:
         """Save the optimisation history and the loss against each parameter (LR on a log

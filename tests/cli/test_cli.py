@@ -96,6 +96,20 @@ FIT_CNN = ["fit", "--problem", "mnist1d", "--max-steps", "2", "--no-progress"]
          r"autobatch tune: error: storage 'studies.db' is not a URL"),
         (["fit", "--problem", "nosuch"], r"argument --problem: invalid choice: 'nosuch'"),
         ([*FIT, "--gns-every", "0"], r"argument --gns-every: must be an integer >= 1, or 'auto' \(got '0'\)"),
+        # a mistyped flag or choice: the closest one named, and the subcommand's own help
+        ([*FIT, "--polcy", "budget"],
+         r"^autobatch fit: error: unrecognized arguments: --polcy budget; did you mean --policy\? "
+         r"\(see autobatch fit --help\)$"),
+        ([*FIT, "--batch_size", "8", "--lr_scaling", "none"],
+         r"unrecognized arguments: --batch_size 8 --lr_scaling none; did you mean --batch-size and --lr-scaling\?"),
+        ([*FIT, "--policy", "budgte"],
+         r"argument --policy: invalid choice: 'budgte' \(choose from .*'measure'.*\); did you mean 'budget'\? "
+         r"\(see autobatch fit --help\)"),
+        ([*FIT, "--loggers", "tensorbord"], r"argument --loggers: invalid choice: .*did you mean 'tensorboard'\?"),
+        (["tune", "--problem", "synthetic", "--trails", "3"],
+         r"^autobatch tune: error: unrecognized arguments: --trails 3; did you mean --trials\? \(see autobatch tune --help"),
+        (["fti", "--problem", "synthetic"],
+         r"^autobatch: error: argument COMMAND: invalid choice: 'fti' .*; did you mean 'fit'\? \(see autobatch --help\)"),
         pytest.param([*FIT, "--device", "cuda"], r"argument --device: device 'cuda' is not available on this machine",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
         (["fit", "--model", "nosuch_module_f25:build", "--max-steps", "2"],
@@ -150,6 +164,20 @@ def test_given_values_are_used_not_replaced_by_the_example_defaults(tmp_path, ca
     assert code == 0
     history = json.loads((tmp_path / "synthetic-fixed.json").read_text())["history"]
     assert [r["step"] for r in history if r["accum_steps"] == 2] == [*range(1, 21), 21, 25, 29, 33, 37]
+
+
+def test_loggers_and_threads_from_the_command_line(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # the suite keeps its one thread
+    code = main([*FIT, "--max-steps", "12", "--loggers", "jsonl", "csv", "--threads", "3", "--out", str(tmp_path)])
+    assert code == 0 and threads == [3]
+    logs = tmp_path / "synthetic-budget-logs"
+    assert f"logs: {logs} (jsonl, csv)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/batch_size" in r] == list(range(1, 13))
+    assert (logs / "metrics.csv").read_text().startswith("step,train/batch_size,")
 
 
 def test_checkpoint_dir_and_resume_continue_a_run_exactly(tmp_path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 
@@ -192,16 +193,65 @@ def test_the_lr_factor_multiplies_the_users_schedule_and_reaches_the_loggers() -
     module, logger = _Decay(), _Recorder()
     cb = AdaptiveBatchSize(decide_every=5, max_batch_size=512)
     trainer = _fit(module, loader(x, y, batch_size=16), cb, max_epochs=2, logger=logger, log_every_n_steps=1)
-    factors = [row["lr_factor"] for row in logger.rows if "lr_factor" in row]
+    factors = [row["train/lr_factor"] for row in logger.rows if "train/lr_factor" in row]
     assert len(factors) == len(cb.history) and max(factors) > 1.0  # AdaScale's gain once B grew
     for rec, factor in zip(cb.history, factors):
         scheduled = 0.05 * 0.8 ** ((rec.step - 1) // 20)  # LambdaLR's own value at this step
         assert rec.lr == pytest.approx(scheduled * factor, rel=1e-6)
     # the scheduler kept its own values: the factor never compounded into them
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.8 ** (len(cb.history) // 20))
-    logged_b = [row["batch_size"] for row in logger.rows if "batch_size" in row]
+    logged_b = [row["train/batch_size"] for row in logger.rows if "train/batch_size" in row]
     assert logged_b == [float(r.batch_size) for r in cb.history]
-    assert any("noise_scale" in row for row in logger.rows)
+    assert any("gns/noise_scale" in row for row in logger.rows)
+    # the LR before the batch factor is recorded: the user's schedule
+    assert [r.base_lr for r in cb.history] == pytest.approx([0.05 * 0.8 ** ((r.step - 1) // 20) for r in cb.history])
+
+
+def test_lightnings_tensorboard_logger_gets_fits_names(tmp_path) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    x, y = regression_data(n=1024, noise=2.0)
+    cb = AdaptiveBatchSize(decide_every=5, max_batch_size=256)
+    tb = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = _fit(Regression(), loader(x, y, batch_size=16), cb, max_epochs=2, logger=tb, log_every_n_steps=1)
+    events = event_accumulator.EventAccumulator(tb.log_dir)
+    events.Reload()
+    names = set(events.Tags()["scalars"])
+    assert {"train/batch_size", "train/micro_batch_size", "train/lr", "train/loss", "train/examples", "train/epoch",
+            "gns/noise_scale", "gns/noise_scale_stderr", "gns/grad_sq", "gns/trace_sigma", "train/lr_factor"} <= names
+    by_step = {r.step: r for r in cb.history}
+    logged = events.Scalars("train/batch_size")
+    assert [e.step for e in logged] == [r.step for r in cb.history] and trainer.global_step == cb.history[-1].step
+    assert all(e.value == by_step[e.step].batch_size for e in logged)
+    assert all(e.value == pytest.approx(by_step[e.step].samples) for e in events.Scalars("train/examples"))
+    assert all(e.value == pytest.approx(by_step[e.step].noise_scale, rel=1e-6) for e in events.Scalars("gns/noise_scale"))
+
+
+def test_measure_mode_keeps_the_trainers_batch_and_lr_and_logs_the_noise_scale() -> None:
+    x, y = regression_data(n=2048, noise=2.0)
+    cb, logger = AdaptiveBatchSize(policy="measure", decide_every=5), _Recorder()
+    _fit(_Decay(), loader(x, y, batch_size=16), cb, max_epochs=2, logger=logger, log_every_n_steps=1)
+    assert {r.batch_size for r in cb.history} == {32}  # B0: two micro-batches of the DataLoader's 16
+    assert all(r.lr == pytest.approx(r.base_lr) for r in cb.history)  # the batch factor stays 1
+    assert [r.base_lr for r in cb.history] == pytest.approx([0.05 * 0.8 ** ((r.step - 1) // 20) for r in cb.history])
+    noise = [row["gns/noise_scale"] for row in logger.rows if "gns/noise_scale" in row]
+    assert len(noise) > len(cb.history) // 3 and all(n > 0 for n in noise)
+
+
+def test_probe_memory_grows_the_micro_batch_to_what_fits_and_b0_splits_into() -> None:
+    x, y = regression_data(n=1000)
+    cb, logger = AdaptiveBatchSize(probe_memory=True, memory_budget="96KiB", initial_batch_size=64,
+                                   policy="fixed", lr_scaling="none"), _Recorder()
+    trainer = _fit(Regression(), loader(x, y, batch_size=4), cb, max_epochs=2, logger=logger, log_every_n_steps=1)
+    found = cb.probe.max_micro_batch_size
+    assert 4 < found < 64  # the budget binds between the DataLoader's 4 and B0
+    grown = max(d for d in range(4, min(found, 32) + 1) if 64 % d == 0)
+    assert {r.micro_batch_size for r in cb.history[:-1]} == {grown} and {r.batch_size for r in cb.history} == {64}
+    assert trainer.train_dataloader.batch_sampler.batch_size == grown
+    assert trainer.num_training_batches == math.ceil(1000 / grown)  # Lightning counts the new batches
+    assert cb.history[-1].samples == 2 * 1000 and cb.history[-1].epoch == pytest.approx(2.0)  # each example once an epoch
+    assert [row["probe/max_micro_batch_size"] for row in logger.rows if "probe/max_micro_batch_size" in row] == [found]
 
 
 def test_unsupported_setups_are_refused_with_the_fix() -> None:
@@ -224,6 +274,9 @@ def test_unsupported_setups_are_refused_with_the_fix() -> None:
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(), max_epochs=1, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match="num_workers is not used"):
         _fit(Regression(), loader(x, y), AdaptiveBatchSize(num_workers=2), max_epochs=1)
+    with pytest.raises(ValueError, match=r"loggers is not used by the trainer integrations; set the trainer's own "
+                                         r"loggers \(Lightning's logger=, the Trainer's report_to\)"):
+        _fit(Regression(), loader(x, y), AdaptiveBatchSize(loggers=["jsonl"]), max_epochs=1)
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])

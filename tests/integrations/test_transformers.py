@@ -176,6 +176,73 @@ def test_the_policy_sees_how_far_through_the_trainers_budget_the_run_is(tmp_path
     assert ctx.limited_by == "steps" and ctx.progress == pytest.approx(1.0) and not ctx.lr_scheduled
 
 
+def test_report_to_tensorboard_gets_fits_names_with_the_trainers_train_prefix(tmp_path, monkeypatch) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = _trainer(tmp_path, report_to=["tensorboard"], logging_steps=2, num_train_epochs=1)
+    trainer.train()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    names = set(events.Tags()["scalars"])
+    # The Trainer's TensorBoard writer puts train/ in front of every training-time name
+    # (transformers' rewrite_logs): fit's train/* names come out as they are, gns/* under train/.
+    assert {"train/batch_size", "train/micro_batch_size", "train/lr", "train/loss", "train/examples", "train/tokens",
+            "train/gns/noise_scale", "train/gns/noise_scale_stderr", "train/gns/grad_sq", "train/gns/trace_sigma",
+            "train/noise_scale", "train/lr_factor"} <= names
+    by_step = {r.step: r for r in trainer.history}
+    logged = events.Scalars("train/batch_size")
+    assert [e.step for e in logged] == [r.step for r in trainer.history if r.step % 2 == 0]
+    assert all(e.value == by_step[e.step].batch_size for e in logged)
+    assert all(e.value == pytest.approx(by_step[e.step].lr, rel=1e-6) for e in events.Scalars("train/lr"))
+    assert all(e.value == by_step[e.step].samples for e in events.Scalars("train/examples"))
+    # tokens: the loss tokens of every step so far (shifted labels != -100), for one epoch all of them
+    tokens = sum(len(item["input_ids"]) - 1 for item in TRAIN)
+    assert trainer.history[-1].loss_items == tokens
+    assert all(e.value == by_step[e.step].loss_items for e in events.Scalars("train/tokens"))
+
+
+class _ScheduledLR(TrainerCallback):
+    """The LR the schedule set for each step, read just before the optimizer step (before the
+    batch factor is applied around it)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_the_history_records_the_base_lr_the_schedule_set(tmp_path) -> None:
+    seen = _ScheduledLR()
+    trainer = _trainer(tmp_path, callbacks=[seen], num_train_epochs=1)
+    trainer.train()
+    assert [r.base_lr for r in trainer.history] == pytest.approx(seen.lrs, rel=1e-12)
+    assert trainer.history[0].base_lr == pytest.approx(3e-3) and trainer.history[-1].base_lr < 1e-3  # linear decay
+
+
+def test_measure_mode_keeps_the_trainers_batch_and_lr_and_logs_the_noise_scale(tmp_path) -> None:
+    trainer = _trainer(tmp_path, config={"policy": "measure"}, num_train_epochs=1)
+    trainer.train()
+    assert {r.batch_size for r in trainer.history} == {4}  # per_device_train_batch_size x accumulation 1
+    assert all(r.lr == pytest.approx(r.base_lr) for r in trainer.history)  # the schedule's LR, unscaled
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert logs and all(row["batch_size"] == 4 for row in logs)
+    assert any(row.get("gns/noise_scale", 0) > 0 for row in logs)
+
+
+def test_probe_memory_sets_the_micro_batch_cap_to_the_probes_answer(tmp_path) -> None:
+    config = {"probe_memory": True, "memory_budget": "4MiB", "initial_batch_size": 32, "policy": "fixed",
+              "lr_scaling": "none"}
+    trainer = _trainer(tmp_path, config=config, num_train_epochs=1)
+    trainer.train()
+    found = trainer.probe.max_micro_batch_size
+    assert 4 < found < 16  # the budget binds above per_device_train_batch_size (4) and below B0 / 2
+    assert trainer.batch_controller.max_micro_batch_size == found
+    assert max(r.micro_batch_size for r in trainer.history) == found > 4
+    assert [row["probe/max_micro_batch_size"] for row in trainer.state.log_history if "probe/budget_bytes" in row] == [
+        found]
+
+
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
 def test_the_trainers_sharding_engines_are_refused_with_the_way_out(tmp_path, engine: str) -> None:
     trainer = _trainer(tmp_path)

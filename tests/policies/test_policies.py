@@ -248,6 +248,25 @@ def test_fixed_keeps_b0_and_steps_the_lr() -> None:
         assert policy.lr_factor(ctx) == factor
 
 
+def test_measure_keeps_b0_and_the_lr_and_needs_the_estimator() -> None:
+    policy = make_policy("measure", *_sections(lr_milestones=[1, 2]))
+    for epoch, noise in [(0.0, math.nan), (1.5, 10.0), (3.0, 1e5)]:
+        ctx = _ctx(epoch=epoch, batch_size=64, base_batch_size=32, noise_scale=noise, noise_ready=noise == noise)
+        assert policy.propose(ctx) == 32  # back to B0 whatever B is
+        assert policy.lr_factor(ctx) == 1.0  # milestones decay nothing
+    assert FitConfig.from_any(None, policy="measure").lr.lr_scaling == "none"
+    from autobatch.train.controller import build_controller
+
+    with pytest.raises(ValueError, match="gns_method='off' leaves policy='measure'"):
+        build_controller(FitConfig.from_any(None, policy="measure"), optimizer="sgd", method="off",
+                         base_batch_size=32, max_batch_size=64, micro_batch_size=None, min_micro_batches=1)
+
+
+def _sections(**settings: Any) -> tuple[Any, Any]:
+    cfg = FitConfig.from_any(None, **settings)
+    return cfg.batch, cfg.lr
+
+
 # -- the family --------------------------------------------------------------------------------
 def test_make_policy_reads_the_config() -> None:
     cfg = FitConfig.from_any(
@@ -264,7 +283,8 @@ def test_make_policy_reads_the_config() -> None:
     assert isinstance(goodput, GoodputPolicy) and goodput.max_growth == 3.0
     mine = GNSPolicy()
     assert make_policy(mine, cfg.batch, cfg.lr) is mine
-    with pytest.raises(ValueError, match=r"unknown policy 'gnss'; allowed: budget, fixed, gns, goodput, ramp, schedule, or a "
+    with pytest.raises(ValueError, match=r"unknown policy 'gnss'; allowed: budget, fixed, gns, goodput, measure, ramp, "
+                                         r"schedule, or a "
                                          r"BatchSizePolicy instance; did you mean 'gns'\?"):
         make_policy("gnss", cfg.batch, cfg.lr)
     with pytest.raises(ValueError, match=r"unknown policy 3; allowed: budget, fixed, gns"):

@@ -278,7 +278,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(regression, mse) -> No
         (dict(initial_batch_size=1000), ValueError, "initial_batch_size=1000 is larger than the training set"),
         (dict(initial_batch_size=32, min_batch_size=64, max_batch_size=16), ValueError,
          "max_batch_size must be >= min_batch_size"),
-        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, ramp"),
+        (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, measure, ramp"),
         (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
         (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
         (dict(lr=None), ValueError, "lr is required"),

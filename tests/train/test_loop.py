@@ -229,6 +229,25 @@ def test_estimator_off_runs_fixed_and_refuses_noise_driven_settings(regression, 
                       gns_method="off", progress=False)
 
 
+def test_measure_mode_keeps_the_users_b_and_lr_and_records_the_noise_scale(regression, mse) -> None:
+    # policy="measure": a fixed-B run, watched: B0 and the base LR (a user's schedule still
+    # shapes it) at every step, the estimator running and recorded
+    x, y = regression(n=1024, noise=3.0)
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** (k // 32))  # noqa: E731
+    torch.manual_seed(0)
+    res = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=mse, lr=0.02, epochs=3, initial_batch_size=16,
+                        policy="measure", lr_milestones=[1, 2], decide_every=5, lr_scheduler=sched, progress=False)
+    assert {r.batch_size for r in res.history} == {16} and {r.examples for r in res.history} == {16}
+    assert all(r.lr == r.base_lr == 0.02 * 0.5 ** ((r.samples - 16) // 16 // 32) for r in res.history)
+    ready = [r.noise_scale for r in res.history if not math.isnan(r.noise_scale)]
+    assert len(ready) > res.steps // 3 and all(n > 0 for n in ready)
+    torch.manual_seed(0)
+    fixed = autobatch.fit(nn.Linear(8, 1), (x, y), loss_fn=mse, lr=0.02, epochs=3, initial_batch_size=16,
+                          policy="fixed", lr_scaling="none", lr_milestones=[100], lr_scheduler=sched, progress=False)
+    # the same optimisation as a plain fixed-B run: only the measuring differs
+    assert [r.train_loss for r in res.history] == pytest.approx([r.train_loss for r in fixed.history], rel=1e-5)
+
+
 def test_torch_compile_gives_the_same_losses_and_norms_as_eager(regression, mse) -> None:
     # aot_eager runs dynamo + AOTAutograd (where parameter hooks could be lost) without a C
     # compiler, so the test stays seconds long.

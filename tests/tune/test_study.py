@@ -162,6 +162,22 @@ def test_hyperband_pruner_and_plot(ex, tmp_path):
     assert table[0].split()[:3] == ["#", "state", "lr"] and len(table) == 6
 
 
+def test_the_trials_as_a_dataframe_match_the_table(ex, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    result = _tune(ex, n_trials=4, lr_range=(1e-3, 0.5), trial_length=2)
+    frame = result.to_pandas()
+    assert list(frame.columns) == ["number", "state", "value", "lr", "samples", "steps", "final_batch_size", "reason",
+                                   "wall_time_s"]
+    assert frame["number"].tolist() == [row.number for row in result.trials]
+    assert frame["lr"].tolist() == [row.params["lr"] for row in result.trials]
+    best = frame.loc[frame["value"].idxmin()]
+    assert best["lr"] == result.best_lr and best["value"] == result.best_value
+    assert isinstance(frame, pd.DataFrame)
+    monkeypatch.setitem(__import__("sys").modules, "pandas", None)  # as if pandas were not installed
+    with pytest.raises(ImportError, match=r'TuneResult.to_pandas needs pandas: pip install "torch-autobatch\[pandas\]"'):
+        result.to_pandas()
+
+
 def test_bad_inputs_get_clear_errors(ex):
     with pytest.raises(ValueError, match=r"low < high \(got lr_range=\(1.0, 0.001\)\); swap them"):
         _tune(ex, n_trials=1, lr_range=(1.0, 1e-3))
