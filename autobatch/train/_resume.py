@@ -39,8 +39,9 @@ __all__ = ["BOUNDS", "MAY_CHANGE", "check_counters", "check_model_state", "check
 # not what its steps compute. (The stopping rules, epochs, max_steps and max_samples, are
 # arguments of fit and may change too: that is how a run is extended.) A lower memory setting
 # is honoured: the smaller of the checkpoint's micro-batch cap and this run's applies.
-MAY_CHANGE = ("progress", "eval_every", "log_every", "checkpoint_every", "num_workers", "probe_memory",
-              "memory_budget", "memory_margin", "max_micro_batch_size", "fsdp_reduce", "max_nonfinite_steps")
+MAY_CHANGE = ("progress", "eval_every", "log_every", "checkpoint_every", "loggers", "log_dir", "num_workers",
+              "probe_memory", "memory_budget", "memory_margin", "max_micro_batch_size", "fsdp_reduce",
+              "max_nonfinite_steps")
 # Bounds on the batch size: they may change, and a checkpoint's batch size outside them is moved
 # inside from the first resumed step, with a warning (BatchSizeController.load_state_dict).
 BOUNDS = ("min_batch_size", "max_batch_size")
