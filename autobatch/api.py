@@ -39,6 +39,7 @@ def fit(
     epochs: float | None = None,
     max_steps: int | None = None,
     max_samples: int | None = None,
+    max_tokens: int | None = None,
     config: FitConfig | dict[str, Any] | None = None,
     callbacks: Iterable[Callback] = (),
     device: torch.device | str | None = None,
@@ -83,8 +84,12 @@ def fit(
             ``"auto"``: choose it first with a short successive-halving study on the same
             model, data and settings (at most half the run's examples more; a 10% hold-out of
             ``data`` scores it when ``val_data`` is None); ``FitResult.lr_search`` records it.
-        epochs, max_steps, max_samples: when to stop (the first reached wins); at least one.
-            ``epochs`` may be fractional. ``max_samples`` counts examples processed.
+        epochs, max_steps, max_samples, max_tokens: when to stop (the first reached wins); at
+            least one. ``epochs`` may be fractional. ``max_samples`` counts examples processed,
+            ``max_tokens`` loss items (tokens that are not -100 for a language model; examples
+            with ``loss_items="examples"``), checked after each step, so the last step may pass
+            it. Under ``max_tokens`` alone a policy sees no fraction of the run done
+            (``PolicyContext.progress`` is NaN); ``lr="auto"`` needs one of the others.
         config: a :class:`~autobatch.config.FitConfig`, a dict, or None for the defaults.
         callbacks: :class:`~autobatch.train.callbacks.Callback` instances: ``on_step_end(record)``
             after every optimizer step, ``on_eval(step, samples, metrics)`` after every
@@ -178,7 +183,8 @@ def fit(
                 precision=precision)
         lr = search.lr
     return train(model, data, loss_fn=loss_fn, val_data=val_data, optimizer=optimizer, lr=lr, epochs=epochs,
-                 max_steps=max_steps, max_samples=max_samples, config=config, callbacks=callbacks, device=device,
+                 max_steps=max_steps, max_samples=max_samples, max_tokens=max_tokens, config=config, callbacks=callbacks,
+                 device=device,
                  checkpoint_dir=checkpoint_dir, resume=resume, eval_fn=eval_fn, precision=precision,
                  forward_loss=forward_loss, loss_items=loss_items, lr_scheduler=lr_scheduler, val_loss_fn=val_loss_fn,
                  accuracy=accuracy, lr_search=search, **config_overrides)

@@ -1,9 +1,10 @@
 """How long a run is: its stopping rules, which of them binds, and how far through it a run is.
 
-A run stops at ``epochs`` (fractional allowed), ``max_steps`` (optimizer steps) or
-``max_samples`` (examples processed), whichever comes first. Two kinds of limit follow:
+A run stops at ``epochs`` (fractional allowed), ``max_steps`` (optimizer steps),
+``max_samples`` (examples processed) or ``max_tokens`` (loss items processed: tokens for a
+language model), whichever comes first. Two kinds of limit follow:
 
-- ``"samples"``: epochs and example counts both limit the examples seen, the usual case;
+- ``"samples"``: epochs, example and token counts limit the data seen, the usual case;
 - ``"steps"``: ``max_steps`` given alone.
 
 The kind matters to the policies (:attr:`autobatch.policies.PolicyContext.limited_by`): with
@@ -30,21 +31,25 @@ class RunLength:
         epochs: passes over the training set (may be fractional).
         max_steps: optimizer steps.
         max_samples: examples processed (global, all ranks).
+        max_tokens: loss items processed (global; tokens for a language model), counted after
+            each step.
     """
 
     epochs: float | None = None
     max_steps: int | None = None
     max_samples: int | None = None
+    max_tokens: int | None = None
 
     @property
     def given(self) -> bool:
         """Whether any limit is set."""
-        return self.epochs is not None or self.max_steps is not None or self.max_samples is not None
+        return any(x is not None for x in (self.epochs, self.max_steps, self.max_samples, self.max_tokens))
 
     @property
     def limited_by(self) -> LimitKind:
-        """``"steps"`` when ``max_steps`` is the only limit, else ``"samples"``."""
-        if self.max_steps is not None and self.epochs is None and self.max_samples is None:
+        """``"steps"`` when ``max_steps`` is the only limit, else ``"samples"`` (a token budget
+        is one of data too)."""
+        if self.max_steps is not None and self.epochs is None and self.max_samples is None and self.max_tokens is None:
             return "steps"
         return "samples"
 
@@ -65,13 +70,16 @@ class RunLength:
         total = self.examples(num_examples)
         return None if total is None else float(total)
 
-    def reached(self, steps: int, samples: int, epochs_done: float) -> str | None:
-        """Which rule ``steps`` optimizer steps, ``samples`` examples and ``epochs_done``
-        (fractional) epochs reached: ``"max_steps"``, ``"max_samples"``, ``"epochs"``, or None."""
+    def reached(self, steps: int, samples: int, epochs_done: float, tokens: int = 0) -> str | None:
+        """Which rule ``steps`` optimizer steps, ``samples`` examples, ``epochs_done``
+        (fractional) epochs and ``tokens`` loss items reached: ``"max_steps"``,
+        ``"max_samples"``, ``"max_tokens"``, ``"epochs"``, or None."""
         if self.max_steps is not None and steps >= self.max_steps:
             return "max_steps"
         if self.max_samples is not None and samples >= self.max_samples:
             return "max_samples"
+        if self.max_tokens is not None and tokens >= self.max_tokens:
+            return "max_tokens"
         if self.epochs is not None and epochs_done >= self.epochs:
             return "epochs"
         return None

@@ -41,7 +41,7 @@ __all__ = ["evaluation_errors", "validate_fit_args"]
 
 def validate_fit_args(
     model: nn.Module, data: Any, val_data: Any, optimizer: Any, lr: Any, epochs: Any,
-    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any, *,
+    max_steps: Any, max_samples: Any, device: Any, checkpoint_dir: Any, *, max_tokens: Any = None,
     val_loss_fn: Any = None, eval_fn: Any = None, forward_loss: Any = None, accuracy: Any = "auto",
 ) -> None:
     """Check ``fit``'s arguments (as documented there) before any training.
@@ -60,7 +60,7 @@ def validate_fit_args(
                 errors += _positive_lr(f"optimizer.param_groups[{i}]['lr']", group.get("lr"))
         errors += _foreign_parameters(model, optimizer)
     for name, value, integral in (("epochs", epochs, False), ("max_steps", max_steps, True),
-                                  ("max_samples", max_samples, True)):
+                                  ("max_samples", max_samples, True), ("max_tokens", max_tokens, True)):
         if value is not None:
             errors += _non_negative(name, value, integral)
     for name, value in (("data", data), ("val_data", val_data)):

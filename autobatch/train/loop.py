@@ -90,6 +90,7 @@ def train(
     epochs: float | None = None,
     max_steps: int | None = None,
     max_samples: int | None = None,
+    max_tokens: int | None = None,
     config: FitConfig | dict[str, Any] | None = None,
     callbacks: Iterable[Callback] = (),
     device: torch.device | str | None = None,
@@ -117,11 +118,12 @@ def train(
     """
     # -- setup: plain values, every bad setting refused before any work ----------------------
     validate_fit_args(model, data, val_data, optimizer, lr, epochs, max_steps, max_samples, device, checkpoint_dir,
-                      val_loss_fn=val_loss_fn, eval_fn=eval_fn, forward_loss=forward_loss, accuracy=accuracy)
+                      max_tokens=max_tokens, val_loss_fn=val_loss_fn, eval_fn=eval_fn, forward_loss=forward_loss,
+                      accuracy=accuracy)
     cfg = FitConfig.from_any(config, **config_overrides)
-    run = RunLength(epochs, max_steps, max_samples)
+    run = RunLength(epochs, max_steps, max_samples, max_tokens)
     if not run.given:
-        raise ValueError("fit needs a stopping rule: give epochs, max_steps or max_samples (got all three None)")
+        raise ValueError("fit needs a stopping rule: give epochs, max_steps, max_samples or max_tokens (got none)")
     if (cfg.batch.policy == "schedule" or isinstance(cfg.batch.policy, SchedulePolicy)) and lr_scheduler is None:
         raise ValueError("policy='schedule' grows the batch where lr_scheduler decays the LR, and none was given; "
                          "pass lr_scheduler=f(optimizer) -> scheduler (e.g. warm-up + cosine), or another policy")
@@ -236,7 +238,8 @@ def train(
     agreed_signals = None  # under DDP, the flags the last step's all-reduce summed over ranks
     stopped_by = None
     try:
-        while (reason := run.reached(step, samples, stream.epochs_done)) is None:
+        while (reason := run.reached(step, samples, stream.epochs_done,
+                                     result.history[-1].loss_items if result.history else 0)) is None:
             signals.check(agreed_signals)  # between steps: a checkpoint describes one moment
             step += 1
             # 1. the step's examples, in the epoch's seeded order, and this rank's share

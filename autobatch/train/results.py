@@ -86,7 +86,8 @@ class FitResult(BaseModel):
             carried into the next step or dropped.
         max_micro_batch_size: the micro-batch cap in force at the end (None: uncapped).
         wall_time_s: seconds the fit took.
-        stopped_by: why training ended ("max_steps", "max_samples", "epochs", "callback").
+        stopped_by: why training ended ("max_steps", "max_samples", "max_tokens", "epochs",
+            "callback").
         lr_search: with ``lr="auto"``, the :class:`~autobatch.tune.auto_lr.LRSearch` that chose
             the base LR (its trials, the LR, the examples it trained on; a dict after a
             resume from a checkpoint); None otherwise. Its examples are not in ``samples``.

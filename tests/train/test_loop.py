@@ -575,3 +575,21 @@ def test_val_data_is_converted_once(monkeypatch) -> None:
     autobatch.fit(nn.Linear(4, 1), (x, y), loss_fn=nn.functional.mse_loss, val_data=val, lr="auto", max_steps=100,
                   initial_batch_size=8, policy="fixed", progress=False)
     assert converted.count(True) == 1
+
+
+def test_a_token_budget_stops_the_run_and_tokens_are_counted_by_hand() -> None:
+    from autobatch.data import as_batch_source
+    from autobatch.testing import USER_MODELS
+
+    case = USER_MODELS["padded_lm"]()  # variable-length sequences, targets padded with -100
+    source = as_batch_source(case.data)
+    by_hand = sum(int((source.dataset[i][1] != -100).sum()) for i in range(len(source)))
+    kwargs = dict(loss_fn=case.loss_fn, loss_items="tokens", lr=0.01, initial_batch_size=16, progress=False)
+    whole = autobatch.fit(case.model, case.data, epochs=1, **kwargs)
+    assert whole.history[-1].loss_items == by_hand  # every target of the epoch, once
+    case = USER_MODELS["padded_lm"]()
+    half = autobatch.fit(case.model, case.data, max_tokens=by_hand // 2, **kwargs)
+    assert half.stopped_by == "max_tokens"
+    assert half.history[-2].loss_items < by_hand // 2 <= half.history[-1].loss_items
+    with pytest.raises(ValueError, match=r"max_tokens"):
+        autobatch.fit(case.model, case.data, max_tokens=-1, **kwargs)
