@@ -280,7 +280,7 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(regression, mse) -> No
          "max_batch_size must be >= min_batch_size"),
         (dict(policy="bogus"), ValueError, "unknown policy 'bogus'; allowed: budget, fixed, gns, goodput, measure, ramp"),
         (dict(loss_fn=lambda o, t: (o - t) ** 2), ValueError, r"scalar tensor \(got a tensor of shape \(8, 1\)\)"),
-        (dict(epochs=None), ValueError, "give epochs, max_steps or max_samples"),
+        (dict(epochs=None), ValueError, "give epochs, max_steps, max_samples or max_tokens"),
         (dict(lr=None), ValueError, "lr is required"),
         (dict(data=(torch.zeros(64, 8, device="meta"), torch.zeros(64, 1, device="meta"))), ValueError,
          "model is on cpu but the data tensors are on meta"),
