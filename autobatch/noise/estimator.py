@@ -247,7 +247,8 @@ class GradientNoiseScale:
         gives one more ``|G|^2`` draw, ``|G_B|^2 - tr(Sigma)/B``, at the cost of one norm: a
         loop that splits only every k-th step for the small batches still averages ``|G|^2``,
         the noisier of the two when ``B_simple >> B``, over every step. The standard errors
-        count the shared ``tr(Sigma)`` average's own error in these draws.
+        count the shared ``tr(Sigma)`` average's own error in these draws, and its covariance
+        with the two-batch steps' own ``|G|^2`` draws.
 
         Args:
             big_sq_norm: squared norm of the step's gradient (mean-reduced loss, unscaled).
@@ -357,8 +358,23 @@ class GradientNoiseScale:
         var_s = self._var_trace_cov()
         if spread is None or var_s is None:
             return None
-        c = self._m_c / self._wg  # weight of the big-only draws' shared -tr(Sigma)/B term
-        return spread[0] / spread[1] + c * c * var_s
+        # The average is A - c S: A the weighted draws (their spread), c the weight of the
+        # big-only draws' shared -tr(Sigma)/B term, S the tr(Sigma) average. S is made of the
+        # two-batch steps' tr(Sigma) draws, which are correlated with those same steps' |G|^2
+        # draws in A (both come from the step's norms): Var = Var(A) + c^2 Var(S) - 2c Cov(A, S).
+        c = self._m_c / self._wg
+        var = spread[0] / spread[1] + c * c * var_s
+        if c != 0.0:
+            var -= 2.0 * c * self._pair_cov()
+        return max(var, 0.0)
+
+    def _pair_cov(self) -> float:
+        """Covariance of the two-batch steps' share of the ``|G|^2`` average with the
+        ``tr(Sigma)`` average: the paired draws' covariance, weighted by both averages'
+        weights (``_q_x``). Needs at least 2 effective two-batch updates."""
+        n = self.effective_samples
+        cov_draw = (self._m_gs / self._w - self._m_gp / self._w * (self._m_s / self._w)) * n / (n - 1.0)
+        return cov_draw * self._q_x / (self._w * self._wg)
 
     @_memoized
     def trace_cov(self) -> float:
@@ -394,10 +410,7 @@ class GradientNoiseScale:
         # Covariance of the two averages: the paired draws of the two-batch updates (weighted
         # by both averages' weights), less the big-only draws' -tr(Sigma)/B term, which moves
         # against the tr(Sigma) average.
-        n = self.effective_samples
-        g_pair = self._m_gp / self._w
-        cov_draw = (self._m_gs / self._w - g_pair * s) * n / (n - 1.0)
-        cov = cov_draw * self._q_x / (self._w * self._wg) - self._m_c / self._wg * var_s
+        cov = self._pair_cov() - self._m_c / self._wg * var_s
         ratio = s / g_raw
         rel_var = (var_s / (s * s) if s != 0.0 else 0.0) + var_g / (g_raw * g_raw)
         rel_var -= 2.0 * cov / (s * g_raw) if s != 0.0 else 0.0
