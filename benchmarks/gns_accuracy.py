@@ -26,11 +26,12 @@ of an epoch shorter). Three ways of driving the estimator, fed the same steps (`
 - ``mean``: every step in k micro-batches, equal weights (``smoothing=None``) and the effective
   batch sizes of sampling without replacement, as ``measure_noise_scale`` does.
 
-Read after ``READ_AT`` steps: the coverage of the box interval the gns policy uses
-(``noise_scale_interval``), of the delta-method interval ``noise_scale +- z stderr``, and of
-the component intervals ``|G|^2 +- z se`` and ``tr(Sigma) +- z se``, at z = 1 and 2.
+Read after ``READ_AT`` steps, at z = 1 and 2: the coverage of the box interval the gns policy
+uses (``noise_scale_interval`` with the standard errors' degrees of freedom), of the component
+intervals ``|G|^2 +- w se`` and ``tr(Sigma) +- w se`` it is built from (``w = student_width(z,
+dof)``), of the same three at the plain ``z``, and of the delta-method ``noise_scale +- z se``.
 
-    python benchmarks/gns_accuracy.py --calibration   # about 5 minutes on 1 CPU thread
+    python benchmarks/gns_accuracy.py --calibration   # about 10 minutes on 1 CPU thread
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 from autobatch import measure_noise_scale
 from autobatch.noise import GradientNoiseScale
 from autobatch.noise._effective_batch import harmonic_batch_size, without_replacement_batch_size
-from autobatch.noise.estimator import noise_scale_interval
+from autobatch.noise.estimator import noise_scale_interval, student_width
 from autobatch.testing import EXACT_CASES, Exact, exact_noise_scale, per_example_grads
 from autobatch.train.sampler import SampleStream, split_sizes
 
@@ -93,9 +94,9 @@ def step_norms(rows: torch.Tensor, parts: int) -> tuple[list[int], list[float], 
 
 def reading(est: GradientNoiseScale) -> dict[str, float]:
     """What an interval needs from the estimator, read now."""
-    return {"grad_sq": est.grad_sq_mean, "grad_sq_se": est.grad_sq_stderr, "trace_cov": est.trace_cov,
-            "trace_cov_se": est.trace_cov_stderr, "noise_scale": est.noise_scale,
-            "noise_scale_se": est.noise_scale_stderr}
+    return {"grad_sq": est.grad_sq_mean, "grad_sq_se": est.grad_sq_stderr, "grad_sq_dof": est.grad_sq_dof,
+            "trace_cov": est.trace_cov, "trace_cov_se": est.trace_cov_stderr, "trace_cov_dof": est.trace_cov_dof,
+            "noise_scale": est.noise_scale, "noise_scale_se": est.noise_scale_stderr}
 
 
 def calibration_run(grads: torch.Tensor, batch: int, parts: int, seed: int,
@@ -130,26 +131,34 @@ def calibration_run(grads: torch.Tensor, batch: int, parts: int, seed: int,
     return readings
 
 
-def _inside(value: float, se: float, exact: float, z: float) -> bool:
-    """Whether ``value +- z se`` holds ``exact`` (an infinite or NaN ``se`` holds everything)."""
-    return not math.isfinite(se) or abs(value - exact) <= z * se
+def _inside(value: float, half_width: float, exact: float) -> bool:
+    """Whether ``value +- half_width`` holds ``exact`` (an infinite or NaN width holds everything)."""
+    return not math.isfinite(half_width) or abs(value - exact) <= half_width
 
 
 def coverage(readings: Sequence[dict[str, float]], exact: Exact, zs: Sequence[float] = ZS) -> dict[str, Any]:
-    """How often each interval holds the exact value, over ``readings`` (one per seed), per z:
-    ``grad_sq`` and ``trace_cov`` (``value +- z se``), ``box`` (``noise_scale_interval``, the gns
-    policy's), ``delta`` (``noise_scale +- z noise_scale_se``); and the box's median bounds
-    relative to the exact B_simple (``low``, ``high``; None for an infinite median)."""
+    """How often each interval holds the exact value, over ``readings`` (one per seed), per z.
+
+    ``grad_sq`` and ``trace_cov``: ``value +- w se``, ``w = student_width(z, dof)`` (the width
+    ``noise_scale_interval`` gives each average); ``box``: ``noise_scale_interval`` with the
+    degrees of freedom (the gns policy's interval); ``grad_sq_z``, ``trace_cov_z``, ``box_z``: the
+    same at the plain ``z`` (no small-sample widening); ``delta``: ``noise_scale +- z
+    noise_scale_se``. Also the box's median bounds relative to the exact B_simple (``low``,
+    ``high``; None for an infinite median)."""
     out: dict[str, Any] = {"seeds": len(readings)}
     for z in zs:
-        hits = {"grad_sq": 0, "trace_cov": 0, "box": 0, "delta": 0}
+        hits = dict.fromkeys(("grad_sq", "trace_cov", "box", "grad_sq_z", "trace_cov_z", "box_z", "delta"), 0)
         lows, highs = [], []
         for r in readings:
-            hits["grad_sq"] += _inside(r["grad_sq"], r["grad_sq_se"], exact.grad_sq, z)
-            hits["trace_cov"] += _inside(r["trace_cov"], r["trace_cov_se"], exact.trace_cov, z)
-            hits["delta"] += _inside(r["noise_scale"], r["noise_scale_se"], exact.noise_scale, z)
-            low, high = noise_scale_interval(r["grad_sq"], r["trace_cov"], r["grad_sq_se"], r["trace_cov_se"], z)
+            for k, value in (("grad_sq", exact.grad_sq), ("trace_cov", exact.trace_cov)):
+                hits[k] += _inside(r[k], student_width(z, r[f"{k}_dof"]) * r[f"{k}_se"], value)
+                hits[f"{k}_z"] += _inside(r[k], z * r[f"{k}_se"], value)
+            hits["delta"] += _inside(r["noise_scale"], z * r["noise_scale_se"], exact.noise_scale)
+            args = (r["grad_sq"], r["trace_cov"], r["grad_sq_se"], r["trace_cov_se"], z)
+            low, high = noise_scale_interval(*args, grad_sq_dof=r["grad_sq_dof"], trace_cov_dof=r["trace_cov_dof"])
             hits["box"] += low <= exact.noise_scale <= high
+            low_z, high_z = noise_scale_interval(*args)
+            hits["box_z"] += low_z <= exact.noise_scale <= high_z
             lows.append(low / exact.noise_scale)
             highs.append(high / exact.noise_scale)
         high = statistics.median(highs)
@@ -164,7 +173,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     start = time.perf_counter()
     print(f"{'problem':9s} {'B':>4s} {'ratio':>6s} {'scheme':8s} {'step':>5s}  z=1: {'|G|^2':>5s} {'trS':>5s} "
-          f"{'box':>5s} {'delta':>5s}   z=2: {'box':>5s}")
+          f"{'box':>5s} {'box_z':>5s}   z=2: {'box':>5s}")
     for name, build in EXACT_CASES.items():
         problem = build(n=args.n, steps=SETTLE[name])
         exact = exact_noise_scale(problem)
@@ -182,7 +191,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
                                  "step": step, **cov})
                     z1, z2 = cov["z1"], cov["z2"]
                     print(f"{name:9s} {batch:4d} {exact.noise_scale / batch:6.2f} {scheme:8s} {step:5d}  "
-                          f"     {z1['grad_sq']:5.2f} {z1['trace_cov']:5.2f} {z1['box']:5.2f} {z1['delta']:5.2f}"
+                          f"     {z1['grad_sq']:5.2f} {z1['trace_cov']:5.2f} {z1['box']:5.2f} {z1['box_z']:5.2f}"
                           f"        {z2['box']:5.2f}", flush=True)
     meta = {"n": args.n, "seeds": args.seeds, "read_at": list(READ_AT), "smoothing": SMOOTHING, "first": FIRST,
             "every": EVERY, "zs": list(ZS), "threads": 1, "seconds": time.perf_counter() - start,
@@ -198,7 +207,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--calibration", action="store_true",
                         help="run the calibration phase only; the accuracy rows already written are kept")
-    parser.add_argument("--seeds", type=int, default=50, help="seeds per calibration row")
+    parser.add_argument("--seeds", type=int, default=100, help="seeds per calibration row")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gns_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
