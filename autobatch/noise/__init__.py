@@ -9,7 +9,7 @@ and a one-off measurement.
 
 from __future__ import annotations
 
-from autobatch.noise.estimator import GradientNoiseScale, noise_scale_interval, two_batch_estimates
+from autobatch.noise.estimator import GradientNoiseScale, noise_scale_interval, student_width, two_batch_estimates
 from autobatch.noise.measure import NoiseScaleEstimate, measure_noise_scale
 from autobatch.noise.micro_batch import MicroBatchNormCollector, StepGradNorms
 from autobatch.noise.per_example import PerExampleNormCollector
@@ -22,5 +22,6 @@ __all__ = [
     "StepGradNorms",
     "measure_noise_scale",
     "noise_scale_interval",
+    "student_width",
     "two_batch_estimates",
 ]

@@ -35,6 +35,9 @@ class PolicyContext:
             ``GradientNoiseScale.grad_sq`` is the floored one) and
             ``tr(Sigma)``; NaN if unknown.
         grad_sq_stderr, trace_cov_stderr: their standard errors (inf if unknown).
+        grad_sq_dof, trace_cov_dof: the degrees of freedom of those standard errors (about the
+            effective number of draws behind them; inf if unknown), which widen a few-draw
+            interval (:func:`autobatch.noise.estimator.student_width`).
         max_micro_batch_size: the largest micro-batch that fits in memory, or None (no
             limit: every step is a single micro-batch).
         step_time_s: median seconds per optimizer step measured at each global batch size
@@ -70,6 +73,8 @@ class PolicyContext:
     trace_cov: float = math.nan
     grad_sq_stderr: float = math.inf
     trace_cov_stderr: float = math.inf
+    grad_sq_dof: float = math.inf
+    trace_cov_dof: float = math.inf
     max_micro_batch_size: int | None = None
     step_time_s: dict[int, float] = field(default_factory=dict)
     limited_by: str = "samples"

@@ -29,9 +29,11 @@ class GNSPolicy(BatchSizePolicy):
 
     The estimate is noisy (a single step's relative spread grows as ``B_simple/B``), so the
     policy only moves when the current size lies outside the interval
-    :func:`autobatch.noise.estimator.noise_scale_interval` at ``confidence`` standard errors, and then only
-    to the interval's nearer edge: B grows when the noise scale is significantly above it and
-    shrinks when it is significantly below, instead of following every wobble of the average.
+    :func:`autobatch.noise.estimator.noise_scale_interval` at ``confidence`` standard errors
+    (widened as a Student-t interval where a standard error rests on few effective draws:
+    early in a run, or with sparse split steps), and then only to the interval's nearer edge:
+    B grows when the noise scale is significantly above it and shrinks when it is
+    significantly below, instead of following every wobble of the average.
     When the context carries no interval statistics, ``noise_scale +- confidence x
     noise_scale_stderr`` is used.
     """
@@ -67,7 +69,8 @@ class GNSPolicy(BatchSizePolicy):
             return ctx.batch_size
         if math.isfinite(ctx.grad_sq_mean) and math.isfinite(ctx.trace_cov):
             low, high = noise_scale_interval(ctx.grad_sq_mean, ctx.trace_cov, ctx.grad_sq_stderr,
-                                             ctx.trace_cov_stderr, self.confidence)
+                                             ctx.trace_cov_stderr, self.confidence,
+                                             grad_sq_dof=ctx.grad_sq_dof, trace_cov_dof=ctx.trace_cov_dof)
         else:
             low, high = noise - self.confidence * ctx.noise_scale_stderr, noise + self.confidence * ctx.noise_scale_stderr
         target = confident_target(ctx.batch_size, low, high)

@@ -212,6 +212,8 @@ class BatchSizeController:
             trace_cov=est.trace_cov,
             grad_sq_stderr=est.grad_sq_stderr,
             trace_cov_stderr=est.trace_cov_stderr,
+            grad_sq_dof=est.grad_sq_dof,
+            trace_cov_dof=est.trace_cov_dof,
             max_micro_batch_size=self.max_micro_batch_size,
             step_time_s={b: self._medians[b] for b in self._step_times if b in self._medians},
             limited_by=self.limited_by,

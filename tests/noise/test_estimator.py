@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from autobatch.noise import GradientNoiseScale, two_batch_estimates
+from autobatch.noise import GradientNoiseScale, noise_scale_interval, student_width, two_batch_estimates
 
 
 def test_two_batch_estimates_recover_exact_expectations() -> None:
@@ -200,13 +200,116 @@ def test_standard_errors_with_big_only_steps_match_the_spread_over_repeats() -> 
     assert spread[0] < 0.75 * np.std(pairs_only)
 
 
+def test_grad_sq_stderr_counts_the_split_steps_trace_draws_in_both_averages() -> None:
+    # One coordinate, g_i ~ N(G, 1), B_simple/B = 4: steps of B=8, split in two halves every
+    # 8th step (fit's default on a step of one micro-batch), the whole-step norm on the others.
+    # The |G|^2 average subtracts the tr(Sigma) average from the big-only draws, and the split
+    # steps' tr(Sigma) draws are correlated with their own |G|^2 draws in the same average;
+    # without that covariance the standard error was 9-10% below the spread over repeats.
+    rng = np.random.default_rng(0)
+    big, steps, repeats = 8, 160, 1000
+    grad_sq = 1.0 / (4 * big)
+    g = math.sqrt(grad_sq) + rng.standard_normal((repeats, steps, 2, big // 2))
+    halves = g.mean(axis=3) ** 2
+    whole = g.mean(axis=(2, 3)) ** 2
+    estimates, stderrs = [], []
+    for r in range(repeats):
+        est = GradientNoiseScale(smoothing=None)
+        for t in range(steps):
+            if t % 8 == 0:
+                est.update(halves[r, t], big // 2, whole[r, t], big, step=t + 1)
+            else:
+                est.update_big(whole[r, t], big, step=t + 1)
+        estimates.append(est.grad_sq_mean)
+        stderrs.append(est.grad_sq_stderr)
+    estimates, stderrs = np.array(estimates), np.array(stderrs)
+    assert estimates.mean() == pytest.approx(grad_sq, abs=0.1 * estimates.std())  # unbiased
+    assert np.sqrt(np.mean(stderrs**2)) == pytest.approx(estimates.std(), rel=0.05)
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def test_student_width_is_the_t_quantile_of_the_normal_coverage() -> None:
+    for z in (0.5, 1.0, 2.0):
+        p = _normal_cdf(z)
+        assert student_width(z, math.inf) == z
+        # closed forms: 1 degree of freedom (Cauchy) and 2
+        assert student_width(z, 1.0) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=0.13)
+        assert student_width(z, 2.0) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=0.01)
+        assert student_width(z, 1e6) == pytest.approx(z, rel=1e-5)
+    stats = pytest.importorskip("scipy.stats")
+    for dof in (3.0, 4.5, 10.0, 40.0):
+        for z in (0.5, 1.0, 1.5, 2.0):
+            assert student_width(z, dof) == pytest.approx(stats.t.ppf(_normal_cdf(z), dof), rel=0.002)
+
+
+@pytest.mark.parametrize("split_every", [1, 8])
+def test_intervals_cover_the_true_values_as_often_as_z_promises(split_every: int) -> None:
+    # Calibration on a simulated case: g_i ~ N(G, I) in d = 20 dimensions, B = 8, B_simple/B = 4,
+    # EMA 0.95 as fit uses it, 160 steps. split_every=1: every step in two halves; 8: fit's
+    # default on a step of one micro-batch (halves every 8th step, the whole-step norm on the
+    # others), where tr(Sigma) rests on about 5 effective draws. Over 1000 repeats, each
+    # average's interval at z standard errors, widened by the degrees of freedom, must hold its
+    # true value about as often as a normal z interval (68.3% at z=1, 95.4% at z=2), and the
+    # box interval for B_simple at least as often.
+    rng = np.random.default_rng(0)
+    d, big, steps, repeats = 20, 8, 160, 1000
+    grad_sq = d / (4 * big)
+    g = math.sqrt(grad_sq / d) + rng.standard_normal((repeats, steps, 2, big // 2, d))
+    halves = (g.mean(axis=3) ** 2).sum(axis=-1)
+    whole = (g.mean(axis=(2, 3)) ** 2).sum(axis=-1)
+    hits = {key: 0 for key in ("g1", "s1", "box1", "g2", "s2", "box2", "s1_plain")}
+    for r in range(repeats):
+        est = GradientNoiseScale(0.95)
+        for t in range(steps):
+            if t % split_every == 0:
+                est.update(halves[r, t], big // 2, whole[r, t], big, step=t + 1)
+            else:
+                est.update_big(whole[r, t], big, step=t + 1)
+        stats = (est.grad_sq_mean, est.trace_cov, est.grad_sq_stderr, est.trace_cov_stderr)
+        for z in (1, 2):
+            w_g, w_s = student_width(z, est.grad_sq_dof), student_width(z, est.trace_cov_dof)
+            hits[f"g{z}"] += abs(est.grad_sq_mean - grad_sq) <= w_g * est.grad_sq_stderr
+            hits[f"s{z}"] += abs(est.trace_cov - d) <= w_s * est.trace_cov_stderr
+            low, high = noise_scale_interval(*stats, z, grad_sq_dof=est.grad_sq_dof, trace_cov_dof=est.trace_cov_dof)
+            hits[f"box{z}"] += low <= d / grad_sq <= high
+        hits["s1_plain"] += abs(est.trace_cov - d) <= est.trace_cov_stderr
+    cover = {key: n / repeats for key, n in hits.items()}
+    assert 0.65 <= cover["g1"] <= 0.73 and 0.65 <= cover["s1"] <= 0.73
+    assert 0.935 <= cover["g2"] <= 0.995 and 0.935 <= cover["s2"] <= 0.995
+    assert cover["box1"] >= 0.68 and cover["box2"] >= 0.95
+    if split_every == 8:  # about 5 effective draws: the plain z=1 interval of tr(Sigma) falls short
+        assert cover["s1_plain"] < cover["s1"] - 0.04
+
+
+def test_degrees_of_freedom_follow_the_effective_draws() -> None:
+    est = GradientNoiseScale(0.9)
+    assert est.grad_sq_dof == 0.0 and est.trace_cov_dof == 0.0
+    rng = np.random.default_rng(0)
+    for step in range(1, 200):
+        est.update([3.0 + rng.random()], 4, 1.0 + rng.random(), 8, step=step)
+    # two-batch steps only: both averages rest on the same (1+0.9)/(1-0.9) = 19 draws
+    assert est.trace_cov_dof == pytest.approx(18.0, rel=1e-3)
+    assert est.grad_sq_dof == pytest.approx(est.trace_cov_dof)
+    for step in range(200, 400):  # a split step every 8th, the whole-step norm on the others
+        if step % 8:
+            est.update_big(1.0 + rng.random(), 8, step=step)
+        else:
+            est.update([3.0 + rng.random()], 4, 1.0 + rng.random(), 8, step=step)
+    # tr(Sigma): about (1+0.9^8)/(1-0.9^8) draws; |G|^2 between that and every step's 19
+    assert est.trace_cov_dof == pytest.approx((1 + 0.9**8) / (1 - 0.9**8) - 1, rel=0.01)
+    assert est.trace_cov_dof < est.grad_sq_dof < 18.0
+
+
 def test_results_read_between_updates_are_never_stale() -> None:
     # The estimator memoizes its results per state: after every update, each one must equal
     # that of a fresh estimator loaded with the same state (which has computed nothing yet).
     est = GradientNoiseScale(0.9)
     rng = np.random.default_rng(0)
     names = ("grad_sq", "grad_sq_mean", "trace_cov", "noise_scale", "noise_scale_stderr",
-             "grad_sq_stderr", "trace_cov_stderr", "effective_samples", "ready")
+             "grad_sq_stderr", "trace_cov_stderr", "grad_sq_dof", "trace_cov_dof", "effective_samples", "ready")
     for step in range(1, 30):
         small, big = 2.0 + rng.random(), 1.0 + 0.5 * rng.random()
         if step % 3:

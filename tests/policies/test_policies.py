@@ -436,6 +436,18 @@ def test_gns_moves_only_on_significant_evidence() -> None:
         GNSPolicy(confidence=-1)
 
 
+def test_gns_widens_an_interval_whose_standard_errors_rest_on_few_draws() -> None:
+    policy = GNSPolicy(round_to=1)
+    stats = {"noise_ready": True, "batch_size": 32, "noise_scale": 40.0, "grad_sq_mean": 1.0,
+             "trace_cov": 40.0, "grad_sq_stderr": 0.1, "trace_cov_stderr": 1.0}
+    # [39/1.1, 41/0.9] = [35.5, 45.6] lies above 32: grow to its lower edge...
+    assert policy.propose(_ctx(**stats)) == 35
+    # ...but with 2 degrees of freedom each bound moves 1.32 standard errors (Student t):
+    # [38.7/1.132, ...] = [34.2, ...]; with 1, 1.81: [38.2/1.18, ...] = [32.3, ...].
+    assert policy.propose(_ctx(**stats, grad_sq_dof=2.0, trace_cov_dof=2.0)) == 34
+    assert policy.propose(_ctx(**stats, grad_sq_dof=1.0, trace_cov_dof=1.0)) == 32
+
+
 def test_noise_confidence_reaches_the_gns_policy_from_the_config() -> None:
     cfg = FitConfig.from_any(None, noise_confidence=0.0, round_to=1)
     policy = make_policy(cfg.batch.policy, cfg.batch, cfg.lr)
