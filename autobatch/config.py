@@ -208,9 +208,18 @@ class EstimatorConfig(_Section):
             fresh runs may measure different steps (not bit-for-bit repeatable) and the
             estimate is older.
         gns_overhead: the fraction of training time ``gns_every="auto"`` lets the splits add.
+        gns_geometry: the norm the noise scale is measured in. ``"raw"``: the gradients as
+            they are, ``tr(Sigma)/|G|^2`` (SGD's geometry, the default for every optimizer).
+            ``"adam"``: Adam's preconditioned gradients ``P g`` with ``P = 1/(sqrt(v_hat) + eps)``
+            read from the optimizer's state at the start of each step,
+            ``tr(P Sigma P)/|P G|^2`` (:mod:`autobatch.noise.preconditioned`); needs an
+            Adam-family optimizer (param groups with ``betas`` and ``eps``), ``gns_method="micro"``
+            and one process. The first step, before the optimizer has state, gives no estimate;
+            gradient clipping still uses the raw norm. Costs one pass over Adam's state per step.
     """
 
     gns_method: Literal["micro", "per_example", "off"] = "micro"
+    gns_geometry: Literal["raw", "adam"] = "raw"
     gns_smoothing: float = Field(0.95, ge=0.0, lt=1.0)
     gns_min_updates: int = Field(3, ge=1)
     gns_every: int | Literal["auto"] = 8

@@ -33,7 +33,7 @@ from autobatch.noise.micro_batch import (
     StepGradNorms,
 )
 
-__all__ = ["PreconditionedNormCollector", "adam_preconditioner", "weighted_sq_norm"]
+__all__ = ["PreconditionedNormCollector", "adam_preconditioner", "weighted_grad_sq_norm", "weighted_sq_norm"]
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.Tensor]:
@@ -63,6 +63,15 @@ def weighted_sq_norm(grad: torch.Tensor, weight: torch.Tensor | None) -> torch.T
     """``|weight * grad|^2`` as a float32 0-d tensor (``|grad|^2`` when ``weight`` is None)."""
     g = grad.float() if weight is None else grad.float() * weight
     return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+def weighted_grad_sq_norm(params: list[torch.Tensor], weights: Mapping[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``sum_p |w_p * p.grad|^2`` over the parameters that have a gradient, as a float32 0-d
+    tensor on their device (no host sync); a parameter ``weights`` leaves out has weight 1."""
+    sq = [weighted_sq_norm(p.grad, weights.get(p)) for p in params if p.grad is not None]
+    if not sq:
+        return torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    return torch.stack(sq).sum()
 
 
 class PreconditionedNormCollector(MicroBatchNormCollector):

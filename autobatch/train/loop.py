@@ -30,12 +30,13 @@ counted from 1; once it is done, it is also the count of steps done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from autobatch.config import FitConfig
 from autobatch.data import as_batch_source
 from autobatch.evaluate import EVAL_BATCH_SIZE, check_val_data, evaluate
 from autobatch.noise.per_example import per_example_supported
+from autobatch.noise.preconditioned import adam_preconditioner
 from autobatch.optimizers import OptimizerSpec
 from autobatch.policies.schedule import SchedulePolicy
 from autobatch.run_length import RunLength
@@ -161,8 +163,10 @@ def train(
                                   lr_scheduled=scheduler is not None)
     est = cfg.estimator
     schedule = MeasureSchedule(est.gns_every, overhead=est.gns_overhead, base_batch=b0, smoothing=est.gns_smoothing)
+    preconditioner = _geometry(est.gns_geometry, opt, method, info.enabled or sharded is not None)
     meter = StepNormMeter(model, method, data_parallel=info.enabled, every=schedule, scaler=scaler,
-                          first=round(1 / (1 - est.gns_smoothing)), min_micro=min_micro, sharded=sharded)
+                          first=round(1 / (1 - est.gns_smoothing)), min_micro=min_micro, sharded=sharded,
+                          preconditioner=preconditioner)
     # a summed loss is refused here, before any step (and "auto" loss items read from the data)
     items_mode = check_mean_reduced(model, source, loss_fn=loss_fn, forward_loss=forward_loss, loss_items=loss_items,
                                     device=device if not source.on_device(device) else None, amp_dtype=amp_dtype,
@@ -275,7 +279,8 @@ def train(
             # 6. the optimizer step, unless the loss or gradient is not finite
             if finite:
                 nonfinite.finite()
-                clip_gradients(params, cfg.lr.max_grad_norm, norms, opt, scaler, sharded)  # after the norms were read
+                clip_gradients(params, cfg.lr.max_grad_norm, norms if preconditioner is None else None,  # raw norm
+                               opt, scaler, sharded)  # after the norms were read
                 optimizer_step(opt, scaler)
                 broadcast_buffers(model, info)
             else:  # undone: buffers as before the step, warned once, counted
@@ -358,6 +363,28 @@ def train(
         signals.close()
     signals.check()  # a signal received in the last step or since: the run is complete and saved
     return result
+
+
+def _geometry(geometry: str, optimizer: torch.optim.Optimizer, method: str,
+              distributed: bool) -> Callable[[], Mapping[torch.Tensor, torch.Tensor]] | None:
+    """The preconditioner the noise scale is measured in (``gns_geometry``), None for the raw
+    gradients; a setting that cannot be measured is refused before any step."""
+    if geometry == "raw":
+        return None
+    problems = []
+    groups = [i for i, g in enumerate(optimizer.param_groups) if "betas" not in g or "eps" not in g]
+    if groups:
+        problems.append(f"gns_geometry='adam' reads Adam's second moments, and {type(optimizer).__name__}'s param "
+                        f"groups {groups} have no betas/eps; use an Adam-family optimizer (Adam, AdamW, NAdam, "
+                        "RAdam) or gns_geometry='raw'")
+    if method != "micro":
+        problems.append(f"gns_geometry='adam' is measured with gns_method='micro' (got {method!r})")
+    if distributed:
+        problems.append("gns_geometry='adam' is measured on one process only for now; under torchrun use "
+                        "gns_geometry='raw'")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return functools.partial(adam_preconditioner, optimizer)
 
 
 def _check_sharded_run(cfg: FitConfig, method: str, world_size: int, data_parallel: int) -> str:

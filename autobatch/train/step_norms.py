@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,6 +63,7 @@ from autobatch.noise.micro_batch import (
     trainable_parameters,
 )
 from autobatch.noise.per_example import PerExampleNormCollector
+from autobatch.noise.preconditioned import PreconditionedNormCollector, weighted_grad_sq_norm
 from autobatch.noise.sharded import ReduceScatterNormCollector
 from autobatch.train.sharded import ShardedLayout, shard_sq_norm
 
@@ -250,12 +251,23 @@ class StepNormMeter:
             None: small-batch norms then come from the reduce-scatter's input
             (:class:`~autobatch.noise.sharded.ReduceScatterNormCollector`, installed until
             :meth:`close`), ``|G_B|^2`` from the gradient shards.
+        preconditioner: for the noise scale in a diagonal preconditioner's geometry
+            (``gns_geometry="adam"``): called at each :meth:`begin_step`, returns parameter ->
+            weight (:func:`~autobatch.noise.preconditioned.adam_preconditioner`); every norm is
+            then ``|P g|^2``. A step at which it returns no weight (the optimizer has no state
+            yet) gives no norms. One process and ``method="micro"`` only. None: the raw norms.
     """
 
     def __init__(self, model: nn.Module, method: Method, *, data_parallel: bool = False,
                  every: int | MeasureSchedule = 1, first: int = 0,
                  scaler: torch.amp.GradScaler | None = None, min_micro: int = 1,
-                 sharded: ShardedLayout | None = None) -> None:
+                 sharded: ShardedLayout | None = None,
+                 preconditioner: Callable[[], Mapping[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        if preconditioner is not None and (method != "micro" or data_parallel or sharded is not None):
+            raise ValueError("a preconditioned noise scale is measured with method='micro' on one process only "
+                             f"(got method={method!r}, data_parallel={data_parallel}, sharded={sharded is not None})")
+        self._preconditioner = preconditioner
+        self._weights: Mapping[torch.Tensor, torch.Tensor] = {}
         self.schedule = every if isinstance(every, MeasureSchedule) else MeasureSchedule(every)
         self.method, self.data_parallel, self.first, self.scaler = method, data_parallel, first, scaler
         self.min_micro = min_micro
@@ -321,6 +333,10 @@ class StepNormMeter:
         """Start a step (or its retry after an out-of-memory error) of micro-batches ``sizes``."""
         self.remove()  # what a failed attempt left
         self._pe_sum, self._pe_count, self._done, self._share_weight = None, 0, [], 0.0
+        if self._preconditioner is not None:
+            self._weights = self._preconditioner()
+            if not self._weights:  # no optimizer state yet: no geometry to measure in
+                self.measuring = False
         if not self.measuring:
             return
         if self._rs is not None:
@@ -329,6 +345,10 @@ class StepNormMeter:
             self._per_example = PerExampleNormCollector(self._model)
         # A rank's whole share in one micro-batch is a small batch of the data-parallel step
         # already: its norm is read from the gradient before the all-reduce, no hooks needed.
+        elif self._preconditioner is not None:
+            weights = self._weights
+            self._hooks = PreconditionedNormCollector(self._model, lambda: weights)
+            self._hooks.begin_step()
         elif not self.data_parallel or len(sizes) > 1:
             self._hooks = MicroBatchNormCollector(self._model)
             self._hooks.begin_step()
@@ -422,6 +442,8 @@ class StepNormMeter:
             losses.
         """
         big_norm = self.method != "off"  # |G_B|^2 feeds the estimator on every step
+        if self._preconditioner is not None and not self._weights:
+            big_norm = False  # the step before the optimizer's first: no geometry, no norms
         if self.sharded is not None:
             parts = [totals]  # the shards' squared norms rode in the all-reduce
         elif self.data_parallel:
@@ -431,7 +453,8 @@ class StepNormMeter:
         else:
             parts = list(totals)
             if big_norm:
-                parts.append(self._big_norm())
+                parts.append(self._big_norm() if self._preconditioner is None
+                             else weighted_grad_sq_norm(self.params, self._weights))
         self.remove()
         if self.scaler is not None:
             parts.append(self.scaler.scale(torch.ones((), device=parts[0].device)))

@@ -593,3 +593,48 @@ def test_a_token_budget_stops_the_run_and_tokens_are_counted_by_hand() -> None:
     assert half.history[-2].loss_items < by_hand // 2 <= half.history[-1].loss_items
     with pytest.raises(ValueError, match=r"max_tokens"):
         autobatch.fit(case.model, case.data, max_tokens=-1, **kwargs)
+
+
+# -- gns_geometry="adam": the noise scale in Adam's geometry, the training untouched --------------
+
+def _adam_run(noise_data, geometry: str, **kw):
+    x, y = noise_data(256, 6, 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    result = autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, optimizer=torch.optim.AdamW, lr=3e-3,
+                           max_steps=30, initial_batch_size=16, gns_geometry=geometry,
+                           progress=False, **kw)
+    return model, result
+
+
+def test_adam_geometry_measures_another_noise_scale_and_leaves_the_training_as_it_was(noise_data) -> None:
+    # a fixed B: the measurement must not change a single step
+    raw_model, raw = _adam_run(noise_data, "raw", policy="fixed")
+    adam_model, adam = _adam_run(noise_data, "adam", policy="fixed")
+    for a, b in zip(raw_model.parameters(), adam_model.parameters()):
+        assert torch.equal(a, b)
+    # clipping (tight here: every step clipped) keeps the raw norm, computed by torch instead of the meter
+    clipped = [_adam_run(noise_data, g, policy="fixed", max_grad_norm=0.05)[0] for g in ("raw", "adam")]
+    for a, b in zip(*(m.parameters() for m in clipped)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(clipped[0][0].weight, raw_model[0].weight, atol=1e-4)  # the clip was tight
+    raw_b = [h.noise_scale for h in raw.history if math.isfinite(h.noise_scale)]
+    adam_b = [h.noise_scale for h in adam.history if math.isfinite(h.noise_scale)]
+    assert raw_b and adam_b and math.isnan(adam.history[0].noise_scale)
+    assert abs(adam_b[-1] / raw_b[-1] - 1) > 0.1  # another quantity, read by the policies
+    # the default policy follows it: the run trains, finite
+    _, grown = _adam_run(noise_data, "adam")
+    assert math.isfinite(grown.history[-1].train_loss)
+
+
+def test_adam_geometry_is_refused_with_sgd_before_any_step(noise_data) -> None:
+    x, y = noise_data(64, 6, 3)
+    model = nn.Sequential(nn.Linear(6, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"SGD's param groups \[0\] have no betas/eps; .*gns_geometry='raw'"):
+        autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, lr=0.1, max_steps=3, gns_geometry="adam",
+                      progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="gns_method='micro' \\(got 'per_example'\\)"):
+        autobatch.fit(model, (x, y), loss_fn=nn.functional.mse_loss, optimizer=torch.optim.Adam, lr=0.1,
+                      max_steps=3, gns_geometry="adam", gns_method="per_example", progress=False)

@@ -146,3 +146,51 @@ def test_auto_schedule_keeps_the_splits_within_the_overhead_and_the_memory_in_me
         idle.observe(16 + 8 * (i % 3), 1e-3, split_to_measure=False)
     assert idle.split_cost is None
     assert {b: len(t) for b, t in idle.state_dict()["plain_times"].items()} == {16: 64, 24: 64, 32: 64}
+
+
+# -- the noise scale in Adam's geometry (gns_geometry="adam") --------------------------------------
+
+def _adam_weights_by_hand(model: nn.Module, opt: torch.optim.AdamW) -> list[torch.Tensor]:
+    """``1 / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps)`` per parameter, from the optimizer's state."""
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    out = []
+    for p in model.parameters():
+        s = opt.state[p]
+        out.append(1 / ((s["exp_avg_sq"] / (1 - beta2 ** float(s["step"]))).sqrt() + eps))
+    return out
+
+
+def test_adam_geometry_norms_are_the_preconditioned_gradients_by_brute_force(noise_data) -> None:
+    import functools
+
+    from autobatch.noise.preconditioned import adam_preconditioner
+
+    model, x, y = _problem(noise_data, n=12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    meter = StepNormMeter(model, "micro", every=1, preconditioner=functools.partial(adam_preconditioner, opt))
+    # before the optimizer's first step there is no geometry: no norms, the loss still read
+    sizes, loss, norms = _run_step(meter, model, x, y, step=1, cap=4)
+    assert norms is None and math.isfinite(loss)
+    opt.step()
+    for _ in range(2):  # state with a few steps in it
+        model.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    weights = _adam_weights_by_hand(model, opt)
+    flat_w = torch.cat([w.reshape(-1) for w in weights])
+    sizes, _, norms = _run_step(meter, model, x, y, step=2, cap=4)
+    assert sizes == [4, 4, 4]
+    small = [float(((_grad(model, xi, yi) * flat_w) ** 2).sum()) for xi, yi in zip(x.split(4), y.split(4))]
+    big = float(((_grad(model, x, y) * flat_w) ** 2).sum())
+    raw_big = float((_grad(model, x, y) ** 2).sum())
+    assert norms.small_sq_norms[0] == pytest.approx(sum(small) / 3, rel=1e-5)
+    assert norms.big_sq_norm == pytest.approx(big, rel=1e-5)
+    assert abs(big / raw_big - 1) > 0.5  # the geometry changes the norm: the test can tell them apart
+
+
+def test_a_preconditioned_meter_is_refused_where_it_cannot_measure(noise_data) -> None:
+    model, _, _ = _problem(noise_data)
+    with pytest.raises(ValueError, match="method='micro' on one process only"):
+        StepNormMeter(model, "per_example", preconditioner=dict)
+    with pytest.raises(ValueError, match="data_parallel=True"):
+        StepNormMeter(model, "micro", data_parallel=True, preconditioner=dict)
