@@ -288,18 +288,18 @@ class _Recorder(Callback):
 
 
 def _trace(steps: list[tuple], context: int, points: int = 200) -> list[list[float]]:
-    """``[step, tokens, B, lr, base_lr, B_simple or None]`` at every change of the step's size and
+    """``[step, tokens, B, lr, base_lr, B_simple or None]`` at every change of B and
     about every 1/``points`` of the examples: enough to plot B and the LR over the run."""
     if not steps:
         return []
     every = max(1, steps[-1][1] // points)
     out, last_mark, last_b = [], -1, None
-    for i, (step, samples, examples, _, lr, base_lr, noise) in enumerate(steps):
+    for i, (step, samples, _, batch, lr, base_lr, noise) in enumerate(steps):
         mark = samples // every
-        if examples != last_b or mark != last_mark or i == len(steps) - 1:
-            out.append([step, samples * context, examples, round(lr, 8), round(base_lr, 8),
+        if batch != last_b or mark != last_mark or i == len(steps) - 1:
+            out.append([step, samples * context, batch, round(lr, 8), round(base_lr, 8),
                         round(noise, 2) if math.isfinite(noise) else None])
-            last_mark, last_b = mark, examples
+            last_mark, last_b = mark, batch
     return out
 
 
