@@ -10,7 +10,8 @@ thread, one process at a time, the same examples (one pass). Per schedule:
 
 1. ``fixed``: B in :data:`FULL` ``sizes``, ``policy="fixed"``, estimator off, no LR scaling (the
    baseline at its fastest). The peak LR per size from a x2 grid of 3 LRs on seed 0, widened
-   (at most ``max_widen`` times) until the best final loss is interior. The best size on seed
+   (at most ``max_widen`` times) until the best final loss is interior; the grid is centred on
+   ``start_lr`` under cosine, and under WSD on the LR cosine chose for that size. The best size on seed
    0, and every size within ``close`` (2%) of it, re-run on the other seeds at its chosen LR;
    the best fixed B is the one with the lowest mean final loss over all seeds.
 2. From the best fixed B as B0 and its tuned LR, all seeds: ``default`` (``autobatch.fit``'s
@@ -164,7 +165,8 @@ def settings(cfg: Config) -> dict[str, Any]:
                  "fractions": list(cfg.fractions)},
         "sizes": list(cfg.sizes), "seeds": list(cfg.seeds), "start_lr": {str(b): v for b, v in cfg.start_lr.items()},
         "max_widen": cfg.max_widen, "close": cfg.close, "ramp": list(cfg.ramp), "arms": ARM_NOTES,
-        "all_seed_arms": list(ALL_SEEDS), "criteria": CRITERIA, "machine": MACHINE, "quick": cfg.quick,
+        "all_seed_arms": list(ALL_SEEDS), "wsd_grid_centre": "the LR tuned under cosine for the same B",
+        "criteria": CRITERIA, "machine": MACHINE, "quick": cfg.quick,
     }
 
 
@@ -189,12 +191,16 @@ class Bench:
         return row
 
     def tune(self, schedule: str, b: int) -> None:
-        """Seed 0, a x2 grid of 3 LRs around the start, widened until the best is interior."""
+        """Seed 0, a x2 grid of 3 LRs around a centre, widened until the best is interior. The
+        centre: :data:`Config.start_lr` for the first schedule, the LR tuned for it at this B
+        for the others (what a user switching schedules would try first)."""
+        first = summarise(self.store.runs(), self.cfg).get(SCHEDULES[0], {}).get("tuned_lr", {})
+        centre = first[str(b)] if schedule != SCHEDULES[0] and str(b) in first else self.cfg.start_lr[b]
         ks, widened = {-1, 0, 1}, 0
         while True:
             losses = {}
             for k in sorted(ks):
-                loss = self.one(schedule, "fixed", b, _grid(self.cfg, b, k), self.cfg.seeds[0], FIXED)["final_loss"]
+                loss = self.one(schedule, "fixed", b, _grid(centre, k), self.cfg.seeds[0], FIXED)["final_loss"]
                 losses[k] = math.inf if loss is None else loss
             best = min(losses, key=losses.__getitem__)
             if best not in (min(ks), max(ks)) or widened >= self.cfg.max_widen:
@@ -219,8 +225,8 @@ class Bench:
             self.one(schedule, arm, b0, lr, seed, arms(self.cfg)[arm]())
 
 
-def _grid(cfg: Config, b: int, k: int) -> float:
-    return float(f"{cfg.start_lr[b] * 2.0**k:.6g}")
+def _grid(centre: float, k: int) -> float:
+    return float(f"{centre * 2.0**k:.6g}")
 
 
 def _f(x: float | None) -> str:
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.out or OUT, cfg)
     bench = Bench(cfg, store)
     phases = set(args.phase)
-    for schedule in args.schedules:  # schedule-major: a cut-short benchmark has whole schedules
+    for schedule in args.schedules:  # the Must show's arms first, under every schedule
         if "tune" in phases:
             for b in cfg.sizes:
                 bench.tune(schedule, b)
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in ALL_SEEDS:
             if arm in phases:
                 bench.arm(schedule, arm, cfg.seeds)
+    for schedule in args.schedules:  # then the ramp and the ablations, seed 0
         for arm in ("ramp", "schedule-no-bound", "schedule+beta2", "schedule+wd"):
             if (arm == "ramp" and "ramp" in phases) or (arm != "ramp" and "ablations" in phases):
                 bench.arm(schedule, arm, cfg.seeds[:1])
