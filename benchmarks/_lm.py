@@ -45,7 +45,7 @@ from autobatch.problems.charlm import CharTransformer
 from autobatch.train.callbacks import Callback
 
 __all__ = ["SKIP_DIRS", "VOCAB", "Corpus", "FractionRamp", "LMData", "ModelSpec", "Schedule", "load_corpus",
-           "reach", "run", "sequence_loss", "stdlib_files", "summarise_arm"]
+           "mean_curve", "reach", "run", "sequence_loss", "stdlib_files", "summarise_arm"]
 
 VOCAB = "\n" + "".join(map(chr, range(32, 127)))  # newline and printable ASCII: 96 symbols
 SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
@@ -375,24 +375,43 @@ def reach(curve: Sequence[dict[str, Any]], target: float, keys: Sequence[str] = 
     return None
 
 
+def mean_curve(curves: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, float]] | None:
+    """The seeds' eval curves averaged point by point (loss, step, tokens, wall time): the
+    runs of one arm evaluate at the same fractions of the examples, so the k-th points belong
+    together. None when the curves differ in length or hold a non-finite loss (a diverged run)."""
+    if not curves or len({len(c) for c in curves}) != 1 or any(p["loss"] is None for c in curves for p in c):
+        return None
+    return [{k: statistics.mean(c[i][k] for c in curves) for k in ("loss", *REACH_KEYS)} for i in range(len(curves[0]))]
+
+
 def summarise_arm(rows: Sequence[dict[str, Any]], target: float, reference: dict[str, float]) -> dict[str, Any]:
     """One arm's runs (one per seed) against the target loss and the reference's figures (the
-    best fixed B's median steps, tokens and wall time over its runs): the final loss (mean,
-    sd, and its mean over the target minus 1), and per seed the figures at which the target was
-    first reached (:func:`reach`) over the reference's; their medians, a seed that never
-    reached it counting as infinite."""
+    best fixed B's mean steps, tokens and wall time over its runs):
+
+    - the final loss: mean, sd, and the mean over the target minus 1;
+    - on the mean eval curve over the seeds (:func:`mean_curve`), the figures at which it first
+      reaches the target (:func:`reach`) over the reference's (``mean_ratios``; None if it
+      never does); the best fixed B's own mean curve ends exactly at the target (ratios 1);
+    - per seed, the same on each seed's curve, and their medians (a seed that never reached
+      it counting as infinite: with a seed spread larger than the arms' differences, most
+      seeds of every arm, the best fixed B's included, end above the mean of the seeds).
+    """
     rows = sorted(rows, key=lambda r: r["seed"])
+    mean = mean_curve([r["curve"] for r in rows])
+    hit_mean = reach(mean, target) if mean is not None else None
     losses = [r["final_loss"] if r["final_loss"] is not None else math.inf for r in rows]
     per_seed = []
     for r in rows:
         hit = reach(r["curve"], target)
         ratios = None if hit is None else {k: hit[k] / reference[k] for k in REACH_KEYS}
         per_seed.append({"seed": r["seed"], "final_loss": r["final_loss"], "reached": hit, "ratios": ratios})
-    mean = statistics.mean(losses)
+    final = statistics.mean(losses)
     return {
         "seeds": [r["seed"] for r in rows], "b0": rows[0]["b0"], "lr": rows[0]["lr"],
-        "final_loss_mean": mean, "final_loss_sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-        "final_vs_target": mean / target - 1,
+        "final_loss_mean": final, "final_loss_sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "final_vs_target": final / target - 1,
+        "mean_reached": hit_mean,
+        "mean_ratios": None if hit_mean is None else {k: hit_mean[k] / reference[k] for k in REACH_KEYS},
         "steps": [r["steps"] for r in rows], "tokens": [r["tokens"] for r in rows], "wall_s": [r["wall_s"] for r in rows],
         "max_batch_size": [r["max_batch_size"] for r in rows],
         "per_seed": per_seed,

@@ -68,7 +68,7 @@ def test_the_summary_arithmetic_matches_a_hand_computation() -> None:
         _row("fixed", 8, 0.004, 0, 2.0), _row("fixed", 8, 0.008, 0, 1.9, wall=10.0), _row("fixed", 8, 0.016, 0, 1.95),
         _row("fixed", 16, 0.008, 0, 2.2), _row("fixed", 16, 0.016, 0, 2.1),
         _row("fixed", 8, 0.008, 1, 2.0, wall=12.0), _row("fixed", 8, 0.008, 2, 1.95, wall=11.0),
-        # the default from B0 = 8: target 1.95 = mean(1.9, 2.0, 1.95); reference 100 steps, 1600 tokens, 11 s
+        # the default from B0 = 8: target 1.95 = mean(1.9, 2.0, 1.95); reference (means) 100 steps, 1600 tokens, 11 s
         _row("default", 8, 0.008, 0, 1.9, curve=[_point(30, 800, 3, 2.1), _point(50, 1600, 6, 1.9)]),
         _row("default", 8, 0.008, 1, 1.95, curve=[_point(30, 800, 3, 2.0), _point(50, 1600, 6, 1.95)]),
         _row("default", 8, 0.008, 2, 1.97, curve=[_point(30, 800, 3, 2.2), _point(50, 1600, 6, 1.97)]),
@@ -86,11 +86,15 @@ def test_the_summary_arithmetic_matches_a_hand_computation() -> None:
     assert d["per_seed"][1]["ratios"] == pytest.approx({"step": 0.5, "tokens": 1.0, "wall_s": 6 / 11})
     assert d["per_seed"][2]["reached"] is None and d["reached"] == 2
     assert d["median_ratios"] == pytest.approx({"step": 0.5, "tokens": 1.0, "wall_s": 6 / 11})
+    # the mean curve: (30, 800, 3 s, loss 2.1) then (50, 1600, 6 s, loss 1.94); 1.95 is 15/16 of the way
+    assert d["mean_ratios"] == pytest.approx({"step": 48.75 / 100, "tokens": 1550 / 1600, "wall_s": 5.8125 / 11})
     assert d["final_loss_mean"] == pytest.approx(1.94)
     assert d["final_vs_target"] == pytest.approx(1.94 / 1.95 - 1)
     assert [p["vs_fixed"] for p in d["paired"]] == pytest.approx([0.0, 1.95 / 2.0 - 1, 1.97 / 1.95 - 1])
-    assert s["must_show"] == {"steps": True, "tokens": True, "final": True}  # 0.5 <= 0.5, 1.0 <= 1.05, -0.5%
+    assert s["must_show"] == {"steps": True, "tokens": True, "final": True}  # 0.4875 <= 0.5, 0.97 <= 1.05, -0.5%
     assert s["arms"]["fixed B=16"]["seeds"] == [0] and s["arms"]["fixed B=8"]["median_ratios"]["step"] == math.inf
+    assert _lm.mean_curve([[_point(1, 2, 3, 4.0)], [_point(1, 2, 3, None)]]) is None  # a diverged seed
+    assert _lm.mean_curve([[_point(1, 2, 3, 4.0)], []]) is None
     runs[-1]["final_loss"] = 2.2  # mean 2.0167: +3.4% over the target
     assert lm_pretrain.summarise_schedule(runs, cfg)["must_show"]["final"] is False
 
