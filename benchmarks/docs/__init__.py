@@ -50,6 +50,7 @@ from benchmarks.docs import (
     gns_overhead,
     gpu_check,
     integrations_overhead,
+    lm_pretrain,
     long_lm,
     probe,
     time_to_target,
@@ -94,6 +95,7 @@ RENDERERS: dict[str, Values] = {
     "integrations_overhead": integrations_overhead.values,
     "equal_budget": equal_budget.values,
     "adam_noise": adam_noise.values,
+    "lm_pretrain": lm_pretrain.values,
     "long_lm": long_lm.values,
     "gpu_check": gpu_check.values,
 }
