@@ -42,6 +42,7 @@ from typing import Any
 from benchmarks.docs import (
     adam_noise,
     auto_lr_adam,
+    critical_batch,
     ddp_overhead,
     equal_budget,
     fit_overhead,
@@ -96,6 +97,7 @@ RENDERERS: dict[str, Values] = {
     "equal_budget": equal_budget.values,
     "adam_noise": adam_noise.values,
     "lm_pretrain": lm_pretrain.values,
+    "critical_batch": critical_batch.values,
     "long_lm": long_lm.values,
     "gpu_check": gpu_check.values,
 }
