@@ -217,10 +217,10 @@ class EstimatorConfig(_Section):
             and one process. The first step, before the optimizer has state, gives no estimate;
             gradient clipping still uses the raw norm. Costs one pass over Adam's state per step.
             Measured against the critical batch by branched training
-            (docs/benchmarks/critical_batch.md): the raw scale erred low at every point (AdamW,
-            0.44-0.84x), the preconditioned one was closer after the first ~20% of the run
-            (1.10-1.26x) but 4.6x too high in the first few hundred steps; hence ``"raw"`` stays
-            the default, and ``"adam"`` suits a policy that starts after warm-up.
+            (docs/benchmarks/critical_batch.md, charlm with AdamW): the raw scale was 0.69-0.86x
+            the measured critical batch at 5%, 20% and 50% of the run, the preconditioned one
+            1.23-4.72x (far above it early, while Adam's second moments are young); hence
+            ``"raw"`` stays the default for every optimizer.
     """
 
     gns_method: Literal["micro", "per_example", "off"] = "micro"

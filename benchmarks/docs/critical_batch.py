@@ -58,10 +58,13 @@ def _task_table(entry: dict[str, Any]) -> str:
 
 
 def _lrs(entry: dict[str, Any]) -> str:
+    """Each B's best LR per point, ``*`` where it is at an edge of the grid (the best may lie past it)."""
+    edges = (min(entry["lr_grid"]), max(entry["lr_grid"]))
     rows = []
     for p in entry["points"]:
-        rows.append([f"{p['fraction']:.0%}", *[("-" if r["lr_mult"] is None else f"{sci(r['lr'])} (x{r['lr_mult']:g})")
-                                               for r in p["per_batch"]]])
+        rows.append([f"{p['fraction']:.0%}", *[
+            "-" if r["lr_mult"] is None else f"{sci(r['lr'])} (x{r['lr_mult']:g}){'*' if r['lr_mult'] in edges else ''}"
+            for r in p["per_batch"]]])
     return table(["point", *[f"B={r['batch']}" for r in entry["points"][0]["per_batch"]]], rows,
                  "l" + "r" * len(entry["points"][0]["per_batch"]))
 
@@ -82,6 +85,9 @@ def _summary(entry: dict[str, Any]) -> dict[str, Any]:
         out[f"{g}_span"] = ("-" if g not in entry["points"][0]["noise"] else
                             listing([_shown_ratio(p, g) for p in entry["points"]]))
     out["fitted"] = sum(_inside(p) for p in entry["points"])
+    edges = (min(entry["lr_grid"]), max(entry["lr_grid"]))
+    chosen = [r["lr_mult"] for p in entry["points"] for r in p["per_batch"] if r["lr_mult"] is not None]
+    out["at_edge"] = f"{sum(m in edges for m in chosen)} of {len(chosen)}"
     out["points"] = len(entry["points"])
     out["b_crit"] = listing([_b_crit(p) for p in entry["points"]])
     out["raw_scales"] = listing([num(p["noise"]["raw"]["noise_scale"]) for p in entry["points"]])
