@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autobatch.evaluate import evaluate
 from autobatch.muon import MuonAdamW, muon_param_groups
 from autobatch.noise.preconditioned import adam_preconditioner
 from autobatch.registry import get_problem
@@ -279,14 +280,9 @@ def train(
             marks.pop(0)
 
 
-@torch.no_grad()
 def val_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable[..., torch.Tensor]) -> float:
-    """Mean loss over ``data`` in eval mode (the model is put back in train mode)."""
-    model.eval()
-    x, y = data
-    total = sum(float(loss_fn(model(x[s:s + 512]), y[s:s + 512])) * len(x[s:s + 512]) for s in range(0, len(x), 512))
-    model.train()
-    return total / len(x)
+    """Mean loss over ``data`` in eval mode (:func:`autobatch.evaluate.evaluate`, modes restored)."""
+    return evaluate(model, data, loss_fn, accuracy=False)["val_loss"]
 
 
 def run_task(name: str, task: Task, factors: Sequence[int], seeds: Sequence[int], noise_batch: int,
@@ -310,6 +306,7 @@ def run_task(name: str, task: Task, factors: Sequence[int], seeds: Sequence[int]
 
     start = time.perf_counter()
     train(model, opt, train_data, ex.loss_fn, task.b0, max(marks) + task.b0, seed=1000, on_examples=marks, callback=save)
+    noise_data = (train_data[0][:noise_examples], train_data[1][:noise_examples])
     points = []
     for fraction, mark in zip(sorted(task.points), marks, strict=True):
         seen_at = min(s for s in states if s >= mark)
@@ -317,7 +314,6 @@ def run_task(name: str, task: Task, factors: Sequence[int], seeds: Sequence[int]
         model.load_state_dict(model_state)
         ref_opt = make_optimizer(task, model)
         ref_opt.load_state_dict(opt_state)
-        noise_data = (train_data[0][:noise_examples], train_data[1][:noise_examples])
         scales = {"raw": noise_scale_at(model, noise_data, ex.loss_fn, noise_batch)}
         if task.optimizer == "adamw":
             scales["adam"] = noise_scale_at(model, noise_data, ex.loss_fn, noise_batch, adam_preconditioner(ref_opt))

@@ -4,7 +4,6 @@ noise scales."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,14 @@ def _task_table(entry: dict[str, Any]) -> str:
     return table(header, rows, "l" + "r" * (len(header) - 1))
 
 
+def _edges(entry: dict[str, Any]) -> tuple[float, float]:
+    """The LR grid's lowest and highest multiples: a best LR there may lie past the grid."""
+    return min(entry["lr_grid"]), max(entry["lr_grid"])
+
+
 def _lrs(entry: dict[str, Any]) -> str:
     """Each B's best LR per point, ``*`` where it is at an edge of the grid (the best may lie past it)."""
-    edges = (min(entry["lr_grid"]), max(entry["lr_grid"]))
+    edges = _edges(entry)
     rows = []
     for p in entry["points"]:
         rows.append([f"{p['fraction']:.0%}", *[
@@ -70,7 +74,7 @@ def _lrs(entry: dict[str, Any]) -> str:
 
 
 def _geo_mean(xs: list[float]) -> float | None:
-    return math.exp(statistics.mean(math.log(x) for x in xs)) if xs else None
+    return statistics.geometric_mean(xs) if xs else None
 
 
 def _summary(entry: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def _summary(entry: dict[str, Any]) -> dict[str, Any]:
         out[f"{g}_span"] = ("-" if g not in entry["points"][0]["noise"] else
                             listing([_shown_ratio(p, g) for p in entry["points"]]))
     out["fitted"] = sum(_inside(p) for p in entry["points"])
-    edges = (min(entry["lr_grid"]), max(entry["lr_grid"]))
+    edges = _edges(entry)
     chosen = [r["lr_mult"] for p in entry["points"] for r in p["per_batch"] if r["lr_mult"] is not None]
     out["at_edge"] = f"{sum(m in edges for m in chosen)} of {len(chosen)}"
     out["points"] = len(entry["points"])
